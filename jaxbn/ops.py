@@ -1,0 +1,385 @@
+"""Batch normalization as a ``jax.custom_vjp`` with a hand-derived backward pass.
+
+The training-mode op normalizes every feature with the statistics of the batch:
+
+.. math::
+
+    \\mu = \\frac{1}{n} \\sum_i x_i, \\qquad
+    \\sigma^2 = \\frac{1}{n} \\sum_i (x_i - \\mu)^2, \\qquad
+    y_i = \\gamma \\frac{x_i - \\mu}{\\sqrt{\\sigma^2 + \\epsilon}} + \\beta
+
+where the sums run over every axis of ``x`` except the feature axes. The forward
+(``batch_norm_fwd``) and the backward (``batch_norm_bwd``) are public functions:
+``batch_norm`` is nothing but the two registered with ``defvjp``.
+
+Memory traffic is what batch norm costs, so each direction streams the
+activations twice: the forward reads ``x`` once for both moments and once more to
+write ``y``; the backward reads ``x`` and ``dy`` once for its two sums and once
+more to write ``dx``. The residuals are ``x`` (which the caller keeps alive
+anyway) and per-feature vectors; no normalized copy of ``x`` is stored.
+
+Forward-mode differentiation (``jax.jvp``, ``jax.jacfwd``) is not defined for a
+``custom_vjp`` function. Use :func:`jaxbn.reference.batch_norm`, which has the
+same signature and results and is differentiated by JAX itself, when you need it.
+Reverse mode of any order works: the backward is written in differentiable JAX.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.typing import ArrayLike
+
+from jaxbn import _checks
+from jaxbn._checks import AxisArg, AxisName
+
+__all__ = [
+    "BatchNormResiduals",
+    "batch_norm",
+    "batch_norm_bwd",
+    "batch_norm_fwd",
+    "batch_norm_inference",
+]
+
+
+class BatchNormResiduals(NamedTuple):
+    """What the forward keeps for the backward: ``x`` and per-feature vectors.
+
+    Attributes:
+        x: the input, ``[..., features]`` in its own dtype. The caller keeps it
+            alive anyway (it is the previous layer's output), so holding it costs
+            no extra memory; a normalized copy would cost one more activation.
+        mean: ``[features]`` batch mean, in the compute dtype (float32 or wider).
+        inv_std: ``[features]`` ``1 / sqrt(var + eps)``, in the compute dtype.
+        scale: ``[features]`` or ``None``; needed for ``dx`` (and kept in its own
+            dtype so ``dscale`` can be returned in it).
+        bias: a zero-size placeholder in ``bias``'s dtype or ``None``; only
+            its dtype is used, to return ``dbias`` in it.
+        mask: the boolean mask of kept examples, or ``None``.
+        count: scalar, the number of values that each statistic averages
+            (summed over ``axis_name``).
+    """
+
+    x: jax.Array
+    mean: jax.Array
+    inv_std: jax.Array
+    scale: jax.Array | None
+    bias: jax.Array | None
+    mask: jax.Array | None
+    count: jax.Array
+
+
+def _compute_dtype(dtype) -> jnp.dtype:
+    """float32 for low-precision inputs, the input's own dtype when wider."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _expand(v: jax.Array, ndim: int, feat: tuple[int, ...]) -> jax.Array:
+    """Reshapes a ``[features]`` vector so that it broadcasts against ``x``."""
+    return jnp.expand_dims(v, tuple(a for a in range(ndim) if a not in feat))
+
+
+def _expand_mask(mask: jax.Array, ndim: int, feat: tuple[int, ...]) -> jax.Array:
+    """Inserts the feature axes (size 1) into a mask over the reduction axes."""
+    red_ndim = ndim - len(feat)
+    mask = jnp.reshape(mask, (1,) * (red_ndim - mask.ndim) + mask.shape)
+    return jnp.expand_dims(mask, feat)
+
+
+def _psum(v, axis_name: AxisName):
+    return v if axis_name is None else lax.psum(v, axis_name)
+
+
+def _moments(x, red, mask, axis_name):
+    """Returns ``(count, mean, var)`` over the axes ``red``; ``x`` in compute dtype.
+
+    Without a mask or a named axis the two moments come from a single fused pass
+    over ``x`` shifted by one of its own samples ``s`` (per feature):
+    ``var = E[(x - s)^2] - E[x - s]^2``. The shift keeps the subtraction
+    well-conditioned when ``|mean| >> std`` (the naive ``E[x^2] - E[x]^2`` in
+    float32 loses every digit at mean 1e4). Its error grows with
+    ``(mean - s)^2 / var``, which is of order 1 for any ordinary sample.
+
+    With a mask (padding may hold anything, so no sample is a safe shift) or a
+    named axis (each device would have its own shift), it makes two passes: the
+    mean first, then the centred squares; each sum is all-reduced once.
+    """
+    if mask is None and axis_name is None:
+        count = math.prod(x.shape[a] for a in red)
+        shift = lax.stop_gradient(lax.slice_in_dim(x, 0, 1, axis=red[0]))
+        for a in red[1:]:
+            shift = lax.slice_in_dim(shift, 0, 1, axis=a)
+        xs = x - shift
+        mean_s = jnp.sum(xs, axis=red, keepdims=True) / count
+        sq = jnp.sum(xs * xs, axis=red, keepdims=True) / count
+        var = jnp.maximum(sq - mean_s * mean_s, 0.0)
+        return jnp.asarray(count, x.dtype), shift + mean_s, var
+    if mask is None:
+        count = _psum(jnp.asarray(math.prod(x.shape[a] for a in red), x.dtype), axis_name)
+        mean = _psum(jnp.sum(x, axis=red, keepdims=True), axis_name) / count
+        d = x - mean
+        var = _psum(jnp.sum(d * d, axis=red, keepdims=True), axis_name) / count
+        return count, mean, var
+    w = jnp.broadcast_to(mask, _reduced_shape(x.shape, red)).astype(x.dtype)
+    count = _psum(jnp.sum(w), axis_name)
+    # An all-masked batch: statistics of zero instead of 0 / 0.
+    safe = jnp.maximum(count, 1.0)
+    mean = _psum(jnp.sum(jnp.where(mask, x, 0), axis=red, keepdims=True), axis_name) / safe
+    d = jnp.where(mask, x - mean, 0)
+    var = _psum(jnp.sum(d * d, axis=red, keepdims=True), axis_name) / safe
+    return count, mean, var
+
+
+def _reduced_shape(shape, red):
+    return tuple(d if i in red else 1 for i, d in enumerate(shape))
+
+
+def batch_norm_fwd(
+    x: ArrayLike,
+    scale: ArrayLike | None,
+    bias: ArrayLike | None,
+    *,
+    axis: AxisArg = -1,
+    eps: float = 1e-5,
+    axis_name: AxisName = None,
+    mask: ArrayLike | None = None,
+) -> tuple[tuple[jax.Array, jax.Array, jax.Array], BatchNormResiduals]:
+    """The forward pass of :func:`batch_norm`: outputs and the residuals.
+
+    Args:
+        x: ``[..., features]`` input (any floating dtype).
+        scale: ``[features]`` multiplier ``gamma``, or ``None`` for 1.
+        bias: ``[features]`` offset ``beta``, or ``None`` for 0.
+        axis: feature axis or axes of ``x`` (kept); the others are reduced.
+        eps: added to the variance before the square root.
+        axis_name: named mapped axis (or tuple of them) over which the
+            statistics are also averaged (``shard_map``/``pmap``).
+        mask: boolean array broadcastable to ``x`` without its feature axes;
+            ``False`` entries are left out of the statistics.
+
+    Returns:
+        ``((y, mean, var), residuals)`` where ``residuals`` is a
+        :class:`BatchNormResiduals` to pass to :func:`batch_norm_bwd`.
+    """
+    feat = _checks.check_op_args(x, scale, bias, axis, eps, mask, axis_name=axis_name)
+    scale, bias, mask = (None if v is None else jnp.asarray(v) for v in (scale, bias, mask))
+    return _fwd(jnp.asarray(x), scale, bias, mask, feat, float(eps), axis_name)
+
+
+def _fwd(x, scale, bias, mask, feat, eps, axis_name):
+    ndim = x.ndim
+    red = tuple(a for a in range(ndim) if a not in feat)
+    cdt = _compute_dtype(x.dtype)
+    xc = x.astype(cdt)
+    emask = None if mask is None else _expand_mask(mask, ndim, feat)
+    count, mean_k, var_k = _moments(xc, red, emask, axis_name)
+    mean, var = jnp.squeeze(mean_k, red), jnp.squeeze(var_k, red)
+    inv_std = lax.rsqrt(var + eps)
+    # y = (x - mean) * (scale * inv_std) + bias: one pass over x. Subtracting the
+    # mean first (rather than y = x * a + b) keeps y accurate when |mean| >> std.
+    a = inv_std if scale is None else inv_std * scale.astype(cdt)
+    y = (xc - mean_k) * _expand(a, ndim, feat)
+    if bias is not None:
+        y = y + _expand(bias.astype(cdt), ndim, feat)
+    bias_tag = None if bias is None else jnp.zeros((0,), jnp.result_type(bias))
+    res = BatchNormResiduals(x, mean, inv_std, scale, bias_tag, emask, count)
+    return (y.astype(x.dtype), mean, var), res
+
+
+def batch_norm_bwd(
+    res: BatchNormResiduals,
+    cotangents: tuple[ArrayLike, ArrayLike, ArrayLike],
+    *,
+    axis: AxisArg = -1,
+    axis_name: AxisName = None,
+) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+    """The hand-derived backward pass of :func:`batch_norm`.
+
+    Args:
+        res: the residuals returned by :func:`batch_norm_fwd`.
+        cotangents: ``(dy, dmean, dvar)``: the upstream gradients of the three
+            outputs (``dy`` like ``x``; ``dmean``, ``dvar`` like the features).
+        axis: the same feature axis or axes as in the forward.
+        axis_name: the same named axis as in the forward.
+
+    Returns:
+        ``(dx, dscale, dbias)``; ``dscale``/``dbias`` are ``None`` where the
+        forward had no ``scale``/``bias``.
+    """
+    feat = _checks.feature_axes(res.x.ndim, axis)
+    return _bwd(feat, axis_name, res, cotangents)
+
+
+def _bwd(feat, axis_name, res, cotangents):
+    # Chain rule, per feature, with x_hat = (x - mean) * inv_std,
+    # y = scale * x_hat + bias, and the cotangents (dy, g_mean, g_var):
+    #
+    #   dbias  = sum_i dy_i
+    #   dscale = sum_i dy_i * x_hat_i = inv_std * sum_i dy_i (x_i - mean)
+    #   dx_i   = scale * inv_std * dy_i                        (through y directly)
+    #          + m_i / n * [g_mean - scale * inv_std * dbias]  (through mean)
+    #          + m_i / n * 2 (x_i - mean) * [g_var - scale * inv_std^3 / 2 * sum_j dy_j (x_j - mean)]
+    #                                                         (through var)
+    # where m_i is the mask (1 without one), n = sum_i m_i, and the mean term of
+    # var's derivative vanishes because sum_i m_i (x_i - mean) = 0. Collecting:
+    #
+    #   dx = A * dy + m * (B * (x - mean) + C)
+    #   A  = scale * inv_std
+    #   B  = (2 g_var - A * inv_std * dscale) / n
+    #   C  = (g_mean - A * dbias) / n
+    #
+    # so the backward is one fused pass for the sums of dy and dy * (x - mean)
+    # and one pass for dx. Keeping (x - mean) instead of expanding B * x - B * mean
+    # avoids cancellation when |mean| >> std.
+    x, mean, inv_std, scale, bias_tag, mask, count = res
+    dy, g_mean, g_var = cotangents
+    ndim = x.ndim
+    red = tuple(a for a in range(ndim) if a not in feat)
+    cdt = mean.dtype
+    dyc = jnp.asarray(dy).astype(cdt)
+    centred = x.astype(cdt) - _expand(mean, ndim, feat)
+    sum_dy = jnp.sum(dyc, axis=red)
+    sum_dy_xc = jnp.sum(dyc * centred, axis=red)
+    # Global sums for dx; each is all-reduced exactly once.
+    g_sum_dy, g_sum_dy_xc = _psum((sum_dy, sum_dy_xc), axis_name)
+    s = 1.0 if scale is None else scale.astype(cdt)
+    a = s * inv_std
+    b = (2.0 * g_var - a * inv_std * inv_std * g_sum_dy_xc) / count
+    c = (g_mean - a * g_sum_dy) / count
+    corr = _expand(b, ndim, feat) * centred + _expand(c, ndim, feat)
+    if mask is not None:
+        corr = jnp.where(mask, corr, 0)
+    dx = _expand(a, ndim, feat) * dyc + corr
+    dscale = None if scale is None else (inv_std * g_sum_dy_xc).astype(scale.dtype)
+    dbias = None if bias_tag is None else g_sum_dy.astype(bias_tag.dtype)
+    return dx.astype(x.dtype), dscale, dbias
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _batch_norm(x, scale, bias, mask, feat, eps, axis_name):
+    return _fwd(x, scale, bias, mask, feat, eps, axis_name)[0]
+
+
+def _batch_norm_fwd_rule(x, scale, bias, mask, feat, eps, axis_name):
+    return _fwd(x, scale, bias, mask, feat, eps, axis_name)
+
+
+def _batch_norm_bwd_rule(feat, eps, axis_name, res, cotangents):
+    dx, dscale, dbias = _bwd(feat, axis_name, res, cotangents)
+    return dx, dscale, dbias, None
+
+
+_batch_norm.defvjp(_batch_norm_fwd_rule, _batch_norm_bwd_rule)
+
+
+def batch_norm(
+    x: ArrayLike,
+    scale: ArrayLike | None,
+    bias: ArrayLike | None,
+    *,
+    axis: AxisArg = -1,
+    eps: float = 1e-5,
+    axis_name: AxisName = None,
+    mask: ArrayLike | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Training-mode batch normalization with a hand-written backward pass.
+
+    .. math::
+
+        y = \\gamma \\frac{x - \\mu_B}{\\sqrt{\\sigma_B^2 + \\epsilon}} + \\beta
+
+    with the per-feature mean ``mu_B`` and biased variance ``sigma_B^2`` over
+    every axis of ``x`` but ``axis``. Inputs in bfloat16 or float16 are reduced
+    in float32; ``y`` has ``x``'s dtype, the statistics float32 (or float64 for
+    float64 input). NaN or infinity in ``x`` propagates to the outputs of its
+    features, as in every other implementation.
+
+    Args:
+        x: ``[..., features]`` input (``[N, C]``, ``[N, L, C]``, NHWC with
+            ``axis=-1``, NCHW with ``axis=1``).
+        scale: ``[features]`` ``gamma``, or ``None`` for no scale.
+        bias: ``[features]`` ``beta``, or ``None`` for no offset.
+        axis: feature axis or tuple of axes (negative allowed).
+        eps: positive constant added to the variance.
+        axis_name: a named mapped axis (``shard_map``, ``pmap``) or tuple of
+            them: statistics are taken over the whole global batch.
+        mask: boolean, broadcastable to ``x`` without its feature axes; only
+            ``True`` entries count in the statistics (``y`` is computed
+            everywhere and stays finite). A mask keeping nothing gives
+            statistics of zero, not NaN.
+
+    Returns:
+        ``(y, mean, var)``: ``y`` like ``x``; ``mean`` and ``var`` shaped like
+        the feature axes (``(C,)``, never ``(1, 1, 1, C)``).
+
+    Raises:
+        TypeError, ValueError: on a bad argument, while tracing (the message
+            names it).
+
+    Forward-mode AD is not available (this is a ``custom_vjp``); use
+    :func:`jaxbn.reference.batch_norm` for ``jax.jvp``.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> import jaxbn
+        >>> x = jnp.array([[1.0, 10.0], [3.0, 30.0]])
+        >>> y, mean, var = jaxbn.batch_norm(x, jnp.ones(2), jnp.zeros(2))
+        >>> mean, var
+        (Array([ 2., 20.], dtype=float32), Array([  1., 100.], dtype=float32))
+    """
+    feat = _checks.check_op_args(x, scale, bias, axis, eps, mask, axis_name=axis_name)
+    scale, bias, mask = (None if v is None else jnp.asarray(v) for v in (scale, bias, mask))
+    return _batch_norm(jnp.asarray(x), scale, bias, mask, feat, float(eps), axis_name)
+
+
+def batch_norm_inference(
+    x: ArrayLike,
+    scale: ArrayLike | None,
+    bias: ArrayLike | None,
+    mean: ArrayLike,
+    var: ArrayLike,
+    *,
+    axis: AxisArg = -1,
+    eps: float = 1e-5,
+) -> jax.Array:
+    """Evaluation-mode batch normalization with given (running) statistics.
+
+    .. math::
+
+        y = \\gamma \\frac{x - \\mu}{\\sqrt{\\sigma^2 + \\epsilon}} + \\beta
+
+    A per-feature affine map, differentiated by JAX itself (no custom rule is
+    needed: nothing is reduced over the batch).
+
+    Args:
+        x: ``[..., features]`` input.
+        scale: ``[features]`` or ``None``.
+        bias: ``[features]`` or ``None``.
+        mean: ``[features]`` statistics to normalize with.
+        var: ``[features]`` statistics to normalize with.
+        axis: feature axis or axes.
+        eps: positive constant added to ``var``.
+
+    Returns:
+        ``y`` with the shape and dtype of ``x``.
+    """
+    feat = _checks.check_op_args(x, scale, bias, axis, eps, None, training=False)
+    x = jnp.asarray(x)
+    fshape = tuple(x.shape[a] for a in feat)
+    _checks.check_feature_vector("mean", mean, fshape)
+    _checks.check_feature_vector("var", var, fshape)
+    cdt = _compute_dtype(x.dtype)
+    a = lax.rsqrt(jnp.asarray(var).astype(cdt) + eps)
+    if scale is not None:
+        a = a * jnp.asarray(scale).astype(cdt)
+    y = (x.astype(cdt) - _expand(jnp.asarray(mean).astype(cdt), x.ndim, feat)) * _expand(
+        a, x.ndim, feat
+    )
+    if bias is not None:
+        y = y + _expand(jnp.asarray(bias).astype(cdt), x.ndim, feat)
+    return y.astype(x.dtype)

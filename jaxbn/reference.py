@@ -1,0 +1,80 @@
+"""The oracle: batch normalization in plain ``jax.numpy``, differentiated by JAX.
+
+Same signature and results as :func:`jaxbn.batch_norm`, written independently of
+:mod:`jaxbn.ops` (it shares only the argument checks): two-pass statistics and a
+division by the standard deviation, no custom derivative. The tests compare the
+hand-written backward against ``jax.vjp`` of this function. It is also what to
+use where forward-mode AD (``jax.jvp``, ``jax.jacfwd``) is needed.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.typing import ArrayLike
+
+from jaxbn import _checks
+from jaxbn._checks import AxisArg, AxisName
+
+__all__ = ["batch_norm"]
+
+
+def batch_norm(
+    x: ArrayLike,
+    scale: ArrayLike | None,
+    bias: ArrayLike | None,
+    *,
+    axis: AxisArg = -1,
+    eps: float = 1e-5,
+    axis_name: AxisName = None,
+    mask: ArrayLike | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Training-mode batch normalization, plain ``jnp``; JAX derives its gradients.
+
+    Args:
+        x: ``[..., features]`` input.
+        scale: ``[features]`` or ``None``.
+        bias: ``[features]`` or ``None``.
+        axis: feature axis or axes.
+        eps: positive constant added to the variance.
+        axis_name: named axis (or tuple) to average the statistics over.
+        mask: boolean, broadcastable to ``x`` without its feature axes.
+
+    Returns:
+        ``(y, mean, var)`` exactly as :func:`jaxbn.batch_norm` defines them.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> from jaxbn import reference
+        >>> x = jnp.array([[1.0], [3.0]])
+        >>> reference.batch_norm(x, None, None)[0].ravel()
+        Array([-0.999995,  0.999995], dtype=float32)
+    """
+    feat = _checks.check_op_args(x, scale, bias, axis, eps, mask, axis_name=axis_name)
+    x = jnp.asarray(x)
+    red = tuple(a for a in range(x.ndim) if a not in feat)
+    keep = [1 if a in red else x.shape[a] for a in range(x.ndim)]
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+    def total(v):
+        s = jnp.sum(v, axis=red, keepdims=True)
+        return s if axis_name is None else lax.psum(s, axis_name)
+
+    if mask is None:
+        w = jnp.ones_like(xf)
+    else:
+        # Mask over the reduction axes; put the feature axes back as size 1.
+        m = jnp.asarray(mask)
+        m = m.reshape((1,) * (len(red) - m.ndim) + m.shape)
+        w = jnp.broadcast_to(jnp.expand_dims(m, feat), x.shape).astype(xf.dtype)
+    n = jnp.maximum(total(w), 1.0)  # an all-masked batch: 0 / 1, not 0 / 0
+    mean = total(w * xf) / n
+    var = total(w * (xf - mean) ** 2) / n
+    y = (xf - mean) / jnp.sqrt(var + eps)
+    if scale is not None:
+        y = y * jnp.reshape(jnp.asarray(scale), keep)
+    if bias is not None:
+        y = y + jnp.reshape(jnp.asarray(bias), keep)
+    fshape = [x.shape[a] for a in feat]
+    return y.astype(x.dtype), mean.reshape(fshape), var.reshape(fshape)
