@@ -1,0 +1,265 @@
+"""Folding batch norm into the preceding dense layer: same outputs, clear errors."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxbn
+from jaxbn.fold import fold_into_dense
+
+IN, OUT, BATCH = 64, 24, 32
+EPS = 1e-3
+# Allowed error, in units of the dtype's unit roundoff, of the sum of magnitudes
+# computed in ``exact_and_bound``. The matmul's rounding errors add up like a random
+# walk, hence its sqrt(in_features) factor; 2 leaves room for the few roundings on
+# top (measured: under 0.5 in float32).
+ULPS = 2
+
+
+def make_layers(key, *, dense_bias, use_scale, use_bias, mean_offset=3.0):
+    """Random dense params and batch-norm params/state with non-trivial values."""
+    ks = jax.random.split(key, 7)
+    dense = {"kernel": jax.random.normal(ks[0], (IN, OUT)) / np.sqrt(IN)}
+    if dense_bias:
+        dense["bias"] = jax.random.normal(ks[1], (OUT,))
+    bn_params = {}
+    if use_scale:
+        bn_params["scale"] = 1.0 + 0.5 * jax.random.normal(ks[2], (OUT,))
+    if use_bias:
+        bn_params["bias"] = jax.random.normal(ks[3], (OUT,))
+    bn_state = {
+        "mean": mean_offset + jax.random.normal(ks[4], (OUT,)),
+        "var": jnp.exp(jax.random.normal(ks[5], (OUT,))),
+    }
+    x = jax.random.normal(ks[6], (BATCH, IN)) + 1.0
+    return x, dense, bn_params, bn_state
+
+
+def unfolded(x, dense, bn_params, bn_state, eps):
+    """Dense then evaluation-mode batch norm, as the network runs them."""
+    z = x @ dense["kernel"]
+    if "bias" in dense:
+        z = z + dense["bias"]
+    return jaxbn.batch_norm_inference(
+        z,
+        bn_params.get("scale"),
+        bn_params.get("bias"),
+        bn_state["mean"],
+        bn_state["var"],
+        eps=eps,
+    )
+
+
+def exact_and_bound(x, dense, bn_params, bn_state, eps, dtype):
+    """The two layers in float64 numpy, and a rounding-error bound for ``dtype``."""
+    f64 = functools.partial(np.asarray, dtype=np.float64)
+    kernel = f64(dense["kernel"])
+    b = f64(dense.get("bias", np.zeros(OUT)))
+    gamma = f64(bn_params.get("scale", np.ones(OUT)))
+    beta = f64(bn_params.get("bias", np.zeros(OUT)))
+    mean, var = f64(bn_state["mean"]), f64(bn_state["var"])
+    a = gamma / np.sqrt(var + eps)
+    xn = f64(x)
+    exact = (xn @ kernel + b - mean) * a + beta
+    unit = float(jnp.finfo(dtype).eps) / 2
+    terms = (
+        np.sqrt(IN) * (np.abs(xn) @ np.abs(kernel)) * np.abs(a)
+        + np.abs((b - mean) * a)
+        + np.abs(beta)
+        + np.abs(exact)
+    )
+    return exact, ULPS * unit * terms
+
+
+def assert_within(got, exact, bound, what):
+    err = np.abs(np.asarray(got, np.float64) - exact)
+    worst = np.max(err / bound)
+    assert worst <= 1.0, f"{what}: error reaches {worst:.2f} times the rounding bound"
+
+
+CONFIGS = [
+    dict(dense_bias=False, use_scale=True, use_bias=True),
+    dict(dense_bias=True, use_scale=True, use_bias=True),
+    dict(dense_bias=False, use_scale=False, use_bias=True),
+    dict(dense_bias=False, use_scale=True, use_bias=False),
+    dict(dense_bias=True, use_scale=False, use_bias=False),
+]
+IDS = [
+    "-".join(f"{'' if v else 'no_'}{k}" for k, v in c.items()).replace("use_", "") for c in CONFIGS
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_fold_matches_dense_then_batch_norm(config):
+    x, dense, bn_params, bn_state = make_layers(jax.random.key(0), **config)
+    folded = fold_into_dense(dense, bn_params, bn_state, eps=EPS)
+    assert set(folded) == {"kernel", "bias"}
+    assert folded["kernel"].shape == (IN, OUT) and folded["bias"].shape == (OUT,)
+    assert folded["kernel"].dtype == folded["bias"].dtype == jnp.float32
+    got = x @ folded["kernel"] + folded["bias"]
+    want = unfolded(x, dense, bn_params, bn_state, EPS)
+    exact, bound = exact_and_bound(x, dense, bn_params, bn_state, EPS, jnp.float32)
+    assert_within(got, exact, bound, "folded")
+    assert_within(want, exact, bound, "unfolded")
+    assert_within(got, np.asarray(want, np.float64), 2 * bound, "folded vs unfolded")
+
+
+def test_fold_after_training_steps():
+    """Running statistics and params moved by real training steps, then folded."""
+    key = jax.random.key(1)
+    x, dense, _, _ = make_layers(key, dense_bias=False, use_scale=True, use_bias=True)
+    bn = jaxbn.BatchNorm(OUT, momentum=0.5, eps=EPS)
+    bn_params, bn_state = bn.init()
+    params = {"dense": dense, "bn": bn_params}
+    target = jax.random.normal(jax.random.key(2), (BATCH, OUT))
+
+    def loss_fn(params, state, x):
+        y, state = bn.apply(params["bn"], state, x @ params["dense"]["kernel"], training=True)
+        return jnp.mean((y - target) ** 2), state
+
+    @jax.jit
+    def step(params, state, x):
+        grads, state = jax.grad(loss_fn, has_aux=True)(params, state, x)
+        return jax.tree.map(lambda p, g: p - 0.5 * g, params, grads), state
+
+    for i in range(6):
+        xi = 2.0 * jax.random.normal(jax.random.fold_in(key, i), (BATCH, IN)) + 3.0
+        params, bn_state = step(params, bn_state, xi)
+    # The statistics are far from their initial 0 and 1, and scale/bias moved.
+    assert np.min(np.abs(np.asarray(bn_state["mean"]))) > 0.1
+    assert np.max(np.abs(np.asarray(bn_state["var"]) - 1.0)) > 0.5
+    assert np.max(np.abs(np.asarray(params["bn"]["scale"]) - 1.0)) > 1e-2
+
+    folded = fold_into_dense(params["dense"], params["bn"], bn_state, eps=bn.eps)
+    x_eval = 2.0 * x + 2.0
+    got = x_eval @ folded["kernel"] + folded["bias"]
+    want, _ = bn.apply(params["bn"], bn_state, x_eval @ params["dense"]["kernel"], training=False)
+    exact, bound = exact_and_bound(
+        x_eval, params["dense"], params["bn"], bn_state, bn.eps, jnp.float32
+    )
+    assert_within(got, exact, bound, "folded")
+    assert_within(got, np.asarray(want, np.float64), 2 * bound, "folded vs layer.apply")
+
+
+def test_bfloat16_kernel_is_folded_in_float32_and_cast_back():
+    x, dense, bn_params, bn_state = make_layers(
+        jax.random.key(3), dense_bias=True, use_scale=True, use_bias=True
+    )
+    dense16 = jax.tree.map(lambda v: v.astype(jnp.bfloat16), dense)
+    folded = fold_into_dense(dense16, bn_params, bn_state, eps=EPS)
+    assert folded["kernel"].dtype == folded["bias"].dtype == jnp.bfloat16
+    # Each folded entry is the float32 fold rounded once to bfloat16: within half
+    # a bfloat16 ulp of the float64 fold of the same (bfloat16) inputs.
+    a = np.asarray(bn_params["scale"], np.float64) / np.sqrt(
+        np.asarray(bn_state["var"], np.float64) + EPS
+    )
+    kernel64 = np.asarray(dense16["kernel"], np.float64) * a
+    half_ulp = float(jnp.finfo(jnp.bfloat16).eps) / 2 * np.abs(kernel64)
+    np.testing.assert_array_less(
+        np.abs(np.asarray(folded["kernel"], np.float64) - kernel64), half_ulp * 1.01
+    )
+    got = x.astype(jnp.bfloat16) @ folded["kernel"] + folded["bias"]
+    exact, bound = exact_and_bound(
+        x.astype(jnp.bfloat16), dense16, bn_params, bn_state, EPS, jnp.bfloat16
+    )
+    assert_within(got, exact, bound, "folded bfloat16")
+
+
+def test_float64_fold_is_computed_in_float64():
+    with jax.enable_x64(True):
+        x, dense, bn_params, bn_state = make_layers(
+            jax.random.key(4), dense_bias=True, use_scale=True, use_bias=True
+        )
+        to64 = functools.partial(jax.tree.map, lambda v: v.astype(jnp.float64))
+        x, dense, bn_params, bn_state = to64((x, dense, bn_params, bn_state))
+        folded = fold_into_dense(dense, bn_params, bn_state, eps=EPS)
+        assert folded["kernel"].dtype == jnp.float64
+        got = x @ folded["kernel"] + folded["bias"]
+        exact, bound = exact_and_bound(x, dense, bn_params, bn_state, EPS, jnp.float64)
+        assert_within(got, exact, bound, "folded float64")
+
+
+def test_fold_under_jit():
+    x, dense, bn_params, bn_state = make_layers(
+        jax.random.key(5), dense_bias=False, use_scale=True, use_bias=True
+    )
+    fold = jax.jit(functools.partial(fold_into_dense, eps=EPS))
+    folded = fold(dense, bn_params, bn_state)
+    eager = fold_into_dense(dense, bn_params, bn_state, eps=EPS)
+    exact, bound = exact_and_bound(x, dense, bn_params, bn_state, EPS, jnp.float32)
+    assert_within(x @ folded["kernel"] + folded["bias"], exact, bound, "jit")
+    assert_within(x @ eager["kernel"] + eager["bias"], exact, bound, "eager")
+
+
+def test_eps_is_used():
+    """A different eps changes the fold (it is not silently ignored)."""
+    _, dense, bn_params, bn_state = make_layers(
+        jax.random.key(6), dense_bias=False, use_scale=True, use_bias=True
+    )
+    bn_state = {"mean": bn_state["mean"], "var": jnp.full((OUT,), 0.01)}
+    small = fold_into_dense(dense, bn_params, bn_state, eps=1e-5)
+    large = fold_into_dense(dense, bn_params, bn_state, eps=0.03)
+    # a = gamma / sqrt(var + eps): the ratio of the kernels is sqrt(0.04 / 0.01001).
+    ratio = np.asarray(small["kernel"]) / np.asarray(large["kernel"])
+    np.testing.assert_allclose(ratio, np.sqrt(0.04 / 0.01001), rtol=1e-5)
+
+
+def good_args():
+    _, dense, bn_params, bn_state = make_layers(
+        jax.random.key(7), dense_bias=True, use_scale=True, use_bias=True
+    )
+    return dense, bn_params, bn_state
+
+
+def replaced(tree, key, value):
+    out = dict(tree)
+    if value is None:
+        del out[key]
+    else:
+        out[key] = value
+    return out
+
+
+BAD = [
+    (0, "kernel", jnp.ones((IN,)), ValueError, r'dense_params\["kernel"\].*\(64,\)'),
+    (0, "kernel", jnp.ones((2, IN, OUT)), ValueError, r'dense_params\["kernel"\].*\(2, 64, 24\)'),
+    (0, "kernel", jnp.ones((IN, OUT), jnp.int32), TypeError, r'dense_params\["kernel"\].*int32'),
+    (0, "kernel", None, ValueError, r"dense_params must hold the keys \['kernel'\]"),
+    (0, "bias", jnp.ones((OUT + 1,)), ValueError, r'dense_params\["bias"\].*\(24,\).*\(25,\)'),
+    (0, "weights", jnp.ones((OUT,)), ValueError, r"dense_params.*extra keys \['weights'\]"),
+    (1, "scale", jnp.ones((OUT, 1)), ValueError, r'bn_params\["scale"\].*\(24,\).*\(24, 1\)'),
+    (1, "bias", jnp.ones((3,)), ValueError, r'bn_params\["bias"\].*\(24,\).*\(3,\)'),
+    (2, "mean", jnp.ones((OUT - 1,)), ValueError, r'bn_state\["mean"\].*\(24,\).*\(23,\)'),
+    (2, "var", jnp.ones(()), ValueError, r'bn_state\["var"\].*\(24,\).*\(\)'),
+    (2, "var", None, ValueError, r"bn_state must hold the keys \['mean', 'var'\].*\['var'\]"),
+    (2, "mean", jnp.ones((OUT,), jnp.int32), TypeError, r'bn_state\["mean"\].*int32'),
+]
+
+
+@pytest.mark.parametrize(
+    ("which", "key", "value", "error", "match"),
+    BAD,
+    ids=[f"{['dense', 'bn_params', 'bn_state'][w]}-{k}-{i}" for i, (w, k, *_) in enumerate(BAD)],
+)
+def test_bad_arguments(which, key, value, error, match):
+    args = list(good_args())
+    args[which] = replaced(args[which], key, value)
+    with pytest.raises(error, match=match):
+        fold_into_dense(*args, eps=EPS)
+
+
+@pytest.mark.parametrize(
+    ("eps", "error"), [(0.0, ValueError), (-1e-5, ValueError), ("1", TypeError)]
+)
+def test_bad_eps(eps, error):
+    with pytest.raises(error, match="eps"):
+        fold_into_dense(*good_args(), eps=eps)
+
+
+def test_not_a_dict():
+    dense, bn_params, _ = good_args()
+    with pytest.raises(TypeError, match="bn_state must be a dict, got tuple"):
+        fold_into_dense(dense, bn_params, (1.0, 2.0), eps=EPS)
