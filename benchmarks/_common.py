@@ -1,0 +1,270 @@
+"""Helpers shared by the benchmark scripts: machine description, timing, bandwidth.
+
+Nothing here knows about batch normalization. A benchmark script builds a
+zero-argument callable per contender (inputs captured once, outside the timing),
+hands it to :func:`time_calls`, and reports medians with :func:`format_table`,
+next to :func:`machine_info` and, for memory-bound ops, the copy bandwidth of
+:func:`copy_bandwidth`.
+
+Timing rules followed here: the callable is run ``warmup`` times first (so jit
+compilation and first-touch page faults are excluded), every timed result is
+waited for with ``block_until_ready()`` (through :func:`block`), and the
+statistic reported is the median of the repetitions, with the spread kept too.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "Timing",
+    "block",
+    "copy_bandwidth",
+    "cpu_count",
+    "format_table",
+    "load_average",
+    "machine_info",
+    "optional_import",
+    "print_machine",
+    "time_calls",
+    "use_checkout",
+    "write_json",
+]
+
+MiB = 1 << 20
+
+
+def cpu_count() -> int:
+    """Number of CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _l3_cache() -> str | None:
+    """Size of the last-level cache as the kernel reports it, e.g. ``'32768K'``."""
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        best = None
+        for entry in sorted(os.listdir(base)):
+            if not entry.startswith("index"):
+                continue
+            with open(os.path.join(base, entry, "level")) as f:
+                level = int(f.read())
+            with open(os.path.join(base, entry, "size")) as f:
+                size = f.read().strip()
+            if best is None or level > best[0]:
+                best = (level, size)
+        return None if best is None else f"L{best[0]} {best[1]}"
+    except OSError:
+        return None
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def machine_info(packages: Iterable[str] = ("jax", "jaxlib", "numpy")) -> dict[str, Any]:
+    """Describes the machine and software the numbers were measured on.
+
+    Args:
+        packages: distribution names whose installed versions to report
+            (``None`` for one that is not installed).
+
+    Returns:
+        A JSON-serializable dict: date (UTC, ISO 8601), host CPU model, core
+        count, last-level cache, OS, Python, the package versions and the load average.
+    """
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpu": _cpu_model(),
+        "cores": cpu_count(),
+        "cache": _l3_cache(),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "versions": {p: _version(p) for p in packages},
+        "load_avg_1min": load_average(),
+    }
+
+
+def load_average() -> float:
+    """One-minute load average (NaN where unavailable): other work adds noise."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
+
+
+def print_machine(info: dict[str, Any]) -> None:
+    """Prints :func:`machine_info`'s dict in a few lines."""
+    print(f"date     {info['date']}")
+    print(f"machine  {info['cpu']}, {info['cores']} cores, {info['cache']}, {info['os']}")
+    vers = ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v is not None)
+    print(f"software python {info['python']}, {vers}")
+
+
+def use_checkout() -> None:
+    """Makes ``import jaxbn`` work from a checkout that is not pip-installed.
+
+    Puts the repository root (the parent of ``benchmarks/``) on ``sys.path``
+    when no installed ``jaxbn`` is found; an installed one is left in charge.
+    """
+    if importlib.util.find_spec("jaxbn") is None:
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def optional_import(name: str):
+    """Imports a module, or returns ``None`` if it is not installed."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+def block(out: Any) -> Any:
+    """Waits until every array in the pytree ``out`` is computed; returns it.
+
+    JAX arrays are waited for with ``block_until_ready()``; anything else
+    (NumPy or PyTorch CPU tensors, ``None``) is already computed.
+    """
+    if "jax" in sys.modules:
+        return sys.modules["jax"].block_until_ready(out)
+    return out
+
+
+@dataclass
+class Timing:
+    """Wall-clock times of the repetitions of one callable, in seconds."""
+
+    times: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        """Median time in seconds."""
+        return statistics.median(self.times)
+
+    @property
+    def spread(self) -> float | None:
+        """Relative half-width of the interquartile range (noise estimate).
+
+        ``None`` with fewer than 4 repetitions.
+        """
+        if len(self.times) < 4:
+            return None
+        q1, _, q3 = statistics.quantiles(self.times, n=4)
+        return (q3 - q1) / 2 / self.median
+
+    def summary(self) -> dict[str, float | None]:
+        """Median, minimum, interquartile spread and count, for JSON output."""
+        return {
+            "median_s": self.median,
+            "min_s": min(self.times),
+            "iqr_rel": self.spread,
+            "reps": len(self.times),
+        }
+
+
+def time_calls(
+    fn: Callable[[], Any],
+    *,
+    reps: int = 15,
+    warmup: int = 3,
+    sync: Callable[[Any], Any] = block,
+) -> Timing:
+    """Times ``reps`` calls of ``fn`` after ``warmup`` untimed ones.
+
+    Args:
+        fn: zero-argument callable running the work once (inputs captured).
+        reps: number of timed repetitions.
+        warmup: untimed calls first (compilation, caches, page faults).
+        sync: applied to each result inside the timed region, so that
+            asynchronous work is finished before the clock stops
+            (``block_until_ready`` for JAX).
+
+    Returns:
+        A :class:`Timing` with one wall-clock time per repetition.
+    """
+    for _ in range(warmup):
+        sync(fn())
+    timing = Timing()
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        sync(fn())
+        timing.times.append(time.perf_counter() - t0)
+    return timing
+
+
+def copy_bandwidth(nbytes: int = 256 * MiB, *, reps: int = 7) -> float:
+    """Memory bandwidth of a large NumPy copy, in bytes per second.
+
+    Copies an array of ``nbytes`` (far beyond any cache) with ``np.copyto`` and
+    counts both the bytes read and the bytes written; returns the median over
+    ``reps`` copies (after one untimed copy that faults the pages in). This is
+    the speed a memory-bound kernel can hope for on one pass of streaming.
+
+    Args:
+        nbytes: size of the source array (256 MiB or more to defeat caches).
+        reps: timed copies.
+
+    Returns:
+        ``2 * nbytes / median_seconds``.
+    """
+    src = np.ones(nbytes // 8, np.float64)
+    dst = np.empty_like(src)
+    timing = time_calls(lambda: np.copyto(dst, src), reps=reps, warmup=1, sync=lambda o: o)
+    return 2 * src.nbytes / timing.median
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Formats rows as a plain-text table with aligned columns (Markdown pipes)."""
+    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = [
+        "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in cells
+    ]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def write_json(path: str | os.PathLike, results: Any) -> None:
+    """Writes results (dicts, lists, dataclasses, numbers) as indented JSON."""
+
+    def default(o):
+        if hasattr(o, "__dataclass_fields__"):
+            return asdict(o)
+        if isinstance(o, (np.floating, np.integer)):
+            return o.item()
+        raise TypeError(f"cannot serialize {type(o).__name__}")
+
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2, default=default)
+        f.write("\n")

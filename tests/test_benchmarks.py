@@ -1,0 +1,88 @@
+"""Smoke tests of the benchmark scripts: tiny shapes, few repetitions, structure only.
+
+No timing is asserted (timed unit tests are flaky by nature); the tests check
+that every contender ran, produced a positive finite time and agrees with
+jaxbn, and that the ratios and the floor were filled in. A peer that is not
+installed is skipped by the script itself and must show up with a note.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import pathlib
+import sys
+
+import pytest
+
+BENCH_DIR = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench_op():
+    """Imports ``benchmarks/bench_op.py`` (a script directory, not a package)."""
+    sys.path.insert(0, str(BENCH_DIR))
+    try:
+        yield importlib.import_module("bench_op")
+    finally:
+        sys.path.remove(str(BENCH_DIR))
+
+
+@pytest.fixture(scope="module")
+def quick_results(bench_op, tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "op.json"
+    argv = ["--quick", "--shapes", "32x8", "2x3x3x4:bfloat16", "--json", str(path)]
+    return bench_op.main(argv), path
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def test_op_results_structure(quick_results):
+    results, _ = quick_results
+    assert results["copy_bandwidth_Bps"] > 0
+    assert results["machine"]["cores"] >= 1
+    names = [c["name"] for c in results["cases"]]
+    assert names == ["batch_norm_32x8_float32", "batch_norm_2x3x3x4_bfloat16"]
+    for case in results["cases"]:
+        assert case["floor_s"] > 0
+        assert math.isfinite(case["jaxbn_over_floor"]) and case["jaxbn_over_floor"] > 0
+        entries = case["contenders"]
+        assert entries["jaxbn"]["ratio_to_jaxbn"] == 1.0
+        for name, entry in entries.items():
+            if entry["median_s"] is None:  # a peer that cannot run this case
+                assert entry["note"], name
+                continue
+            assert math.isfinite(entry["median_s"]) and entry["median_s"] > 0, name
+            assert entry["reps"] == 3
+            assert math.isfinite(entry["ratio_to_jaxbn"]) and entry["ratio_to_jaxbn"] > 0
+            tol = 1e-4 if case["dtype"] == "float32" else 3e-2
+            assert entry["max_rel_err"] < tol, (name, entry["max_rel_err"])
+
+
+@pytest.mark.parametrize("peer", ["reference", "flax", "torch"])
+def test_op_peer_present_or_noted(quick_results, peer):
+    results, _ = quick_results
+    if peer != "reference" and not _installed(peer):
+        pytest.skip(f"{peer} is not installed")
+    case = results["cases"][0]  # float32: every installed peer supports it
+    assert case["contenders"][peer]["median_s"] is not None
+
+
+def test_op_absent_peers_are_skipped_with_a_note(quick_results):
+    results, _ = quick_results
+    for module in ("equinox", "haiku"):
+        assert (module in results["skipped"]) == (not _installed(module))
+
+
+def test_op_json_written(quick_results):
+    results, path = quick_results
+    on_disk = json.loads(path.read_text())
+    assert [c["name"] for c in on_disk["cases"]] == [c["name"] for c in results["cases"]]
+
+
+def test_op_parse_case(bench_op):
+    assert bench_op.parse_case("128x32x32x64:bfloat16").shape == (128, 32, 32, 64)
+    assert bench_op.parse_case("16x4").dtype == "float32"
