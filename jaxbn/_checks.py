@@ -30,9 +30,7 @@ def feature_axes(ndim: int, axis: AxisArg) -> tuple[int, ...]:
     try:
         raw = tuple(raw)
     except TypeError:
-        raise TypeError(
-            f"axis must be an int or a tuple of ints, got {axis!r}"
-        ) from None
+        raise TypeError(f"axis must be an int or a tuple of ints, got {axis!r}") from None
     if not raw:
         raise ValueError("axis must name at least one feature axis, got ()")
     out = []
@@ -41,8 +39,7 @@ def feature_axes(ndim: int, axis: AxisArg) -> tuple[int, ...]:
             raise TypeError(f"axis must be an int or a tuple of ints, got {axis!r}")
         if not -ndim <= a < ndim:
             raise ValueError(
-                f"axis {a} is out of range for x of rank {ndim} "
-                f"(expected -{ndim} <= axis < {ndim})"
+                f"axis {a} is out of range for x of rank {ndim} (expected -{ndim} <= axis < {ndim})"
             )
         out.append(int(a) % ndim)
     if len(set(out)) != len(out):
@@ -73,13 +70,10 @@ def check_feature_vector(name: str, v: ArrayLike | None, shape: tuple[int, ...])
         return
     if jnp.shape(v) != shape:
         raise ValueError(
-            f"{name} must have shape {shape} (the feature axes of x), "
-            f"got {jnp.shape(v)}"
+            f"{name} must have shape {shape} (the feature axes of x), got {jnp.shape(v)}"
         )
     if not jnp.issubdtype(jnp.result_type(v), jnp.floating):
-        raise TypeError(
-            f"{name} must have a floating-point dtype, got {jnp.result_type(v)}"
-        )
+        raise TypeError(f"{name} must have a floating-point dtype, got {jnp.result_type(v)}")
 
 
 def check_mask(mask: ArrayLike | None, reduce_shape: tuple[int, ...]) -> None:

@@ -85,8 +85,7 @@ class BatchNorm:
             isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1 for d in shape
         ):
             raise ValueError(
-                f"num_features must be a positive int or a tuple of them, "
-                f"got {self.num_features!r}"
+                f"num_features must be a positive int or a tuple of them, got {self.num_features!r}"
             )
         naxes = 1 if isinstance(self.axis, (int, np.integer)) else len(self.axis)
         if isinstance(self.axis, list) or isinstance(self.num_features, list):
@@ -153,9 +152,7 @@ class BatchNorm:
             No gradient flows into ``new_state``.
         """
         if not isinstance(training, (bool, np.bool_)):
-            raise TypeError(
-                f"training must be a Python bool (True or False), got {training!r}"
-            )
+            raise TypeError(f"training must be a Python bool (True or False), got {training!r}")
         _checks.check_x(x)
         feat = _checks.feature_axes(jnp.ndim(x), self.axis)
         got = tuple(jnp.shape(x)[a] for a in feat)
@@ -165,32 +162,30 @@ class BatchNorm:
                 f"but the layer was built with num_features={self.num_features!r}"
             )
         scale, bias = params.get("scale"), params.get("bias")
-        mean, var = state["mean"], state["var"]
         if not training:
+            # The state is returned unchanged, as a constant: no gradient into it.
+            state = jax.lax.stop_gradient(state)
             y = batch_norm_inference(
-                x,
-                scale,
-                bias,
-                jax.lax.stop_gradient(mean),
-                jax.lax.stop_gradient(var),
-                axis=self.axis,
-                eps=self.eps,
+                x, scale, bias, state["mean"], state["var"], axis=self.axis, eps=self.eps
             )
             return y, state
         y, batch_mean, batch_var = batch_norm(
             x, scale, bias, axis=self.axis, eps=self.eps, axis_name=self.axis_name, mask=mask
         )
         m = self.momentum
+        old = jax.lax.stop_gradient(state)
 
         def update(old, new):
-            new = jax.lax.stop_gradient(new).astype(old.dtype)
-            return m * jax.lax.stop_gradient(old) + (1.0 - m) * new
+            return m * old + (1.0 - m) * jax.lax.stop_gradient(new).astype(old.dtype)
 
-        new_state = {"mean": update(mean, batch_mean), "var": update(var, batch_var)}
+        new_state = {
+            "mean": update(old["mean"], batch_mean),
+            "var": update(old["var"], batch_var),
+        }
         if mask is not None:
             # An all-masked batch has no statistics: keep the old ones.
             kept = jnp.any(jnp.asarray(mask))
             if self.axis_name is not None:
                 kept = jax.lax.psum(kept.astype(jnp.int32), self.axis_name) > 0
-            new_state = {k: jnp.where(kept, v, state[k]) for k, v in new_state.items()}
+            new_state = {k: jnp.where(kept, v, old[k]) for k, v in new_state.items()}
         return y, new_state

@@ -223,8 +223,8 @@ def _bwd(feat, axis_name, res, cotangents):
     #   dscale = sum_i dy_i * x_hat_i = inv_std * sum_i dy_i (x_i - mean)
     #   dx_i   = scale * inv_std * dy_i                        (through y directly)
     #          + m_i / n * [g_mean - scale * inv_std * dbias]  (through mean)
-    #          + m_i / n * 2 (x_i - mean) * [g_var - scale * inv_std^3 / 2 * sum_j dy_j (x_j - mean)]
-    #                                                         (through var)
+    #          + m_i / n * 2 (x_i - mean)
+    #                * [g_var - scale * inv_std^3 / 2 * sum_j dy_j (x_j - mean)]  (through var)
     # where m_i is the mask (1 without one), n = sum_i m_i, and the mean term of
     # var's derivative vanishes because sum_i m_i (x_i - mean) = 0. Collecting:
     #

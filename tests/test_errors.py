@@ -1,0 +1,98 @@
+"""Bad input gets a clear error naming the argument, raised while tracing."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import jaxbn
+from jaxbn import reference
+
+OPS = [jaxbn.batch_norm, reference.batch_norm, jaxbn.batch_norm_fwd]
+OP_IDS = ["op", "reference", "fwd"]
+
+x = jnp.ones((4, 3))
+v3 = jnp.ones(3)
+
+
+def traced(fn, *args, **kwargs):
+    """Runs ``fn`` under ``jax.eval_shape``: errors must come at trace time."""
+    return jax.eval_shape(functools.partial(fn, **kwargs), *args)
+
+
+@pytest.mark.parametrize("op", OPS, ids=OP_IDS)
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error", "match"),
+    [
+        ((jnp.float32(1.0), None, None), {}, ValueError, "x must have rank >= 1"),
+        ((jnp.ones((4, 3), jnp.int32), None, None), {}, TypeError, "x must have a floating"),
+        ((x, None, None), {"axis": 2}, ValueError, "axis 2 is out of range"),
+        ((x, None, None), {"axis": -3}, ValueError, "axis -3 is out of range"),
+        ((x, None, None), {"axis": (1, -1)}, ValueError, "axis has repeated"),
+        ((x, None, None), {"axis": 1.0}, TypeError, "axis must be an int"),
+        ((x, jnp.ones(4), None), {}, ValueError, r"scale must have shape \(3,\)"),
+        ((x, None, jnp.ones((1, 3))), {}, ValueError, r"bias must have shape \(3,\)"),
+        ((x, v3, v3), {"eps": 0.0}, ValueError, "eps must be > 0"),
+        ((x, v3, v3), {"eps": -1e-5}, ValueError, "eps must be > 0"),
+        ((jnp.ones((1, 3)), v3, v3), {}, ValueError, r"more than 1 value.*\(1, 3\)"),
+        ((jnp.ones((5, 1, 1, 3)), None, None), {"axis": (0, 3)}, ValueError, "more than 1"),
+        ((x, None, None), {"mask": jnp.ones(4)}, TypeError, "mask must be a boolean"),
+        ((x, None, None), {"mask": jnp.ones(5, bool)}, ValueError, r"mask must broadcast"),
+    ],
+)
+def test_op_errors(op, args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        traced(op, *args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("args", "error", "match"),
+    [
+        ((x, v3, v3, jnp.zeros(2), v3), ValueError, r"mean must have shape \(3,\)"),
+        ((x, v3, v3, v3, jnp.ones((3, 1))), ValueError, r"var must have shape \(3,\)"),
+        ((x, v3, v3, v3, jnp.ones(3, jnp.int32)), TypeError, "var must have a floating"),
+        ((x.astype(jnp.int8), v3, v3, v3, v3), TypeError, "x must have a floating"),
+    ],
+)
+def test_inference_errors(args, error, match):
+    with pytest.raises(error, match=match):
+        traced(jaxbn.batch_norm_inference, *args)
+
+
+def test_inference_accepts_a_single_example():
+    """Evaluation normalizes with given statistics: one example is fine."""
+    y = jaxbn.batch_norm_inference(jnp.ones((1, 3)), v3, v3, v3, v3)
+    assert y.shape == (1, 3)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"num_features": 0}, ValueError, "num_features must be a positive int"),
+        ({"num_features": 3, "momentum": 1.5}, ValueError, r"momentum must be in \[0, 1\]"),
+        ({"num_features": 3, "momentum": -0.1}, ValueError, r"momentum must be in \[0, 1\]"),
+        ({"num_features": 3, "eps": 0.0}, ValueError, "eps must be > 0"),
+        ({"num_features": (3, 4)}, ValueError, "one size per feature axis"),
+        ({"num_features": 3, "axis": [1]}, TypeError, "not lists"),
+        ({"num_features": 3, "param_dtype": jnp.int32}, TypeError, "param_dtype"),
+    ],
+)
+def test_layer_config_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        jaxbn.BatchNorm(**kwargs)
+
+
+def test_layer_apply_errors():
+    bn = jaxbn.BatchNorm(3)
+    params, state = bn.init()
+    with pytest.raises(ValueError, match=r"x has \(5,\) features.*num_features=3"):
+        traced(lambda x: bn.apply(params, state, x, training=True), jnp.ones((4, 5)))
+    with pytest.raises(TypeError, match="training must be a Python bool"):
+        bn.apply(params, state, x, training=jnp.array(True))
+    with pytest.raises(TypeError, match="training must be a Python bool"):
+        bn.apply(params, state, x, training="yes")
+    with pytest.raises(ValueError, match=r"more than 1 value per feature.*\(1, 3\)"):
+        bn.apply(params, state, jnp.ones((1, 3)), training=True)
+    with pytest.raises(ValueError, match="x must have rank"):
+        bn.apply(params, state, jnp.float32(1), training=False)

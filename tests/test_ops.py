@@ -1,0 +1,396 @@
+"""The custom-VJP op against the autodiff reference, finite differences and numpy."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.test_util import check_grads
+
+import jaxbn
+from jaxbn import reference
+
+# One place for tolerances: (rtol, atol) per dtype, for values and for gradients.
+TOL = {
+    jnp.float64: (1e-10, 1e-10),
+    jnp.float32: (2e-5, 2e-5),
+    jnp.float16: (2e-2, 2e-2),
+    jnp.bfloat16: (5e-2, 5e-2),
+}
+
+# (shape, axis) cases: (N, C), (N, L, C), NHWC, NCHW, two feature axes, negative.
+CASES = [
+    ((16, 5), -1),
+    ((7, 4, 3), -1),
+    ((4, 5, 6, 3), -1),
+    ((4, 3, 5, 6), 1),
+    ((4, 3, 5, 2), (1, 3)),
+    ((6, 2, 5), (-3,)),
+]
+IDS = [f"{'x'.join(map(str, s))}-axis{a}" for s, a in CASES]
+
+
+def feature_shape(shape, axis):
+    axes = (axis,) if isinstance(axis, int) else axis
+    return tuple(shape[a] for a in sorted(a % len(shape) for a in axes))
+
+
+def make_inputs(shape, axis, dtype=jnp.float32, seed=0, offset=0.0):
+    """x ~ N(offset + feature-dependent shift, 2^2); scale, bias and cotangents random."""
+    ks = jax.random.split(jax.random.key(seed), 6)
+    fs = feature_shape(shape, axis)
+    x = 2.0 * jax.random.normal(ks[0], shape) + offset + 0.5
+    scale = 1.0 + 0.5 * jax.random.normal(ks[1], fs)
+    bias = jax.random.normal(ks[2], fs)
+    cts = (
+        jax.random.normal(ks[3], shape).astype(dtype),
+        jax.random.normal(ks[4], fs),
+        jax.random.normal(ks[5], fs),
+    )
+    return x.astype(dtype), scale, bias, cts
+
+
+def assert_trees_close(a, b, dtype):
+    rtol, atol = TOL[dtype]
+    jax.tree.map(
+        lambda u, v: np.testing.assert_allclose(
+            np.asarray(u, np.float64), np.asarray(v, np.float64), rtol=rtol, atol=atol
+        ),
+        a,
+        b,
+    )
+
+
+def vjp_of(fn, x, scale, bias, cts, axis):
+    out, pullback = jax.vjp(lambda x, s, b: fn(x, s, b, axis=axis), x, scale, bias)
+    return out, pullback(cts)
+
+
+@pytest.mark.parametrize(("shape", "axis"), CASES, ids=IDS)
+def test_values_match_reference_and_numpy(shape, axis):
+    x, scale, bias, _ = make_inputs(shape, axis)
+    got = jaxbn.batch_norm(x, scale, bias, axis=axis)
+    want = reference.batch_norm(x, scale, bias, axis=axis)
+    assert_trees_close(got, want, jnp.float32)
+    # And against numpy in float64, computed here from the definition.
+    xn = np.asarray(x, np.float64)
+    axes = (axis,) if isinstance(axis, int) else axis
+    feat = {a % xn.ndim for a in axes}
+    red = tuple(a for a in range(xn.ndim) if a not in feat)
+    mean = xn.mean(axis=red, keepdims=True)
+    var = xn.var(axis=red, keepdims=True)
+    shp = [1 if a in red else xn.shape[a] for a in range(xn.ndim)]
+    y = (xn - mean) / np.sqrt(var + 1e-5) * np.reshape(scale, shp) + np.reshape(bias, shp)
+    np.testing.assert_allclose(got[0], y, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[1], mean.reshape(got[1].shape), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[2], var.reshape(got[2].shape), rtol=1e-5, atol=1e-5)
+    assert got[1].shape == got[2].shape == feature_shape(shape, axis)
+
+
+@pytest.mark.parametrize(("shape", "axis"), CASES, ids=IDS)
+@pytest.mark.parametrize("affine", ["both", "scale", "bias", "none"])
+def test_vjp_matches_reference(shape, axis, affine):
+    x, scale, bias, cts = make_inputs(shape, axis, seed=1)
+    scale = scale if affine in ("both", "scale") else None
+    bias = bias if affine in ("both", "bias") else None
+    got = vjp_of(jaxbn.batch_norm, x, scale, bias, cts, axis)
+    want = vjp_of(reference.batch_norm, x, scale, bias, cts, axis)
+    assert_trees_close(got, want, jnp.float32)
+    dx, dscale, dbias = got[1]
+    assert dx.shape == x.shape
+    assert (dscale is None) == (scale is None)
+    assert (dbias is None) == (bias is None)
+
+
+@pytest.mark.parametrize("which", [0, 1, 2], ids=["dy", "dmean", "dvar"])
+def test_cotangent_on_each_output_alone(which):
+    """Each output's cotangent alone (others zero) gives the reference's gradient."""
+    shape, axis = (9, 4), -1
+    x, scale, bias, cts = make_inputs(shape, axis, seed=2)
+    cts = tuple(c if i == which else jnp.zeros_like(c) for i, c in enumerate(cts))
+    got = vjp_of(jaxbn.batch_norm, x, scale, bias, cts, axis)[1]
+    want = vjp_of(reference.batch_norm, x, scale, bias, cts, axis)[1]
+    assert_trees_close(got, want, jnp.float32)
+    # The gradient is not trivially zero (a test that cannot fail proves nothing).
+    assert float(jnp.abs(got[0]).max()) > 1e-3
+
+
+@pytest.mark.parametrize(("shape", "axis"), CASES, ids=IDS)
+def test_grads_float64_finite_differences(shape, axis):
+    with jax.enable_x64(True):
+        x, scale, bias, _ = make_inputs(shape, axis, dtype=jnp.float64, seed=3)
+        scale, bias = scale.astype(jnp.float64), bias.astype(jnp.float64)
+        f = functools.partial(jaxbn.batch_norm, axis=axis)
+        check_grads(f, (x, scale, bias), order=2, modes=["rev"], atol=1e-5, rtol=1e-5)
+
+
+def test_grads_float64_finite_differences_no_affine():
+    with jax.enable_x64(True):
+        x = make_inputs((8, 3), -1, dtype=jnp.float64)[0]
+        check_grads(
+            lambda x: jaxbn.batch_norm(x, None, None), (x,), order=2, modes=["rev"], rtol=1e-5
+        )
+
+
+@pytest.mark.parametrize(("shape", "axis"), CASES[:4], ids=IDS[:4])
+def test_float64_gradients_match_reference_tightly(shape, axis):
+    with jax.enable_x64(True):
+        x, scale, bias, cts = make_inputs(shape, axis, dtype=jnp.float64, seed=4)
+        scale, bias = scale.astype(jnp.float64), bias.astype(jnp.float64)
+        cts = tuple(c.astype(jnp.float64) for c in cts)
+        got = vjp_of(jaxbn.batch_norm, x, scale, bias, cts, axis)
+        want = vjp_of(reference.batch_norm, x, scale, bias, cts, axis)
+        assert_trees_close(got, want, jnp.float64)
+
+
+@pytest.mark.parametrize(("shape", "axis"), [((6, 3), -1), ((3, 2, 4, 2), 1)])
+def test_second_derivatives_match_reference(shape, axis):
+    """Reverse-over-reverse: the Hessian-vector product of a scalar loss."""
+    with jax.enable_x64(True):
+        x, scale, bias, cts = make_inputs(shape, axis, dtype=jnp.float64, seed=5)
+        scale, bias = scale.astype(jnp.float64), bias.astype(jnp.float64)
+        cts = tuple(c.astype(jnp.float64) for c in cts)
+
+        def loss(fn):
+            def f(x, s, b):
+                y, m, v = fn(x, s, b, axis=axis)
+                return jnp.sum(y * cts[0]) ** 2 + jnp.sum(m * cts[1]) + jnp.sum(v * cts[2])
+
+            return f
+
+        def hvp(fn):
+            g = jax.grad(loss(fn), argnums=(0, 1, 2))
+            return jax.grad(lambda x, s, b: jnp.vdot(g(x, s, b)[0], cts[0]), argnums=(0, 1, 2))
+
+        got = hvp(jaxbn.batch_norm)(x, scale, bias)
+        want = hvp(reference.batch_norm)(x, scale, bias)
+        assert_trees_close(got, want, jnp.float64)
+
+
+@settings(max_examples=15, deadline=None, derandomize=True)
+@given(
+    data=st.data(),
+    ndim=st.integers(1, 4),
+    with_scale=st.booleans(),
+    with_bias=st.booleans(),
+)
+def test_property_random_shapes_and_axes(data, ndim, with_scale, with_bias):
+    shape = tuple(data.draw(st.lists(st.integers(1, 5), min_size=ndim, max_size=ndim)))
+    nfeat = data.draw(st.integers(1, ndim))
+    axes = tuple(data.draw(st.permutations(range(ndim)))[:nfeat])
+    if ndim == nfeat or np.prod([shape[a] for a in range(ndim) if a not in axes]) < 2:
+        shape = (*shape[:-1], shape[-1] + 2) if ndim - 1 not in axes else shape
+        red = [a for a in range(ndim) if a not in axes]
+        if not red or np.prod([shape[a] for a in red]) < 2:
+            return  # nothing to reduce over: covered by the error test below
+    axis = axes[0] if len(axes) == 1 and data.draw(st.booleans()) else axes
+    x, scale, bias, cts = make_inputs(shape, axis, seed=len(shape))
+    scale = scale if with_scale else None
+    bias = bias if with_bias else None
+    got = vjp_of(jaxbn.batch_norm, x, scale, bias, cts, axis)
+    want = vjp_of(reference.batch_norm, x, scale, bias, cts, axis)
+    # Tiny batches amplify rounding (1 / std of two values): looser atol here.
+    rtol, _ = TOL[jnp.float32]
+    jax.tree.map(
+        lambda u, v: np.testing.assert_allclose(u, v, rtol=10 * rtol, atol=1e-4), got, want
+    )
+
+
+def test_public_halves_equal_the_registered_vjp():
+    shape, axis = (4, 3, 5, 6), 1
+    x, scale, bias, cts = make_inputs(shape, axis, seed=6)
+    outs, res = jaxbn.batch_norm_fwd(x, scale, bias, axis=axis)
+    grads = jaxbn.batch_norm_bwd(res, cts, axis=axis)
+    want_outs, want_grads = vjp_of(jaxbn.batch_norm, x, scale, bias, cts, axis)
+    assert_trees_close(outs, want_outs, jnp.float32)
+    assert_trees_close(grads, want_grads, jnp.float32)
+
+
+def test_residuals_hold_x_and_feature_vectors_only():
+    x, scale, bias, _ = make_inputs((32, 8), -1)
+    _, res = jaxbn.batch_norm_fwd(x, scale, bias)
+    assert res.x is x
+    for name in ("mean", "inv_std", "scale"):
+        assert getattr(res, name).shape == (8,)
+    assert res.bias.size == 0 and res.mask is None and res.count.shape == ()
+    # Nothing of x's size but x itself.
+    big = [leaf for leaf in jax.tree.leaves(res) if leaf.size >= x.size]
+    assert len(big) == 1
+
+
+@pytest.mark.parametrize("offset", [1e4, 1e6])
+def test_large_offset_statistics_and_gradients(offset):
+    """float32 at |mean| >> std: statistics and gradients stay close to float64."""
+    shape, axis = (512, 6), -1
+    x, scale, bias, cts = make_inputs(shape, axis, seed=7, offset=offset)
+    (y, mean, var), grads = vjp_of(jaxbn.batch_norm, x, scale, bias, cts, axis)
+    with jax.enable_x64(True):
+        x64 = jnp.asarray(np.asarray(x), jnp.float64)
+        c64 = tuple(jnp.asarray(np.asarray(c), jnp.float64) for c in cts)
+        s64, b64 = (jnp.asarray(np.asarray(v), jnp.float64) for v in (scale, bias))
+        (y_t, mean_t, var_t), grads_t = vjp_of(reference.batch_norm, x64, s64, b64, c64, axis)
+        y_t, mean_t, var_t, grads_t = jax.tree.map(np.asarray, (y_t, mean_t, var_t, grads_t))
+    for leaf in jax.tree.leaves((y, mean, var, grads)):
+        assert np.isfinite(np.asarray(leaf)).all()
+    # x is exact in float32 (it was rounded before the float64 copy), so the truth is exact.
+    tol = 0.01 if offset == 1e4 else 0.05
+    np.testing.assert_allclose(var, var_t, rtol=tol)
+    np.testing.assert_allclose(y, y_t, atol=tol * 4)
+    for g, g_t in zip(grads, grads_t, strict=True):
+        np.testing.assert_allclose(g, g_t, atol=tol * np.abs(g_t).max())
+
+
+def test_naive_one_pass_variance_would_fail_at_large_offset():
+    """Shows what the robustness test guards against: E[x^2] - E[x]^2 in float32."""
+    x = make_inputs((512, 6), -1, seed=7, offset=1e4)[0]
+    naive = jnp.mean(x * x, axis=0) - jnp.mean(x, axis=0) ** 2
+    truth = np.var(np.asarray(x, np.float64), axis=0)
+    assert np.abs(np.asarray(naive) / truth - 1).max() > 0.01
+    np.testing.assert_allclose(jaxbn.batch_norm(x, None, None)[2], truth, rtol=0.01)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
+def test_low_precision_reduced_in_float32(dtype):
+    shape, axis = (64, 3, 3, 8), -1
+    x32, scale, bias, cts = make_inputs(shape, axis, seed=8, offset=3.0)
+    x = x32.astype(dtype)
+    (y, mean, var), (dx, dscale, dbias) = vjp_of(
+        jaxbn.batch_norm, x, scale, bias, (cts[0].astype(dtype), cts[1], cts[2]), axis
+    )
+    assert y.dtype == dtype and dx.dtype == dtype
+    assert mean.dtype == var.dtype == jnp.float32
+    assert dscale.dtype == scale.dtype and dbias.dtype == bias.dtype
+    # Against a float32 computation on the same (rounded) input, rounded to dtype.
+    xr = x.astype(jnp.float32)
+    (y32, m32, v32), (dx32, ds32, db32) = vjp_of(
+        reference.batch_norm,
+        xr,
+        scale,
+        bias,
+        (cts[0].astype(dtype).astype(jnp.float32), *cts[1:]),
+        axis,
+    )
+    np.testing.assert_allclose(mean, m32, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(var, v32, rtol=1e-5, atol=1e-5)
+    eps_out = float(jnp.finfo(dtype).eps)
+    ymax = float(jnp.abs(y32).max())
+    np.testing.assert_allclose(
+        y.astype(jnp.float32), y32.astype(dtype).astype(jnp.float32), atol=2 * eps_out * ymax
+    )
+    dxmax = float(jnp.abs(dx32).max())
+    np.testing.assert_allclose(dx.astype(jnp.float32), dx32, atol=2 * eps_out * dxmax)
+    np.testing.assert_allclose(dscale, ds32, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(dbias, db32, rtol=1e-4, atol=1e-3)
+
+
+def test_parameter_gradients_keep_parameter_dtype():
+    x, scale, bias, cts = make_inputs((8, 4), -1, seed=9)
+    with jax.enable_x64(True):
+        _, (dx, dscale, dbias) = vjp_of(
+            jaxbn.batch_norm, x, scale.astype(jnp.float64), bias.astype(jnp.float16), cts, -1
+        )
+        assert (dx.dtype, dscale.dtype, dbias.dtype) == (jnp.float32, jnp.float64, jnp.float16)
+
+
+def loss_fn(fn, cts, axis):
+    def f(x, scale, bias):
+        y, mean, var = fn(x, scale, bias, axis=axis)
+        return jnp.sum(y * cts[0]) + jnp.sum(mean * cts[1]) + jnp.sum(var * cts[2])
+
+    return f
+
+
+def test_composes_with_jit_vmap_checkpoint_scan_eval_shape():
+    shape, axis = (6, 5, 4), -1
+    x, scale, bias, cts = make_inputs(shape, axis, seed=10)
+    grad = jax.grad(loss_fn(jaxbn.batch_norm, cts, axis), argnums=(0, 1, 2))
+    want = jax.grad(loss_fn(reference.batch_norm, cts, axis), argnums=(0, 1, 2))(x, scale, bias)
+
+    assert_trees_close(jax.jit(grad)(x, scale, bias), want, jnp.float32)
+    ckpt = jax.grad(jax.checkpoint(loss_fn(jaxbn.batch_norm, cts, axis)), argnums=(0, 1, 2))
+    assert_trees_close(ckpt(x, scale, bias), want, jnp.float32)
+
+    # vmap over a leading axis: each slice is its own batch of shape (5, 4).
+    bgrad = jax.vmap(
+        jax.grad(lambda x, s, b, c: jnp.sum(jaxbn.batch_norm(x, s, b)[0] * c)), (0, None, None, 0)
+    )
+    rgrad = jax.vmap(
+        jax.grad(lambda x, s, b, c: jnp.sum(reference.batch_norm(x, s, b)[0] * c)),
+        (0, None, None, 0),
+    )
+    assert_trees_close(bgrad(x, scale, bias, cts[0]), rgrad(x, scale, bias, cts[0]), jnp.float32)
+    stats = jax.vmap(lambda x: jaxbn.batch_norm(x, None, None)[1])(x)
+    assert stats.shape == (6, 4)
+
+    # scan: normalize each slice and accumulate the gradients.
+    def body(carry, xs):
+        xi, ci = xs
+        g = jax.grad(lambda x: jnp.sum(jaxbn.batch_norm(x, scale, bias)[0] * ci))(xi)
+        return carry + g.sum(), g
+
+    total, gs = jax.lax.scan(body, 0.0, (x, cts[0]))
+    want_gs = rgrad(x, scale, bias, cts[0])
+    assert_trees_close(gs, want_gs, jnp.float32)
+    np.testing.assert_allclose(total, want_gs.sum(), rtol=1e-4, atol=1e-4)
+
+    out = jax.eval_shape(
+        functools.partial(jaxbn.batch_norm, axis=1), jnp.zeros((8, 3, 4, 4)), None, None
+    )
+    assert [o.shape for o in out] == [(8, 3, 4, 4), (3,), (3,)]
+
+
+def test_forward_mode_is_refused_and_reference_supports_it():
+    x, scale, bias, cts = make_inputs((8, 3), -1)
+    with pytest.raises(TypeError, match="custom_vjp"):
+        jax.jvp(lambda x: jaxbn.batch_norm(x, scale, bias)[0], (x,), (cts[0][:8, :3],))
+    _, t = jax.jvp(lambda x: reference.batch_norm(x, scale, bias)[0], (x,), (cts[0],))
+    assert t.shape == x.shape
+
+
+# The seed notebook's two mistakes, written as a custom VJP: the same gradient check
+# that the op passes must catch each of them.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def seed_like_batch_norm(x, scale, bias, scalar_variance=False, use_output_as_dy=False):
+    return _seed_fwd(x, scale, bias, scalar_variance, use_output_as_dy)[0]
+
+
+def _seed_fwd(x, scale, bias, scalar_variance, use_output_as_dy):
+    mean = x.mean(0)
+    var = ((x - mean) ** 2).mean() if scalar_variance else ((x - mean) ** 2).mean(0)
+    x_hat = (x - mean) / jnp.sqrt(var + 1e-5)
+    y = x_hat * scale + bias
+    return y, (x, x_hat, y, var, scale)
+
+
+def _seed_bwd(scalar_variance, use_output_as_dy, res, dy):
+    x, x_hat, y, var, scale = res
+    g = y if use_output_as_dy else dy  # the seed multiplies Z_out here
+    n = x.shape[0]
+    inv_std = 1 / jnp.sqrt(var + 1e-5)
+    dx_hat = g * scale
+    dx = inv_std / n * (n * dx_hat - dx_hat.sum(0) - x_hat * (dx_hat * x_hat).sum(0))
+    return dx, (g * x_hat).sum(0), g.sum(0)
+
+
+seed_like_batch_norm.defvjp(_seed_fwd, _seed_bwd)
+
+
+@pytest.mark.parametrize(
+    "mistake",
+    [{}, {"scalar_variance": True}, {"use_output_as_dy": True}],
+    ids=["fixed", "scalar-var", "z-out"],
+)
+def test_seed_notebook_mistakes_fail_the_gradient_check(mistake):
+    x, scale, bias, cts = make_inputs((16, 4), -1, seed=11)
+    x = x * jnp.array([1.0, 3.0, 0.5, 2.0])  # features with different spreads
+    _, pull = jax.vjp(lambda x, s, b: seed_like_batch_norm(x, s, b, *mistake), x, scale, bias)
+    got = pull(cts[0])
+    _, pull_ref = jax.vjp(lambda x, s, b: reference.batch_norm(x, s, b)[0], x, scale, bias)
+    want = pull_ref(cts[0])
+    close = all(np.allclose(g, w, rtol=1e-4, atol=1e-4) for g, w in zip(got, want, strict=True))
+    assert close == (not mistake)
