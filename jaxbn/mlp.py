@@ -1,0 +1,250 @@
+"""A multilayer perceptron with batch normalization after every hidden linear layer.
+
+As in Ioffe & Szegedy (2015), batch norm sits between each hidden linear layer and
+its nonlinearity, ``h = act(BN(x @ W))``; the hidden linear layer then has no bias,
+since batch norm's learned ``bias`` (``beta``) takes its place. The output layer is a
+plain linear layer with a bias and produces logits. Without batch norm every layer
+is an ordinary biased linear layer, ``h = act(x @ W + b)``.
+
+``MLP`` is a frozen, hashable config holding no arrays; ``init`` returns the params
+(trained by the optimizer) and the state (the running statistics of every batch-norm
+layer) as plain nested dicts, and ``apply`` threads the state through explicitly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+from jaxbn._checks import AxisName
+from jaxbn.layer import BatchNorm
+
+__all__ = ["ACTIVATIONS", "MLP"]
+
+Params = dict[str, Any]
+State = dict[str, Any]
+
+#: The nonlinearities ``MLP.activation`` may name.
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": jax.nn.relu,
+    "sigmoid": jax.nn.sigmoid,
+    "tanh": jnp.tanh,
+    "gelu": jax.nn.gelu,
+    "silu": jax.nn.silu,
+    "elu": jax.nn.elu,
+    "identity": lambda x: x,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MLP:
+    """Multilayer perceptron with optional batch norm before each hidden nonlinearity.
+
+    For hidden layer ``i`` (``0 <= i < len(layer_sizes) - 2``)::
+
+        z_i = h_i @ kernel_i                     (no bias with batch norm)
+        u_i = BN_i(z_i)                          (or z_i + bias_i without batch norm)
+        h_{i+1} = activation(u_i)
+
+    and the last layer gives ``logits = h @ kernel + bias``.
+
+    Layout of ``params, state = mlp.init(key)`` (one entry per linear layer, the
+    last entry being the output layer)::
+
+        params["layers"][i]["dense"]["kernel"]        [fan_in, fan_out]
+        params["layers"][i]["dense"]["bias"]          [fan_out]  output layer, and
+                                                      hidden layers without batch norm
+        params["layers"][i]["batch_norm"]["scale"]    [fan_out]  hidden layers, batch norm
+        params["layers"][i]["batch_norm"]["bias"]     [fan_out]
+        state["layers"][i]["batch_norm"]["mean"]      [fan_out]  running statistics
+        state["layers"][i]["batch_norm"]["var"]       [fan_out]
+
+    ``state["layers"][i]`` is an empty dict for layers without batch norm.
+
+    Attributes:
+        layer_sizes: ``(inputs, hidden_1, ..., hidden_k, outputs)``, a tuple of at
+            least two positive ints.
+        activation: name of the hidden nonlinearity, a key of :data:`ACTIVATIONS`.
+        use_batch_norm: put a :class:`jaxbn.BatchNorm` before each hidden
+            nonlinearity.
+        momentum: running-statistics momentum of the batch-norm layers.
+        eps: batch norm's ``eps``.
+        axis_name: named axis to synchronize batch statistics over (inside
+            ``shard_map``/``pmap``), or ``None``.
+        init_stddev: standard deviation of the Gaussian initial kernels; ``None``
+            (default) uses ``1 / sqrt(fan_in)`` (LeCun normal). Biases start at 0.
+        param_dtype: dtype of the params and state.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> from jaxbn.mlp import MLP
+        >>> mlp = MLP((4, 8, 3), activation="relu")
+        >>> params, state = mlp.init(jax.random.key(0))
+        >>> params["layers"][0]["dense"]["kernel"].shape
+        (4, 8)
+        >>> sorted(params["layers"][0]["batch_norm"])
+        ['bias', 'scale']
+        >>> logits, state = mlp.apply(params, state, jnp.ones((5, 4)), training=True)
+        >>> logits.shape
+        (5, 3)
+    """
+
+    layer_sizes: tuple[int, ...]
+    activation: str = "relu"
+    use_batch_norm: bool = True
+    momentum: float = 0.99
+    eps: float = 1e-5
+    axis_name: AxisName = None
+    init_stddev: float | None = None
+    param_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        sizes = self.layer_sizes
+        if not isinstance(sizes, tuple):
+            raise TypeError(
+                f"layer_sizes must be a tuple of ints (hashable), got {type(sizes).__name__} "
+                f"{sizes!r}"
+            )
+        if len(sizes) < 2 or any(
+            isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1 for d in sizes
+        ):
+            raise ValueError(
+                f"layer_sizes must hold at least two positive ints (inputs, ..., outputs), "
+                f"got {sizes!r}"
+            )
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}"
+            )
+        if self.init_stddev is not None and not self.init_stddev > 0:
+            raise ValueError(f"init_stddev must be None or > 0, got {self.init_stddev!r}")
+        # Checks momentum, eps and axis_name once, with the layer's own messages.
+        if self.use_batch_norm:
+            self._batch_norm(sizes[1] if len(sizes) > 2 else 1)
+
+    @property
+    def num_hidden(self) -> int:
+        """The number of hidden layers, ``len(layer_sizes) - 2``."""
+        return len(self.layer_sizes) - 2
+
+    def _batch_norm(self, width: int) -> BatchNorm:
+        return BatchNorm(
+            width,
+            momentum=self.momentum,
+            eps=self.eps,
+            axis_name=self.axis_name,
+            param_dtype=self.param_dtype,
+        )
+
+    def init(self, key: jax.Array) -> tuple[Params, State]:
+        """Returns fresh ``(params, state)`` in the layout of the class docstring.
+
+        Args:
+            key: a ``jax.random.key`` for the kernels.
+
+        Returns:
+            ``(params, state)``, nested dicts of arrays.
+        """
+        keys = jax.random.split(key, len(self.layer_sizes) - 1)
+        layers, states = [], []
+        for i, (fan_in, fan_out) in enumerate(
+            zip(self.layer_sizes[:-1], self.layer_sizes[1:], strict=True)
+        ):
+            std = 1.0 / math.sqrt(fan_in) if self.init_stddev is None else self.init_stddev
+            kernel = std * jax.random.normal(keys[i], (fan_in, fan_out), self.param_dtype)
+            dense = {"kernel": kernel}
+            layer, layer_state = {"dense": dense}, {}
+            if i < self.num_hidden and self.use_batch_norm:
+                bn_params, bn_state = self._batch_norm(fan_out).init()
+                layer["batch_norm"], layer_state["batch_norm"] = bn_params, bn_state
+            else:
+                dense["bias"] = jnp.zeros((fan_out,), self.param_dtype)
+            layers.append(layer)
+            states.append(layer_state)
+        return {"layers": layers}, {"layers": states}
+
+    def _forward(self, params, state, x, training):
+        """Returns ``(logits, new_state, pre_activations)``."""
+        if not isinstance(training, (bool, np.bool_)):
+            raise TypeError(f"training must be a Python bool (True or False), got {training!r}")
+        x = jnp.asarray(x)
+        if x.ndim != 2 or x.shape[1] != self.layer_sizes[0]:
+            raise ValueError(
+                f"x must have shape [batch, {self.layer_sizes[0]}] (layer_sizes[0] inputs), "
+                f"got {x.shape}"
+            )
+        if len(params["layers"]) != len(self.layer_sizes) - 1:
+            raise ValueError(
+                f"params has {len(params['layers'])} layers, expected "
+                f"{len(self.layer_sizes) - 1} for layer_sizes={self.layer_sizes!r}"
+            )
+        act = ACTIVATIONS[self.activation]
+        h, new_states, pre = x, [], []
+        for i, (layer, layer_state) in enumerate(
+            zip(params["layers"], state["layers"], strict=True)
+        ):
+            dense = layer["dense"]
+            z = h @ dense["kernel"]
+            if "bias" in dense:
+                z = z + dense["bias"]
+            new_layer_state = {}
+            if "batch_norm" in layer:
+                bn = self._batch_norm(z.shape[-1])
+                z, new_layer_state["batch_norm"] = bn.apply(
+                    layer["batch_norm"], layer_state["batch_norm"], z, training=training
+                )
+            new_states.append(new_layer_state)
+            if i < self.num_hidden:
+                pre.append(z)
+                h = act(z)
+            else:
+                h = z
+        return h, {"layers": new_states}, pre
+
+    def apply(
+        self, params: Params, state: State, x: ArrayLike, *, training: bool
+    ) -> tuple[jax.Array, State]:
+        """Runs the network; returns ``(logits, new_state)``.
+
+        Args:
+            params: from :meth:`init`.
+            state: the running statistics, from :meth:`init` or a previous call.
+            x: ``[batch, layer_sizes[0]]`` inputs.
+            training: ``True``: batch norm uses the batch statistics and the
+                running statistics are updated; ``False``: running statistics are
+                used and ``state`` comes back unchanged.
+
+        Returns:
+            ``(logits, new_state)``: ``logits`` is ``[batch, layer_sizes[-1]]``,
+            ``new_state`` has the layout of ``state`` (no gradient flows into it).
+        """
+        logits, new_state, _ = self._forward(params, state, x, training)
+        return logits, new_state
+
+    def pre_activations(
+        self, params: Params, state: State, x: ArrayLike, *, training: bool
+    ) -> list[jax.Array]:
+        """The inputs to each hidden nonlinearity: ``u_i`` in the class docstring.
+
+        With batch norm these are batch norm's outputs (after ``scale`` and
+        ``bias``), without it ``x @ kernel + bias``. This is what Ioffe & Szegedy
+        (2015), Figure 1 (b, c) plots for one sigmoid unit.
+
+        Args:
+            params: from :meth:`init`.
+            state: the running statistics.
+            x: ``[batch, layer_sizes[0]]`` inputs.
+            training: as in :meth:`apply` (``True`` normalizes with the statistics
+                of ``x`` itself).
+
+        Returns:
+            A list of ``num_hidden`` arrays, ``[batch, layer_sizes[i + 1]]``.
+        """
+        return self._forward(params, state, x, training)[2]

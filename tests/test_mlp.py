@@ -1,0 +1,169 @@
+"""Tests of jaxbn.mlp: layout, the forward pass against NumPy, gradients against the oracle."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxbn import reference
+from jaxbn.mlp import ACTIVATIONS, MLP
+
+SIZES = (5, 7, 6, 3)
+
+
+def _x(n=8, seed=1):
+    return jax.random.normal(jax.random.key(seed), (n, SIZES[0]))
+
+
+def test_layout_with_batch_norm():
+    model = MLP(SIZES, use_batch_norm=True)
+    params, state = model.init(jax.random.key(0))
+    assert len(params["layers"]) == len(state["layers"]) == 3
+    for i in range(2):
+        layer = params["layers"][i]
+        assert layer["dense"]["kernel"].shape == (SIZES[i], SIZES[i + 1])
+        assert "bias" not in layer["dense"], "batch norm's bias replaces the dense bias"
+        assert set(layer["batch_norm"]) == {"scale", "bias"}
+        assert set(state["layers"][i]["batch_norm"]) == {"mean", "var"}
+    assert set(params["layers"][2]["dense"]) == {"kernel", "bias"}
+    assert "batch_norm" not in params["layers"][2]
+    assert state["layers"][2] == {}
+
+
+def test_layout_without_batch_norm():
+    model = MLP(SIZES, use_batch_norm=False)
+    params, state = model.init(jax.random.key(0))
+    for i, layer in enumerate(params["layers"]):
+        assert set(layer) == {"dense"}
+        assert layer["dense"]["bias"].shape == (SIZES[i + 1],)
+    assert state == {"layers": [{}, {}, {}]}
+
+
+@pytest.mark.parametrize("activation", ["relu", "sigmoid", "tanh"])
+def test_forward_without_batch_norm_matches_numpy(activation):
+    model = MLP(SIZES, activation=activation, use_batch_norm=False)
+    params, state = model.init(jax.random.key(0))
+    # Non-zero biases, so that a forgotten bias would show.
+    params = jax.tree.map(lambda p: p + 0.1, params)
+    x = np.asarray(_x())
+    np_act = {
+        "relu": lambda v: np.maximum(v, 0),
+        "sigmoid": lambda v: 1 / (1 + np.exp(-v)),
+        "tanh": np.tanh,
+    }[activation]
+    h = x.astype(np.float64)
+    for i, layer in enumerate(params["layers"]):
+        h = h @ np.asarray(layer["dense"]["kernel"], np.float64) + np.asarray(
+            layer["dense"]["bias"], np.float64
+        )
+        if i < len(params["layers"]) - 1:
+            h = np_act(h)
+    logits, new_state = model.apply(params, state, x, training=True)
+    np.testing.assert_allclose(logits, h, rtol=1e-5, atol=1e-5)
+    assert new_state == state
+
+
+def test_pre_activations_are_normalized_in_training():
+    model = MLP(SIZES, activation="sigmoid")
+    params, state = model.init(jax.random.key(0))
+    pre = model.pre_activations(params, state, _x(64), training=True)
+    assert [p.shape for p in pre] == [(64, 7), (64, 6)]
+    for p in pre:  # scale 1 and bias 0 at init: zero mean, unit variance per unit
+        np.testing.assert_allclose(p.mean(axis=0), 0.0, atol=1e-5)
+        np.testing.assert_allclose(p.var(axis=0), 1.0, rtol=1e-3)
+
+
+def test_training_updates_state_evaluation_uses_it():
+    model = MLP(SIZES, momentum=0.5)
+    params, state = model.init(jax.random.key(0))
+    x = _x(16)
+    _, trained_state = model.apply(params, state, x, training=True)
+    bn0, bn0_new = state["layers"][0]["batch_norm"], trained_state["layers"][0]["batch_norm"]
+    batch_mean = np.asarray(x @ params["layers"][0]["dense"]["kernel"]).mean(axis=0)
+    np.testing.assert_allclose(bn0_new["mean"], 0.5 * bn0["mean"] + 0.5 * batch_mean, atol=1e-6)
+
+    logits, eval_state = model.apply(params, trained_state, x, training=False)
+    jax.tree.map(np.testing.assert_array_equal, eval_state, trained_state)
+    # Running statistics: an example's logits do not depend on the rest of the batch.
+    alone, _ = model.apply(params, trained_state, x[:1], training=False)
+    np.testing.assert_allclose(alone, logits[:1], rtol=1e-5, atol=1e-6)
+    with_batch, _ = model.apply(params, trained_state, x, training=True)
+    assert not np.allclose(with_batch, logits, atol=1e-3)
+
+
+def _reference_mlp_logits(model, params, x):
+    """The same network written independently, with reference.batch_norm."""
+    act = ACTIVATIONS[model.activation]
+    h = x
+    for i, layer in enumerate(params["layers"]):
+        h = h @ layer["dense"]["kernel"]
+        if "batch_norm" in layer:
+            bn = layer["batch_norm"]
+            h, _, _ = reference.batch_norm(h, bn["scale"], bn["bias"], eps=model.eps)
+        if "bias" in layer["dense"]:
+            h = h + layer["dense"]["bias"]
+        if i < len(params["layers"]) - 1:
+            h = act(h)
+    return h
+
+
+@pytest.mark.parametrize("activation", ["relu", "sigmoid"])
+def test_gradients_match_reference_batch_norm(activation):
+    model = MLP(SIZES, activation=activation)
+    params, state = model.init(jax.random.key(0))
+    # Move scale and bias away from 1 and 0 so that their gradients are generic.
+    params = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(jax.random.key(2), p.shape), params)
+    x = _x(12)
+    labels = jax.random.randint(jax.random.key(3), (12,), 0, SIZES[-1])
+
+    def loss_custom(params, x):
+        logits, _ = model.apply(params, state, x, training=True)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    def loss_ref(params, x):
+        logits = _reference_mlp_logits(model, params, x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    (l1, (g1, gx1)) = jax.jit(jax.value_and_grad(loss_custom, argnums=(0, 1)))(params, x)
+    (l2, (g2, gx2)) = jax.jit(jax.value_and_grad(loss_ref, argnums=(0, 1)))(params, x)
+    np.testing.assert_allclose(l1, l2, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6), g1, g2)
+    np.testing.assert_allclose(gx1, gx2, rtol=2e-4, atol=2e-6)
+    assert float(jnp.abs(gx1).max()) > 1e-4  # a real, non-vanishing gradient was compared
+
+
+def test_model_is_hashable_and_jittable():
+    model = MLP(SIZES)
+    params, state = model.init(jax.random.key(0))
+    apply = jax.jit(MLP.apply, static_argnums=0, static_argnames="training")
+    logits, _ = apply(model, params, state, _x(), training=True)
+    direct, _ = model.apply(params, state, _x(), training=True)
+    np.testing.assert_allclose(logits, direct, rtol=1e-5, atol=1e-6)
+    assert hash(model) == hash(MLP(SIZES))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"layer_sizes": [5, 3]}, TypeError, "layer_sizes must be a tuple"),
+        ({"layer_sizes": (5,)}, ValueError, "layer_sizes must hold at least two"),
+        ({"layer_sizes": (5, 0, 3)}, ValueError, r"got \(5, 0, 3\)"),
+        ({"layer_sizes": (5, 3), "activation": "swish2"}, ValueError, "'swish2'"),
+        ({"layer_sizes": (5, 4, 3), "momentum": 1.5}, ValueError, "momentum"),
+        ({"layer_sizes": (5, 4, 3), "init_stddev": 0.0}, ValueError, "init_stddev"),
+    ],
+    ids=["list", "too-short", "zero-width", "activation", "momentum", "init-stddev"],
+)
+def test_bad_config(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        MLP(**kwargs)
+
+
+def test_bad_input_shape():
+    model = MLP(SIZES)
+    params, state = model.init(jax.random.key(0))
+    with pytest.raises(ValueError, match=r"x must have shape \[batch, 5\].*got \(4, 6\)"):
+        model.apply(params, state, jnp.ones((4, 6)), training=True)
+    with pytest.raises(TypeError, match="training must be a Python bool"):
+        model.apply(params, state, jnp.ones((4, 5)), training=1)
