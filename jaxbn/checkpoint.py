@@ -38,7 +38,13 @@ from typing import Any
 import jax
 import numpy as np
 
-__all__ = ["FORMAT_VERSION", "CheckpointError", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "FORMAT_VERSION",
+    "CheckpointError",
+    "load_checkpoint",
+    "read_metadata",
+    "save_checkpoint",
+]
 
 #: Version of the on-disk format written by :func:`save_checkpoint`.
 FORMAT_VERSION = 1
@@ -184,6 +190,50 @@ def _describe_structure_difference(saved: dict, expected: dict) -> str:
     return f"tree structure differs: checkpoint {saved['treedef']}, expected {expected['treedef']}"
 
 
+def _read(path: str) -> tuple[dict[str, np.ndarray], dict]:
+    """Every array of the archive and its parsed metadata, checked for integrity."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path!r}")
+    try:
+        with open(path, "rb") as f:
+            npz = np.load(f, allow_pickle=False)
+            if not isinstance(npz, np.lib.npyio.NpzFile):
+                raise ValueError("not an .npz archive")
+            with npz:
+                stored = {name: npz[name] for name in npz.files}
+        meta = json.loads(str(stored.pop(_META)))
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as err:
+        raise CheckpointError(
+            f"checkpoint {path!r} is corrupt or truncated and cannot be read "
+            f"({type(err).__name__}: {err})"
+        ) from err
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        got = meta.get("format_version") if isinstance(meta, dict) else meta
+        raise CheckpointError(
+            f"checkpoint {path!r} has format_version {got!r}, expected {FORMAT_VERSION}"
+        )
+    return stored, meta
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The metadata of a checkpoint (``step``, ``config``, ``metadata``, ...).
+
+    The whole archive is read and checked, as by :func:`load_checkpoint`, but not
+    compared with any template.
+
+    Args:
+        path: the ``.npz`` file.
+
+    Returns:
+        The metadata dict written by :func:`save_checkpoint`.
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+        CheckpointError: if the file is corrupt, truncated or of another version.
+    """
+    return _read(os.fspath(path))[1]
+
+
 def load_checkpoint(
     path: str | os.PathLike, like: Any, *, config: dict | None = None
 ) -> tuple[Any, dict]:
@@ -206,26 +256,7 @@ def load_checkpoint(
     """
     path = os.fspath(path)
     config = _canonical(config)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {path!r}")
-    try:
-        with open(path, "rb") as f:
-            npz = np.load(f, allow_pickle=False)
-            if not isinstance(npz, np.lib.npyio.NpzFile):
-                raise ValueError("not an .npz archive")
-            with npz:
-                stored = {name: npz[name] for name in npz.files}
-        meta = json.loads(str(stored.pop(_META)))
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as err:
-        raise CheckpointError(
-            f"checkpoint {path!r} is corrupt or truncated and cannot be read "
-            f"({type(err).__name__}: {err})"
-        ) from err
-    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
-        got = meta.get("format_version") if isinstance(meta, dict) else meta
-        raise CheckpointError(
-            f"checkpoint {path!r} has format_version {got!r}, expected {FORMAT_VERSION}"
-        )
+    stored, meta = _read(path)
     if meta["config"] != config:
         raise CheckpointError(
             f"checkpoint {path!r} was made with another configuration: "
