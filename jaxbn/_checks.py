@@ -76,21 +76,33 @@ def check_feature_vector(name: str, v: ArrayLike | None, shape: tuple[int, ...])
         raise TypeError(f"{name} must have a floating-point dtype, got {jnp.result_type(v)}")
 
 
-def check_mask(mask: ArrayLike | None, reduce_shape: tuple[int, ...]) -> None:
-    """Checks that ``mask`` is boolean and broadcasts to x without its feature axes."""
+def check_mask(mask: ArrayLike | None, x_shape: tuple[int, ...], feat: tuple[int, ...]):
+    """Checks ``mask`` and returns it over the reduction axes of ``x`` (or ``None``).
+
+    A mask is boolean and broadcasts to ``x`` without its feature axes (``[N]``
+    for ``[N, C]``; ``[N, H, W]`` or ``[N, 1, 1]`` for NHWC), or has ``x``'s rank
+    with size 1 on the feature axes (``[N, 1]`` for ``[N, C]``).
+    """
     if mask is None:
-        return
+        return None
     if jnp.result_type(mask) != jnp.bool_:
         raise TypeError(f"mask must be a boolean array, got {jnp.result_type(mask)}")
+    mshape = jnp.shape(mask)
+    red_shape = reduce_shape(x_shape, feat)
+    if len(mshape) == len(x_shape) and all(mshape[a] == 1 for a in feat):
+        mask = jnp.squeeze(jnp.asarray(mask), feat)
+        mshape = mask.shape
     try:
-        ok = np.broadcast_shapes(jnp.shape(mask), reduce_shape) == reduce_shape
+        ok = np.broadcast_shapes(mshape, red_shape) == red_shape
     except ValueError:
         ok = False
-    if not ok or jnp.ndim(mask) > len(reduce_shape):
+    if not ok or len(mshape) > len(red_shape):
         raise ValueError(
             f"mask must broadcast to the shape of x without its feature axes, "
-            f"{reduce_shape}; got {jnp.shape(mask)}"
+            f"{red_shape} (or have x's rank with size 1 on the feature axes); got "
+            f"{jnp.shape(mask)} for x of shape {x_shape}"
         )
+    return jnp.asarray(mask)
 
 
 def check_batch(
@@ -119,7 +131,12 @@ def reduce_shape(x_shape: tuple[int, ...], feat: tuple[int, ...]) -> tuple[int, 
 
 
 def check_op_args(x, scale, bias, axis, eps, mask, training=True, axis_name=None):
-    """Runs every check of the op's arguments; returns the sorted feature axes."""
+    """Runs every check of the op's arguments.
+
+    Returns:
+        ``(feature_axes, mask)``: the sorted feature axes, and the mask as an
+        array over the reduction axes (or ``None``).
+    """
     check_x(x)
     check_eps(eps)
     shape = jnp.shape(x)
@@ -128,7 +145,7 @@ def check_op_args(x, scale, bias, axis, eps, mask, training=True, axis_name=None
     check_feature_vector("scale", scale, fshape)
     check_feature_vector("bias", bias, fshape)
     red = tuple(a for a in range(len(shape)) if a not in feat)
-    check_mask(mask, reduce_shape(shape, feat))
+    mask = check_mask(mask, shape, feat)
     if training:
         check_batch(shape, red, axis_name, mask)
-    return feat
+    return feat, mask

@@ -95,6 +95,37 @@ def _psum(v, axis_name: AxisName):
     return v if axis_name is None else lax.psum(v, axis_name)
 
 
+def _axis_tuple(axis_name: AxisName) -> tuple[str, ...]:
+    if axis_name is None:
+        return ()
+    return tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
+
+
+def _psum_over(v, axes: tuple[str, ...]):
+    return lax.psum(v, axes) if axes else v
+
+
+def _replicated_axes(p, axes: tuple[str, ...]) -> tuple[str, ...]:
+    """The named axes over which ``p`` is replicated (the same on every device).
+
+    Inside ``shard_map`` JAX types each value as varying or replicated over each
+    mesh axis; a replicated parameter needs a replicated (all-reduced) cotangent.
+    ``None`` (no parameter) counts as replicated.
+    """
+    if p is None or not axes:
+        return axes
+    aval = jax.typeof(p)
+    manual = getattr(aval, "manual_axis_type", None)
+    varying = manual.varying if manual is not None else getattr(aval, "vma", frozenset())
+    return tuple(n for n in axes if n not in varying)
+
+
+def _sharded_along(x: jax.Array, axes: tuple[int, ...]) -> bool:
+    """Whether ``x``'s type says it is sharded along any of ``axes`` (explicit mesh)."""
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+    return spec is not None and any(a < len(spec) and spec[a] is not None for a in axes)
+
+
 def _moments(x, red, mask, axis_name):
     """Returns ``(count, mean, var)`` over the axes ``red``; ``x`` in compute dtype.
 
@@ -105,11 +136,13 @@ def _moments(x, red, mask, axis_name):
     float32 loses every digit at mean 1e4). Its error grows with
     ``(mean - s)^2 / var``, which is of order 1 for any ordinary sample.
 
-    With a mask (padding may hold anything, so no sample is a safe shift) or a
-    named axis (each device would have its own shift), it makes two passes: the
-    mean first, then the centred squares; each sum is all-reduced once.
+    With a mask (padding may hold anything, so no sample is a safe shift), a
+    named axis (each device would have its own shift) or a batch sharded over an
+    explicit mesh (a one-element slice of a sharded axis has no sharding), it
+    makes two passes: the mean first, then the centred squares; each sum is
+    all-reduced once.
     """
-    if mask is None and axis_name is None:
+    if mask is None and axis_name is None and not _sharded_along(x, red):
         count = math.prod(x.shape[a] for a in red)
         shift = lax.stop_gradient(lax.slice_in_dim(x, 0, 1, axis=red[0]))
         for a in red[1:]:
@@ -166,8 +199,8 @@ def batch_norm_fwd(
         ``((y, mean, var), residuals)`` where ``residuals`` is a
         :class:`BatchNormResiduals` to pass to :func:`batch_norm_bwd`.
     """
-    feat = _checks.check_op_args(x, scale, bias, axis, eps, mask, axis_name=axis_name)
-    scale, bias, mask = (None if v is None else jnp.asarray(v) for v in (scale, bias, mask))
+    feat, mask = _checks.check_op_args(x, scale, bias, axis, eps, mask, axis_name=axis_name)
+    scale, bias = (None if v is None else jnp.asarray(v) for v in (scale, bias))
     return _fwd(jnp.asarray(x), scale, bias, mask, feat, float(eps), axis_name)
 
 
@@ -186,7 +219,8 @@ def _fwd(x, scale, bias, mask, feat, eps, axis_name):
     y = (xc - mean_k) * _expand(a, ndim, feat)
     if bias is not None:
         y = y + _expand(bias.astype(cdt), ndim, feat)
-    bias_tag = None if bias is None else jnp.zeros((0,), jnp.result_type(bias))
+    # A zero-size slice of bias: its dtype and (under shard_map) its type.
+    bias_tag = None if bias is None else jnp.ravel(bias)[:0]
     res = BatchNormResiduals(x, mean, inv_std, scale, bias_tag, emask, count)
     return (y.astype(x.dtype), mean, var), res
 
@@ -231,7 +265,8 @@ def _bwd(feat, axis_name, res, cotangents):
     #   dx = A * dy + m * (B * (x - mean) + C)
     #   A  = scale * inv_std
     #   B  = (2 g_var - A * inv_std * dscale) / n
-    #   C  = (g_mean - A * dbias) / n
+    #      = (2 g_var - inv_std^3 * sum_i scale * dy_i (x_i - mean)) / n
+    #   C  = (g_mean - A * dbias) / n = (g_mean - inv_std * sum_i scale * dy_i) / n
     #
     # so the backward is one fused pass for the sums of dy and dy * (x - mean)
     # and one pass for dx. Keeping (x - mean) instead of expanding B * x - B * mean
@@ -245,18 +280,32 @@ def _bwd(feat, axis_name, res, cotangents):
     centred = x.astype(cdt) - _expand(mean, ndim, feat)
     sum_dy = jnp.sum(dyc, axis=red)
     sum_dy_xc = jnp.sum(dyc * centred, axis=red)
-    # Global sums for dx; each is all-reduced exactly once.
-    g_sum_dy, g_sum_dy_xc = _psum((sum_dy, sum_dy_xc), axis_name)
+    # The sums run over the global batch. With a named axis, the sums for dx are
+    # sum_devices scale_d * (sum_dy_d, sum_dy_xc_d): reduce over the axes where
+    # scale is replicated first, scale, then reduce over the axes where it varies
+    # per device (none, usually). dscale and dbias are the sums reduced over the
+    # axes where scale and bias are replicated (a replicated parameter gets the
+    # all-reduced gradient; a per-device one its own contribution). Each sum is
+    # all-reduced exactly once.
+    axes = _axis_tuple(axis_name)
+    s_rep = _replicated_axes(scale, axes)
+    b_rep = _replicated_axes(bias_tag, axes)
+    r_sum_dy, r_sum_dy_xc = _psum_over((sum_dy, sum_dy_xc), s_rep)
     s = 1.0 if scale is None else scale.astype(cdt)
-    a = s * inv_std
-    b = (2.0 * g_var - a * inv_std * inv_std * g_sum_dy_xc) / count
-    c = (g_mean - a * g_sum_dy) / count
+    t_sum_dy, t_sum_dy_xc = _psum_over(
+        (s * r_sum_dy, s * r_sum_dy_xc), tuple(n for n in axes if n not in s_rep)
+    )
+    b = (2.0 * g_var - inv_std**3 * t_sum_dy_xc) / count
+    c = (g_mean - inv_std * t_sum_dy) / count
     corr = _expand(b, ndim, feat) * centred + _expand(c, ndim, feat)
     if mask is not None:
         corr = jnp.where(mask, corr, 0)
-    dx = _expand(a, ndim, feat) * dyc + corr
-    dscale = None if scale is None else (inv_std * g_sum_dy_xc).astype(scale.dtype)
-    dbias = None if bias_tag is None else g_sum_dy.astype(bias_tag.dtype)
+    dx = _expand(s * inv_std, ndim, feat) * dyc + corr
+    dscale = None if scale is None else (inv_std * r_sum_dy_xc).astype(scale.dtype)
+    dbias = None
+    if bias_tag is not None:
+        dbias = r_sum_dy if b_rep == s_rep else _psum_over(sum_dy, b_rep)
+        dbias = dbias.astype(bias_tag.dtype)
     return dx.astype(x.dtype), dscale, dbias
 
 
@@ -332,8 +381,8 @@ def batch_norm(
         >>> mean, var
         (Array([ 2., 20.], dtype=float32), Array([  1., 100.], dtype=float32))
     """
-    feat = _checks.check_op_args(x, scale, bias, axis, eps, mask, axis_name=axis_name)
-    scale, bias, mask = (None if v is None else jnp.asarray(v) for v in (scale, bias, mask))
+    feat, mask = _checks.check_op_args(x, scale, bias, axis, eps, mask, axis_name=axis_name)
+    scale, bias = (None if v is None else jnp.asarray(v) for v in (scale, bias))
     return _batch_norm(jnp.asarray(x), scale, bias, mask, feat, float(eps), axis_name)
 
 
@@ -368,7 +417,7 @@ def batch_norm_inference(
     Returns:
         ``y`` with the shape and dtype of ``x``.
     """
-    feat = _checks.check_op_args(x, scale, bias, axis, eps, None, training=False)
+    feat, _ = _checks.check_op_args(x, scale, bias, axis, eps, None, training=False)
     x = jnp.asarray(x)
     fshape = tuple(x.shape[a] for a in feat)
     _checks.check_feature_vector("mean", mean, fshape)

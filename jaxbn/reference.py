@@ -51,7 +51,7 @@ def batch_norm(
         >>> reference.batch_norm(x, None, None)[0].ravel()
         Array([-0.999995,  0.999995], dtype=float32)
     """
-    feat = _checks.check_op_args(x, scale, bias, axis, eps, mask, axis_name=axis_name)
+    feat, mask = _checks.check_op_args(x, scale, bias, axis, eps, mask, axis_name=axis_name)
     x = jnp.asarray(x)
     red = tuple(a for a in range(x.ndim) if a not in feat)
     keep = [1 if a in red else x.shape[a] for a in range(x.ndim)]
@@ -65,8 +65,7 @@ def batch_norm(
         w = jnp.ones_like(xf)
     else:
         # Mask over the reduction axes; put the feature axes back as size 1.
-        m = jnp.asarray(mask)
-        m = m.reshape((1,) * (len(red) - m.ndim) + m.shape)
+        m = mask.reshape((1,) * (len(red) - mask.ndim) + mask.shape)
         w = jnp.broadcast_to(jnp.expand_dims(m, feat), x.shape).astype(xf.dtype)
     n = jnp.maximum(total(w), 1.0)  # an all-masked batch: 0 / 1, not 0 / 0
     mean = total(w * xf) / n

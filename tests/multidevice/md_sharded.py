@@ -1,0 +1,206 @@
+"""Synchronized batch norm on 8 forced CPU devices (run by tests/test_multidevice.py).
+
+These tests need ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` set before
+JAX is imported, so they live in a file the main test run does not collect
+(``md_*.py``) and run in a subprocess of their own.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jaxbn
+from jaxbn import reference
+
+if jax.device_count() < 8:  # pragma: no cover - guarded by the runner
+    pytest.skip("needs 8 devices (XLA_FLAGS)", allow_module_level=True)
+
+RTOL, ATOL = 2e-5, 2e-5
+OPS = {"op": jaxbn.batch_norm, "reference": reference.batch_norm}
+
+
+def mesh_of(n, names=("data",), shape=None):
+    return jax.make_mesh(shape or (n,), names, devices=jax.devices()[:n])
+
+
+def inputs(shape, seed=0):
+    ks = jax.random.split(jax.random.key(seed), 6)
+    c = shape[-1]
+    x = 2.0 * jax.random.normal(ks[0], shape) + 1.5
+    scale = 1.0 + 0.5 * jax.random.normal(ks[1], (c,))
+    bias = jax.random.normal(ks[2], (c,))
+    dy = jax.random.normal(ks[3], shape)
+    g_mean = jax.random.normal(ks[4], (c,))
+    g_var = jax.random.normal(ks[5], (c,))
+    return x, scale, bias, dy, g_mean, g_var
+
+
+def put(mesh, spec, *arrays):
+    return [jax.device_put(a, NamedSharding(mesh, spec)) for a in arrays]
+
+
+def close(a, b):
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=RTOL, atol=ATOL), a, b)
+
+
+def single_device(x, scale, bias, dy, g_mean, g_var, mask=None):
+    """Values and the VJP of the whole batch on one device (the reference)."""
+    f = functools.partial(reference.batch_norm, mask=mask)
+    out, pull = jax.vjp(f, x, scale, bias)
+    return out, pull((dy, g_mean, g_var))
+
+
+def sharded(fn, mesh, x, scale, bias, dy, g_mean, g_var, mask=None):
+    """Values and VJP under shard_map with axis_name: batch sharded, params replicated."""
+    names = mesh.axis_names
+    axis_name = names if len(names) > 1 else names[0]
+    batch = P(names)
+
+    def local(x, scale, bias, dy, g_mean, g_var, mask):
+        f = functools.partial(fn, axis_name=axis_name, mask=mask)
+        out, pull = jax.vjp(f, x, scale, bias)
+        return out, pull((dy, g_mean, g_var))
+
+    specs = (batch, P(), P(), batch, P(), P(), None if mask is None else batch)
+    out_specs = ((batch, P(), P()), (batch, P(), P()))
+    mapped = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=out_specs)
+    args = [*put(mesh, batch, x), *put(mesh, P(), scale, bias), *put(mesh, batch, dy)]
+    args += put(mesh, P(), g_mean, g_var)
+    args.append(None if mask is None else put(mesh, batch, mask)[0])
+    return jax.jit(mapped)(*args)
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+@pytest.mark.parametrize("name", list(OPS))
+def test_shard_map_equals_single_device(n, name):
+    args = inputs((32, 5), seed=n)
+    got = sharded(OPS[name], mesh_of(n), *args)
+    want = single_device(*args)
+    close(got, want)
+    assert got[0][1].shape == (5,)
+
+
+@pytest.mark.parametrize("n", [2, 8])
+def test_nhwc_shard_map(n):
+    x, scale, bias, dy, g_mean, g_var = inputs((16, 3, 3, 4), seed=1)
+    close(
+        sharded(jaxbn.batch_norm, mesh_of(n), x, scale, bias, dy, g_mean, g_var),
+        single_device(x, scale, bias, dy, g_mean, g_var),
+    )
+
+
+def test_two_named_axes():
+    mesh = mesh_of(8, ("a", "b"), (2, 4))
+    args = inputs((16, 3), seed=2)
+    close(sharded(jaxbn.batch_norm, mesh, *args), single_device(*args))
+
+
+def test_unequal_per_device_counts_weigh_each_example_equally():
+    """Masks keep 8, 1, 5 and 0 rows of the four shards: counts are reduced, not means."""
+    x, scale, bias, dy, g_mean, g_var = inputs((32, 3), seed=3)
+    keep = np.zeros(32, bool)
+    keep[0:8] = True
+    keep[8:9] = True
+    keep[16:21] = True
+    mask = jnp.asarray(keep)[:, None]
+    dy = jnp.where(mask, dy, 0.0)  # padding contributes no loss
+    got = sharded(jaxbn.batch_norm, mesh_of(4), x, scale, bias, dy, g_mean, g_var, mask)
+    got = jax.device_get(got)
+    # The truth: the kept rows alone, as one batch, with no mask at all.
+    (y, m, v), (dx, ds, db) = single_device(x[keep], scale, bias, dy[keep], g_mean, g_var)
+    (gy, gm, gv), (gdx, gds, gdb) = got
+    close((gy[keep], gm, gv, gdx[keep], gds, gdb), (y, m, v, dx, ds, db))
+    # A mean of per-device means would weigh the single row of shard 2 as 8 rows.
+    per_device_means = np.mean([x[0:8].mean(0), x[8:9].mean(0), x[16:21].mean(0)], axis=0)
+    assert not np.allclose(per_device_means, m, rtol=1e-3)
+
+
+def test_per_device_parameters_get_their_own_gradient():
+    """Parameters that vary per device: the op's VJP equals autodiff of the reference."""
+    n, c = 4, 3
+    x, _, _, dy, g_mean, g_var = inputs((16, c), seed=4)
+    scales = 1.0 + 0.3 * jax.random.normal(jax.random.key(7), (n * c,))
+    biases = jax.random.normal(jax.random.key(8), (n * c,))
+    mesh = mesh_of(n)
+
+    def run(fn):
+        def local(x, scale, bias, dy, g_mean, g_var):
+            f = functools.partial(fn, axis_name="data")
+            out, pull = jax.vjp(f, x, scale, bias)
+            return out, pull((dy, g_mean, g_var))
+
+        d = P("data")
+        mapped = jax.shard_map(
+            local,
+            mesh=mesh,
+            in_specs=(d, d, d, d, P(), P()),
+            out_specs=((d, P(), P()), (d, d, d)),
+        )
+        args = put(mesh, d, x, scales, biases, dy) + put(mesh, P(), g_mean, g_var)
+        return jax.jit(mapped)(*args)
+
+    got, want = run(jaxbn.batch_norm), run(reference.batch_norm)
+    close(got, want)
+    # Each device's dscale is its own contribution: they differ between devices.
+    dscale = np.asarray(got[1][1])
+    assert not np.allclose(dscale[:c], dscale[c : 2 * c])
+
+
+def test_mixed_replicated_scale_and_per_device_bias():
+    n, c = 4, 3
+    x, scale, _, dy, g_mean, g_var = inputs((16, c), seed=5)
+    biases = jax.random.normal(jax.random.key(9), (n * c,))
+    mesh = mesh_of(n)
+
+    def run(fn):
+        def local(x, scale, bias, dy):
+            out, pull = jax.vjp(functools.partial(fn, axis_name="data"), x, scale, bias)
+            return out, pull((dy, g_mean, g_var))
+
+        d = P("data")
+        mapped = jax.shard_map(
+            local, mesh=mesh, in_specs=(d, P(), d, d), out_specs=((d, P(), P()), (d, P(), d))
+        )
+        return jax.jit(mapped)(*put(mesh, d, x), *put(mesh, P(), scale), *put(mesh, d, biases, dy))
+
+    close(run(jaxbn.batch_norm), run(reference.batch_norm))
+
+
+@pytest.mark.parametrize("n", [2, 8])
+def test_sharded_jit_without_axis_name_gives_global_statistics(n):
+    """Plain jit over a batch sharded by NamedSharding: XLA inserts the reductions."""
+    args = inputs((32, 4), seed=6)
+    mesh = mesh_of(n)
+    x, dy = put(mesh, P("data"), args[0], args[3])
+
+    @jax.jit
+    def step(x, scale, bias, dy, g_mean, g_var):
+        out, pull = jax.vjp(jaxbn.batch_norm, x, scale, bias)
+        return out, pull((dy, g_mean, g_var))
+
+    got = step(x, args[1], args[2], dy, args[4], args[5])
+    close(got, single_device(*args))
+    assert len(got[0][0].sharding.device_set) == n
+    assert got[0][0].sharding.spec[0] == "data"
+
+
+def test_layer_synchronized_running_statistics():
+    bn = jaxbn.BatchNorm(4, axis_name="data", momentum=0.5)
+    params, state = bn.init()
+    x = inputs((32, 4), seed=7)[0]
+    mesh = mesh_of(8)
+
+    def local(params, state, x):
+        return bn.apply(params, state, x, training=True)
+
+    mapped = jax.shard_map(
+        local, mesh=mesh, in_specs=(P(), P(), P("data")), out_specs=(P("data"), P())
+    )
+    y, new_state = jax.jit(mapped)(params, state, put(mesh, P("data"), x)[0])
+    y1, state1 = jaxbn.BatchNorm(4, momentum=0.5).apply(params, state, x, training=True)
+    close((y, new_state), (y1, state1))
