@@ -106,3 +106,43 @@ def test_train_mlp_rejects_bad_hidden(train_mlp, capsys):
     with pytest.raises(SystemExit):
         train_mlp.main(["--hidden", "100,abc"])
     assert "expected comma-separated positive ints" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def paper_figure1():
+    return _load("paper_figure1")
+
+
+def test_paper_figure1_runs_end_to_end(paper_figure1, tmp_path, capsys):
+    argv = ["--steps", "40", "--eval-every", "20", "--hidden", "2", "16", "--unit", "3"]
+    results = paper_figure1.main([*argv, "--out", str(tmp_path), "--no-progress"])
+    for name in ("with_batch_norm", "without_batch_norm"):
+        r = results[name]
+        assert r["step"] == [0, 20, 40]
+        assert len(r["test_accuracy"]) == 3 and all(0 <= a <= 1 for a in r["test_accuracy"])
+        pct = np.asarray(r["percentiles"])
+        assert pct.shape == (3, 3) and np.all(np.diff(pct, axis=1) >= 0)
+    assert [row["step"] for row in results["table"]] == [20, 40]
+    md = (tmp_path / "figure1.md").read_text()
+    assert md.count("\n") == 4 and "| 40 |" in md
+    assert (tmp_path / "figure1.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "results.json").read_text())["table"] == results["table"]
+    assert "figure:" in capsys.readouterr().out
+
+
+def test_paper_figure1_percentiles_match_numpy(paper_figure1):
+    import jax
+
+    from jaxbn.mlp import MLP
+
+    model = MLP((5, 8, 6, 3), activation="sigmoid")
+    params, state = model.init(jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (50, 5))
+    got = paper_figure1.unit_percentiles(model, params, state, x, 2)
+    pre = np.asarray(model.pre_activations(params, state, x, training=True)[-1])[:, 2]
+    np.testing.assert_allclose(got, np.percentile(pre, [15, 50, 85]), rtol=1e-5, atol=1e-6)
+
+
+def test_paper_figure1_rejects_bad_unit(paper_figure1, tmp_path):
+    with pytest.raises(ValueError, match=r"--unit must be in \[0, 100\), got 100"):
+        paper_figure1.main(["--unit", "100", "--out", str(tmp_path)])
