@@ -77,19 +77,23 @@ class TrainState(NamedTuple):
 
 
 class TrainingDiverged(ValueError):
-    """Training produced a non-finite loss; ``step`` is the first bad step (0-based).
+    """Training produced a non-finite loss or state; ``step`` is the first bad step.
 
     Args:
-        step: the 0-based number of the step whose loss was not finite.
-        loss: that loss.
+        step: the 0-based number of the first step whose loss was not finite (or
+            at whose start the params/state were not finite).
+        loss: that loss (NaN when the state was found non-finite instead).
+        detail: what was found, for the message; by default the loss.
     """
 
-    def __init__(self, step: int, loss: float):
+    def __init__(self, step: int, loss: float, detail: str | None = None):
         self.step = int(step)
         self.loss = float(loss)
+        if detail is None:
+            detail = f"the loss of step {self.step} (0-based) is {self.loss}"
         super().__init__(
-            f"training diverged: the loss of step {self.step} (0-based) is {self.loss}; "
-            f"lower the learning rate. The last checkpoint, if any, is left intact."
+            f"training diverged: {detail}; lower the learning rate. "
+            f"The last checkpoint, if any, is left intact."
         )
 
 
@@ -349,7 +353,13 @@ def fit(
 
     def save(ts):
         if not _all_finite(ts):
-            raise TrainingDiverged(int(ts.step), math.nan)
+            step = int(ts.step)
+            raise TrainingDiverged(
+                step,
+                math.nan,
+                f"the params or state at the start of step {step} (0-based) are not finite "
+                f"and were not checkpointed",
+            )
         save_checkpoint(
             checkpoint_path,
             ts,

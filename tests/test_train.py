@@ -249,3 +249,32 @@ def test_bad_fit_arguments(kwargs, match):
     args = {"batch_size": BATCH, **kwargs}
     with pytest.raises(ValueError, match=match):
         fit(MODEL, SGD, BLOBS.x_train, BLOBS.y_train, key=jax.random.key(0), **args)
+
+
+def test_failed_save_leaves_the_old_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.npz"
+    ts = _fit(10)
+    save_checkpoint(path, ts, step=10)
+    before = path.read_bytes()
+
+    def broken_savez(file, **arrays):
+        file.write(b"PK\x03\x04 partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "savez", broken_savez)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, ts, step=20)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.npz"]  # no temporary file left
+
+
+def test_non_finite_state_is_never_checkpointed(tmp_path):
+    # The update of step 19 is NaN: every loss of the chunk 10..19 is finite, but
+    # the state reached at the checkpoint step 20 is not, and must not be saved.
+    path = tmp_path / "ckpt.npz"
+    optimizer = optax.chain(optax.sgd(0.1), _nan_at(19))
+    with pytest.raises(TrainingDiverged, match="step 20"):
+        _fit(40, optimizer, checkpoint_path=path, checkpoint_every=10)
+    template = init_train_state(MODEL, optimizer, jax.random.key(0))
+    _, meta = load_checkpoint(path, template)
+    assert meta["step"] == 10
