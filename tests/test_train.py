@@ -278,3 +278,14 @@ def test_non_finite_state_is_never_checkpointed(tmp_path):
     template = init_train_state(MODEL, optimizer, jax.random.key(0))
     _, meta = load_checkpoint(path, template)
     assert meta["step"] == 10
+
+
+def test_runs_are_deterministic_for_a_seed():
+    a, b = _fit(20), _fit(20)
+    _assert_trees_equal(a, b)
+    other = fit(
+        MODEL, SGD, BLOBS.x_train, BLOBS.y_train, steps=20, batch_size=BATCH,
+        key=jax.random.key(1), chunk_size=10,
+    )  # fmt: skip
+    first_kernel = lambda ts: ts.params["layers"][0]["dense"]["kernel"]  # noqa: E731
+    assert not np.allclose(first_kernel(a), first_kernel(other))
