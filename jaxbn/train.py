@@ -171,6 +171,7 @@ def make_train_step(
         return cross_entropy(logits, labels), (new_state, logits)
 
     def train_step(params, state, opt_state, batch):
+        """One optimizer step on ``batch = (x, labels)``; returns the new values and metrics."""
         x, labels = batch
         (loss, (new_state, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             params, state, x, labels
@@ -254,6 +255,7 @@ def make_train_loop(
     """
 
     def run(ts: TrainState, x: ArrayLike, labels: ArrayLike, num_steps: int):
+        """Takes ``num_steps`` steps from ``ts`` on ``(x, labels)`` in one dispatch."""
         return _train_loop(
             ts,
             jnp.asarray(x),
