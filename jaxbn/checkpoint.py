@@ -146,6 +146,8 @@ def save_checkpoint(
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", suffix=".ckpt.tmp", dir=directory)
     try:
+        # mkstemp makes the file private (0600); give it the usual mode instead.
+        os.chmod(tmp, 0o644)
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
             f.flush()
