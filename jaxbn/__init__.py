@@ -6,10 +6,18 @@ Public names:
   :func:`batch_norm_fwd` and :func:`batch_norm_bwd`;
 - :func:`batch_norm_inference` (evaluation mode, given statistics);
 - :mod:`jaxbn.reference`: the same op in plain ``jnp``, the autodiff oracle;
-- :class:`BatchNorm`: the layer, a frozen config with explicit params and state.
+- :func:`batch_stats`: the batch statistics the op normalizes with;
+- :class:`BatchNorm`: the layer, a frozen config with explicit params and state
+  (masks, precision policy, ghost batch norm, batch renormalization, PyTorch's
+  running-statistics conventions);
+- :func:`fold_into_dense`: fold an evaluation-mode batch norm into the preceding
+  dense layer;
+- :mod:`jaxbn.interop` (needs flax, not imported here): converters to and from
+  ``flax.linen.BatchNorm`` and a drop-in flax module.
 """
 
 from jaxbn import reference
+from jaxbn.fold import fold_into_dense
 from jaxbn.layer import BatchNorm
 from jaxbn.ops import (
     BatchNormResiduals,
@@ -17,6 +25,7 @@ from jaxbn.ops import (
     batch_norm_bwd,
     batch_norm_fwd,
     batch_norm_inference,
+    batch_stats,
 )
 
 __version__ = "0.1.0"
@@ -28,5 +37,7 @@ __all__ = [
     "batch_norm_bwd",
     "batch_norm_fwd",
     "batch_norm_inference",
+    "batch_stats",
+    "fold_into_dense",
     "reference",
 ]

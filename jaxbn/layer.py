@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -24,7 +25,7 @@ from jax.typing import ArrayLike
 
 from jaxbn import _checks
 from jaxbn._checks import AxisName
-from jaxbn.ops import batch_norm, batch_norm_inference
+from jaxbn.ops import batch_norm, batch_norm_inference, batch_stats
 
 __all__ = ["BatchNorm"]
 
@@ -45,20 +46,40 @@ class BatchNorm:
 
     (Flax's convention, with ``m = momentum``). PyTorch's ``momentum`` weighs the
     new value instead: PyTorch's ``momentum=0.1`` is ``momentum=0.9`` here
-    (``m = 1 - m_torch``). Evaluation normalizes with the running statistics.
+    (``m = 1 - m_torch``; :meth:`like_torch` does the translation). Evaluation
+    normalizes with the running statistics.
 
     Attributes:
         num_features: size of the feature axis (an int), or the sizes of the
             feature axes (a tuple) when ``axis`` is a tuple.
         axis: feature axis or axes of the input (``-1`` for ``[N, C]`` and NHWC,
             ``1`` for NCHW).
-        momentum: weight of the old running statistics, in ``[0, 1]``.
+        momentum: weight of the old running statistics, in ``[0, 1]``; ``None``
+            for a cumulative moving average (PyTorch's ``momentum=None``): the
+            state then counts the batches seen in ``state["count"]``.
         eps: positive constant added to the variance.
         use_scale: learn a per-feature ``scale`` (``gamma``).
         use_bias: learn a per-feature ``bias`` (``beta``).
         axis_name: named mapped axis (or tuple) to synchronize statistics over
             inside ``shard_map``/``pmap``.
+        dtype: dtype of ``y``; ``None`` keeps the input's. Computation is in
+            float32 (or wider) whatever the input and output dtypes.
         param_dtype: dtype of ``params`` and ``state``.
+        unbiased_running_var: update the running variance with the unbiased
+            batch variance ``var * n / (n - 1)`` (PyTorch's behaviour); the
+            batch is still normalized with the biased one.
+        virtual_batch_size: ghost batch norm (Hoffer et al., 2017): split the
+            batch (axis 0) into groups of this many examples, each normalized
+            with its own statistics; the running statistics average the groups'.
+        renorm: batch renormalization (Ioffe, 2017): in training,
+            ``y = ((x - mean_B) / std_B * r + d) * scale + bias`` with ``r`` and
+            ``d`` from the renorm running statistics, clipped, and held constant
+            in the backward pass.
+        renorm_clipping: ``(rmax, dmax)``: ``r`` is clipped to
+            ``[1 / rmax, rmax]`` and ``d`` to ``[-dmax, dmax]``. ``apply`` takes
+            an override, so a caller can schedule them per step.
+        renorm_momentum: momentum of the running statistics that ``r`` and ``d``
+            are computed from (``state["renorm_mean"]``, ``state["renorm_var"]``).
 
     Examples:
         >>> import jax.numpy as jnp
@@ -72,12 +93,18 @@ class BatchNorm:
 
     num_features: int | tuple[int, ...]
     axis: int | tuple[int, ...] = -1
-    momentum: float = 0.99
+    momentum: float | None = 0.99
     eps: float = 1e-5
     use_scale: bool = True
     use_bias: bool = True
     axis_name: AxisName = None
+    dtype: Any = None
     param_dtype: Any = jnp.float32
+    unbiased_running_var: bool = False
+    virtual_batch_size: int | None = None
+    renorm: bool = False
+    renorm_clipping: tuple[float, float] = (3.0, 5.0)
+    renorm_momentum: float = 0.99
 
     def __post_init__(self):
         shape = self.feature_shape
@@ -95,11 +122,47 @@ class BatchNorm:
                 f"num_features {self.num_features!r} must give one size per feature "
                 f"axis in axis={self.axis!r}"
             )
-        if isinstance(self.momentum, bool) or not 0.0 <= self.momentum <= 1.0:
-            raise ValueError(f"momentum must be in [0, 1], got {self.momentum!r}")
+        for name in ("momentum", "renorm_momentum"):
+            m = getattr(self, name)
+            if m is None and name == "momentum":
+                continue
+            if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0.0 <= m <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {m!r}")
         _checks.check_eps(self.eps)
         if not jnp.issubdtype(self.param_dtype, jnp.floating):
             raise TypeError(f"param_dtype must be floating, got {self.param_dtype!r}")
+        if self.dtype is not None and not jnp.issubdtype(self.dtype, jnp.floating):
+            raise TypeError(f"dtype must be floating or None, got {self.dtype!r}")
+        k = self.virtual_batch_size
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 2):
+            raise ValueError(f"virtual_batch_size must be an int >= 2 or None, got {k!r}")
+        if k is not None and (self.renorm or self.axis_name is not None):
+            raise ValueError(
+                "virtual_batch_size cannot be combined with renorm or axis_name "
+                f"(got renorm={self.renorm!r}, axis_name={self.axis_name!r})"
+            )
+        _check_clipping(self.renorm_clipping)
+
+    @classmethod
+    def like_torch(
+        cls, num_features: int, *, momentum: float | None = 0.1, eps: float = 1e-5, **kwargs
+    ) -> BatchNorm:
+        """A layer with PyTorch's conventions: ``torch.nn.BatchNorm{1,2,3}d`` defaults.
+
+        Feature axis 1 (``[N, C]``, ``[N, C, L]``, NCHW), ``momentum`` weighing the
+        new value (``None``: cumulative average), unbiased running variance.
+
+        Args:
+            num_features: number of channels ``C``.
+            momentum: PyTorch's momentum (translated to ``1 - momentum``).
+            eps: PyTorch's ``eps``.
+            **kwargs: any other :class:`BatchNorm` field.
+        """
+        kwargs.setdefault("axis", 1)
+        kwargs.setdefault("unbiased_running_var", True)
+        return cls(
+            num_features, momentum=None if momentum is None else 1.0 - momentum, eps=eps, **kwargs
+        )
 
     @property
     def feature_shape(self) -> tuple[int, ...]:
@@ -111,7 +174,9 @@ class BatchNorm:
         """Returns ``(params, state)``: ``{"scale": 1, "bias": 0}``, ``{"mean": 0, "var": 1}``.
 
         Needs no mode and no named axis. ``scale``/``bias`` are left out of
-        ``params`` when ``use_scale``/``use_bias`` is off.
+        ``params`` when ``use_scale``/``use_bias`` is off. The state also holds
+        ``"count"`` (batches seen) with ``momentum=None``, and
+        ``"renorm_mean"``/``"renorm_var"`` with ``renorm=True``.
 
         Args:
             dtype: dtype of the params and state; defaults to ``param_dtype``.
@@ -124,6 +189,11 @@ class BatchNorm:
         if self.use_bias:
             params["bias"] = jnp.zeros(shape, dtype)
         state = {"mean": jnp.zeros(shape, dtype), "var": jnp.ones(shape, dtype)}
+        if self.momentum is None:
+            state["count"] = jnp.zeros((), jnp.int32)
+        if self.renorm:
+            state["renorm_mean"] = jnp.zeros(shape, dtype)
+            state["renorm_var"] = jnp.ones(shape, dtype)
         return params, state
 
     def apply(
@@ -134,33 +204,42 @@ class BatchNorm:
         *,
         training: bool,
         mask: ArrayLike | None = None,
+        renorm_clipping: tuple[ArrayLike, ArrayLike] | None = None,
     ) -> tuple[jax.Array, State]:
         """Normalizes ``x``; returns ``(y, new_state)``.
 
         Args:
             params: from :meth:`init` (``"scale"``, ``"bias"``).
-            state: running statistics ``{"mean", "var"}``.
+            state: running statistics from :meth:`init` or a previous ``apply``.
             x: ``[..., features]`` input.
             training: ``True``: batch statistics, and the running averages are
                 updated; ``False``: running statistics, state returned as is.
             mask: boolean over the batch axes (training only): only ``True``
                 entries count in the statistics. A mask keeping nothing leaves
                 the running statistics unchanged.
+            renorm_clipping: ``(rmax, dmax)`` for this step (scalars, may be
+                traced), overriding the config's; only with ``renorm=True``.
 
         Returns:
-            ``(y, new_state)``: ``y`` like ``x``; ``new_state`` like ``state``.
-            No gradient flows into ``new_state``.
+            ``(y, new_state)``: ``y`` like ``x`` (in ``dtype`` if set);
+            ``new_state`` like ``state``. No gradient flows into ``new_state``.
         """
         if not isinstance(training, (bool, np.bool_)):
             raise TypeError(f"training must be a Python bool (True or False), got {training!r}")
         _checks.check_x(x)
-        feat = _checks.feature_axes(jnp.ndim(x), self.axis)
-        got = tuple(jnp.shape(x)[a] for a in feat)
+        x = jnp.asarray(x)
+        feat = _checks.feature_axes(x.ndim, self.axis)
+        got = tuple(x.shape[a] for a in feat)
         if got != self.feature_shape:
             raise ValueError(
-                f"x has {got} features on axis {self.axis!r} (shape {jnp.shape(x)}), "
+                f"x has {got} features on axis {self.axis!r} (shape {x.shape}), "
                 f"but the layer was built with num_features={self.num_features!r}"
             )
+        if renorm_clipping is not None and not self.renorm:
+            raise ValueError("renorm_clipping was given, but the layer has renorm=False")
+        out_dtype = x.dtype if self.dtype is None else jnp.dtype(self.dtype)
+        # A wider output dtype than the input: convert first (exact), normalize there.
+        x = x.astype(jnp.promote_types(x.dtype, out_dtype))
         scale, bias = params.get("scale"), params.get("bias")
         if not training:
             # The state is returned unchanged, as a constant: no gradient into it.
@@ -168,24 +247,124 @@ class BatchNorm:
             y = batch_norm_inference(
                 x, scale, bias, state["mean"], state["var"], axis=self.axis, eps=self.eps
             )
-            return y, state
-        y, batch_mean, batch_var = batch_norm(
-            x, scale, bias, axis=self.axis, eps=self.eps, axis_name=self.axis_name, mask=mask
-        )
-        m = self.momentum
+            return y.astype(out_dtype), state
+
         old = jax.lax.stop_gradient(state)
-
-        def update(old, new):
-            return m * old + (1.0 - m) * jax.lax.stop_gradient(new).astype(old.dtype)
-
-        new_state = {
-            "mean": update(old["mean"], batch_mean),
-            "var": update(old["var"], batch_var),
-        }
+        new_state = dict(old)
+        if self.virtual_batch_size is not None:
+            y, count, mean, var = self._ghost(x, scale, bias, feat, mask)
+        else:
+            if self.renorm:
+                scale, bias, renorm_state = self._renorm_affine(
+                    x, scale, bias, old, mask, renorm_clipping
+                )
+                new_state.update(renorm_state)
+            y, mean, var = batch_norm(
+                x, scale, bias, axis=self.axis, eps=self.eps, axis_name=self.axis_name, mask=mask
+            )
+            count = self._count(x, feat, mask)
+        new_state.update(self._running_update(old, count, mean, var))
         if mask is not None:
             # An all-masked batch has no statistics: keep the old ones.
-            kept = jnp.any(jnp.asarray(mask))
-            if self.axis_name is not None:
-                kept = jax.lax.psum(kept.astype(jnp.int32), self.axis_name) > 0
-            new_state = {k: jnp.where(kept, v, old[k]) for k, v in new_state.items()}
-        return y, new_state
+            new_state = {k: jnp.where(count > 0, v, old[k]) for k, v in new_state.items()}
+        return y.astype(out_dtype), new_state
+
+    def _count(self, x, feat, mask):
+        """Values per feature in the batch statistics (over the named axes too)."""
+        if mask is None:
+            n = jnp.asarray(
+                math.prod(d for i, d in enumerate(x.shape) if i not in feat), jnp.float32
+            )
+        else:
+            red_shape = _checks.reduce_shape(x.shape, feat)
+            m = _checks.check_mask(mask, x.shape, feat)
+            n = jnp.sum(jnp.broadcast_to(m, red_shape), dtype=jnp.float32)
+        return n if self.axis_name is None else jax.lax.psum(n, self.axis_name)
+
+    def _running_update(self, old, count, mean, var):
+        """New running statistics from the batch's (no gradient flows)."""
+        mean, var = jax.lax.stop_gradient((mean, var))
+        if self.unbiased_running_var:
+            var = var * count / jnp.maximum(count - 1.0, 1.0)
+        if self.momentum is None:
+            # Cumulative average: the t-th batch has weight 1 / t.
+            t = old["count"] + 1
+            out = {"count": t}
+            keep, take = 1.0 - 1.0 / t.astype(jnp.float32), 1.0 / t.astype(jnp.float32)
+        else:
+            out = {}
+            keep, take = self.momentum, 1.0 - self.momentum
+        for name, batch in (("mean", mean), ("var", var)):
+            out[name] = (keep * old[name] + take * batch).astype(old[name].dtype)
+        return out
+
+    def _ghost(self, x, scale, bias, feat, mask):
+        """Ghost batch norm: groups of ``virtual_batch_size`` examples along axis 0.
+
+        The op is mapped over the groups with ``vmap`` (its custom VJP included);
+        the running statistics get the groups' statistics averaged, weighted by
+        their counts, and the count of an average group.
+        """
+        k = self.virtual_batch_size
+        if 0 in feat:
+            raise ValueError(
+                f"virtual_batch_size needs axis 0 as the batch axis, got axis={self.axis!r}"
+            )
+        n = x.shape[0]
+        if n % k:
+            raise ValueError(
+                f"batch size {n} (axis 0 of x) is not divisible by virtual_batch_size={k}"
+            )
+        g = n // k
+        xg = x.reshape(g, k, *x.shape[1:])
+
+        def normalize(xi, mi):
+            return batch_norm(xi, scale, bias, axis=self.axis, eps=self.eps, mask=mi)
+
+        if mask is None:
+            y, mean, var = jax.vmap(normalize, (0, None))(xg, None)
+            weights = jnp.ones((g,), jnp.float32)
+        else:
+            red_shape = _checks.reduce_shape(x.shape, feat)
+            m = jnp.broadcast_to(_checks.check_mask(mask, x.shape, feat), red_shape)
+            mg = m.reshape(g, k, *red_shape[1:])
+            y, mean, var = jax.vmap(normalize)(xg, mg)
+            weights = jnp.sum(mg.reshape(g, -1), axis=1, dtype=jnp.float32)
+        total = jnp.sum(weights)
+        w = jnp.expand_dims(weights, tuple(range(1, mean.ndim))) / jnp.maximum(total, 1.0)
+        count = self._count(x, feat, mask) / g
+        return y.reshape(x.shape), count, jnp.sum(w * mean, 0), jnp.sum(w * var, 0)
+
+    def _renorm_affine(self, x, scale, bias, old, mask, clipping):
+        """Folds batch renormalization's ``r`` and ``d`` into the op's scale and bias.
+
+        ``((x - mean_B) / std_B * r + d) * scale + bias`` is batch norm with scale
+        ``scale * r`` and bias ``bias + scale * d``; ``r`` and ``d`` are constants
+        of the backward pass (stop-gradient), so the op's hand-written backward
+        handles ``x`` and autodiff the per-feature products for ``scale``/``bias``.
+        """
+        rmax, dmax = self.renorm_clipping if clipping is None else clipping
+        _, mean_b, var_b = batch_stats(x, axis=self.axis, axis_name=self.axis_name, mask=mask)
+        mean_b, var_b = jax.lax.stop_gradient((mean_b, var_b))
+        run_std = jnp.sqrt(old["renorm_var"].astype(var_b.dtype) + self.eps)
+        r = jnp.clip(jnp.sqrt(var_b + self.eps) / run_std, 1.0 / rmax, rmax)
+        d = jnp.clip((mean_b - old["renorm_mean"]) / run_std, -dmax, dmax)
+        s = 1.0 if scale is None else scale
+        new_scale = s * r
+        new_bias = s * d if bias is None else bias + s * d
+        m = self.renorm_momentum
+        renorm_state = {
+            "renorm_mean": m * old["renorm_mean"]
+            + (1 - m) * mean_b.astype(old["renorm_mean"].dtype),
+            "renorm_var": m * old["renorm_var"] + (1 - m) * var_b.astype(old["renorm_var"].dtype),
+        }
+        return new_scale, new_bias, renorm_state
+
+
+def _check_clipping(clipping):
+    try:
+        rmax, dmax = clipping
+    except (TypeError, ValueError):
+        raise TypeError(f"renorm_clipping must be a pair (rmax, dmax), got {clipping!r}") from None
+    if not rmax >= 1.0 or not dmax >= 0.0:
+        raise ValueError(f"renorm_clipping needs rmax >= 1 and dmax >= 0, got {clipping!r}")

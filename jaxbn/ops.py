@@ -44,6 +44,7 @@ __all__ = [
     "batch_norm_bwd",
     "batch_norm_fwd",
     "batch_norm_inference",
+    "batch_stats",
 ]
 
 
@@ -384,6 +385,40 @@ def batch_norm(
     feat, mask = _checks.check_op_args(x, scale, bias, axis, eps, mask, axis_name=axis_name)
     scale, bias = (None if v is None else jnp.asarray(v) for v in (scale, bias))
     return _batch_norm(jnp.asarray(x), scale, bias, mask, feat, float(eps), axis_name)
+
+
+def batch_stats(
+    x: ArrayLike,
+    *,
+    axis: AxisArg = -1,
+    axis_name: AxisName = None,
+    mask: ArrayLike | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The statistics :func:`batch_norm` normalizes with, on their own.
+
+    The same computation as inside the op (under ``jit`` XLA computes it once
+    when both are used on the same ``x``), differentiated by JAX itself. The
+    layer uses it where the statistics are needed before the op runs (batch
+    renormalization computes its correction from them).
+
+    Args:
+        x: ``[..., features]`` input.
+        axis: feature axis or axes.
+        axis_name: named axis (or tuple) to reduce over as well.
+        mask: boolean over the reduction axes, as in :func:`batch_norm`.
+
+    Returns:
+        ``(count, mean, var)``: the number of values per feature (a scalar, over
+        the named axes too), and the biased statistics shaped like the features.
+    """
+    feat, mask = _checks.check_op_args(
+        x, None, None, axis, 1.0, mask, training=False, axis_name=axis_name
+    )
+    x = jnp.asarray(x)
+    red = tuple(a for a in range(x.ndim) if a not in feat)
+    emask = None if mask is None else _expand_mask(mask, x.ndim, feat)
+    count, mean, var = _moments(x.astype(_compute_dtype(x.dtype)), red, emask, axis_name)
+    return count, jnp.squeeze(mean, red), jnp.squeeze(var, red)
 
 
 def batch_norm_inference(
