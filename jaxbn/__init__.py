@@ -10,15 +10,20 @@ Public names:
 - :class:`BatchNorm`: the layer, a frozen config with explicit params and state
   (masks, precision policy, ghost batch norm, batch renormalization, PyTorch's
   running-statistics conventions);
+- :class:`MLP`: the network (batch norm before each hidden nonlinearity), with
+  :mod:`jaxbn.train` (train step, evaluate, the ``lax.scan`` loop, ``fit``),
+  :mod:`jaxbn.data` (bundled digits, synthetic blobs) and
+  :mod:`jaxbn.checkpoint`;
 - :func:`fold_into_dense`: fold an evaluation-mode batch norm into the preceding
   dense layer;
 - :mod:`jaxbn.interop` (needs flax, not imported here): converters to and from
   ``flax.linen.BatchNorm`` and a drop-in flax module.
 """
 
-from jaxbn import reference
+from jaxbn import checkpoint, data, reference, train
 from jaxbn.fold import fold_into_dense
 from jaxbn.layer import BatchNorm
+from jaxbn.mlp import MLP
 from jaxbn.ops import (
     BatchNormResiduals,
     batch_norm,
@@ -31,6 +36,7 @@ from jaxbn.ops import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "MLP",
     "BatchNorm",
     "BatchNormResiduals",
     "batch_norm",
@@ -38,6 +44,9 @@ __all__ = [
     "batch_norm_fwd",
     "batch_norm_inference",
     "batch_stats",
+    "checkpoint",
+    "data",
     "fold_into_dense",
     "reference",
+    "train",
 ]

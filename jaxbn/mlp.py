@@ -24,6 +24,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jaxbn._checks import AxisName
+from jaxbn.fold import fold_into_dense
 from jaxbn.layer import BatchNorm
 
 __all__ = ["ACTIVATIONS", "MLP"]
@@ -248,3 +249,30 @@ class MLP:
             A list of ``num_hidden`` arrays, ``[batch, layer_sizes[i + 1]]``.
         """
         return self._forward(params, state, x, training)[2]
+
+    def fold(self, params: Params, state: State) -> tuple[MLP, Params, State]:
+        """Folds every batch norm into its dense layer, for inference.
+
+        Each hidden layer ``act(BN(x @ W))`` in evaluation mode is the affine map
+        ``act(x @ W' + b')`` (see :func:`jaxbn.fold_into_dense`), so the folded
+        network is the same MLP without batch norm: cheaper, and with outputs
+        equal to ``apply(params, state, x, training=False)`` to within rounding.
+
+        Args:
+            params: trained params of this network.
+            state: its running statistics.
+
+        Returns:
+            ``(model, params, state)`` of the folded network (``use_batch_norm``
+            off; the state holds no statistics).
+        """
+        layers = []
+        for layer, layer_state in zip(params["layers"], state["layers"], strict=True):
+            if "batch_norm" in layer:
+                dense = fold_into_dense(
+                    layer["dense"], layer["batch_norm"], layer_state["batch_norm"], eps=self.eps
+                )
+                layer = {"dense": dense}
+            layers.append(layer)
+        folded = dataclasses.replace(self, use_batch_norm=False)
+        return folded, {"layers": layers}, {"layers": [{} for _ in layers]}

@@ -263,3 +263,22 @@ def test_not_a_dict():
     dense, bn_params, _ = good_args()
     with pytest.raises(TypeError, match="bn_state must be a dict, got tuple"):
         fold_into_dense(dense, bn_params, (1.0, 2.0), eps=EPS)
+
+
+def test_mlp_fold_gives_the_same_outputs_as_evaluation_mode():
+    model = jaxbn.MLP((8, 16, 16, 3), activation="tanh")
+    params, state = model.init(jax.random.key(0))
+    ks = jax.random.split(jax.random.key(1), 4)
+    # A few training batches so the running statistics and the params are not trivial.
+    for k in ks[:3]:
+        _, state = model.apply(
+            params, state, 3.0 * jax.random.normal(k, (32, 8)) + 1, training=True
+        )
+    params = jax.tree.map(lambda v: v * 1.3 + 0.1, params)
+    x = jax.random.normal(ks[3], (20, 8))
+    folded, fparams, fstate = model.fold(params, state)
+    assert not folded.use_batch_norm
+    assert all("batch_norm" not in layer for layer in fparams["layers"])
+    want = model.apply(params, state, x, training=False)[0]
+    got = folded.apply(fparams, fstate, x, training=False)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
