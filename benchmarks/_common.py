@@ -36,12 +36,14 @@ __all__ = [
     "copy_bandwidth",
     "cpu_count",
     "format_table",
+    "fresh_buffer_cost",
     "load_average",
     "machine_info",
     "optional_import",
     "print_machine",
     "time_calls",
     "use_checkout",
+    "wait_for_idle",
     "write_json",
 ]
 
@@ -161,11 +163,50 @@ def block(out: Any) -> Any:
     return out
 
 
+def _cpu_ticks() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all CPUs since boot, from ``/proc/stat``."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def wait_for_idle(*, busy_cores: float = 0.25, window: float = 0.05, timeout: float = 10.0) -> bool:
+    """Sleeps until the other processes leave the CPUs (nearly) idle.
+
+    On a machine shared with other work, a repetition that starts while
+    another process computes measures that process too. This samples
+    ``/proc/stat`` over ``window`` seconds (this process sleeps meanwhile, so
+    any busy time is someone else's) until fewer than ``busy_cores`` cores were
+    busy, or ``timeout`` seconds have passed.
+
+    Returns:
+        ``True`` if the machine was idle, ``False`` on timeout (or where
+        ``/proc/stat`` does not exist).
+    """
+    deadline = time.perf_counter() + timeout
+    while True:
+        t0 = _cpu_ticks()
+        if t0 is None:
+            return False
+        time.sleep(window)
+        t1 = _cpu_ticks()
+        total = t1[1] - t0[1]
+        if total > 0 and (t1[0] - t0[0]) / total * cpu_count() < busy_cores:
+            return True
+        if time.perf_counter() > deadline:
+            return False
+
+
 @dataclass
 class Timing:
     """Wall-clock times of the repetitions of one callable, in seconds."""
 
     times: list[float] = field(default_factory=list)
+    busy_starts: int = 0
 
     @property
     def median(self) -> float:
@@ -190,6 +231,7 @@ class Timing:
             "min_s": min(self.times),
             "iqr_rel": self.spread,
             "reps": len(self.times),
+            "busy_starts": self.busy_starts,
         }
 
 
@@ -199,6 +241,7 @@ def time_calls(
     reps: int = 15,
     warmup: int = 3,
     sync: Callable[[Any], Any] = block,
+    quiet: bool = False,
 ) -> Timing:
     """Times ``reps`` calls of ``fn`` after ``warmup`` untimed ones.
 
@@ -209,6 +252,9 @@ def time_calls(
         sync: applied to each result inside the timed region, so that
             asynchronous work is finished before the clock stops
             (``block_until_ready`` for JAX).
+        quiet: before each repetition, wait (up to 10 s) for other processes
+            to leave the CPUs idle (:func:`wait_for_idle`); repetitions that
+            had to start anyway are counted in ``Timing.busy_starts``.
 
     Returns:
         A :class:`Timing` with one wall-clock time per repetition.
@@ -217,6 +263,8 @@ def time_calls(
         sync(fn())
     timing = Timing()
     for _ in range(reps):
+        if quiet and not wait_for_idle():
+            timing.busy_starts += 1
         t0 = time.perf_counter()
         sync(fn())
         timing.times.append(time.perf_counter() - t0)
@@ -242,6 +290,23 @@ def copy_bandwidth(nbytes: int = 256 * MiB, *, reps: int = 7) -> float:
     dst = np.empty_like(src)
     timing = time_calls(lambda: np.copyto(dst, src), reps=reps, warmup=1, sync=lambda o: o)
     return 2 * src.nbytes / timing.median
+
+
+def fresh_buffer_cost(nbytes: int, *, reps: int = 7) -> float:
+    """Extra seconds a copy takes when its destination is newly allocated.
+
+    A large allocation comes from the operating system as unmapped pages; the
+    first write to each page faults. Functions that return new arrays (every
+    jitted JAX function without buffer donation) pay this on every call, on top
+    of the bandwidth cost; a copy into a reused buffer does not. Measured as
+    ``median(np.copy(src)) - median(np.copyto(dst, src))`` for ``nbytes``.
+    """
+    src = np.ones(max(nbytes // 4, 1), np.float32)
+    dst = np.empty_like(src)
+    ident = lambda o: o  # noqa: E731
+    fresh = time_calls(lambda: np.copy(src), reps=reps, warmup=1, sync=ident).median
+    reused = time_calls(lambda: np.copyto(dst, src), reps=reps, warmup=1, sync=ident).median
+    return max(fresh - reused, 0.0)
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -20,7 +20,13 @@ The **floor** of a case is the time to stream 8 arrays of ``x``'s size at the
 copy bandwidth measured in the same run: what an implementation with two passes
 per direction must move (forward: read ``x`` for the statistics, read ``x`` and
 write ``y``; backward: read ``x`` and ``dy`` for the sums, read both again and
-write ``dx``).
+write ``dx``). Every contender also returns two new x-sized arrays (``y``,
+``dx``) and pays the page faults of fresh buffers on each call, which a copy
+into a reused buffer does not: ``floor + 2 fresh outputs`` adds that cost,
+measured with NumPy, as a second, attainable reference.
+
+Before each timed repetition the script waits (up to 10 s) until other
+processes leave the CPUs idle, so a shared machine disturbs fewer samples.
 
 Every contender's outputs are also compared with the first contender's (jaxbn
 by default): ``max rel err`` is the largest ``max |diff| / max |value|`` over
@@ -269,7 +275,9 @@ def _max_rel_err(got, want) -> float:
     )
 
 
-def run_case(case: Case, contenders: Sequence[str], *, reps: int, warmup: int) -> dict:
+def run_case(
+    case: Case, contenders: Sequence[str], *, reps: int, warmup: int, quiet: bool = False
+) -> dict:
     """Times every contender on one case; returns a JSON-ready dict."""
     inp = make_inputs(case)
     result: dict[str, Any] = {
@@ -290,7 +298,9 @@ def run_case(case: Case, contenders: Sequence[str], *, reps: int, warmup: int) -
             continue
         entry["note"] = note
         runs = run if isinstance(run, dict) else {"": run}
-        timings = {k: _common.time_calls(r, reps=reps, warmup=warmup) for k, r in runs.items()}
+        timings = {
+            k: _common.time_calls(r, reps=reps, warmup=warmup, quiet=quiet) for k, r in runs.items()
+        }
         best = min(timings, key=lambda k: timings[k].median)
         if len(runs) > 1:
             others = ", ".join(f"{k} {t.median * 1e3:.3g} ms" for k, t in timings.items())
@@ -302,12 +312,16 @@ def run_case(case: Case, contenders: Sequence[str], *, reps: int, warmup: int) -
             want = got
         entry["max_rel_err"] = _max_rel_err(got, want)
         result["contenders"][name] = entry
+    result["fresh_output_s"] = _common.fresh_buffer_cost(result["x_bytes"])
     return result
 
 
 def _fill_ratios(result: dict, bandwidth: float) -> None:
     floor = FLOOR_PASSES * result["x_bytes"] / bandwidth
     result["floor_s"] = floor
+    # The step returns two new x-sized arrays (y, dx): the page faults of two
+    # fresh buffers come on top of the bandwidth floor for every contender.
+    result["floor_fresh_s"] = floor + 2 * result["fresh_output_s"]
     base = result["contenders"].get("jaxbn", {}).get("median_s")
     for entry in result["contenders"].values():
         t = entry["median_s"]
@@ -343,6 +357,17 @@ def _table(cases: list[dict]) -> str:
                 "" if jf is None else f"jaxbn = {jf:.2f} x floor",
             ]
         )
+        rows.append(
+            [
+                res["name"],
+                "floor + 2 fresh outputs",
+                f"{res['floor_fresh_s'] * 1e3:.3f}",
+                "",
+                "",
+                "",
+                "page faults of new y, dx buffers (np.copy - np.copyto)",
+            ]
+        )
     headers = ["case", "contender", "median ms", "±IQR/2", "time / jaxbn", "max rel err", "note"]
     return _common.format_table(headers, rows)
 
@@ -368,6 +393,12 @@ def _parser() -> argparse.ArgumentParser:
         default=list(CONTENDERS),
         help="which implementations to time (jaxbn is the baseline of the ratios)",
     )
+    p.add_argument(
+        "--no-wait-idle",
+        action="store_true",
+        help="do not wait (up to 10 s per repetition) for other processes to leave "
+        "the CPUs idle before each timed repetition",
+    )
     p.add_argument("--copy-mib", type=int, default=512, help="array size for copy bandwidth")
     p.add_argument("--json", metavar="PATH", help="write all results to this JSON file")
     p.add_argument(
@@ -387,8 +418,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     Returns:
         A dict with ``machine``, ``copy_bandwidth_Bps``, ``skipped`` (peers not
         installed) and ``cases``: one dict per case with the ``floor_s``,
-        ``jaxbn_over_floor`` and, per contender, ``median_s``, ``ratio_to_jaxbn``
-        and the spread.
+        ``jaxbn_over_floor``, ``floor_fresh_s`` (the floor plus the page faults
+        of two new x-sized outputs) and, per contender, ``median_s``,
+        ``ratio_to_jaxbn``, the spread and ``busy_starts`` (repetitions that
+        started while other processes were busy).
     """
     args = _parser().parse_args(argv)
     cases = args.shapes or [parse_case(c) for c in (QUICK_CASES if args.quick else DEFAULT_CASES)]
@@ -406,11 +439,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     bandwidth = _common.copy_bandwidth(copy_mib * _common.MiB, reps=3 if args.quick else 7)
     print(f"copy     {bandwidth / 1e9:.2f} GB/s (np.copyto of {copy_mib} MiB, read + write)")
-    print(f"timing   median of {reps} reps after {warmup} warm-up calls\n")
+    wait = "" if args.quick or args.no_wait_idle else ", each started on idle CPUs"
+    print(f"timing   median of {reps} reps after {warmup} warm-up calls{wait}\n")
 
     results = []
     for case in cases:
-        res = run_case(case, args.contenders, reps=reps, warmup=warmup)
+        quiet = not (args.quick or args.no_wait_idle)
+        res = run_case(case, args.contenders, reps=reps, warmup=warmup, quiet=quiet)
         _fill_ratios(res, bandwidth)
         results.append(res)
     print(_table(results))
