@@ -9,7 +9,8 @@ sharing any of the arithmetic that the tests compare.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -149,3 +150,15 @@ def check_op_args(x, scale, bias, axis, eps, mask, training=True, axis_name=None
     if training:
         check_batch(shape, red, axis_name, mask)
     return feat, mask
+
+
+def check_keys(name: str, tree: Any, allowed: tuple[str, ...], required: tuple[str, ...]):
+    """Checks that ``tree`` is a dict holding ``required`` keys and no others than ``allowed``."""
+    if not isinstance(tree, Mapping):
+        raise TypeError(f"{name} must be a dict, got {type(tree).__name__}")
+    extra = sorted(set(tree) - set(allowed))
+    if extra:
+        raise ValueError(f"{name} may only hold the keys {list(allowed)}, got extra keys {extra}")
+    missing = [k for k in required if k not in tree]
+    if missing:
+        raise ValueError(f"{name} must hold the keys {list(required)}, missing {missing}")

@@ -20,17 +20,6 @@ from jaxbn import _checks
 __all__ = ["fold_into_dense"]
 
 
-def _check_keys(name: str, tree: Mapping, allowed: tuple[str, ...], required: tuple[str, ...]):
-    if not isinstance(tree, Mapping):
-        raise TypeError(f"{name} must be a dict, got {type(tree).__name__}")
-    extra = sorted(set(tree) - set(allowed))
-    if extra:
-        raise ValueError(f"{name} may only hold the keys {list(allowed)}, got extra keys {extra}")
-    missing = [k for k in required if k not in tree]
-    if missing:
-        raise ValueError(f"{name} must hold the keys {list(required)}, missing {missing}")
-
-
 def _check_vector(name: str, v: ArrayLike, out_features: int) -> None:
     shape = jnp.shape(v)
     if shape != (out_features,):
@@ -96,9 +85,9 @@ def fold_into_dense(
         Array([-1., 1.], dtype=float32)
     """
     _checks.check_eps(eps)
-    _check_keys("dense_params", dense_params, ("kernel", "bias"), ("kernel",))
-    _check_keys("bn_params", bn_params, ("scale", "bias"), ())
-    _check_keys("bn_state", bn_state, ("mean", "var"), ("mean", "var"))
+    _checks.check_keys("dense_params", dense_params, ("kernel", "bias"), ("kernel",))
+    _checks.check_keys("bn_params", bn_params, ("scale", "bias"), ())
+    _checks.check_keys("bn_state", bn_state, ("mean", "var"), ("mean", "var"))
     kernel = jnp.asarray(dense_params["kernel"])
     if kernel.ndim != 2:
         raise ValueError(

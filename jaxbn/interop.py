@@ -62,17 +62,6 @@ Params = dict[str, jax.Array]
 State = dict[str, jax.Array]
 
 
-def _check_tree(name: str, tree: Any, allowed: tuple[str, ...], required: tuple[str, ...]):
-    if not isinstance(tree, Mapping):
-        raise TypeError(f"{name} must be a dict, got {type(tree).__name__}")
-    extra = sorted(set(tree) - set(allowed))
-    if extra:
-        raise ValueError(f"{name} may only hold the keys {list(allowed)}, got extra keys {extra}")
-    missing = [k for k in required if k not in tree]
-    if missing:
-        raise ValueError(f"{name} must hold the keys {list(required)}, missing {missing}")
-
-
 def _check_same_shape(named: dict[str, Any]) -> None:
     shapes = {name: jnp.shape(v) for name, v in named.items()}
     if len(set(shapes.values())) > 1:
@@ -110,8 +99,8 @@ def to_flax(params: Mapping[str, Any], state: Mapping[str, Any]) -> dict[str, di
         >>> sorted(variables), sorted(variables["batch_stats"])
         (['batch_stats', 'params'], ['mean', 'var'])
     """
-    _check_tree("params", params, ("scale", "bias"), ())
-    _check_tree("state", state, ("mean", "var"), ("mean", "var"))
+    _checks.check_keys("params", params, ("scale", "bias"), ())
+    _checks.check_keys("state", state, ("mean", "var"), ("mean", "var"))
     _check_same_shape(
         {f'params["{k}"]': v for k, v in params.items()}
         | {f'state["{k}"]': v for k, v in state.items()}
@@ -150,11 +139,11 @@ def from_flax(variables: Mapping[str, Any]) -> tuple[Params, State]:
         >>> state["var"]
         Array([1., 1., 1.], dtype=float32)
     """
-    _check_tree("variables", variables, ("params", "batch_stats"), ("batch_stats",))
+    _checks.check_keys("variables", variables, ("params", "batch_stats"), ("batch_stats",))
     params = variables.get("params", {})
     stats = variables["batch_stats"]
-    _check_tree('variables["params"]', params, ("scale", "bias"), ())
-    _check_tree('variables["batch_stats"]', stats, ("mean", "var"), ("mean", "var"))
+    _checks.check_keys('variables["params"]', params, ("scale", "bias"), ())
+    _checks.check_keys('variables["batch_stats"]', stats, ("mean", "var"), ("mean", "var"))
     _check_same_shape(
         {f'variables["params"]["{k}"]': v for k, v in params.items()}
         | {f'variables["batch_stats"]["{k}"]': v for k, v in stats.items()}
