@@ -21,10 +21,22 @@ run is a deterministic function of its key. :func:`fit` runs that loop in chunks
 checks each chunk's losses (:class:`TrainingDiverged` on a non-finite one),
 calls back to the host between chunks (progress, evaluation) and writes
 checkpoints (:mod:`jaxbn.checkpoint`) from which a run resumes exactly.
+
+Data-parallel training: give any of :func:`make_train_step`,
+:func:`make_train_loop` or :func:`fit` a ``mesh`` (:func:`data_mesh` builds one
+over the first ``n`` devices). The step then runs under ``jax.shard_map``: every
+global batch is split over the mesh's devices along its first axis, params,
+running statistics and optimizer state are replicated, batch norm's statistics
+are all-reduced (the model is used with ``axis_name`` set to the mesh's axes),
+and the loss is the mean over the global batch (``lax.pmean`` of the per-device
+means), so its gradient, and the whole step, is that of single-device training
+on the same global batch. The loop draws the same global batches as without a
+mesh; each device gathers only its own rows.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -36,8 +48,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
+from jaxbn._checks import AxisName
 from jaxbn.checkpoint import load_checkpoint, save_checkpoint
 from jaxbn.data import batch_indices, check_batch_size
 from jaxbn.mlp import MLP
@@ -46,6 +61,7 @@ __all__ = [
     "TrainState",
     "TrainingDiverged",
     "cross_entropy",
+    "data_mesh",
     "evaluate",
     "fit",
     "init_train_state",
@@ -138,20 +154,134 @@ def init_train_state(
     return TrainState(params, state, optimizer.init(params), data_key, jnp.zeros((), jnp.int32))
 
 
+def data_mesh(num_devices: int | None = None, *, axis_name: str = "data") -> Mesh:
+    """A one-axis mesh over the first ``num_devices`` devices, for data parallelism.
+
+    Args:
+        num_devices: how many of ``jax.devices()`` to use (``None``: all of them).
+        axis_name: the name of the mesh's axis.
+
+    Returns:
+        A :class:`jax.sharding.Mesh` of shape ``(num_devices,)``.
+
+    Raises:
+        ValueError: if fewer than ``num_devices`` devices are available (on CPU,
+            set ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` before
+            JAX is imported to get ``N`` devices).
+
+    Examples:
+        >>> from jaxbn.train import data_mesh
+        >>> data_mesh(1).axis_names
+        ('data',)
+    """
+    devices = jax.devices()
+    n = len(devices) if num_devices is None else num_devices
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"num_devices must be a positive int or None, got {num_devices!r}")
+    if n > len(devices):
+        raise ValueError(
+            f"num_devices={n} but only {len(devices)} {devices[0].platform} device(s) are "
+            f"available; on CPU, set XLA_FLAGS=--xla_force_host_platform_device_count={n} "
+            f"before JAX is imported"
+        )
+    return jax.make_mesh((n,), (axis_name,), devices=devices[:n])
+
+
+def _mesh_axes(mesh: Mesh) -> AxisName:
+    """The named axis (or axes) a batch is split over: all of the mesh's."""
+    names = tuple(mesh.axis_names)
+    return names[0] if len(names) == 1 else names
+
+
+def _check_mesh(mesh, batch_size: int) -> None:
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh or None, got {type(mesh).__name__}")
+    if batch_size % mesh.size:
+        raise ValueError(
+            f"batch_size {batch_size} is not divisible by the number of devices {mesh.size} "
+            f"of the mesh; use a multiple of {mesh.size}"
+        )
+
+
+def _place(tree, mesh: Mesh, spec: P):
+    """``tree`` resharded to ``NamedSharding(mesh, spec)``, inside or outside ``jit``.
+
+    Needed on a mesh with explicit axes (``jax.make_mesh``'s default), where
+    ``shard_map`` requires its inputs' types to match its ``in_specs``; on a mesh
+    of automatic axes ``shard_map`` lays its inputs out itself.
+    """
+    if jax.sharding.AxisType.Explicit not in mesh.axis_types:
+        return tree
+    return jax.reshard(tree, NamedSharding(mesh, spec))
+
+
+def _local_train_step(model: MLP, optimizer, axis_name: AxisName):
+    """The per-device step: ``model`` as given, loss and metrics averaged over ``axis_name``."""
+
+    def mean(v):
+        return v if axis_name is None else lax.pmean(v, axis_name)
+
+    def loss_fn(params, state, x, labels):
+        logits, new_state = model.apply(params, state, x, training=True)
+        # The global batch's mean loss: every device holds the same number of
+        # examples, so it is the mean of the per-device means. Differentiating the
+        # pmean gives each replicated param the all-reduced (global) gradient.
+        return mean(cross_entropy(logits, labels)), (new_state, logits)
+
+    def train_step(params, state, opt_state, batch):
+        """One optimizer step on ``batch = (x, labels)``; returns the new values and metrics."""
+        x, labels = batch
+        (loss, (new_state, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            params, state, x, labels
+        )
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics = {"loss": loss, "accuracy": mean(_accuracy(logits, labels))}
+        return params, new_state, opt_state, metrics
+
+    return train_step
+
+
 def make_train_step(
-    model: MLP, optimizer: optax.GradientTransformation
+    model: MLP,
+    optimizer: optax.GradientTransformation,
+    *,
+    mesh: Mesh | None = None,
+    axis_name: AxisName = None,
 ) -> Callable[[Any, Any, Any, Batch], tuple[Any, Any, Any, Metrics]]:
     """Returns the pure training step ``(params, state, opt_state, batch) -> (..., metrics)``.
+
+    Three forms:
+
+    - neither ``mesh`` nor ``axis_name``: the single-device step;
+    - ``mesh``: the data-parallel step. It takes and returns global arrays: the
+      batch is split over all of the mesh's devices along its first axis
+      (``jax.shard_map``), the rest is replicated. ``model`` is used with its
+      ``axis_name`` replaced by the mesh's axes (pass the same config as for one
+      device), so batch norm normalizes with the global batch's statistics; the
+      loss, the gradients, the running statistics and the metrics are those of
+      the single-device step on the same global batch;
+    - ``axis_name``: the per-device body of the data-parallel step, to call
+      inside your own ``shard_map`` (or ``pmap``) over that axis: the loss and
+      the metrics are averaged over ``axis_name``, and ``model`` is used as
+      given (set ``model.axis_name`` to synchronize batch norm too; leave it
+      ``None`` for per-device statistics).
 
     Args:
         model: the network config.
         optimizer: any optax gradient transformation.
+        mesh: a :class:`jax.sharding.Mesh` to run data-parallel on (see
+            :func:`data_mesh`), or ``None``.
+        axis_name: the named axis to average over when the step runs inside a
+            mapped function; not together with ``mesh``.
 
     Returns:
         ``train_step(params, state, opt_state, (x, labels))`` returning
         ``(params, state, opt_state, metrics)`` with ``metrics = {"loss",
-        "accuracy"}`` of the batch (computed before the update). It is pure and
-        can be wrapped in ``jax.jit``, ``lax.scan``, etc.
+        "accuracy"}`` of the (global) batch, computed before the update. It is
+        pure and can be wrapped in ``jax.jit``, ``lax.scan``, etc. With a mesh,
+        the batch size must be divisible by ``mesh.size`` (``ValueError``
+        while tracing).
 
     Examples:
         >>> import jax, jax.numpy as jnp, optax
@@ -165,21 +295,30 @@ def make_train_step(
         >>> sorted(metrics)
         ['accuracy', 'loss']
     """
-
-    def loss_fn(params, state, x, labels):
-        logits, new_state = model.apply(params, state, x, training=True)
-        return cross_entropy(logits, labels), (new_state, logits)
+    if mesh is None:
+        return _local_train_step(model, optimizer, axis_name)
+    if axis_name is not None:
+        raise ValueError(
+            f"give either mesh (the step shards itself) or axis_name (the step runs inside "
+            f"your own shard_map), not both; got axis_name={axis_name!r}"
+        )
+    _check_mesh(mesh, 0)
+    axes = _mesh_axes(mesh)
+    local = _local_train_step(dataclasses.replace(model, axis_name=axes), optimizer, axes)
+    batch_spec = P(tuple(mesh.axis_names))
+    mapped = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(P(), P(), P(), batch_spec),
+        out_specs=P(),
+    )
 
     def train_step(params, state, opt_state, batch):
-        """One optimizer step on ``batch = (x, labels)``; returns the new values and metrics."""
-        x, labels = batch
-        (loss, (new_state, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            params, state, x, labels
-        )
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        metrics = {"loss": loss, "accuracy": _accuracy(logits, labels)}
-        return params, new_state, opt_state, metrics
+        """One data-parallel step on the global ``batch = (x, labels)``."""
+        _check_mesh(mesh, int(jnp.shape(batch[0])[0]))
+        # Lay the inputs out as shard_map expects (a no-op where they already are).
+        replicated = _place((params, state, opt_state), mesh, P())
+        return mapped(*replicated, _place(batch, mesh, batch_spec))
 
     return train_step
 
@@ -206,23 +345,47 @@ def evaluate(model: MLP, params: Any, state: Any, x: ArrayLike, labels: ArrayLik
     return _evaluate(model, params, state, jnp.asarray(x), jnp.asarray(labels))
 
 
-@functools.partial(jax.jit, static_argnames=("model", "optimizer", "batch_size", "num_steps"))
-def _train_loop(ts, x, labels, *, model, optimizer, batch_size, num_steps):
+@functools.partial(
+    jax.jit, static_argnames=("model", "optimizer", "batch_size", "num_steps", "mesh")
+)
+def _train_loop(ts, x, labels, *, model, optimizer, batch_size, num_steps, mesh):
     check_batch_size(batch_size, x.shape[0])
-    train_step = make_train_step(model, optimizer)
+    if mesh is None:
+        axes, local_size = None, batch_size
+        train_step = _local_train_step(model, optimizer, None)
+    else:
+        _check_mesh(mesh, batch_size)
+        axes, local_size = _mesh_axes(mesh), batch_size // mesh.size
+        train_step = _local_train_step(dataclasses.replace(model, axis_name=axes), optimizer, axes)
 
-    def body(ts, _):
-        idx = batch_indices(ts.key, ts.step, num_examples=x.shape[0], batch_size=batch_size)
-        params, state, opt_state, metrics = train_step(
-            ts.params, ts.state, ts.opt_state, (x[idx], labels[idx])
-        )
-        return TrainState(params, state, opt_state, ts.key, ts.step + 1), metrics
+    def loop(ts, x, labels):
+        def body(ts, _):
+            # The global batch of this step, the same with or without a mesh; with
+            # one, each device gathers its own contiguous slice of it (the slice
+            # that P(axes) would give it).
+            idx = batch_indices(ts.key, ts.step, num_examples=x.shape[0], batch_size=batch_size)
+            if axes is not None:
+                idx = lax.dynamic_slice_in_dim(idx, lax.axis_index(axes) * local_size, local_size)
+            params, state, opt_state, metrics = train_step(
+                ts.params, ts.state, ts.opt_state, (x[idx], labels[idx])
+            )
+            return TrainState(params, state, opt_state, ts.key, ts.step + 1), metrics
 
-    return lax.scan(body, ts, None, length=num_steps)
+        return lax.scan(body, ts, None, length=num_steps)
+
+    if mesh is None:
+        return loop(ts, x, labels)
+    # The examples are replicated; the whole scan runs per device.
+    mapped = jax.shard_map(loop, mesh=mesh, in_specs=P(), out_specs=P())
+    return mapped(*_place((ts, x, labels), mesh, P()))
 
 
 def make_train_loop(
-    model: MLP, optimizer: optax.GradientTransformation, *, batch_size: int
+    model: MLP,
+    optimizer: optax.GradientTransformation,
+    *,
+    batch_size: int,
+    mesh: Mesh | None = None,
 ) -> Callable[..., tuple[TrainState, Metrics]]:
     """Returns ``run(train_state, x, labels, num_steps) -> (train_state, metrics)``, jitted.
 
@@ -232,13 +395,23 @@ def make_train_loop(
     and the sizes are static: one compilation per distinct ``num_steps``, shared
     by every loop made with the same (equal) model and the same optimizer object.
 
+    With a ``mesh`` the steps are data-parallel (see :func:`make_train_step`):
+    ``x``, ``labels`` and the train state are replicated over the mesh, every
+    device draws the same global batch and trains on its own slice of it, and
+    the result is that of the loop without a mesh. The returned train state is
+    replicated over the mesh.
+
     Args:
         model: the network config.
         optimizer: any optax gradient transformation.
-        batch_size: examples per step.
+        batch_size: examples per step (the global batch).
+        mesh: a :class:`jax.sharding.Mesh` to run data-parallel on, or ``None``.
 
     Returns:
         The jitted ``run`` function.
+
+    Raises:
+        ValueError: if ``batch_size`` is not divisible by ``mesh.size``.
 
     Examples:
         >>> import jax, optax
@@ -253,17 +426,22 @@ def make_train_loop(
         >>> int(ts.step), metrics["loss"].shape
         (20, (20,))
     """
+    if mesh is not None:
+        _check_mesh(mesh, batch_size)
+        replicated = NamedSharding(mesh, P())
 
     def run(ts: TrainState, x: ArrayLike, labels: ArrayLike, num_steps: int):
         """Takes ``num_steps`` steps from ``ts`` on ``(x, labels)`` in one dispatch."""
+        args = (ts, jnp.asarray(x), jnp.asarray(labels))
+        if mesh is not None:
+            args = jax.device_put(args, replicated)
         return _train_loop(
-            ts,
-            jnp.asarray(x),
-            jnp.asarray(labels),
+            *args,
             model=model,
             optimizer=optimizer,
             batch_size=batch_size,
             num_steps=num_steps,
+            mesh=mesh,
         )
 
     return run
@@ -293,6 +471,7 @@ def fit(
     config: dict | None = None,
     callback: Callable[[TrainState, dict[str, np.ndarray]], None] | None = None,
     checkpoint_metadata: Callable[[], dict] | None = None,
+    mesh: Mesh | None = None,
 ) -> TrainState:
     """Trains for ``steps`` steps in scan-compiled chunks; checkpoints; resumes.
 
@@ -319,6 +498,10 @@ def fit(
             ``chunk_metrics`` maps ``"step"`` (the 0-based step numbers),
             ``"loss"`` and ``"accuracy"`` to NumPy arrays.
         checkpoint_metadata: returns a JSON-able dict saved with each checkpoint.
+        mesh: a :class:`jax.sharding.Mesh` to train data-parallel on (see
+            :func:`make_train_loop`), or ``None`` for one device. The result is
+            that of one device (to float32 rounding), so a checkpoint written
+            with one device count resumes with another.
 
     Returns:
         The final :class:`TrainState`.
@@ -330,7 +513,7 @@ def fit(
         jaxbn.checkpoint.CheckpointError: if the checkpoint is corrupt or does
             not match ``model``, ``optimizer`` or ``config``.
         ValueError: for bad ``steps``, ``chunk_size``, ``checkpoint_every`` or
-            ``batch_size``.
+            ``batch_size`` (or one not divisible by ``mesh.size``).
     """
     for name, value, low in (
         ("steps", steps, 0),
@@ -343,6 +526,9 @@ def fit(
         raise ValueError("resume=True needs a checkpoint_path, got None")
     x, labels = jnp.asarray(x), jnp.asarray(labels)
     check_batch_size(batch_size, x.shape[0])
+    if mesh is not None:
+        _check_mesh(mesh, batch_size)
+        x, labels = jax.device_put((x, labels), NamedSharding(mesh, P()))
 
     ts = init_train_state(model, optimizer, key)
     if resume:
@@ -351,7 +537,7 @@ def fit(
                 f"resume requested but there is no checkpoint at {os.fspath(checkpoint_path)!r}"
             )
         ts, _ = load_checkpoint(checkpoint_path, ts, config=config)
-    run = make_train_loop(model, optimizer, batch_size=batch_size)
+    run = make_train_loop(model, optimizer, batch_size=batch_size, mesh=mesh)
 
     def save(ts):
         if not _all_finite(ts):
