@@ -252,7 +252,7 @@ def time_calls(
         sync: applied to each result inside the timed region, so that
             asynchronous work is finished before the clock stops
             (``block_until_ready`` for JAX).
-        quiet: before each repetition, wait (up to 10 s) for other processes
+        quiet: before each repetition, wait (up to 3 s) for other processes
             to leave the CPUs idle (:func:`wait_for_idle`); repetitions that
             had to start anyway are counted in ``Timing.busy_starts``.
 
@@ -263,7 +263,7 @@ def time_calls(
         sync(fn())
     timing = Timing()
     for _ in range(reps):
-        if quiet and not wait_for_idle():
+        if quiet and not wait_for_idle(timeout=3.0):
             timing.busy_starts += 1
         t0 = time.perf_counter()
         sync(fn())

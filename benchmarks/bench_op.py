@@ -25,7 +25,7 @@ write ``dx``). Every contender also returns two new x-sized arrays (``y``,
 into a reused buffer does not: ``floor + 2 fresh outputs`` adds that cost,
 measured with NumPy, as a second, attainable reference.
 
-Before each timed repetition the script waits (up to 10 s) until other
+Before each timed repetition the script waits (up to 3 s) until other
 processes leave the CPUs idle, so a shared machine disturbs fewer samples.
 
 Every contender's outputs are also compared with the first contender's (jaxbn
@@ -396,7 +396,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-wait-idle",
         action="store_true",
-        help="do not wait (up to 10 s per repetition) for other processes to leave "
+        help="do not wait (up to 3 s per repetition) for other processes to leave "
         "the CPUs idle before each timed repetition",
     )
     p.add_argument("--copy-mib", type=int, default=512, help="array size for copy bandwidth")
