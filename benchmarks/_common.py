@@ -271,7 +271,7 @@ def time_calls(
     return timing
 
 
-def copy_bandwidth(nbytes: int = 256 * MiB, *, reps: int = 7) -> float:
+def copy_bandwidth(nbytes: int = 256 * MiB, *, reps: int = 7, quiet: bool = False) -> float:
     """Memory bandwidth of a large NumPy copy, in bytes per second.
 
     Copies an array of ``nbytes`` (far beyond any cache) with ``np.copyto`` and
@@ -282,13 +282,16 @@ def copy_bandwidth(nbytes: int = 256 * MiB, *, reps: int = 7) -> float:
     Args:
         nbytes: size of the source array (256 MiB or more to defeat caches).
         reps: timed copies.
+        quiet: start each copy on idle CPUs (see :func:`time_calls`).
 
     Returns:
         ``2 * nbytes / median_seconds``.
     """
     src = np.ones(nbytes // 8, np.float64)
     dst = np.empty_like(src)
-    timing = time_calls(lambda: np.copyto(dst, src), reps=reps, warmup=1, sync=lambda o: o)
+    timing = time_calls(
+        lambda: np.copyto(dst, src), reps=reps, warmup=1, sync=lambda o: o, quiet=quiet
+    )
     return 2 * src.nbytes / timing.median
 
 

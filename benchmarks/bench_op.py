@@ -437,14 +437,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
             skipped[module] = "not installed"
             print(f"note     {module} is not installed: skipped ({dist})")
 
-    bandwidth = _common.copy_bandwidth(copy_mib * _common.MiB, reps=3 if args.quick else 7)
+    quiet = not (args.quick or args.no_wait_idle)
+    bandwidth = _common.copy_bandwidth(
+        copy_mib * _common.MiB, reps=3 if args.quick else 7, quiet=quiet
+    )
     print(f"copy     {bandwidth / 1e9:.2f} GB/s (np.copyto of {copy_mib} MiB, read + write)")
     wait = "" if args.quick or args.no_wait_idle else ", each started on idle CPUs"
     print(f"timing   median of {reps} reps after {warmup} warm-up calls{wait}\n")
 
     results = []
     for case in cases:
-        quiet = not (args.quick or args.no_wait_idle)
         res = run_case(case, args.contenders, reps=reps, warmup=warmup, quiet=quiet)
         _fill_ratios(res, bandwidth)
         results.append(res)
