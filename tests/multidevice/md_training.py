@@ -167,6 +167,16 @@ def test_fit_on_a_two_axis_mesh():
     _close(got, want)
 
 
+def test_checkpoint_from_four_devices_resumes_on_one(tmp_path):
+    kwargs = dict(batch_size=BATCH, key=jax.random.key(5), chunk_size=5)
+    data = (BLOBS.x_train, BLOBS.y_train)
+    want = fit(MODEL, OPT, *data, steps=10, **kwargs)
+    path = tmp_path / "ckpt.npz"
+    fit(MODEL, OPT, *data, steps=5, checkpoint_path=path, mesh=data_mesh(4), **kwargs)
+    got = fit(MODEL, OPT, *data, steps=10, checkpoint_path=path, resume=True, **kwargs)
+    _close(got, want)
+
+
 NOT_DIVISIBLE = "batch_size 30 is not divisible by the number of devices 4"
 
 
