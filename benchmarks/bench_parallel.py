@@ -90,25 +90,6 @@ def count_all_reduces(hlo_text: str) -> int:
     return len(_ALL_REDUCE.findall(hlo_text))
 
 
-@dataclasses.dataclass(frozen=True)
-class PerDeviceStatistics:
-    """``model`` with batch norm on each device's own shard (no ``axis_name``).
-
-    The params are cast to per-device values first, so JAX all-reduces their
-    gradients at the cast (the same gradient all-reduce as the synchronized
-    step); the op's backward without ``axis_name`` does not all-reduce
-    ``dscale``/``dbias`` of replicated params by itself inside ``shard_map``.
-    """
-
-    model: MLP
-    axis_name: str
-
-    def apply(self, params, state, x, *, training):
-        """``model.apply`` on per-device params."""
-        params = jax.lax.pcast(params, self.axis_name, to="varying")
-        return self.model.apply(params, state, x, training=training)
-
-
 def _compiled_all_reduces(fn, *args) -> int:
     return count_all_reduces(fn.lower(*args).compile().as_text())
 
@@ -147,7 +128,7 @@ def run_case(case: Case, counts: Sequence[int], *, steps: int, reps: int, warmup
         row["all_reduces_step"] = _compiled_all_reduces(step, *args)
 
         if mesh is not None:
-            local_body = make_train_step(PerDeviceStatistics(model, "data"), opt, axis_name="data")
+            local_body = make_train_step(model, opt, axis_name="data")
             local = jax.jit(
                 jax.shard_map(
                     local_body,

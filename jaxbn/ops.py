@@ -115,10 +115,15 @@ def _replicated_axes(p, axes: tuple[str, ...]) -> tuple[str, ...]:
     """
     if p is None or not axes:
         return axes
-    aval = jax.typeof(p)
-    manual = getattr(aval, "manual_axis_type", None)
-    varying = manual.varying if manual is not None else getattr(aval, "vma", frozenset())
+    varying = _varying(p)
     return tuple(n for n in axes if n not in varying)
+
+
+def _varying(v) -> frozenset:
+    """The mesh axes over which ``v`` differs between devices (inside ``shard_map``)."""
+    aval = jax.typeof(v)
+    manual = getattr(aval, "manual_axis_type", None)
+    return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
 
 
 def _sharded_along(x: jax.Array, axes: tuple[int, ...]) -> bool:
@@ -302,11 +307,17 @@ def _bwd(feat, axis_name, res, cotangents):
     if mask is not None:
         corr = jnp.where(mask, corr, 0)
     dx = _expand(s * inv_std, ndim, feat) * dyc + corr
-    dscale = None if scale is None else (inv_std * r_sum_dy_xc).astype(scale.dtype)
-    dbias = None
+    # Devices that each normalize with their own statistics (x varies over a
+    # mesh axis not in axis_name) add their contributions to a parameter that is
+    # replicated over that axis.
+    local = tuple(sorted((_varying(x) | _varying(dy)) - set(axes)))
+    dscale = dbias = None
+    if scale is not None:
+        dscale = _psum_over(inv_std * r_sum_dy_xc, _replicated_axes(scale, local))
+        dscale = dscale.astype(scale.dtype)
     if bias_tag is not None:
         dbias = r_sum_dy if b_rep == s_rep else _psum_over(sum_dy, b_rep)
-        dbias = dbias.astype(bias_tag.dtype)
+        dbias = _psum_over(dbias, _replicated_axes(bias_tag, local)).astype(bias_tag.dtype)
     return dx.astype(x.dtype), dscale, dbias
 
 

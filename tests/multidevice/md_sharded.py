@@ -204,3 +204,34 @@ def test_layer_synchronized_running_statistics():
     y, new_state = jax.jit(mapped)(params, state, put(mesh, P("data"), x)[0])
     y1, state1 = jaxbn.BatchNorm(4, momentum=0.5).apply(params, state, x, training=True)
     close((y, new_state), (y1, state1))
+
+
+@pytest.mark.parametrize("n", [2, 8])
+def test_per_device_statistics_with_replicated_parameters(n):
+    """No axis_name inside shard_map: each device normalizes its own shard, and the
+    replicated scale and bias get the sum of every device's contribution."""
+    x, scale, bias, dy, *_ = inputs((32, 3), seed=10)
+    mesh = mesh_of(n)
+
+    def run(fn):
+        def local(x, scale, bias, dy):
+            out, pull = jax.vjp(fn, x, scale, bias)
+            return out, pull((dy, jnp.zeros_like(out[1]), jnp.zeros_like(out[2])))
+
+        d = P("data")
+        mapped = jax.shard_map(
+            local, mesh=mesh, in_specs=(d, P(), P(), d), out_specs=((d, d, d), (d, P(), P()))
+        )
+        return jax.jit(mapped)(*put(mesh, d, x), *put(mesh, P(), scale, bias), *put(mesh, d, dy))
+
+    got, want = run(jaxbn.batch_norm), run(reference.batch_norm)
+    close(got, want)
+    # And the truth without any mesh: a sum over independently normalized shards.
+    k = 32 // n
+    dscale = sum(
+        jax.vjp(reference.batch_norm, x[i : i + k], scale, bias)[1](
+            (dy[i : i + k], jnp.zeros(3), jnp.zeros(3))
+        )[1]
+        for i in range(0, 32, k)
+    )
+    close(got[1][1], dscale)

@@ -106,25 +106,6 @@ def test_gradient_is_the_global_batch_gradient():
     _close(got, want)
 
 
-@dataclasses.dataclass(frozen=True)
-class PerDeviceStatistics:
-    """``model`` with batch norm on each device's own shard (no ``axis_name``).
-
-    The params are cast to per-device values before use. Without the cast, the
-    backward of ``jaxbn.batch_norm`` without ``axis_name`` inside ``shard_map``
-    returns a per-device ``dscale`` for a replicated ``scale`` and JAX rejects
-    it (a known limitation of the op, reported); with it, JAX all-reduces the
-    params' gradients itself (the transpose of the cast).
-    """
-
-    model: MLP
-    axis_name: str
-
-    def apply(self, params, state, x, *, training):
-        params = jax.lax.pcast(params, self.axis_name, to="varying")
-        return self.model.apply(params, state, x, training=training)
-
-
 def test_synchronization_matters():
     """The mesh step equals the per-device body with a synchronized model, by hand,
     and differs from per-device statistics."""
@@ -139,7 +120,7 @@ def test_synchronization_matters():
     body = make_train_step(dataclasses.replace(MODEL, axis_name="data"), OPT, axis_name="data")
     by_hand = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=P()))(*args)
     _close(by_hand, synced)
-    local = make_train_step(PerDeviceStatistics(MODEL, "data"), OPT, axis_name="data")
+    local = make_train_step(MODEL, OPT, axis_name="data")
     # Each device keeps its own running statistics: state comes back stacked.
     out_specs = (P(), P("data"), P(), P())
     unsynced = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=out_specs))(*args)
