@@ -210,5 +210,22 @@ def batch_indices(
     steps_per_epoch = num_examples // batch_size
     step = jnp.asarray(step, jnp.int32)
     epoch, within = jnp.divmod(step, steps_per_epoch)
-    order = jax.random.permutation(jax.random.fold_in(key, epoch), num_examples)
+    order = epoch_order(key, epoch, num_examples=num_examples)
     return lax.dynamic_slice_in_dim(order, within * batch_size, batch_size)
+
+
+def epoch_order(key: jax.Array, epoch: jax.Array | int, *, num_examples: int) -> jax.Array:
+    """The order in which epoch ``epoch`` visits the examples (see :func:`batch_indices`).
+
+    A loop over many steps can compute the orders of the epochs it spans once
+    (``jax.vmap`` over ``epoch``) instead of one permutation per step.
+
+    Args:
+        key: a ``jax.random.key``.
+        epoch: the (0-based) epoch number.
+        num_examples: size of the training set (static).
+
+    Returns:
+        ``[num_examples]`` int32, a permutation of ``range(num_examples)``.
+    """
+    return jax.random.permutation(jax.random.fold_in(key, epoch), num_examples)

@@ -54,7 +54,7 @@ from jax.typing import ArrayLike
 
 from jaxbn._checks import AxisName
 from jaxbn.checkpoint import load_checkpoint, save_checkpoint
-from jaxbn.data import batch_indices, check_batch_size
+from jaxbn.data import batch_indices, check_batch_size, epoch_order
 from jaxbn.mlp import MLP
 
 __all__ = [
@@ -358,12 +358,33 @@ def _train_loop(ts, x, labels, *, model, optimizer, batch_size, num_steps, mesh)
         axes, local_size = _mesh_axes(mesh), batch_size // mesh.size
         train_step = _local_train_step(dataclasses.replace(model, axis_name=axes), optimizer, axes)
 
+    num_examples = x.shape[0]
+    steps_per_epoch = num_examples // batch_size
+    # The epochs this call spans (static bound); their orders are drawn once, not
+    # one permutation per step. batch_indices gives the same batches step by step.
+    num_epochs = num_steps // steps_per_epoch + 2
+    precompute = num_epochs * num_examples <= 1 << 24
+
     def loop(ts, x, labels):
+        first_epoch = ts.step // steps_per_epoch
+        if precompute:
+            orders = jax.vmap(lambda e: epoch_order(ts.key, e, num_examples=num_examples))(
+                first_epoch + jnp.arange(num_epochs)
+            )
+
         def body(ts, _):
             # The global batch of this step, the same with or without a mesh; with
             # one, each device gathers its own contiguous slice of it (the slice
             # that P(axes) would give it).
-            idx = batch_indices(ts.key, ts.step, num_examples=x.shape[0], batch_size=batch_size)
+            if precompute:
+                epoch, within = jnp.divmod(ts.step, steps_per_epoch)
+                idx = lax.dynamic_slice_in_dim(
+                    orders[epoch - first_epoch], within * batch_size, batch_size
+                )
+            else:
+                idx = batch_indices(
+                    ts.key, ts.step, num_examples=num_examples, batch_size=batch_size
+                )
             if axes is not None:
                 idx = lax.dynamic_slice_in_dim(idx, lax.axis_index(axes) * local_size, local_size)
             params, state, opt_state, metrics = train_step(
