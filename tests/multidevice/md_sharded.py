@@ -235,3 +235,36 @@ def test_per_device_statistics_with_replicated_parameters(n):
         for i in range(0, 32, k)
     )
     close(got[1][1], dscale)
+
+
+def test_groups_of_devices_through_a_two_axis_mesh():
+    """Statistics over groups of devices (what axis_index_groups does under pmap): a
+    mesh ("group", "data") with axis_name="data" normalizes each group's half of the
+    batch on its own; the replicated scale and bias sum both groups' gradients."""
+    x, scale, bias, dy, *_ = inputs((32, 3), seed=11)
+    mesh = mesh_of(8, ("group", "data"), (2, 4))
+    batch = P(("group", "data"))
+
+    def local(x, scale, bias, dy):
+        f = functools.partial(jaxbn.batch_norm, axis_name="data")
+        out, pull = jax.vjp(f, x, scale, bias)
+        return out, pull((dy, jnp.zeros_like(out[1]), jnp.zeros_like(out[2])))
+
+    mapped = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(batch, P(), P(), batch),
+        out_specs=((batch, P("group"), P("group")), (batch, P(), P())),
+    )
+    args = [*put(mesh, batch, x), *put(mesh, P(), scale, bias), *put(mesh, batch, dy)]
+    (y, mean, var), (dx, dscale, dbias) = jax.device_get(jax.jit(mapped)(*args))
+    halves = [
+        single_device(x[i : i + 16], scale, bias, dy[i : i + 16], jnp.zeros(3), jnp.zeros(3))
+        for i in (0, 16)
+    ]
+    close(y, np.concatenate([h[0][0] for h in halves]))
+    close(mean, np.concatenate([h[0][1] for h in halves]))
+    close(var, np.concatenate([h[0][2] for h in halves]))
+    close(dx, np.concatenate([h[1][0] for h in halves]))
+    close(dscale, halves[0][1][1] + halves[1][1][1])
+    close(dbias, halves[0][1][2] + halves[1][1][2])
