@@ -1,0 +1,93 @@
+"""Smoke test of ``benchmarks/bench_train.py``: the paper MLP, tiny runs, structure only.
+
+No timing is asserted; the test checks that every contender that could run
+produced a positive, finite steps/s and agrees with jaxbn after one step,
+that the compiled-step memory numbers are positive, and that a peer that is
+not installed is reported with a note instead of failing the run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import math
+import pathlib
+import sys
+
+import pytest
+
+BENCH_DIR = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+PEERS = {"flax-jit": "flax", "torch-eager": "torch"}
+CONTENDERS = ["jaxbn-scan", "jaxbn-scan-pregen", "jaxbn-jit", "reference-jit", *PEERS]
+
+
+@pytest.fixture(scope="module")
+def bench_train():
+    """Imports ``benchmarks/bench_train.py`` (a script directory, not a package)."""
+    sys.path.insert(0, str(BENCH_DIR))
+    try:
+        yield importlib.import_module("bench_train")
+    finally:
+        sys.path.remove(str(BENCH_DIR))
+
+
+@pytest.fixture(scope="module")
+def quick_results(bench_train, tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "train.json"
+    argv = ["--quick", "--models", "paper", "--reps", "2", "--json", str(path)]
+    return bench_train.main(argv), path
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def test_train_results_structure(quick_results):
+    results, _ = quick_results
+    assert results["machine"]["cores"] >= 1
+    assert [m["name"] for m in results["models"]] == ["paper"]
+    (model,) = results["models"]
+    assert model["layer_sizes"] == [64, 100, 100, 100, 10]
+    assert model["batch_size"] == 60
+    entries = model["contenders"]
+    assert sorted(entries) == sorted(CONTENDERS)
+    assert entries["jaxbn-scan"]["speed_vs_jaxbn_scan"] == 1.0
+    for name, entry in entries.items():
+        module = PEERS.get(name)
+        if module is not None and not _installed(module):
+            assert entry["steps_per_s"] is None and "not installed" in entry["note"]
+            continue
+        assert math.isfinite(entry["steps_per_s"]) and entry["steps_per_s"] > 0, name
+        assert entry["reps"] == 2, name
+        assert math.isfinite(entry["speed_vs_jaxbn_scan"]), name
+        if "rel_err" in entry:  # the same step from the same start as jaxbn-jit
+            assert entry["rel_err"] < 1e-3, name
+
+
+def test_train_memory(quick_results):
+    results, _ = quick_results
+    entries = results["models"][0]["contenders"]
+    for name in ("jaxbn-jit", "reference-jit", "flax-jit"):
+        if name == "flax-jit" and not _installed("flax"):
+            continue
+        mem = entries[name]["memory"]
+        for key in ("temp_bytes", "argument_bytes", "output_bytes"):
+            assert mem[key] > 0, (name, key)
+        if _installed("flax"):
+            assert math.isfinite(mem["temp_vs_flax"]) and mem["temp_vs_flax"] > 0
+
+
+def test_train_targets_and_json(quick_results):
+    results, path = quick_results
+    targets = {t["target"]: t for t in results["targets"]}
+    assert len(targets) == 2  # paper only: memory and speed
+    for t in targets.values():
+        assert t["met"] in (True, False, None)
+    written = json.loads(path.read_text())
+    assert written["models"][0]["case"] == results["models"][0]["case"]
+
+
+def test_unknown_model_is_rejected(bench_train):
+    with pytest.raises(SystemExit):
+        bench_train.main(["--quick", "--models", "huge"])
