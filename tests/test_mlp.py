@@ -167,3 +167,19 @@ def test_bad_input_shape():
         model.apply(params, state, jnp.ones((4, 6)), training=True)
     with pytest.raises(TypeError, match="training must be a Python bool"):
         model.apply(params, state, jnp.ones((4, 5)), training=1)
+
+
+def test_remat_gives_the_same_training_step():
+    """Recomputing each hidden layer in the backward changes memory, not results."""
+    from jaxbn import train
+
+    x = jax.random.normal(jax.random.key(1), (30, 6))
+    labels = jnp.arange(30) % 4
+    outs = []
+    for remat in (False, True):
+        model = MLP((6, 16, 16, 4), activation="sigmoid", remat=remat)
+        params, state = model.init(jax.random.key(0))
+        opt = optax.sgd(0.1)
+        step = jax.jit(train.make_train_step(model, opt))
+        outs.append(step(params, state, opt.init(params), (x, labels)))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), *outs)
