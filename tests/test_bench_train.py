@@ -19,7 +19,14 @@ import pytest
 
 BENCH_DIR = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 PEERS = {"flax-jit": "flax", "torch-eager": "torch"}
-CONTENDERS = ["jaxbn-scan", "jaxbn-scan-pregen", "jaxbn-jit", "reference-jit", *PEERS]
+CONTENDERS = [
+    "jaxbn-scan",
+    "jaxbn-scan-pregen",
+    "jaxbn-jit",
+    "jaxbn-remat-jit",
+    "reference-jit",
+    *PEERS,
+]
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +75,7 @@ def test_train_results_structure(quick_results):
 def test_train_memory(quick_results):
     results, _ = quick_results
     entries = results["models"][0]["contenders"]
-    for name in ("jaxbn-jit", "reference-jit", "flax-jit"):
+    for name in ("jaxbn-jit", "jaxbn-remat-jit", "reference-jit", "flax-jit"):
         if name == "flax-jit" and not _installed("flax"):
             continue
         mem = entries[name]["memory"]
@@ -81,7 +88,7 @@ def test_train_memory(quick_results):
 def test_train_targets_and_json(quick_results):
     results, path = quick_results
     targets = {t["target"]: t for t in results["targets"]}
-    assert len(targets) == 2  # paper only: memory and speed
+    assert len(targets) == 3  # paper only: memory (default and remat) and speed
     for t in targets.values():
         assert t["met"] in (True, False, None)
     written = json.loads(path.read_text())
