@@ -153,9 +153,13 @@ def _moments(x, red, mask, axis_name):
         shift = lax.stop_gradient(lax.slice_in_dim(x, 0, 1, axis=red[0]))
         for a in red[1:]:
             shift = lax.slice_in_dim(shift, 0, 1, axis=a)
-        xs = x - shift
-        mean_s = jnp.sum(xs, axis=red, keepdims=True) / count
-        sq = jnp.sum(xs * xs, axis=red, keepdims=True) / count
+        # Two handles on the same shift. XLA on CPU fuses a broadcast into a
+        # reduction only when the broadcast has that single user: one shared
+        # ``x - shift`` is written out as an x-sized temporary and read back by
+        # each sum. With a copy each, both sums stream x itself.
+        s1, s2 = lax.optimization_barrier((shift, shift))
+        mean_s = jnp.sum(x - s1, axis=red, keepdims=True) / count
+        sq = jnp.sum(jnp.square(x - s2), axis=red, keepdims=True) / count
         var = jnp.maximum(sq - mean_s * mean_s, 0.0)
         return jnp.asarray(count, x.dtype), shift + mean_s, var
     if mask is None:
@@ -283,9 +287,14 @@ def _bwd(feat, axis_name, res, cotangents):
     red = tuple(a for a in range(ndim) if a not in feat)
     cdt = mean.dtype
     dyc = jnp.asarray(dy).astype(cdt)
-    centred = x.astype(cdt) - _expand(mean, ndim, feat)
+    xc = x.astype(cdt)
+    # As in _moments: separate handles on ``mean`` for the reduction and for dx,
+    # so that the sum fuses ``x - mean`` and reads x and dy directly instead of
+    # an x-sized ``centred`` written out beforehand (two passes fewer).
+    mean_sum, mean_dx = lax.optimization_barrier((mean, mean))
     sum_dy = jnp.sum(dyc, axis=red)
-    sum_dy_xc = jnp.sum(dyc * centred, axis=red)
+    sum_dy_xc = jnp.sum(dyc * (xc - _expand(mean_sum, ndim, feat)), axis=red)
+    centred = xc - _expand(mean_dx, ndim, feat)
     # The sums run over the global batch. With a named axis, the sums for dx are
     # sum_devices scale_d * (sum_dy_d, sum_dy_xc_d): reduce over the axes where
     # scale is replicated first, scale, then reduce over the axes where it varies
