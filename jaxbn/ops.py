@@ -92,10 +92,6 @@ def _expand_mask(mask: jax.Array, ndim: int, feat: tuple[int, ...]) -> jax.Array
     return jnp.expand_dims(mask, feat)
 
 
-def _psum(v, axis_name: AxisName):
-    return v if axis_name is None else lax.psum(v, axis_name)
-
-
 def _axis_tuple(axis_name: AxisName) -> tuple[str, ...]:
     if axis_name is None:
         return ()
@@ -162,19 +158,18 @@ def _moments(x, red, mask, axis_name):
         sq = jnp.sum(jnp.square(x - s2), axis=red, keepdims=True) / count
         var = jnp.maximum(sq - mean_s * mean_s, 0.0)
         return jnp.asarray(count, x.dtype), shift + mean_s, var
+    axes = _axis_tuple(axis_name)
     if mask is None:
-        count = _psum(jnp.asarray(math.prod(x.shape[a] for a in red), x.dtype), axis_name)
-        mean = _psum(jnp.sum(x, axis=red, keepdims=True), axis_name) / count
-        d = x - mean
-        var = _psum(jnp.sum(d * d, axis=red, keepdims=True), axis_name) / count
-        return count, mean, var
-    w = jnp.broadcast_to(mask, _reduced_shape(x.shape, red)).astype(x.dtype)
-    count = _psum(jnp.sum(w), axis_name)
-    # An all-masked batch: statistics of zero instead of 0 / 0.
-    safe = jnp.maximum(count, 1.0)
-    mean = _psum(jnp.sum(jnp.where(mask, x, 0), axis=red, keepdims=True), axis_name) / safe
-    d = jnp.where(mask, x - mean, 0)
-    var = _psum(jnp.sum(d * d, axis=red, keepdims=True), axis_name) / safe
+        count = jnp.asarray(math.prod(x.shape[a] for a in red), x.dtype)
+        kept = x
+    else:
+        count = jnp.sum(jnp.broadcast_to(mask, _reduced_shape(x.shape, red)), dtype=x.dtype)
+        kept = jnp.where(mask, x, 0)
+    count = _psum_over(count, axes)
+    safe = jnp.maximum(count, 1.0)  # an all-masked batch: statistics of zero, not 0 / 0
+    mean = _psum_over(jnp.sum(kept, axis=red, keepdims=True), axes) / safe
+    d = x - mean if mask is None else jnp.where(mask, x - mean, 0)
+    var = _psum_over(jnp.sum(d * d, axis=red, keepdims=True), axes) / safe
     return count, mean, var
 
 
