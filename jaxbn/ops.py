@@ -98,6 +98,19 @@ def _axis_tuple(axis_name: AxisName) -> tuple[str, ...]:
     return tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
 
 
+def _handles(v, n: int) -> tuple:
+    """``n`` separate handles on the same value, one for each consumer.
+
+    XLA on CPU fuses an elementwise producer (a broadcast subtraction such as
+    ``x - mean``, a conversion such as ``x.astype(float32)``) into its consumer
+    only when the consumer is its single user; a producer shared by two passes
+    is written out as an x-sized temporary and read back. Behind an
+    ``optimization_barrier`` each consumer recomputes its own copy inside its
+    fusion and streams ``x`` itself: fewer passes, no temporaries.
+    """
+    return lax.optimization_barrier((v,) * n)
+
+
 def _psum_over(v, axes: tuple[str, ...]):
     return lax.psum(v, axes) if axes else v
 
@@ -128,8 +141,8 @@ def _sharded_along(x: jax.Array, axes: tuple[int, ...]) -> bool:
     return spec is not None and any(a < len(spec) and spec[a] is not None for a in axes)
 
 
-def _moments(x, red, mask, axis_name):
-    """Returns ``(count, mean, var)`` over the axes ``red``; ``x`` in compute dtype.
+def _moments(x, red, mask, axis_name, cdt):
+    """Returns ``(count, mean, var)`` over the axes ``red``, in the compute dtype ``cdt``.
 
     Without a mask or a named axis the two moments come from a single fused pass
     over ``x`` shifted by one of its own samples ``s`` (per feature):
@@ -144,31 +157,30 @@ def _moments(x, red, mask, axis_name):
     makes two passes: the mean first, then the centred squares; each sum is
     all-reduced once.
     """
+    # Each of the two passes gets its own handles on x and the shift (_handles).
+    xa, xb = (v.astype(cdt) for v in _handles(x, 2))
     if mask is None and axis_name is None and not _sharded_along(x, red):
         count = math.prod(x.shape[a] for a in red)
         shift = lax.stop_gradient(lax.slice_in_dim(x, 0, 1, axis=red[0]))
         for a in red[1:]:
             shift = lax.slice_in_dim(shift, 0, 1, axis=a)
-        # Two handles on the same shift. XLA on CPU fuses a broadcast into a
-        # reduction only when the broadcast has that single user: one shared
-        # ``x - shift`` is written out as an x-sized temporary and read back by
-        # each sum. With a copy each, both sums stream x itself.
-        s1, s2 = lax.optimization_barrier((shift, shift))
-        mean_s = jnp.sum(x - s1, axis=red, keepdims=True) / count
-        sq = jnp.sum(jnp.square(x - s2), axis=red, keepdims=True) / count
+        shift = shift.astype(cdt)
+        s1, s2 = _handles(shift, 2)
+        mean_s = jnp.sum(xa - s1, axis=red, keepdims=True) / count
+        sq = jnp.sum(jnp.square(xb - s2), axis=red, keepdims=True) / count
         var = jnp.maximum(sq - mean_s * mean_s, 0.0)
-        return jnp.asarray(count, x.dtype), shift + mean_s, var
+        return jnp.asarray(count, cdt), shift + mean_s, var
     axes = _axis_tuple(axis_name)
     if mask is None:
-        count = jnp.asarray(math.prod(x.shape[a] for a in red), x.dtype)
-        kept = x
+        count = jnp.asarray(math.prod(x.shape[a] for a in red), cdt)
+        kept = xa
     else:
-        count = jnp.sum(jnp.broadcast_to(mask, _reduced_shape(x.shape, red)), dtype=x.dtype)
-        kept = jnp.where(mask, x, 0)
+        count = jnp.sum(jnp.broadcast_to(mask, _reduced_shape(x.shape, red)), dtype=cdt)
+        kept = jnp.where(mask, xa, 0)
     count = _psum_over(count, axes)
     safe = jnp.maximum(count, 1.0)  # an all-masked batch: statistics of zero, not 0 / 0
     mean = _psum_over(jnp.sum(kept, axis=red, keepdims=True), axes) / safe
-    d = x - mean if mask is None else jnp.where(mask, x - mean, 0)
+    d = xb - mean if mask is None else jnp.where(mask, xb - mean, 0)
     var = _psum_over(jnp.sum(d * d, axis=red, keepdims=True), axes) / safe
     return count, mean, var
 
@@ -213,15 +225,14 @@ def _fwd(x, scale, bias, mask, feat, eps, axis_name):
     ndim = x.ndim
     red = tuple(a for a in range(ndim) if a not in feat)
     cdt = _compute_dtype(x.dtype)
-    xc = x.astype(cdt)
     emask = None if mask is None else _expand_mask(mask, ndim, feat)
-    count, mean_k, var_k = _moments(xc, red, emask, axis_name)
+    count, mean_k, var_k = _moments(x, red, emask, axis_name, cdt)
     mean, var = jnp.squeeze(mean_k, red), jnp.squeeze(var_k, red)
     inv_std = lax.rsqrt(var + eps)
     # y = (x - mean) * (scale * inv_std) + bias: one pass over x. Subtracting the
     # mean first (rather than y = x * a + b) keeps y accurate when |mean| >> std.
     a = inv_std if scale is None else inv_std * scale.astype(cdt)
-    y = (xc - mean_k) * _expand(a, ndim, feat)
+    y = (x.astype(cdt) - mean_k) * _expand(a, ndim, feat)
     if bias is not None:
         y = y + _expand(bias.astype(cdt), ndim, feat)
     # A zero-size slice of bias: its dtype and (under shard_map) its type.
@@ -281,15 +292,14 @@ def _bwd(feat, axis_name, res, cotangents):
     ndim = x.ndim
     red = tuple(a for a in range(ndim) if a not in feat)
     cdt = mean.dtype
-    dyc = jnp.asarray(dy).astype(cdt)
-    xc = x.astype(cdt)
-    # As in _moments: separate handles on ``mean`` for the reduction and for dx,
-    # so that the sum fuses ``x - mean`` and reads x and dy directly instead of
-    # an x-sized ``centred`` written out beforehand (two passes fewer).
-    mean_sum, mean_dx = lax.optimization_barrier((mean, mean))
-    sum_dy = jnp.sum(dyc, axis=red)
-    sum_dy_xc = jnp.sum(dyc * (xc - _expand(mean_sum, ndim, feat)), axis=red)
-    centred = xc - _expand(mean_dx, ndim, feat)
+    # Separate handles (_handles) on x, dy and mean for each of the passes: the
+    # two sums, then dx.
+    x_sum, x_dx = (v.astype(cdt) for v in _handles(x, 2))
+    dy_sum, dy_sum_xc, dyc = (v.astype(cdt) for v in _handles(jnp.asarray(dy), 3))
+    mean_sum, mean_dx = _handles(mean, 2)
+    sum_dy = jnp.sum(dy_sum, axis=red)
+    sum_dy_xc = jnp.sum(dy_sum_xc * (x_sum - _expand(mean_sum, ndim, feat)), axis=red)
+    centred = x_dx - _expand(mean_dx, ndim, feat)
     # The sums run over the global batch. With a named axis, the sums for dx are
     # sum_devices scale_d * (sum_dy_d, sum_dy_xc_d): reduce over the axes where
     # scale is replicated first, scale, then reduce over the axes where it varies
@@ -432,7 +442,7 @@ def batch_stats(
     x = jnp.asarray(x)
     red = tuple(a for a in range(x.ndim) if a not in feat)
     emask = None if mask is None else _expand_mask(mask, x.ndim, feat)
-    count, mean, var = _moments(x.astype(_compute_dtype(x.dtype)), red, emask, axis_name)
+    count, mean, var = _moments(x, red, emask, axis_name, _compute_dtype(x.dtype))
     return count, jnp.squeeze(mean, red), jnp.squeeze(var, red)
 
 
