@@ -64,7 +64,8 @@ class BatchNorm:
             inside ``shard_map``/``pmap``.
         dtype: dtype of ``y``; ``None`` keeps the input's. Computation is in
             float32 (or wider) whatever the input and output dtypes.
-        param_dtype: dtype of ``params`` and ``state``.
+        param_dtype: dtype of ``params``; the state is kept in it promoted to at
+            least float32.
         unbiased_running_var: update the running variance with the unbiased
             batch variance ``var * n / (n - 1)`` (PyTorch's behaviour); the
             batch is still normalized with the biased one.
@@ -114,9 +115,9 @@ class BatchNorm:
             raise ValueError(
                 f"num_features must be a positive int or a tuple of them, got {self.num_features!r}"
             )
-        naxes = 1 if isinstance(self.axis, (int, np.integer)) else len(self.axis)
         if isinstance(self.axis, list) or isinstance(self.num_features, list):
             raise TypeError("axis and num_features must be ints or tuples, not lists")
+        naxes = 1 if isinstance(self.axis, (int, np.integer)) else len(self.axis)
         if naxes != len(shape):
             raise ValueError(
                 f"num_features {self.num_features!r} must give one size per feature "
@@ -126,7 +127,8 @@ class BatchNorm:
             m = getattr(self, name)
             if m is None and name == "momentum":
                 continue
-            if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0.0 <= m <= 1.0:
+            real = isinstance(m, (int, float, np.integer, np.floating))
+            if isinstance(m, bool) or not real or not 0.0 <= m <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {m!r}")
         _checks.check_eps(self.eps)
         if not jnp.issubdtype(self.param_dtype, jnp.floating):
@@ -134,7 +136,7 @@ class BatchNorm:
         if self.dtype is not None and not jnp.issubdtype(self.dtype, jnp.floating):
             raise TypeError(f"dtype must be floating or None, got {self.dtype!r}")
         k = self.virtual_batch_size
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 2):
+        if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 2):
             raise ValueError(f"virtual_batch_size must be an int >= 2 or None, got {k!r}")
         if k is not None and (self.renorm or self.axis_name is not None):
             raise ValueError(
@@ -158,6 +160,8 @@ class BatchNorm:
             eps: PyTorch's ``eps``.
             **kwargs: any other :class:`BatchNorm` field.
         """
+        if momentum is not None and not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum (PyTorch's) must be in [0, 1] or None, got {momentum!r}")
         kwargs.setdefault("axis", 1)
         kwargs.setdefault("unbiased_running_var", True)
         return cls(
@@ -179,21 +183,26 @@ class BatchNorm:
         ``"renorm_mean"``/``"renorm_var"`` with ``renorm=True``.
 
         Args:
-            dtype: dtype of the params and state; defaults to ``param_dtype``.
+            dtype: dtype of the params; defaults to ``param_dtype``. The state
+                is kept in this dtype promoted to at least float32: a running
+                average in bfloat16 loses its ``(1 - momentum)`` updates to
+                rounding (at momentum 0.99 the running variance of unit-variance
+                data stays near its initial 1).
         """
         dtype = self.param_dtype if dtype is None else dtype
+        state_dtype = jnp.promote_types(dtype, jnp.float32)
         shape = self.feature_shape
         params = {}
         if self.use_scale:
             params["scale"] = jnp.ones(shape, dtype)
         if self.use_bias:
             params["bias"] = jnp.zeros(shape, dtype)
-        state = {"mean": jnp.zeros(shape, dtype), "var": jnp.ones(shape, dtype)}
+        state = {"mean": jnp.zeros(shape, state_dtype), "var": jnp.ones(shape, state_dtype)}
         if self.momentum is None:
             state["count"] = jnp.zeros((), jnp.int32)
         if self.renorm:
-            state["renorm_mean"] = jnp.zeros(shape, dtype)
-            state["renorm_var"] = jnp.ones(shape, dtype)
+            state["renorm_mean"] = jnp.zeros(shape, state_dtype)
+            state["renorm_var"] = jnp.ones(shape, state_dtype)
         return params, state
 
     def apply(
@@ -237,6 +246,15 @@ class BatchNorm:
             )
         if renorm_clipping is not None and not self.renorm:
             raise ValueError("renorm_clipping was given, but the layer has renorm=False")
+        if renorm_clipping is not None and not any(
+            isinstance(v, jax.core.Tracer) for v in jax.tree.leaves(renorm_clipping)
+        ):
+            _check_clipping(renorm_clipping)
+        if mask is not None and not training:
+            raise ValueError(
+                "mask is only used in training (batch statistics); got a mask with training=False"
+            )
+        self._check_variables(params, state)
         out_dtype = x.dtype if self.dtype is None else jnp.dtype(self.dtype)
         # A wider output dtype than the input: convert first (exact), normalize there.
         x = x.astype(jnp.promote_types(x.dtype, out_dtype))
@@ -268,6 +286,19 @@ class BatchNorm:
             # An all-masked batch has no statistics: keep the old ones.
             new_state = {k: jnp.where(count > 0, v, old[k]) for k, v in new_state.items()}
         return y.astype(out_dtype), new_state
+
+    def _check_variables(self, params, state):
+        """Checks the keys and shapes of ``params`` and ``state`` against the config."""
+        names = ("scale",) * self.use_scale + ("bias",) * self.use_bias
+        _checks.check_keys("params", params, names, names)
+        stats = ("mean", "var")
+        stats += ("count",) * (self.momentum is None)
+        stats += ("renorm_mean", "renorm_var") * self.renorm
+        _checks.check_keys("state", state, stats, stats)
+        for tree, tree_name in ((params, "params"), (state, "state")):
+            for key, v in tree.items():
+                if key != "count":
+                    _checks.check_feature_vector(f'{tree_name}["{key}"]', v, self.feature_shape)
 
     def _count(self, x, feat, mask):
         """Values per feature in the batch statistics (over the named axes too)."""

@@ -4,6 +4,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import jaxbn
@@ -96,3 +97,26 @@ def test_layer_apply_errors():
         bn.apply(params, state, jnp.ones((1, 3)), training=True)
     with pytest.raises(ValueError, match="x must have rank"):
         bn.apply(params, state, jnp.float32(1), training=False)
+
+
+def test_layer_checks_params_state_mask_and_clipping():
+    bn = jaxbn.BatchNorm(3)
+    params, state = bn.init()
+    with pytest.raises(ValueError, match=r"params must hold the keys \['scale', 'bias'\]"):
+        bn.apply({"bias": params["bias"]}, state, x, training=True)
+    with pytest.raises(ValueError, match="params may only hold the keys"):
+        jaxbn.BatchNorm(3, use_scale=False).apply(params, state, x, training=True)
+    with pytest.raises(ValueError, match=r'state\["var"\] must have shape \(3,\)'):
+        bn.apply(params, {"mean": state["mean"], "var": jnp.ones(1)}, x, training=True)
+    with pytest.raises(ValueError, match=r"state must hold the keys.*count"):
+        jaxbn.BatchNorm(3, momentum=None).apply(params, state, x, training=True)
+    with pytest.raises(ValueError, match="mask is only used in training"):
+        bn.apply(params, state, x, training=False, mask=jnp.ones(4, bool))
+    rn = jaxbn.BatchNorm(3, renorm=True)
+    p2, s2 = rn.init()
+    with pytest.raises(ValueError, match="rmax >= 1 and dmax >= 0"):
+        rn.apply(p2, s2, x, training=True, renorm_clipping=(0.5, -1.0))
+    with pytest.raises(ValueError, match=r"momentum \(PyTorch's\) must be in \[0, 1\]"):
+        jaxbn.BatchNorm.like_torch(3, momentum=1.5)
+    # numpy scalars are fine where Python numbers are.
+    jaxbn.BatchNorm(3, momentum=np.float32(0.9), virtual_batch_size=np.int64(2))

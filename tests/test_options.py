@@ -88,12 +88,17 @@ def test_precision_policy(x_dtype, dtype):
     np.testing.assert_allclose(np.asarray(g_x, np.float32), g32[1], atol=gx_tol)
 
 
-def test_params_and_state_follow_param_dtype():
-    bn = jaxbn.BatchNorm(4, param_dtype=jnp.bfloat16)
+def test_params_follow_param_dtype_and_state_stays_float32():
+    bn = jaxbn.BatchNorm(4, param_dtype=jnp.bfloat16, momentum=0.99)
     params, state = bn.init()
-    assert all(v.dtype == jnp.bfloat16 for v in (*params.values(), *state.values()))
-    y, new_state = bn.apply(params, state, data((8, 4)), training=True)
-    assert y.dtype == jnp.float32 and new_state["mean"].dtype == jnp.bfloat16
+    assert all(v.dtype == jnp.bfloat16 for v in params.values())
+    assert all(v.dtype == jnp.float32 for v in state.values())
+    step = jax.jit(lambda s, x: bn.apply(params, s, x, training=True))
+    for i in range(300):
+        y, state = step(state, 1.2 * jax.random.normal(jax.random.key(i), (64, 4)))
+    assert y.dtype == jnp.float32 and state["var"].dtype == jnp.float32
+    # 1 - 0.99^300 = 95% of the way from 1 to 1.44: a bfloat16 average would stall near 1.
+    np.testing.assert_allclose(state["var"], 1.0 + 0.95 * 0.44, rtol=0.05)
 
 
 # --- ghost batch norm -------------------------------------------------------------
