@@ -80,9 +80,10 @@ def check_feature_vector(name: str, v: ArrayLike | None, shape: tuple[int, ...])
 def check_mask(mask: ArrayLike | None, x_shape: tuple[int, ...], feat: tuple[int, ...]):
     """Checks ``mask`` and returns it over the reduction axes of ``x`` (or ``None``).
 
-    A mask is boolean and broadcasts to ``x`` without its feature axes (``[N]``
-    for ``[N, C]``; ``[N, H, W]`` or ``[N, 1, 1]`` for NHWC), or has ``x``'s rank
-    with size 1 on the feature axes (``[N, 1]`` for ``[N, C]``).
+    A mask is boolean with the rank of ``x`` without its feature axes, and
+    broadcasts to that shape (``[N]`` for ``[N, C]``; ``[N, H, W]`` or
+    ``[N, 1, 1]`` for NHWC), or has ``x``'s rank with size 1 on the feature axes
+    (``[N, 1]`` for ``[N, C]``, ``[N, 1, 1, 1]`` for NCHW).
     """
     if mask is None:
         return None
@@ -97,9 +98,11 @@ def check_mask(mask: ArrayLike | None, x_shape: tuple[int, ...], feat: tuple[int
         ok = np.broadcast_shapes(mshape, red_shape) == red_shape
     except ValueError:
         ok = False
-    if not ok or len(mshape) > len(red_shape):
+    # A lower rank would be aligned from the right: a per-example mask [N] on NCHW
+    # input would then mask along W. Only [N] on a single reduced axis is unambiguous.
+    if not ok or len(mshape) != len(red_shape):
         raise ValueError(
-            f"mask must broadcast to the shape of x without its feature axes, "
+            f"mask must have the rank of x without its feature axes and broadcast to "
             f"{red_shape} (or have x's rank with size 1 on the feature axes); got "
             f"{jnp.shape(mask)} for x of shape {x_shape}"
         )

@@ -87,7 +87,10 @@ def fold_into_dense(
     _checks.check_eps(eps)
     _checks.check_keys("dense_params", dense_params, ("kernel", "bias"), ("kernel",))
     _checks.check_keys("bn_params", bn_params, ("scale", "bias"), ())
-    _checks.check_keys("bn_state", bn_state, ("mean", "var"), ("mean", "var"))
+    # Other entries of a BatchNorm state (a batch count, renorm statistics) play
+    # no part in evaluation mode.
+    state_keys = ("mean", "var", "count", "renorm_mean", "renorm_var")
+    _checks.check_keys("bn_state", bn_state, state_keys, ("mean", "var"))
     kernel = jnp.asarray(dense_params["kernel"])
     if kernel.ndim != 2:
         raise ValueError(

@@ -262,6 +262,13 @@ def batch_norm_bwd(
         forward had no ``scale``/``bias``.
     """
     feat = _checks.feature_axes(res.x.ndim, axis)
+    fshape = tuple(res.x.shape[a] for a in feat)
+    if res.mean.shape != fshape or jnp.shape(cotangents[0]) != res.x.shape:
+        raise ValueError(
+            f"axis={axis!r} gives features {fshape}, but the residuals hold statistics of "
+            f"shape {res.mean.shape}: pass the axis of the forward; dy must have x's shape "
+            f"{res.x.shape}, got {jnp.shape(cotangents[0])}"
+        )
     return _bwd(feat, axis_name, res, cotangents)
 
 

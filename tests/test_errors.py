@@ -39,7 +39,13 @@ def traced(fn, *args, **kwargs):
         ((jnp.ones((1, 3)), v3, v3), {}, ValueError, r"more than 1 value.*\(1, 3\)"),
         ((jnp.ones((5, 1, 1, 3)), None, None), {"axis": (0, 3)}, ValueError, "more than 1"),
         ((x, None, None), {"mask": jnp.ones(4)}, TypeError, "mask must be a boolean"),
-        ((x, None, None), {"mask": jnp.ones(5, bool)}, ValueError, r"mask must broadcast"),
+        ((x, None, None), {"mask": jnp.ones(5, bool)}, ValueError, r"mask must have the rank"),
+        (
+            (jnp.ones((4, 3, 4, 4)), None, None),
+            {"axis": 1, "mask": jnp.ones(4, bool)},  # [N] on NCHW: ambiguous, refused
+            ValueError,
+            r"mask must have the rank of x without its feature axes",
+        ),
     ],
 )
 def test_op_errors(op, args, kwargs, error, match):
@@ -120,3 +126,10 @@ def test_layer_checks_params_state_mask_and_clipping():
         jaxbn.BatchNorm.like_torch(3, momentum=1.5)
     # numpy scalars are fine where Python numbers are.
     jaxbn.BatchNorm(3, momentum=np.float32(0.9), virtual_batch_size=np.int64(2))
+
+
+def test_bwd_refuses_residuals_of_another_axis():
+    _, res = jaxbn.batch_norm_fwd(jnp.ones((4, 3, 5)), None, None, axis=1)
+    cts = (jnp.ones((4, 3, 5)), jnp.zeros(3), jnp.zeros(3))
+    with pytest.raises(ValueError, match="pass the axis of the forward"):
+        jaxbn.batch_norm_bwd(res, cts, axis=-1)

@@ -282,3 +282,18 @@ def test_mlp_fold_gives_the_same_outputs_as_evaluation_mode():
     want = model.apply(params, state, x, training=False)[0]
     got = folded.apply(fparams, fstate, x, training=False)[0]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+@pytest.mark.parametrize(
+    "options", [{"momentum": None}, {"renorm": True}], ids=["cumulative", "renorm"]
+)
+def test_mlp_fold_with_extra_state_entries(options):
+    bn = jaxbn.BatchNorm(4, **options)
+    params, state = bn.init()
+    x = jax.random.normal(jax.random.key(0), (16, 4)) * 2 + 1
+    _, state = bn.apply(params, state, x, training=True)
+    kernel = jax.random.normal(jax.random.key(1), (3, 4))
+    folded = fold_into_dense({"kernel": kernel}, params, state, eps=bn.eps)
+    h = jax.random.normal(jax.random.key(2), (5, 3))
+    want = bn.apply(params, state, h @ kernel, training=False)[0]
+    np.testing.assert_allclose(h @ folded["kernel"] + folded["bias"], want, rtol=1e-5, atol=1e-5)
