@@ -18,7 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["Dataset", "batch_indices", "check_batch_size", "load_digits", "make_blobs"]
+__all__ = [
+    "Dataset",
+    "batch_indices",
+    "check_batch_size",
+    "epoch_order",
+    "load_digits",
+    "make_blobs",
+]
 
 
 class Dataset(NamedTuple):

@@ -69,6 +69,10 @@ __all__ = [
     "make_train_step",
 ]
 
+#: The scan loop draws the orders of the epochs it spans up front when they hold
+#: at most this many indices (64 MiB of int32), else one permutation per step.
+MAX_PRECOMPUTED_INDICES = 1 << 24
+
 Batch = tuple[jax.Array, jax.Array]
 Metrics = dict[str, jax.Array]
 
@@ -363,7 +367,7 @@ def _train_loop(ts, x, labels, *, model, optimizer, batch_size, num_steps, mesh)
     # The epochs this call spans (static bound); their orders are drawn once, not
     # one permutation per step. batch_indices gives the same batches step by step.
     num_epochs = num_steps // steps_per_epoch + 2
-    precompute = num_epochs * num_examples <= 1 << 24
+    precompute = num_epochs * num_examples <= MAX_PRECOMPUTED_INDICES
 
     def loop(ts, x, labels):
         first_epoch = ts.step // steps_per_epoch

@@ -94,25 +94,39 @@ def test_state_changes_in_training_not_in_evaluation():
     )
 
 
-def test_scan_equals_single_steps():
+@pytest.mark.parametrize("precompute", [True, False], ids=["epoch-orders", "per-step"])
+def test_scan_equals_single_steps(precompute, monkeypatch):
+    """K scan steps equal K single steps on the batches of batch_indices, across
+    epoch boundaries (25 steps of 3 per epoch), with the epochs' orders drawn up
+    front and with one permutation per step."""
+    import jaxbn.train as train_module
+
+    if not precompute:
+        monkeypatch.setattr(train_module, "MAX_PRECOMPUTED_INDICES", 0)
+        # The per-step branch must be traced anew, not taken from the compile cache;
+        # and it must not draw any epoch's order up front.
+        train_module._train_loop.clear_cache()
+        monkeypatch.setattr(train_module, "epoch_order", None)
     optimizer = ADAM
     ts = init_train_state(MODEL, optimizer, jax.random.key(0))
-    x, y = jnp.asarray(BLOBS.x_train), jnp.asarray(BLOBS.y_train)
+    x, y = jnp.asarray(BLOBS.x_train[:100]), jnp.asarray(BLOBS.y_train[:100])
     run = make_train_loop(MODEL, optimizer, batch_size=BATCH)
-    scanned, metrics = run(ts, x, y, 10)
+    first, _ = run(ts, x, y, 4)  # starting mid-epoch in the second call
+    scanned, metrics = run(first, x, y, 21)
 
     step = jax.jit(make_train_step(MODEL, optimizer))
     params, state, opt_state = ts.params, ts.state, ts.opt_state
     losses = []
-    for t in range(10):
+    for t in range(25):
         idx = batch_indices(ts.key, t, num_examples=x.shape[0], batch_size=BATCH)
         params, state, opt_state, m = step(params, state, opt_state, (x[idx], y[idx]))
         losses.append(float(m["loss"]))
-    np.testing.assert_allclose(metrics["loss"], losses, rtol=1e-6)
+    np.testing.assert_allclose(metrics["loss"], losses[4:], rtol=1e-6)
     _assert_trees_equal(
         (scanned.params, scanned.state, scanned.opt_state), (params, state, opt_state)
     )
-    assert int(scanned.step) == 10
+    assert int(scanned.step) == 25
+    train_module._train_loop.clear_cache()
 
 
 class _Interrupt(Exception):
