@@ -71,7 +71,10 @@ class BatchNorm:
             batch is still normalized with the biased one.
         virtual_batch_size: ghost batch norm (Hoffer et al., 2017): split the
             batch (axis 0) into groups of this many examples, each normalized
-            with its own statistics; the running statistics average the groups'.
+            with its own statistics; the running statistics average the groups'
+            (weighted by their kept counts under a mask; with
+            ``unbiased_running_var`` the ``n / (n - 1)`` correction uses the
+            average group count).
         renorm: batch renormalization (Ioffe, 2017): in training,
             ``y = ((x - mean_B) / std_B * r + d) * scale + bias`` with ``r`` and
             ``d`` from the renorm running statistics, clipped, and held constant
