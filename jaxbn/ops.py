@@ -189,6 +189,13 @@ def _reduced_shape(shape, red):
     return tuple(d if i in red else 1 for i, d in enumerate(shape))
 
 
+def _op_args(x, scale, bias, axis, eps, axis_name, mask):
+    """Checks the public arguments; returns those of ``_fwd`` / ``_batch_norm``."""
+    feat, mask = _checks.check_op_args(x, scale, bias, axis, eps, mask, axis_name=axis_name)
+    scale, bias = (None if v is None else jnp.asarray(v) for v in (scale, bias))
+    return jnp.asarray(x), scale, bias, mask, feat, float(eps), axis_name
+
+
 def batch_norm_fwd(
     x: ArrayLike,
     scale: ArrayLike | None,
@@ -216,9 +223,7 @@ def batch_norm_fwd(
         ``((y, mean, var), residuals)`` where ``residuals`` is a
         :class:`BatchNormResiduals` to pass to :func:`batch_norm_bwd`.
     """
-    feat, mask = _checks.check_op_args(x, scale, bias, axis, eps, mask, axis_name=axis_name)
-    scale, bias = (None if v is None else jnp.asarray(v) for v in (scale, bias))
-    return _fwd(jnp.asarray(x), scale, bias, mask, feat, float(eps), axis_name)
+    return _fwd(*_op_args(x, scale, bias, axis, eps, axis_name, mask))
 
 
 def _fwd(x, scale, bias, mask, feat, eps, axis_name):
@@ -414,9 +419,7 @@ def batch_norm(
         >>> mean, var
         (Array([ 2., 20.], dtype=float32), Array([  1., 100.], dtype=float32))
     """
-    feat, mask = _checks.check_op_args(x, scale, bias, axis, eps, mask, axis_name=axis_name)
-    scale, bias = (None if v is None else jnp.asarray(v) for v in (scale, bias))
-    return _batch_norm(jnp.asarray(x), scale, bias, mask, feat, float(eps), axis_name)
+    return _batch_norm(*_op_args(x, scale, bias, axis, eps, axis_name, mask))
 
 
 def batch_stats(
