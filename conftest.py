@@ -1,6 +1,10 @@
 """Test collection settings shared by every test run."""
 
+import importlib
 import os
+import sys
+
+import pytest
 
 collect_ignore = []
 try:
@@ -13,3 +17,19 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     # These need several devices, set up before JAX is imported: tests/test_multidevice.py
     # runs them in a subprocess of their own.
     collect_ignore.append("tests/multidevice")
+
+BENCH_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks")
+
+
+@pytest.fixture(scope="session")
+def import_benchmark():
+    """Returns ``load(name)``, which imports ``benchmarks/<name>.py``.
+
+    ``benchmarks/`` is a folder of scripts, not a package: its folder is put on
+    ``sys.path`` for the test session (the scripts import their shared helpers).
+    """
+    sys.path.insert(0, BENCH_DIR)
+    try:
+        yield importlib.import_module
+    finally:
+        sys.path.remove(BENCH_DIR)

@@ -323,8 +323,13 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_json(path: str | os.PathLike, results: Any) -> None:
-    """Writes results (dicts, lists, dataclasses, numbers) as indented JSON."""
+def write_json(path: str | os.PathLike | None, results: Any) -> None:
+    """Writes results (dicts, lists, dataclasses, numbers) as indented JSON.
+
+    ``path=None`` (no ``--json`` given) writes nothing.
+    """
+    if path is None:
+        return
 
     def default(o):
         if hasattr(o, "__dataclass_fields__"):
@@ -336,3 +341,4 @@ def write_json(path: str | os.PathLike, results: Any) -> None:
     with open(path, "w") as f:
         json.dump(results, f, indent=2, default=default)
         f.write("\n")
+    print(f"\nwrote {path}")

@@ -465,9 +465,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "skipped": skipped,
         "cases": results,
     }
-    if args.json:
-        _common.write_json(args.json, out)
-        print(f"\nwrote {args.json}")
+    _common.write_json(args.json, out)
     return out
 
 

@@ -286,9 +286,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "warmup": warmup,
         "cases": results,
     }
-    if args.json:
-        _common.write_json(args.json, out)
-        print(f"\nwrote {args.json}")
+    _common.write_json(args.json, out)
     return out
 
 

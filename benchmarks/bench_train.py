@@ -920,9 +920,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "models": models,
         "targets": targets,
     }
-    if args.json:
-        _common.write_json(args.json, out)
-        print(f"\nwrote {args.json}")
+    _common.write_json(args.json, out)
     return out
 
 

@@ -8,16 +8,12 @@ not installed is reported with a note instead of failing the run.
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import json
 import math
-import pathlib
-import sys
 
 import pytest
 
-BENCH_DIR = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 PEERS = {"flax-jit": "flax", "torch-eager": "torch"}
 CONTENDERS = [
     "jaxbn-scan",
@@ -30,13 +26,9 @@ CONTENDERS = [
 
 
 @pytest.fixture(scope="module")
-def bench_train():
-    """Imports ``benchmarks/bench_train.py`` (a script directory, not a package)."""
-    sys.path.insert(0, str(BENCH_DIR))
-    try:
-        yield importlib.import_module("bench_train")
-    finally:
-        sys.path.remove(str(BENCH_DIR))
+def bench_train(import_benchmark):
+    """``benchmarks/bench_train.py``."""
+    return import_benchmark("bench_train")
 
 
 @pytest.fixture(scope="module")

@@ -8,25 +8,17 @@ installed is skipped by the script itself and must show up with a note.
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import json
 import math
-import pathlib
-import sys
 
 import pytest
 
-BENCH_DIR = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
-
 
 @pytest.fixture(scope="module")
-def bench_op():
-    """Imports ``benchmarks/bench_op.py`` (a script directory, not a package)."""
-    sys.path.insert(0, str(BENCH_DIR))
-    try:
-        yield importlib.import_module("bench_op")
-    finally:
-        sys.path.remove(str(BENCH_DIR))
+def bench_op(import_benchmark):
+    """``benchmarks/bench_op.py``."""
+    return import_benchmark("bench_op")
 
 
 @pytest.fixture(scope="module")

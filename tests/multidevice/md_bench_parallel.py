@@ -4,29 +4,20 @@ No timing is asserted; the test checks that every device count ran, produced
 positive finite times and all-reduce counts, and that the JSON file is written.
 """
 
-import importlib
 import json
 import math
-import pathlib
-import sys
 
 import jax
 import pytest
-
-BENCH_DIR = pathlib.Path(__file__).resolve().parents[2] / "benchmarks"
 
 if jax.device_count() < 2:  # pragma: no cover - guarded by the runner
     pytest.skip("needs several devices (XLA_FLAGS)", allow_module_level=True)
 
 
 @pytest.fixture(scope="module")
-def bench_parallel():
-    """Imports ``benchmarks/bench_parallel.py`` (a script directory, not a package)."""
-    sys.path.insert(0, str(BENCH_DIR))
-    try:
-        yield importlib.import_module("bench_parallel")
-    finally:
-        sys.path.remove(str(BENCH_DIR))
+def bench_parallel(import_benchmark):
+    """``benchmarks/bench_parallel.py``."""
+    return import_benchmark("bench_parallel")
 
 
 def test_quick_run_structure(bench_parallel, tmp_path):
