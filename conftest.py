@@ -5,6 +5,8 @@ import os
 import sys
 
 import pytest
+from sybil import Sybil
+from sybil.parsers.markdown import PythonCodeBlockParser
 
 collect_ignore = []
 try:
@@ -33,3 +35,12 @@ def import_benchmark():
         yield importlib.import_module
     finally:
         sys.path.remove(BENCH_DIR)
+
+
+# Every ```python block of the README (and of docs/*.md) runs as a test, in order, top
+# to bottom, in one namespace per document: the code in the documentation runs as written.
+readme_blocks = Sybil(
+    parsers=[PythonCodeBlockParser()],
+    patterns=["README.md", "docs/*.md"],
+)
+pytest_collect_file = readme_blocks.pytest()

@@ -107,7 +107,7 @@ def machine_info(packages: Iterable[str] = ("jax", "jaxlib", "numpy")) -> dict[s
         count, last-level cache, OS, Python, the package versions and the load average.
     """
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "cpu": _cpu_model(),
         "cores": cpu_count(),
         "cache": _l3_cache(),

@@ -20,6 +20,8 @@ Public names:
   ``flax.linen.BatchNorm`` and a drop-in flax module.
 """
 
+from importlib import metadata as _metadata
+
 from jaxbn import checkpoint, data, reference, train
 from jaxbn.fold import fold_into_dense
 from jaxbn.layer import BatchNorm
@@ -33,7 +35,10 @@ from jaxbn.ops import (
     batch_stats,
 )
 
-__version__ = "0.1.0"
+try:
+    __version__ = _metadata.version("jaxbn")
+except _metadata.PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "MLP",

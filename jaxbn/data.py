@@ -104,6 +104,7 @@ def load_digits(*, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
 
     Raises:
         ValueError: if ``test_fraction`` is not in ``(0, 1)``.
+        ImportError: if scikit-learn (the ``examples`` extra) is not installed.
 
     Examples:
         >>> from jaxbn.data import load_digits
@@ -111,7 +112,13 @@ def load_digits(*, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
         >>> data.x_train.shape, data.x_test.shape, data.num_classes
         ((1438, 64), (359, 64), 10)
     """
-    from sklearn.datasets import load_digits as _sk_load_digits
+    try:
+        from sklearn.datasets import load_digits as _sk_load_digits
+    except ImportError as err:
+        raise ImportError(
+            "jaxbn.data.load_digits reads the 8x8 digits bundled with scikit-learn, which is "
+            'not installed: pip install "jaxbn[examples]" (or scikit-learn)'
+        ) from err
 
     digits = _sk_load_digits()
     x = np.asarray(digits.data, np.float64)
