@@ -19,6 +19,8 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     # These need several devices, set up before JAX is imported: tests/test_multidevice.py
     # runs them in a subprocess of their own.
     collect_ignore.append("tests/multidevice")
+# Scripts run as separate processes by tests/test_multiprocess.py, not imported here.
+collect_ignore.append("tests/multiprocess")
 
 BENCH_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks")
 

@@ -1,0 +1,130 @@
+"""Several JAX processes on one machine: the real multi-process code path.
+
+Each test starts two processes (two CPU devices each, four in all) that join through
+``jaxbn.distributed.initialize`` with a coordinator on localhost and ``gloo``
+collectives. Every run is bounded in time and its processes are killed at the end.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from jaxbn import distributed
+
+HERE = pathlib.Path(__file__).parent
+WORKER = HERE / "multiprocess" / "worker.py"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_processes(scenario, out_dir, *, num_processes=2, timeout=180, extra_args=()):
+    """Runs ``worker.py`` in ``num_processes`` processes; returns ``[(rc, output)]``.
+
+    Every process is killed once ``timeout`` seconds have passed, so a hang fails
+    the test instead of blocking the suite.
+    """
+    address = f"127.0.0.1:{_free_port()}"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(WORKER),
+                scenario,
+                address,
+                str(num_processes),
+                str(pid),
+                str(out_dir),
+                *extra_args,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
+        for pid in range(num_processes)
+    ]
+    deadline = time.monotonic() + timeout
+    outputs = []
+    try:
+        for p in procs:
+            try:
+                out, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                out = None
+            outputs.append(out)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    assert all(o is not None for o in outputs), f"a process ran past {timeout} s"
+    return [(p.returncode, o) for p, o in zip(procs, outputs, strict=True)]
+
+
+def _result(output):
+    lines = [line for line in output.splitlines() if line.startswith("RESULT ")]
+    assert lines, output[-3000:]
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def test_processes_join_and_see_every_device(tmp_path):
+    runs = run_processes("same_config", tmp_path)
+    for rc, out in runs:
+        assert rc == 0, out[-3000:]
+        assert _result(out) == {"process_count": 2, "device_count": 4}
+
+
+def test_processes_started_with_different_configurations_are_refused(tmp_path):
+    runs = run_processes("config", tmp_path)
+    for rc, out in runs:
+        assert rc != 0
+        assert "started with a configuration different from process 0's" in out, out[-3000:]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"process_id": 2}, ValueError, r"process_id must be in \[0, 2\), got 2"),
+        ({"process_id": -1}, ValueError, r"process_id must be in \[0, 2\), got -1"),
+        ({"num_processes": 0}, ValueError, "num_processes must be >= 1"),
+        ({"process_id": 1.0}, TypeError, "process_id must be an int"),
+        ({"coordinator_address": "localhost"}, ValueError, "'host:port'"),
+        ({"coordinator_address": "localhost:99999"}, ValueError, "'host:port'"),
+        ({"timeout_s": 0}, ValueError, "timeout_s must be a positive"),
+        ({"local_device_count": 0}, ValueError, "local_device_count must be >= 1"),
+    ],
+    ids=lambda v: str(v)[:40],
+)
+def test_bad_arguments_are_refused_before_anything_starts(kwargs, error, match):
+    args = {"coordinator_address": "127.0.0.1:1", "num_processes": 2, "process_id": 0}
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        distributed.initialize(**args)
+
+
+def test_unreachable_coordinator_is_a_clear_error_after_the_timeout():
+    port = _free_port()  # nothing listens there
+    code = (
+        "from jaxbn import distributed\n"
+        f"distributed.initialize('127.0.0.1:{port}', 2, 1, timeout_s=2)\n"
+    )
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert f"ConnectionError: no coordinator answered at 127.0.0.1:{port} within 2 s" in (
+        proc.stderr
+    )
+    assert time.monotonic() - start < 30
