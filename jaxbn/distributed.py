@@ -17,6 +17,7 @@ message that another task died) instead of waiting forever.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import socket
 import time
@@ -172,10 +173,11 @@ def check_same_config(config: Mapping[str, Any]) -> None:
     digests = np.asarray(multihost_utils.process_allgather(digest))
     differ = [p for p in range(digests.shape[0]) if not np.array_equal(digests[p], digests[0])]
     if differ:
+        mine = json.dumps(config, sort_keys=True, default=repr)
         raise ValueError(
             f"processes {differ} were started with a configuration different from process "
-            f"0's (this process, {jax.process_index()}, has {json.dumps(config, sort_keys=True, default=repr)}); "
-            f"start every process with the same settings"
+            f"0's (this process, {jax.process_index()}, has {mine}); start every process "
+            f"with the same settings"
         )
 
 
@@ -208,7 +210,7 @@ def process_rows(mesh: Mesh, batch_size: int) -> slice:
         for index in sharding.addressable_devices_indices_map((batch_size,)).values()
     )
     start, stop = rows[0][0], rows[-1][1]
-    if any(a[1] != b[0] for a, b in zip(rows, rows[1:], strict=False)):
+    if any(a[1] != b[0] for a, b in itertools.pairwise(rows)):
         raise ValueError(
             "this process's devices do not hold one contiguous block of the batch; build the "
             "mesh over jax.devices() in their default order (jaxbn.train.data_mesh)"
