@@ -14,6 +14,8 @@ Public names:
   :mod:`jaxbn.train` (train step, evaluate, the ``lax.scan`` loop, ``fit``),
   :mod:`jaxbn.data` (bundled digits, synthetic blobs) and
   :mod:`jaxbn.checkpoint`;
+- :func:`precise_stats`: population statistics recomputed after training
+  (:mod:`jaxbn.stats`);
 - :func:`fold_into_dense`: fold an evaluation-mode batch norm into the preceding
   dense layer;
 - :mod:`jaxbn.interop` (needs flax, not imported here): converters to and from
@@ -32,6 +34,7 @@ from jaxbn.ops import (
     batch_norm_inference,
     batch_stats,
 )
+from jaxbn.stats import precise_stats
 
 __version__ = "0.1.0"
 
@@ -47,6 +50,7 @@ __all__ = [
     "checkpoint",
     "data",
     "fold_into_dense",
+    "precise_stats",
     "reference",
     "train",
 ]
