@@ -495,3 +495,31 @@ def test_frozen_mlp_training_step_leaves_state_and_accepts_masks():
     jax.tree.map(np.testing.assert_array_equal, new, state)
     with pytest.raises(ValueError, match="mask"):
         bn.apply(params, state, data((8, 3)), training=True, mask=jnp.ones(5, bool))
+
+
+# --- the study ------------------------------------------------------------------------
+
+
+def test_study_eval_stats_runs_with_tiny_settings(tmp_path):
+    import importlib.util
+    import json
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "examples" / "study_eval_stats.py"
+    spec = importlib.util.spec_from_file_location("study_eval_stats", path)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    argv = ["--steps", "12", "--chunk", "5", "--seeds", "2", "--hidden", "16"]
+    results = study.main([*argv, "--batch-size", "64", "--out", str(tmp_path), "--no-progress"])
+    assert results["steps"] == [5, 10, 12]
+    for name in study.METHODS:
+        acc = np.asarray(results["accuracy"][name])
+        assert acc.shape == (2, 3) and np.all((acc >= 0) & (acc <= 1))
+    # Precise statistics after a few steps of momentum 0.999 beat the running averages.
+    assert np.mean(results["accuracy"]["precise"]) > np.mean(results["accuracy"]["running"])
+    assert (tmp_path / "eval_stats.png").stat().st_size > 0
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["accuracy"] == results["accuracy"]
+    assert "precise" in (tmp_path / "eval_stats.md").read_text()
+    with pytest.raises(ValueError, match="--seeds"):
+        study.main(["--seeds", "0", "--out", str(tmp_path), "--no-progress"])
