@@ -20,8 +20,8 @@ For the first layer the result is exactly the mean and (biased) variance over al
 the examples at once. This is "PreciseBN" (Wu & Johnson, "Rethinking 'Batch' in
 BatchNorm", 2021); the later layers see the inputs the final network gives them.
 
-What :func:`precise_stats` needs of a model (``jaxbn.MLP``, ``jaxbn.CNN`` and
-``jaxbn.BatchNorm`` itself qualify):
+What :func:`precise_stats` needs of a model (``jaxbn.MLP`` and ``jaxbn.BatchNorm``
+itself qualify, as does any network config built the same way):
 
 - ``model.apply(params, state, x, *, training)`` returning ``(output, new_state)``,
   with an optional ``mask=`` keyword;
@@ -29,7 +29,8 @@ What :func:`precise_stats` needs of a model (``jaxbn.MLP``, ``jaxbn.CNN`` and
   layer. It is evaluated as ``dataclasses.replace(model, momentum=0.0)``, whose
   training-mode ``new_state`` holds each layer's batch statistics (with
   ``momentum=None``, a cumulative average, the layers' counts are set to 0 instead,
-  which has the same effect);
+  which has the same effect). It runs on one device: an ``axis_name`` field is set
+  to ``None`` (the statistics are those of the whole batches given);
 - each batch-norm layer's state is a dict with ``"mean"`` and ``"var"`` (the layout
   of :meth:`jaxbn.BatchNorm.init`), anywhere in the state tree: those dicts are the
   ones updated; every other entry is returned as it was;
@@ -86,12 +87,14 @@ def _probe(model):
     if "momentum" not in fields:
         raise TypeError(
             f"model must be a dataclass config with a `momentum` field handed to its "
-            f"batch-norm layers (as jaxbn.MLP, jaxbn.CNN and jaxbn.BatchNorm), got "
+            f"batch-norm layers (as jaxbn.MLP and jaxbn.BatchNorm), got "
             f"{type(model).__name__}"
         )
     changes = {}
     if model.momentum is not None:
         changes["momentum"] = 0.0
+    if getattr(model, "axis_name", None) is not None:
+        changes["axis_name"] = None
     if getattr(model, "unbiased_running_var", False):
         if not isinstance(model, BatchNorm):
             raise ValueError(
@@ -261,8 +264,8 @@ def precise_stats(
     and every example weighs the same whatever its batch's size.
 
     Args:
-        model: the network config (``jaxbn.MLP``, ``jaxbn.CNN``, ``jaxbn.BatchNorm``
-            or any dataclass of the same protocol with a ``momentum`` field).
+        model: the network config (``jaxbn.MLP``, ``jaxbn.BatchNorm`` or any
+            dataclass of the same protocol with a ``momentum`` field).
         params: the trained params.
         state: the state to update (its batch-norm dicts' ``mean``/``var``).
         batches: an iterable of input batches ``x [batch, ...]`` or pairs

@@ -195,6 +195,16 @@ def test_frozen_layers_keep_their_statistics():
     np.testing.assert_allclose(bn_layers(got)[0]["var"], bn_layers(state)[0]["var"], rtol=1e-6)
 
 
+def test_a_model_with_axis_name_runs_on_one_device():
+    model = jaxbn.MLP((4, 6, 3), axis_name="d")
+    params, state = model.init(jax.random.key(0))
+    xs = data((3, 8, 4))
+    got = jaxbn.precise_stats(model, params, state, xs)
+    local = dataclasses.replace(model, axis_name=None)
+    want = jaxbn.precise_stats(local, params, state, xs)
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
 def test_precise_stats_from_data_uses_the_training_batches():
     model = jaxbn.MLP((4, 8, 3))
     params, state = model.init(jax.random.key(0))
