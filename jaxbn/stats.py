@@ -261,7 +261,9 @@ def precise_stats(
 
     Batches of equal shapes are stacked and run in one compiled ``lax.scan``;
     batches of different sizes (or ``stack=False``) run one compiled step each,
-    and every example weighs the same whatever its batch's size.
+    and every example weighs the same whatever its batch's size. With the batches
+    as one stacked array, ``precise_stats`` can itself be called under ``jax.jit``
+    (``model`` static).
 
     Args:
         model: the network config (``jaxbn.MLP``, ``jaxbn.BatchNorm`` or any

@@ -97,6 +97,9 @@ def test_scan_path_equals_loop_path():
     scanned = jaxbn.precise_stats(model, params, state, xs)
     looped = jaxbn.precise_stats(model, params, state, list(xs), stack=False)
     from_list = jaxbn.precise_stats(model, params, state, list(xs))  # stacked from a list
+    # A stacked array may be traced: precise_stats composes with jit.
+    jitted = jax.jit(lambda p, s, xs: jaxbn.precise_stats(model, p, s, xs))(params, state, xs)
+    jax.tree.map(np.testing.assert_array_equal, jitted, scanned)
     for a, b, c in zip(bn_layers(scanned), bn_layers(looped), bn_layers(from_list), strict=True):
         for k in ("mean", "var"):
             np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7)
