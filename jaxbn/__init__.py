@@ -14,6 +14,8 @@ Public names:
   :mod:`jaxbn.train` (train step, evaluate, the ``lax.scan`` loop, ``fit``),
   :mod:`jaxbn.data` (bundled digits, synthetic blobs) and
   :mod:`jaxbn.checkpoint`;
+- :func:`precise_stats`: population statistics recomputed after training
+  (:mod:`jaxbn.stats`);
 - :func:`fold_into_dense`: fold an evaluation-mode batch norm into the preceding
   dense layer;
 - :mod:`jaxbn.interop` (needs flax, not imported here): converters to and from
@@ -34,6 +36,7 @@ from jaxbn.ops import (
     batch_norm_inference,
     batch_stats,
 )
+from jaxbn.stats import precise_stats
 
 try:
     __version__ = _metadata.version("jaxbn")
@@ -52,6 +55,7 @@ __all__ = [
     "checkpoint",
     "data",
     "fold_into_dense",
+    "precise_stats",
     "reference",
     "train",
 ]

@@ -84,6 +84,22 @@ class BatchNorm:
             an override, so a caller can schedule them per step.
         renorm_momentum: momentum of the running statistics that ``r`` and ``d``
             are computed from (``state["renorm_mean"]``, ``state["renorm_var"]``).
+        debias: zero-debiased running averages: the average of the batch
+            statistics with weights ``(1 - m) m^(t - i)`` over the ``t`` updates
+            so far, divided by ``1 - m^t`` (the hidden average starting at zero,
+            corrected for its bias toward zero), so it is exactly the batch
+            statistics after one step and tends to the plain average as
+            ``m^t -> 0``. ``state["count"]`` counts the updates; ``state["mean"]``
+            and ``state["var"]`` hold the debiased values themselves (what
+            evaluation, folding and converters read), updated directly in that
+            form. Before any update (``count == 0``) they are the initial mean 0
+            and variance 1, as without ``debias``. Needs ``momentum < 1``; the
+            renorm statistics are not debiased.
+        frozen: training mode normalizes with the running statistics (as
+            evaluation does) and leaves the state unchanged, so gradients flow
+            through the fixed per-feature affine map only (fine-tuning with
+            small batches). Not with ``renorm`` or ``virtual_batch_size``
+            (both are ways of using batch statistics).
 
     Examples:
         >>> import jax.numpy as jnp
@@ -109,6 +125,8 @@ class BatchNorm:
     renorm: bool = False
     renorm_clipping: tuple[float, float] = (3.0, 5.0)
     renorm_momentum: float = 0.99
+    debias: bool = False
+    frozen: bool = False
 
     def __post_init__(self):
         shape = self.feature_shape
@@ -147,6 +165,28 @@ class BatchNorm:
                 f"(got renorm={self.renorm!r}, axis_name={self.axis_name!r})"
             )
         _check_clipping(self.renorm_clipping)
+        self._check_debias_frozen()
+
+    def _check_debias_frozen(self):
+        for name in ("debias", "frozen"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.debias and self.momentum is None:
+            raise ValueError(
+                "debias=True needs a momentum: momentum=None is a cumulative average, "
+                "which has no bias toward its initial value to correct"
+            )
+        if self.debias and self.momentum == 1.0:
+            raise ValueError(
+                "debias=True needs momentum < 1: with momentum=1 the running average "
+                "is never updated, and its debiased value 0 / (1 - 1) is undefined"
+            )
+        if self.frozen and (self.renorm or self.virtual_batch_size is not None):
+            raise ValueError(
+                "frozen=True normalizes with the running statistics and cannot be combined "
+                "with renorm or virtual_batch_size, which normalize with batch statistics "
+                f"(got renorm={self.renorm!r}, virtual_batch_size={self.virtual_batch_size!r})"
+            )
 
     @classmethod
     def like_torch(
@@ -182,7 +222,7 @@ class BatchNorm:
 
         Needs no mode and no named axis. ``scale``/``bias`` are left out of
         ``params`` when ``use_scale``/``use_bias`` is off. The state also holds
-        ``"count"`` (batches seen) with ``momentum=None``, and
+        ``"count"`` (batches seen) with ``momentum=None`` or ``debias``, and
         ``"renorm_mean"``/``"renorm_var"`` with ``renorm=True``.
 
         Args:
@@ -201,7 +241,7 @@ class BatchNorm:
         if self.use_bias:
             params["bias"] = jnp.zeros(shape, dtype)
         state = {"mean": jnp.zeros(shape, state_dtype), "var": jnp.ones(shape, state_dtype)}
-        if self.momentum is None:
+        if self.momentum is None or self.debias:
             state["count"] = jnp.zeros((), jnp.int32)
         if self.renorm:
             state["renorm_mean"] = jnp.zeros(shape, state_dtype)
@@ -226,6 +266,7 @@ class BatchNorm:
             x: ``[..., features]`` input.
             training: ``True``: batch statistics, and the running averages are
                 updated; ``False``: running statistics, state returned as is.
+                A ``frozen`` layer does in training what it does in evaluation.
             mask: boolean over the batch axes (training only): only ``True``
                 entries count in the statistics. A mask keeping nothing leaves
                 the running statistics unchanged.
@@ -262,7 +303,9 @@ class BatchNorm:
         # A wider output dtype than the input: convert first (exact), normalize there.
         x = x.astype(jnp.promote_types(x.dtype, out_dtype))
         scale, bias = params.get("scale"), params.get("bias")
-        if not training:
+        if training and self.frozen and mask is not None:
+            _checks.check_mask(mask, x.shape, feat)  # checked, though no statistic is taken
+        if not training or self.frozen:
             # The state is returned unchanged, as a constant: no gradient into it.
             state = jax.lax.stop_gradient(state)
             y = batch_norm_inference(
@@ -295,7 +338,7 @@ class BatchNorm:
         names = ("scale",) * self.use_scale + ("bias",) * self.use_bias
         _checks.check_keys("params", params, names, names)
         stats = ("mean", "var")
-        stats += ("count",) * (self.momentum is None)
+        stats += ("count",) * (self.momentum is None or self.debias)
         stats += ("renorm_mean", "renorm_var") * self.renorm
         _checks.check_keys("state", state, stats, stats)
         for tree, tree_name in ((params, "params"), (state, "state")):
@@ -325,6 +368,16 @@ class BatchNorm:
             t = old["count"] + 1
             out = {"count": t}
             keep, take = 1.0 - 1.0 / t.astype(jnp.float32), 1.0 / t.astype(jnp.float32)
+        elif self.debias:
+            # With hidden h_t = m h_{t-1} + (1 - m) b_t from h_0 = 0, the debiased
+            # average a_t = h_t / (1 - m^t) obeys a_t = keep a_{t-1} + take b_t with
+            # keep = m (1 - m^(t-1)) / (1 - m^t): 0 exactly at t = 1, so a_1 = b_1.
+            t = old["count"] + 1
+            out = {"count": t}
+            m = jnp.float32(self.momentum)
+            tf = t.astype(jnp.float32)
+            keep = m * (1.0 - m ** (tf - 1.0)) / (1.0 - m**tf)
+            take = 1.0 - keep
         else:
             out = {}
             keep, take = self.momentum, 1.0 - self.momentum

@@ -85,6 +85,10 @@ class MLP:
         remat: recompute each hidden layer's linear map and batch norm in the
             backward pass instead of keeping them (``jax.checkpoint`` per layer):
             less activation memory for one more matmul per layer.
+        debias: zero-debiased running averages in every batch-norm layer (see
+            :class:`jaxbn.BatchNorm`; the state then counts updates in ``"count"``).
+        frozen: batch-norm layers normalize with their running statistics in
+            training too and leave them unchanged (see :class:`jaxbn.BatchNorm`).
 
     Examples:
         >>> import jax, jax.numpy as jnp
@@ -109,6 +113,8 @@ class MLP:
     init_stddev: float | None = None
     param_dtype: Any = jnp.float32
     remat: bool = False
+    debias: bool = False
+    frozen: bool = False
 
     def __post_init__(self):
         sizes = self.layer_sizes
@@ -146,6 +152,8 @@ class MLP:
             eps=self.eps,
             axis_name=self.axis_name,
             param_dtype=self.param_dtype,
+            debias=self.debias,
+            frozen=self.frozen,
         )
 
     def init(self, key: jax.Array) -> tuple[Params, State]:

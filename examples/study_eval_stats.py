@@ -1,0 +1,229 @@
+"""Which statistics should a batch-norm network evaluate with? A study on the digits.
+
+Batch norm evaluates with running averages of the batch statistics. With a large
+momentum (0.999: an average over the last ~1000 steps) and a short schedule, they
+are (a) still close to their initial values 0 and 1 and (b) averaged over weights
+that have since changed. This script trains the MLP on the bundled 8x8 digits with
+``momentum=0.999`` and, at a few points of training, evaluates the same params on
+the test split with three sets of statistics:
+
+- ``running``: the plain running averages (Flax's, PyTorch's and Equinox's default);
+- ``debiased``: zero-debiased running averages (``BatchNorm(debias=True)``): the
+  same exponential average without the weight left on the initial values;
+- ``precise``: population statistics recomputed over one epoch of training
+  batches with the params fixed (:func:`jaxbn.precise_stats`).
+
+Training is the same for all three (training mode uses batch statistics, never
+the running ones): each step updates the plain and the debiased averages from the
+same batch with the same params. Writes ``eval_stats.png``, ``eval_stats.md`` (the
+table) and ``results.json`` to ``--out``; ``main`` returns the results.
+
+    python examples/study_eval_stats.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from jaxbn.data import batch_indices, load_digits
+from jaxbn.mlp import MLP
+from jaxbn.stats import precise_stats_from_data
+from jaxbn.train import evaluate, make_train_step
+
+METHODS = ("running", "debiased", "precise")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface (every flag explained by ``--help``)."""
+    p = argparse.ArgumentParser(
+        description="Evaluate a batch-norm MLP with running, debiased and precise statistics.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--steps", type=int, default=1600, help="training steps of each run")
+    p.add_argument(
+        "--chunk",
+        type=int,
+        default=25,
+        help="steps per compiled lax.scan dispatch; evaluations at chunk * 2^k and at the end",
+    )
+    p.add_argument("--seeds", type=int, default=5, help="number of runs (seeds 0, 1, ...)")
+    p.add_argument("--momentum", type=float, default=0.999, help="batch norm's momentum")
+    p.add_argument("--batch-size", type=int, default=32, help="examples per step")
+    p.add_argument("--lr", type=float, default=0.05, help="learning rate of SGD with momentum 0.9")
+    p.add_argument("--hidden", type=int, default=100, help="units of each of 3 hidden layers")
+    p.add_argument("--out", default="runs/study_eval_stats", help="output directory")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def eval_steps(steps: int, chunk: int) -> list[int]:
+    """The steps evaluated at: ``chunk * 2^k`` up to ``steps``, and ``steps``."""
+    out, s = [], chunk
+    while s < steps:
+        out.append(s)
+        s *= 2
+    return [*out, steps]
+
+
+def make_chunk(model: MLP, debiased: MLP, optimizer, batch_size: int):
+    """``chunk(carry, key, x, labels, start, length=...)``: ``length`` steps in one scan."""
+    train_step = make_train_step(model, optimizer)
+
+    @functools.partial(jax.jit, static_argnames="length")
+    def chunk(carry, key, x, labels, start, *, length):
+        def body(carry, t):
+            params, state, dstate, opt_state = carry
+            idx = batch_indices(key, t, num_examples=x.shape[0], batch_size=batch_size)
+            batch = (x[idx], labels[idx])
+            # The debiased averages: the same batch, the same params as the step.
+            _, dstate = debiased.apply(params, dstate, batch[0], training=True)
+            params, state, opt_state, _ = train_step(params, state, opt_state, batch)
+            return (params, state, dstate, opt_state), None
+
+        return jax.lax.scan(body, carry, start + jnp.arange(length))[0]
+
+    return chunk
+
+
+def run_seed(seed: int, data, args, bar, nets) -> dict[str, list[float]]:
+    """Trains one network; returns the test accuracy of each method at each eval step."""
+    model, debiased, optimizer, chunk = nets
+    init_key, data_key, stats_key = jax.random.split(jax.random.key(seed), 3)
+    params, state = model.init(init_key)
+    _, dstate = debiased.init(init_key)
+    x, labels = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+    n = x.shape[0]
+
+    carry = (params, state, dstate, optimizer.init(params))
+    results = {m: [] for m in METHODS}
+    step = 0
+    for target in eval_steps(args.steps, args.chunk):
+        while step < target:
+            length = min(args.chunk, target - step)
+            carry = chunk(carry, data_key, x, labels, step, length=length)
+            step += length
+            bar.update(length)
+        params, state, dstate, _ = carry
+        precise = precise_stats_from_data(
+            model,
+            params,
+            state,
+            x,
+            batch_size=args.batch_size,
+            num_batches=n // args.batch_size,
+            key=stats_key,
+        )
+        for name, net, st in (
+            ("running", model, state),
+            ("debiased", debiased, dstate),
+            ("precise", model, precise),
+        ):
+            acc = evaluate(net, params, st, data.x_test, data.y_test)["accuracy"]
+            results[name].append(float(acc))
+    return results
+
+
+def _table(steps: list[int], acc: dict[str, np.ndarray], seeds: int) -> list[str]:
+    picks = sorted({steps[0], steps[len(steps) // 2], steps[-1]})
+    head = " | ".join(f"step {s}" for s in picks)
+    lines = [
+        f"| statistics | {head} |",
+        "| --- |" + " ---: |" * len(picks),
+    ]
+    for name in METHODS:
+        cells = []
+        for s in picks:
+            a = acc[name][:, steps.index(s)]
+            cells.append(f"{a.mean():.3f} ± {a.std():.3f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append(f"\nTest accuracy, mean ± std over {seeds} seeds.")
+    return lines
+
+
+def _plot(steps, acc, path, args) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    ax_a, ax_b = fig.subplots(1, 2)
+    for j, name in enumerate(METHODS):
+        a = acc[name]
+        ax_a.plot(steps, a.mean(0), "o-", color=f"C{j}", label=name)
+        ax_a.fill_between(steps, a.min(0), a.max(0), color=f"C{j}", alpha=0.2)
+    ax_a.set(xscale="log", xlabel="training steps", ylabel="test accuracy", ylim=(0.0, 1.0))
+    ax_a.set_title("test accuracy (mean over seeds; band: min to max)")
+    ax_a.legend(loc="lower right")
+    for j, name in enumerate(METHODS[:2]):
+        gap = acc["precise"] - acc[name]
+        ax_b.plot(steps, gap.mean(0), "o-", color=f"C{j}", label=f"precise - {name}")
+        ax_b.fill_between(steps, gap.min(0), gap.max(0), color=f"C{j}", alpha=0.2)
+    ax_b.axhline(0.0, color="k", lw=0.8)
+    ax_b.set(xscale="log", xlabel="training steps", ylabel="accuracy gap")
+    ax_b.set_title("gap to precise statistics")
+    ax_b.legend(loc="upper right")
+    for ax in (ax_a, ax_b):
+        ax.grid(alpha=0.3)
+    fig.suptitle(
+        f"digits, MLP 3x{args.hidden} ReLU, batch norm momentum {args.momentum}, "
+        f"batch {args.batch_size}, SGD+momentum lr={args.lr}, {args.seeds} seeds"
+    )
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Runs the study; writes the figure, the table and the results.
+
+    Args:
+        argv: command-line arguments (``None``: ``sys.argv[1:]``).
+
+    Returns:
+        ``{"config", "steps", "accuracy", "table", "png", "markdown"}``;
+        ``accuracy[method]`` is ``[seeds][len(steps)]`` test accuracies.
+    """
+    args = build_parser().parse_args(argv)
+    for name in ("steps", "chunk", "seeds", "batch_size", "hidden"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    os.makedirs(args.out, exist_ok=True)
+    data = load_digits()
+    steps = eval_steps(args.steps, args.chunk)
+    sizes = (data.num_features, *([args.hidden] * 3), data.num_classes)
+    model = MLP(sizes, activation="relu", momentum=args.momentum)
+    debiased = dataclasses.replace(model, debias=True)
+    optimizer = optax.sgd(args.lr, momentum=0.9)
+    nets = (model, debiased, optimizer, make_chunk(model, debiased, optimizer, args.batch_size))
+    runs = []
+    with tqdm(total=args.seeds * args.steps, desc="eval stats", disable=args.no_progress) as bar:
+        for seed in range(args.seeds):
+            runs.append(run_seed(seed, data, args, bar, nets))
+    acc = {m: np.array([r[m] for r in runs]) for m in METHODS}
+    lines = _table(steps, acc, args.seeds)
+    results = {
+        "config": vars(args),
+        "steps": steps,
+        "accuracy": {m: acc[m].tolist() for m in METHODS},
+        "table": lines,
+        "png": os.path.join(args.out, "eval_stats.png"),
+        "markdown": os.path.join(args.out, "eval_stats.md"),
+    }
+    with open(results["markdown"], "w") as f:
+        f.write("\n".join(lines) + "\n")
+    _plot(steps, acc, results["png"], args)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print("\n".join(lines))
+    print(f"figure: {results['png']}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
