@@ -12,7 +12,8 @@ Markdown, so before the docstrings are parsed this extension rewrites
   checks; a role naming something outside jaxbn (``jax.sharding.Mesh``) into
   inline code;
 - ``text::`` before a literal block into ``text:`` (the block is already a code
-  block in Markdown).
+  block in Markdown);
+- ``#:`` comments above a module attribute into its docstring.
 
 A role that names no object of jaxbn and is not a dotted name outside it (a typo,
 or an object that was renamed) is logged as a warning, which fails a strict build.
@@ -75,6 +76,8 @@ class SphinxRoles(griffe.Extension):
             return
         collection = loader.modules_collection
         for obj in _walk(pkg):
+            if obj.docstring is None and obj.is_attribute:
+                _comment_docstring(obj)
             if obj.docstring is not None:
                 obj.docstring.value = self.rewrite(obj, obj.docstring.value, collection)
 
@@ -121,6 +124,23 @@ def _candidates(obj, target: str) -> list[str]:
         scopes.append(scope.path)
         scope = scope.parent
     return [target] + [f"{s}.{target}" for s in scopes] + [f"{PACKAGE}.{target}"]
+
+
+def _comment_docstring(attr) -> None:
+    """Gives an attribute documented by ``#:`` comments above it that text as docstring."""
+    try:
+        lines = attr.module.lines
+    except (AttributeError, OSError):
+        return
+    if not attr.lineno or not lines:
+        return
+    comment = []
+    i = attr.lineno - 2
+    while i >= 0 and lines[i].lstrip().startswith("#:"):
+        comment.insert(0, lines[i].lstrip()[2:].strip())
+        i -= 1
+    if comment:
+        attr.docstring = griffe.Docstring("\n".join(comment), parent=attr)
 
 
 def _walk(obj):
