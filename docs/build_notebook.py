@@ -4,7 +4,7 @@
 The notebook is generated so that its source is reviewable as ordinary Python and
 its saved outputs always come from one clean top-to-bottom run:
 
-    python docs/build_notebook.py            # write, execute (about 30 s), save with outputs
+    python docs/build_notebook.py            # write, execute (under a minute), save with outputs
     python docs/build_notebook.py --no-run   # write the cells only, without outputs
 
 The kernel imports the ``jaxbn`` of this checkout (its root is put first on the
@@ -54,7 +54,8 @@ from nothing but `jax.numpy`, the way the `jaxbn` library does it:
    `jaxbn`;
 7. **what the library adds** on top of the textbook formula.
 
-It runs in well under a minute on two CPU cores.""",
+It runs in about half a minute on two CPU cores (25 s of CPU time, most of it in
+section 6).""",
     ),
     (
         "code",
@@ -353,8 +354,8 @@ print("mistake 1 in the forward: std of Z_norm per feature =", cache[1].std(axis
     (
         "md",
         r"""The scalar variance already breaks the forward pass: the feature with the largest
-spread dominates the common variance, and the others are squashed towards zero instead
-of being normalized. Now each mistake alone against autodiff of the forward it belongs
+spread dominates the common variance: it comes out with a standard deviation above 1,
+the others below 1, instead of all three being normalized. Now each mistake alone against autodiff of the forward it belongs
 to, with the same random $dy$ as before:""",
     ),
     (
