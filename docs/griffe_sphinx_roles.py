@@ -16,7 +16,9 @@ Markdown, so before the docstrings are parsed this extension rewrites
 - ``#:`` comments above a module attribute into its docstring.
 
 A role that names no object of jaxbn and is not a dotted name outside it (a typo,
-or an object that was renamed) is logged as a warning, which fails a strict build.
+or an object that was renamed) is logged as a warning, which fails a strict build;
+so is a public module, class or function without a docstring
+(``tests/test_docstrings.py`` checks their sections).
 """
 
 from __future__ import annotations
@@ -57,6 +59,19 @@ def _follow(collection, obj, depth: int = 0):
     return None if target is None else _follow(collection, target, depth + 1)
 
 
+def _needs_docstring(obj) -> bool:
+    """A public module, class or function (method) shown on the API site."""
+    if not (obj.is_module or obj.is_class or obj.is_function) or not _is_public(obj.path):
+        return False
+    return all(o.is_public for o in _ancestors(obj) if not o.is_module or o is obj)
+
+
+def _ancestors(obj):
+    while obj is not None:
+        yield obj
+        obj = obj.parent
+
+
 def _is_public(path: str) -> bool:
     return not any(part.startswith("_") for part in path.split("."))
 
@@ -78,6 +93,8 @@ class SphinxRoles(griffe.Extension):
         for obj in _walk(pkg):
             if obj.docstring is None and obj.is_attribute:
                 _comment_docstring(obj)
+            if obj.docstring is None and _needs_docstring(obj):
+                logger.warning(f"{obj.path}: public {obj.kind.value} without a docstring")
             if obj.docstring is not None:
                 obj.docstring.value = self.rewrite(obj, obj.docstring.value, collection)
 
