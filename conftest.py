@@ -1,5 +1,6 @@
 """Test collection settings shared by every test run."""
 
+import glob
 import importlib
 import os
 import sys
@@ -8,6 +9,7 @@ import pytest
 from sybil import Sybil
 from sybil.parsers.markdown import PythonCodeBlockParser
 
+ROOT = os.path.dirname(os.path.abspath(__file__))
 collect_ignore = []
 try:
     import flax  # noqa: F401
@@ -19,8 +21,9 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     # These need several devices, set up before JAX is imported: tests/test_multidevice.py
     # runs them in a subprocess of their own.
     collect_ignore.append("tests/multidevice")
-# Scripts run as separate processes by tests/test_multiprocess.py, not imported here.
-collect_ignore.append("tests/multiprocess")
+# Scripts run as separate processes by tests/test_multiprocess.py, not imported here;
+# the docs' build scripts and hooks are not modules with doctests either.
+collect_ignore += ["tests/multiprocess", *glob.glob("docs/*.py", root_dir=ROOT)]
 
 BENCH_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks")
 
