@@ -10,17 +10,18 @@ Public names:
 - :class:`BatchNorm`: the layer, a frozen config with explicit params and state
   (masks, precision policy, ghost batch norm, batch renormalization, PyTorch's
   running-statistics conventions);
-- :class:`MLP`: the network (batch norm before each hidden nonlinearity), with
-  :mod:`jaxbn.train` (train step, evaluate, the ``lax.scan`` loop, ``fit``),
-  :mod:`jaxbn.data` (bundled digits, synthetic blobs) and
-  :mod:`jaxbn.checkpoint`;
+- :class:`MLP`: the network (batch norm before each hidden nonlinearity);
+- :mod:`jaxbn.train` (the model protocol ``Model``, train step, evaluate, the
+  loop), :mod:`jaxbn.fit` (``fit``: chunks, checkpoints, resume, the divergence
+  guard; also ``jaxbn.train.fit``), :mod:`jaxbn.parallel` (``data_mesh``),
+  :mod:`jaxbn.checkpoint` and :mod:`jaxbn.data` (bundled digits, synthetic blobs);
 - :func:`fold_into_dense`: fold an evaluation-mode batch norm into the preceding
   dense layer;
 - :mod:`jaxbn.interop` (needs flax, not imported here): converters to and from
   ``flax.linen.BatchNorm`` and a drop-in flax module.
 """
 
-from jaxbn import checkpoint, data, reference, train
+from jaxbn import checkpoint, data, fit, parallel, reference, train
 from jaxbn.fold import fold_into_dense
 from jaxbn.layer import BatchNorm
 from jaxbn.mlp import MLP
@@ -46,7 +47,9 @@ __all__ = [
     "batch_stats",
     "checkpoint",
     "data",
+    "fit",
     "fold_into_dense",
+    "parallel",
     "reference",
     "train",
 ]

@@ -140,6 +140,16 @@ def test_scan_loop_equals_single_device_loop(n):
     print(f"loop {n} devices: max |diff| {_max_diff(got, want):.3g}")
 
 
+def test_step_by_step_loop_on_a_mesh_equals_the_scan_on_one_device():
+    ts = init_train_state(MODEL, OPT, jax.random.key(3))
+    data = (BLOBS.x_train, BLOBS.y_train)
+    want = make_train_loop(MODEL, OPT, batch_size=BATCH)(ts, *data, 15)
+    run = make_train_loop(MODEL, OPT, batch_size=BATCH, mesh=data_mesh(4), scan=False)
+    got = run(ts, *data, 15)
+    _close(got, want)
+    _replicated(got, 4)
+
+
 def test_fit_on_a_two_axis_mesh():
     mesh = jax.make_mesh((2, 4), ("a", "b"), devices=jax.devices())
     kwargs = dict(steps=12, batch_size=BATCH, key=jax.random.key(4), chunk_size=5)
