@@ -232,9 +232,11 @@ def test_train_mlp_devices_matches_one_device(train_mlp, tmp_path):
 
 
 def test_train_mlp_devices_errors(train_mlp, tmp_path, capsys):
+    out = str(tmp_path / "out")
     with pytest.raises(SystemExit):
-        train_mlp.main([*TINY, "--devices", "16", "--out", str(tmp_path)])
+        train_mlp.main([*TINY, "--devices", "16", "--out", out])
     assert "XLA_FLAGS=--xla_force_host_platform_device_count=16" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        train_mlp.main([*TINY, "--batch-size", "50", "--devices", "4", "--out", str(tmp_path)])
-    assert "--batch-size 50 is not divisible by --devices 4" in capsys.readouterr().err
+        train_mlp.main([*TINY, "--batch-size", "50", "--devices", "4", "--out", out])
+    assert "argument --batch-size: 50 is not divisible by --devices 4" in capsys.readouterr().err
+    assert not tmp_path.joinpath("out").exists()  # checked before --out is made
