@@ -10,12 +10,14 @@ Public names:
 - :class:`BatchNorm`: the layer, a frozen config with explicit params and state
   (masks, precision policy, ghost batch norm, batch renormalization, PyTorch's
   running-statistics conventions);
-- :class:`MLP`: the network (batch norm before each hidden nonlinearity), with
-  :mod:`jaxbn.train` (train step, evaluate, the ``lax.scan`` loop, ``fit``),
-  :mod:`jaxbn.data` (bundled digits, synthetic blobs) and
-  :mod:`jaxbn.checkpoint`;
+- :class:`MLP`: the network (batch norm before each hidden nonlinearity);
+- :mod:`jaxbn.train` (the model protocol ``Model``, train step, evaluate, the
+  loop), :mod:`jaxbn.fit` (``fit``: chunks, checkpoints, resume, the divergence
+  guard; also ``jaxbn.train.fit``), :mod:`jaxbn.parallel` (``data_mesh``),
+  :mod:`jaxbn.checkpoint` and :mod:`jaxbn.data` (bundled digits, synthetic blobs);
 - :func:`precise_stats`: population statistics recomputed after training
   (:mod:`jaxbn.stats`);
+- :mod:`jaxbn.distributed`: several processes, one run (``jax.distributed``);
 - :func:`fold_into_dense`: fold an evaluation-mode batch norm into the preceding
   dense layer;
 - :mod:`jaxbn.interop` (needs flax, not imported here): converters to and from
@@ -24,7 +26,7 @@ Public names:
 
 from importlib import metadata as _metadata
 
-from jaxbn import checkpoint, data, reference, train
+from jaxbn import checkpoint, data, distributed, fit, parallel, reference, train
 from jaxbn.fold import fold_into_dense
 from jaxbn.layer import BatchNorm
 from jaxbn.mlp import MLP
@@ -54,7 +56,10 @@ __all__ = [
     "batch_stats",
     "checkpoint",
     "data",
+    "distributed",
+    "fit",
     "fold_into_dense",
+    "parallel",
     "precise_stats",
     "reference",
     "train",

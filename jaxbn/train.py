@@ -1,6 +1,8 @@
-"""Training the MLP: a pure train step, evaluation, and a ``lax.scan`` loop.
+"""Training any model of the ``init``/``apply`` protocol: the step, evaluation, the loop.
 
-The recipe, in full (this is :func:`make_train_step`)::
+A model is anything with the two methods of :class:`Model` (``jaxbn.MLP``,
+``jaxbn.CNN``, or your own frozen dataclass). The recipe, in full (this is
+:func:`make_train_step`)::
 
     def loss_fn(params, state, x, labels):
         logits, new_state = model.apply(params, state, x, training=True)
@@ -14,34 +16,35 @@ The recipe, in full (this is :func:`make_train_step`)::
 The optimizer sees only ``params``; the running statistics of batch norm come out
 of the forward pass through ``has_aux`` and replace the old ``state``.
 
-:func:`make_train_loop` compiles many such steps into one dispatch with
-``lax.scan``; every batch is drawn on the device from a PRNG key and the step
-number (:func:`jaxbn.data.batch_indices`), so the host is not in the loop and a
-run is a deterministic function of its key. :func:`fit` runs that loop in chunks,
-checks each chunk's losses (:class:`TrainingDiverged` on a non-finite one),
-calls back to the host between chunks (progress, evaluation) and writes
-checkpoints (:mod:`jaxbn.checkpoint`) from which a run resumes exactly.
+:func:`make_train_loop` takes many such steps per call, every batch drawn on the
+device from a PRNG key and the step number (:func:`jaxbn.data.batch_indices`), so
+the host is not in the loop and a run is a deterministic function of its key. By
+default the steps are compiled into one ``lax.scan`` (one dispatch per call);
+``scan=False`` runs the same steps, on the same batches, as one jitted step per
+dispatch, for models whose compiled step is slower inside a loop (XLA:CPU picks
+slower convolution gradients inside ``lax.scan``). :func:`jaxbn.fit.fit` runs the
+loop in chunks with checkpoints, resume and the divergence guard; it is
+re-exported here as ``jaxbn.train.fit``, with :class:`jaxbn.fit.TrainingDiverged`.
 
 Data-parallel training: give any of :func:`make_train_step`,
-:func:`make_train_loop` or :func:`fit` a ``mesh`` (:func:`data_mesh` builds one
-over the first ``n`` devices). The step then runs under ``jax.shard_map``: every
-global batch is split over the mesh's devices along its first axis, params,
-running statistics and optimizer state are replicated, batch norm's statistics
-are all-reduced (the model is used with ``axis_name`` set to the mesh's axes),
-and the loss is the mean over the global batch (``lax.pmean`` of the per-device
-means), so its gradient, and the whole step, is that of single-device training
-on the same global batch. The loop draws the same global batches as without a
-mesh; each device gathers only its own rows.
+:func:`make_train_loop` or :func:`jaxbn.fit.fit` a ``mesh``
+(:func:`jaxbn.parallel.data_mesh`, re-exported here, builds one over the first
+``n`` devices). The step then runs under ``jax.shard_map``: every global batch is
+split over the mesh's devices along its first axis, params, running statistics
+and optimizer state are replicated, batch norm's statistics are all-reduced (the
+model is used with ``axis_name`` set to the mesh's axes), and the loss is the mean
+over the global batch (``lax.pmean`` of the per-device means), so its gradient,
+and the whole step, is that of single-device training on the same global batch.
+The loop draws the same global batches as without a mesh; each device gathers
+only its own rows.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import math
-import os
+import importlib
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -52,12 +55,16 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
+from jaxbn import distributed
 from jaxbn._checks import AxisName
-from jaxbn.checkpoint import load_checkpoint, save_checkpoint
 from jaxbn.data import batch_indices, check_batch_size, epoch_order
-from jaxbn.mlp import MLP
+from jaxbn.parallel import batch_spec, check_mesh, data_mesh, mesh_axes, place, synchronized
+
+if TYPE_CHECKING:  # re-exported lazily, see __getattr__ at the end
+    from jaxbn.fit import TrainingDiverged, fit
 
 __all__ = [
+    "Model",
     "TrainState",
     "TrainingDiverged",
     "cross_entropy",
@@ -69,12 +76,53 @@ __all__ = [
     "make_train_step",
 ]
 
-#: The scan loop draws the orders of the epochs it spans up front when they hold
-#: at most this many indices (64 MiB of int32), else one permutation per step.
-MAX_PRECOMPUTED_INDICES = 1 << 24
+#: With ``precompute_orders=None`` the scan loop draws the orders of the epochs
+#: it spans up front when they hold at most this many indices (64 MiB of int32).
+_MAX_PRECOMPUTED_INDICES = 1 << 24
 
 Batch = tuple[jax.Array, jax.Array]
 Metrics = dict[str, jax.Array]
+
+
+@runtime_checkable
+class Model(Protocol):
+    """What the training code needs of a model: a hashable config with two methods.
+
+    ``init(key) -> (params, state)`` creates the params (what the optimizer
+    trains) and the state (e.g. batch norm's running statistics), both pytrees
+    of arrays; ``apply(params, state, x, *, training) -> (logits, new_state)``
+    maps ``x: [batch, ...]`` to ``logits: [batch, classes]`` and returns the
+    state to keep (the given one when ``training=False``). The model object must
+    be hashable (it is a static argument of ``jax.jit``): a frozen dataclass of
+    Python scalars and tuples, like :class:`jaxbn.MLP`. Data-parallel training on
+    a mesh also needs an ``axis_name`` dataclass field, which it sets with
+    ``dataclasses.replace(model, axis_name=...)`` to synchronize batch norm.
+    """
+
+    def init(self, key: jax.Array) -> tuple[Any, Any]:
+        """Returns ``(params, state)``."""
+        ...
+
+    def apply(
+        self, params: Any, state: Any, x: jax.Array, *, training: bool
+    ) -> tuple[jax.Array, Any]:
+        """Returns ``(logits, new_state)``."""
+        ...
+
+
+def _check_model(model: Any) -> None:
+    if not isinstance(model, Model):
+        raise TypeError(
+            f"model must have init(key) -> (params, state) and apply(params, state, x, *, "
+            f"training) -> (logits, state) (see jaxbn.train.Model), got {type(model).__name__}"
+        )
+    try:
+        hash(model)
+    except TypeError:
+        raise TypeError(
+            f"model must be hashable (a frozen dataclass of Python values), got an "
+            f"unhashable {type(model).__name__}"
+        ) from None
 
 
 class TrainState(NamedTuple):
@@ -94,27 +142,6 @@ class TrainState(NamedTuple):
     opt_state: Any
     key: jax.Array
     step: jax.Array
-
-
-class TrainingDiverged(ValueError):
-    """Training produced a non-finite loss or state; ``step`` is the first bad step.
-
-    Args:
-        step: the 0-based number of the first step whose loss was not finite (or
-            at whose start the params/state were not finite).
-        loss: that loss (NaN when the state was found non-finite instead).
-        detail: what was found, for the message; by default the loss.
-    """
-
-    def __init__(self, step: int, loss: float, detail: str | None = None):
-        self.step = int(step)
-        self.loss = float(loss)
-        if detail is None:
-            detail = f"the loss of step {self.step} (0-based) is {self.loss}"
-        super().__init__(
-            f"training diverged: {detail}; lower the learning rate. "
-            f"The last checkpoint, if any, is left intact."
-        )
 
 
 def cross_entropy(logits: ArrayLike, labels: ArrayLike) -> jax.Array:
@@ -141,85 +168,25 @@ def _accuracy(logits, labels):
 
 
 def init_train_state(
-    model: MLP, optimizer: optax.GradientTransformation, key: jax.Array
+    model: Model, optimizer: optax.GradientTransformation, key: jax.Array
 ) -> TrainState:
     """A fresh :class:`TrainState`: the key is split into an init key and a data key.
 
     Args:
-        model: the network config.
+        model: the network config (see :class:`Model`).
         optimizer: any optax gradient transformation.
         key: a ``jax.random.key``.
 
     Returns:
         A :class:`TrainState` at step 0.
     """
+    _check_model(model)
     init_key, data_key = jax.random.split(key)
     params, state = model.init(init_key)
     return TrainState(params, state, optimizer.init(params), data_key, jnp.zeros((), jnp.int32))
 
 
-def data_mesh(num_devices: int | None = None, *, axis_name: str = "data") -> Mesh:
-    """A one-axis mesh over the first ``num_devices`` devices, for data parallelism.
-
-    Args:
-        num_devices: how many of ``jax.devices()`` to use (``None``: all of them).
-        axis_name: the name of the mesh's axis.
-
-    Returns:
-        A :class:`jax.sharding.Mesh` of shape ``(num_devices,)``.
-
-    Raises:
-        ValueError: if fewer than ``num_devices`` devices are available (on CPU,
-            set ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` before
-            JAX is imported to get ``N`` devices).
-
-    Examples:
-        >>> from jaxbn.train import data_mesh
-        >>> data_mesh(1).axis_names
-        ('data',)
-    """
-    devices = jax.devices()
-    n = len(devices) if num_devices is None else num_devices
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"num_devices must be a positive int or None, got {num_devices!r}")
-    if n > len(devices):
-        raise ValueError(
-            f"num_devices={n} but only {len(devices)} {devices[0].platform} device(s) are "
-            f"available; on CPU, set XLA_FLAGS=--xla_force_host_platform_device_count={n} "
-            f"before JAX is imported"
-        )
-    return jax.make_mesh((n,), (axis_name,), devices=devices[:n])
-
-
-def _mesh_axes(mesh: Mesh) -> AxisName:
-    """The named axis (or axes) a batch is split over: all of the mesh's."""
-    names = tuple(mesh.axis_names)
-    return names[0] if len(names) == 1 else names
-
-
-def _check_mesh(mesh, batch_size: int) -> None:
-    if not isinstance(mesh, Mesh):
-        raise TypeError(f"mesh must be a jax.sharding.Mesh or None, got {type(mesh).__name__}")
-    if batch_size % mesh.size:
-        raise ValueError(
-            f"batch_size {batch_size} is not divisible by the number of devices {mesh.size} "
-            f"of the mesh; use a multiple of {mesh.size}"
-        )
-
-
-def _place(tree, mesh: Mesh, spec: P):
-    """``tree`` resharded to ``NamedSharding(mesh, spec)``, inside or outside ``jit``.
-
-    Needed on a mesh with explicit axes (``jax.make_mesh``'s default), where
-    ``shard_map`` requires its inputs' types to match its ``in_specs``; on a mesh
-    of automatic axes ``shard_map`` lays its inputs out itself.
-    """
-    if jax.sharding.AxisType.Explicit not in mesh.axis_types:
-        return tree
-    return jax.reshard(tree, NamedSharding(mesh, spec))
-
-
-def _local_train_step(model: MLP, optimizer, axis_name: AxisName):
+def _local_train_step(model: Model, optimizer, axis_name: AxisName):
     """The per-device step: ``model`` as given, loss and metrics averaged over ``axis_name``."""
 
     def mean(v):
@@ -247,7 +214,7 @@ def _local_train_step(model: MLP, optimizer, axis_name: AxisName):
 
 
 def make_train_step(
-    model: MLP,
+    model: Model,
     optimizer: optax.GradientTransformation,
     *,
     mesh: Mesh | None = None,
@@ -272,10 +239,10 @@ def make_train_step(
       ``None`` for per-device statistics).
 
     Args:
-        model: the network config.
+        model: the network config (see :class:`Model`).
         optimizer: any optax gradient transformation.
         mesh: a :class:`jax.sharding.Mesh` to run data-parallel on (see
-            :func:`data_mesh`), or ``None``.
+            :func:`jaxbn.parallel.data_mesh`), or ``None``.
         axis_name: the named axis to average over when the step runs inside a
             mapped function; not together with ``mesh``.
 
@@ -286,6 +253,9 @@ def make_train_step(
         pure and can be wrapped in ``jax.jit``, ``lax.scan``, etc. With a mesh,
         the batch size must be divisible by ``mesh.size`` (``ValueError``
         while tracing).
+
+    Raises:
+        TypeError: if ``model`` does not follow :class:`Model`.
 
     Examples:
         >>> import jax, jax.numpy as jnp, optax
@@ -299,6 +269,7 @@ def make_train_step(
         >>> sorted(metrics)
         ['accuracy', 'loss']
     """
+    _check_model(model)
     if mesh is None:
         return _local_train_step(model, optimizer, axis_name)
     if axis_name is not None:
@@ -306,23 +277,18 @@ def make_train_step(
             f"give either mesh (the step shards itself) or axis_name (the step runs inside "
             f"your own shard_map), not both; got axis_name={axis_name!r}"
         )
-    _check_mesh(mesh, 0)
-    axes = _mesh_axes(mesh)
-    local = _local_train_step(dataclasses.replace(model, axis_name=axes), optimizer, axes)
-    batch_spec = P(tuple(mesh.axis_names))
-    mapped = jax.shard_map(
-        local,
-        mesh=mesh,
-        in_specs=(P(), P(), P(), batch_spec),
-        out_specs=P(),
-    )
+    check_mesh(mesh, 0)
+    axes = mesh_axes(mesh)
+    local = _local_train_step(synchronized(model, axes), optimizer, axes)
+    spec = batch_spec(mesh)
+    mapped = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(), spec), out_specs=P())
 
     def train_step(params, state, opt_state, batch):
         """One data-parallel step on the global ``batch = (x, labels)``."""
-        _check_mesh(mesh, int(jnp.shape(batch[0])[0]))
+        check_mesh(mesh, int(jnp.shape(batch[0])[0]))
         # Lay the inputs out as shard_map expects (a no-op where they already are).
-        replicated = _place((params, state, opt_state), mesh, P())
-        return mapped(*replicated, _place(batch, mesh, batch_spec))
+        replicated = place((params, state, opt_state), mesh, P())
+        return mapped(*replicated, place(batch, mesh, spec))
 
     return train_step
 
@@ -333,41 +299,74 @@ def _evaluate(model, params, state, x, labels):
     return {"loss": cross_entropy(logits, labels), "accuracy": _accuracy(logits, labels)}
 
 
-def evaluate(model: MLP, params: Any, state: Any, x: ArrayLike, labels: ArrayLike) -> Metrics:
+def evaluate(model: Model, params: Any, state: Any, x: ArrayLike, labels: ArrayLike) -> Metrics:
     """Loss and accuracy of the network in inference mode (running statistics).
 
     Args:
-        model: the network config.
+        model: the network config (see :class:`Model`).
         params: the params.
         state: the running statistics (used, not changed).
-        x: ``[n, inputs]`` examples.
+        x: ``[n, ...]`` examples, as ``model.apply`` takes them.
         labels: ``[n]`` integer labels.
 
     Returns:
         ``{"loss": scalar, "accuracy": scalar}`` (JAX arrays).
     """
+    _check_model(model)
     return _evaluate(model, params, state, jnp.asarray(x), jnp.asarray(labels))
 
 
-@functools.partial(
-    jax.jit, static_argnames=("model", "optimizer", "batch_size", "num_steps", "mesh")
-)
-def _train_loop(ts, x, labels, *, model, optimizer, batch_size, num_steps, mesh):
-    check_batch_size(batch_size, x.shape[0])
-    if mesh is None:
-        axes, local_size = None, batch_size
-        train_step = _local_train_step(model, optimizer, None)
-    else:
-        _check_mesh(mesh, batch_size)
-        axes, local_size = _mesh_axes(mesh), batch_size // mesh.size
-        train_step = _local_train_step(dataclasses.replace(model, axis_name=axes), optimizer, axes)
+class _LoopSpec(NamedTuple):
+    """The static description of a loop: what a compiled loop or step depends on."""
 
+    model: Any
+    optimizer: Any
+    batch_size: int
+    mesh: Mesh | None
+
+
+def _indexed_step(spec: _LoopSpec):
+    """``step(ts, x, labels, idx)``: one training step on the global batch ``x[idx]``.
+
+    Inside a ``shard_map`` over the mesh, each device gathers its own contiguous
+    slice of the global batch (the slice that ``P(axes)`` would give it).
+    """
+    if spec.mesh is None:
+        axes, local_size = None, spec.batch_size
+        train_step = _local_train_step(spec.model, spec.optimizer, None)
+    else:
+        check_mesh(spec.mesh, spec.batch_size)
+        axes, local_size = mesh_axes(spec.mesh), spec.batch_size // spec.mesh.size
+        train_step = _local_train_step(synchronized(spec.model, axes), spec.optimizer, axes)
+
+    def step(ts: TrainState, x, labels, idx):
+        if axes is not None:
+            idx = lax.dynamic_slice_in_dim(idx, lax.axis_index(axes) * local_size, local_size)
+        params, state, opt_state, metrics = train_step(
+            ts.params, ts.state, ts.opt_state, (x[idx], labels[idx])
+        )
+        return TrainState(params, state, opt_state, ts.key, ts.step + 1), metrics
+
+    return step
+
+
+def _on_mesh(loop, spec: _LoopSpec, ts, x, labels):
+    """``loop(ts, x, labels)``, per device on the mesh (everything replicated), or as is."""
+    if spec.mesh is None:
+        return loop(ts, x, labels)
+    mapped = jax.shard_map(loop, mesh=spec.mesh, in_specs=P(), out_specs=P())
+    return mapped(*place((ts, x, labels), spec.mesh, P()))
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "num_steps", "precompute"))
+def _scan_loop(ts, x, labels, *, spec: _LoopSpec, num_steps: int, precompute: bool):
+    check_batch_size(spec.batch_size, x.shape[0])
+    step = _indexed_step(spec)
     num_examples = x.shape[0]
-    steps_per_epoch = num_examples // batch_size
+    steps_per_epoch = num_examples // spec.batch_size
     # The epochs this call spans (static bound); their orders are drawn once, not
     # one permutation per step. batch_indices gives the same batches step by step.
     num_epochs = num_steps // steps_per_epoch + 2
-    precompute = num_epochs * num_examples <= MAX_PRECOMPUTED_INDICES
 
     def loop(ts, x, labels):
         first_epoch = ts.step // steps_per_epoch
@@ -377,48 +376,125 @@ def _train_loop(ts, x, labels, *, model, optimizer, batch_size, num_steps, mesh)
             )
 
         def body(ts, _):
-            # The global batch of this step, the same with or without a mesh; with
-            # one, each device gathers its own contiguous slice of it (the slice
-            # that P(axes) would give it).
             if precompute:
                 epoch, within = jnp.divmod(ts.step, steps_per_epoch)
                 idx = lax.dynamic_slice_in_dim(
-                    orders[epoch - first_epoch], within * batch_size, batch_size
+                    orders[epoch - first_epoch], within * spec.batch_size, spec.batch_size
                 )
             else:
                 idx = batch_indices(
-                    ts.key, ts.step, num_examples=num_examples, batch_size=batch_size
+                    ts.key, ts.step, num_examples=num_examples, batch_size=spec.batch_size
                 )
-            if axes is not None:
-                idx = lax.dynamic_slice_in_dim(idx, lax.axis_index(axes) * local_size, local_size)
-            params, state, opt_state, metrics = train_step(
-                ts.params, ts.state, ts.opt_state, (x[idx], labels[idx])
-            )
-            return TrainState(params, state, opt_state, ts.key, ts.step + 1), metrics
+            return step(ts, x, labels, idx)
 
         return lax.scan(body, ts, None, length=num_steps)
 
-    if mesh is None:
-        return loop(ts, x, labels)
-    # The examples are replicated; the whole scan runs per device.
-    mapped = jax.shard_map(loop, mesh=mesh, in_specs=P(), out_specs=P())
-    return mapped(*_place((ts, x, labels), mesh, P()))
+    return _on_mesh(loop, spec, ts, x, labels)
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _single_step(ts, x, labels, *, spec: _LoopSpec):
+    check_batch_size(spec.batch_size, x.shape[0])
+    step = _indexed_step(spec)
+
+    def one(ts, x, labels):
+        idx = batch_indices(ts.key, ts.step, num_examples=x.shape[0], batch_size=spec.batch_size)
+        return step(ts, x, labels, idx)
+
+    return _on_mesh(one, spec, ts, x, labels)
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _fed_scan(ts, xs, ys, *, spec: _LoopSpec):
+    """The steps of stacked global batches ``xs [steps, batch, ...]``, ``ys [steps, batch]``.
+
+    Each device trains on its own rows of every batch (the batches arrive split over
+    the mesh); the rest is replicated.
+    """
+    axes = mesh_axes(spec.mesh)
+    train_step = _local_train_step(synchronized(spec.model, axes), spec.optimizer, axes)
+
+    def loop(ts, xs, ys):
+        def body(ts, batch):
+            params, state, opt_state, metrics = train_step(ts.params, ts.state, ts.opt_state, batch)
+            return TrainState(params, state, opt_state, ts.key, ts.step + 1), metrics
+
+        return lax.scan(body, ts, (xs, ys))
+
+    stacked = P(None, *batch_spec(spec.mesh))
+    mapped = jax.shard_map(loop, mesh=spec.mesh, in_specs=(P(), stacked, stacked), out_specs=P())
+    return mapped(*place((ts,), spec.mesh, P()), *place((xs, ys), spec.mesh, stacked))
+
+
+@functools.partial(jax.jit, static_argnames=("num_examples", "batch_size"))
+def _step_indices(key, steps, *, num_examples: int, batch_size: int):
+    return jax.vmap(
+        lambda t: batch_indices(key, t, num_examples=num_examples, batch_size=batch_size)
+    )(steps)
+
+
+def _process_fed(spec: _LoopSpec, ts: TrainState, x, labels, num_steps: int):
+    """The loop over a mesh that spans several processes, each feeding its own rows.
+
+    Every process holds ``x`` and ``labels`` on the host and draws the same global
+    batches as the scan loop (:func:`jaxbn.data.batch_indices`); only its own rows
+    of them go to its devices (:func:`jaxbn.distributed.global_batches`).
+    """
+    x, labels = np.asarray(x), np.asarray(labels)
+    check_batch_size(spec.batch_size, x.shape[0])
+    # The key and the step are replicated: every process reads them locally.
+    key_data = np.asarray(jax.random.key_data(ts.key))
+    key = jax.random.wrap_key_data(key_data, impl=jax.random.key_impl(ts.key))
+    start = int(np.asarray(ts.step))
+    idx = _step_indices(
+        key,
+        jnp.arange(start, start + num_steps),
+        num_examples=x.shape[0],
+        batch_size=spec.batch_size,
+    )
+    xs, ys = distributed.global_batches(spec.mesh, np.asarray(idx), x, labels)
+    # Replicate what this process holds (a fresh or restored state) over the mesh;
+    # the state of an earlier call is a global array already.
+    replicated = NamedSharding(spec.mesh, P())
+
+    def replicate(a):
+        if isinstance(a, jax.Array) and not a.is_fully_addressable:
+            return a
+        if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+            data = jax.device_put(np.asarray(jax.random.key_data(a)), replicated)
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(a))
+        return jax.device_put(np.asarray(a), replicated)
+
+    return _fed_scan(jax.tree.map(replicate, ts), xs, ys, spec=spec)
+
+
+def _check_num_steps(num_steps: Any) -> None:
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 0:
+        raise ValueError(f"num_steps must be an int >= 0, got {num_steps!r}")
 
 
 def make_train_loop(
-    model: MLP,
+    model: Model,
     optimizer: optax.GradientTransformation,
     *,
     batch_size: int,
     mesh: Mesh | None = None,
+    scan: bool = True,
+    precompute_orders: bool | None = None,
 ) -> Callable[..., tuple[TrainState, Metrics]]:
-    """Returns ``run(train_state, x, labels, num_steps) -> (train_state, metrics)``, jitted.
+    """Returns ``run(train_state, x, labels, num_steps) -> (train_state, metrics)``.
 
-    ``run`` takes ``num_steps`` (static) training steps in one ``lax.scan``; step
-    ``t`` trains on ``x[batch_indices(key, t)]``, drawn on the device. The metrics
-    are stacked: ``metrics["loss"]`` is ``[num_steps]``. The model, the optimizer
-    and the sizes are static: one compilation per distinct ``num_steps``, shared
-    by every loop made with the same (equal) model and the same optimizer object.
+    ``run`` takes ``num_steps`` training steps; step ``t`` trains on
+    ``x[batch_indices(key, t)]``, drawn on the device. The metrics are stacked:
+    ``metrics["loss"]`` is ``[num_steps]``. Two ways to run the same steps:
+
+    - ``scan=True`` (default): one ``lax.scan`` of ``num_steps`` steps, one
+      dispatch per call, compiled once per distinct ``num_steps`` (shared by
+      every loop made with an equal model and the same optimizer object);
+    - ``scan=False``: one jitted step per dispatch (compiled once), the batch
+      drawn inside it. Same batches, same results to float32 rounding; for models
+      whose step XLA compiles to slower code inside a loop (convolution
+      gradients on the CPU).
 
     With a ``mesh`` the steps are data-parallel (see :func:`make_train_step`):
     ``x``, ``labels`` and the train state are replicated over the mesh, every
@@ -426,16 +502,30 @@ def make_train_loop(
     the result is that of the loop without a mesh. The returned train state is
     replicated over the mesh.
 
+    With a mesh over the devices of several processes (after
+    :func:`jaxbn.distributed.initialize`), every process calls ``run`` with the
+    same host arrays ``x`` and ``labels``; they stay on the host, the global
+    batches of the call are drawn there (the same batches as above) and each
+    process puts only its own rows of them on its devices, as one stacked
+    ``lax.scan`` input (``scan`` is then always used).
+
     Args:
-        model: the network config.
+        model: the network config (see :class:`Model`).
         optimizer: any optax gradient transformation.
         batch_size: examples per step (the global batch).
         mesh: a :class:`jax.sharding.Mesh` to run data-parallel on, or ``None``.
+        scan: compile the steps of a call into one ``lax.scan`` (else one
+            jitted step per dispatch).
+        precompute_orders: with ``scan``, draw the orders of the epochs a call
+            spans once, up front (``True``), or one permutation per step
+            (``False``); ``None`` chooses up front when those orders hold at
+            most ``2**24`` indices. The batches are the same either way.
 
     Returns:
-        The jitted ``run`` function.
+        The ``run`` function.
 
     Raises:
+        TypeError: if ``model`` does not follow :class:`Model`.
         ValueError: if ``batch_size`` is not divisible by ``mesh.size``.
 
     Examples:
@@ -451,153 +541,54 @@ def make_train_loop(
         >>> int(ts.step), metrics["loss"].shape
         (20, (20,))
     """
+    _check_model(model)
+    if precompute_orders not in (None, True, False):
+        raise TypeError(f"precompute_orders must be a bool or None, got {precompute_orders!r}")
     if mesh is not None:
-        _check_mesh(mesh, batch_size)
-        replicated = NamedSharding(mesh, P())
+        check_mesh(mesh, batch_size)
+    spec = _LoopSpec(model, optimizer, batch_size, mesh)
 
     def run(ts: TrainState, x: ArrayLike, labels: ArrayLike, num_steps: int):
-        """Takes ``num_steps`` steps from ``ts`` on ``(x, labels)`` in one dispatch."""
+        """Takes ``num_steps`` steps from ``ts`` on ``(x, labels)``."""
+        _check_num_steps(num_steps)
+        if mesh is not None and mesh.is_multi_process:
+            return _process_fed(spec, ts, x, labels, num_steps)
         args = (ts, jnp.asarray(x), jnp.asarray(labels))
         if mesh is not None:
-            args = jax.device_put(args, replicated)
-        return _train_loop(
-            *args,
-            model=model,
-            optimizer=optimizer,
-            batch_size=batch_size,
-            num_steps=num_steps,
-            mesh=mesh,
-        )
+            args = jax.device_put(args, NamedSharding(mesh, P()))
+        if scan:
+            precompute = precompute_orders
+            if precompute is None:
+                num_epochs = num_steps // (args[1].shape[0] // batch_size) + 2
+                precompute = num_epochs * args[1].shape[0] <= _MAX_PRECOMPUTED_INDICES
+            return _scan_loop(*args, spec=spec, num_steps=num_steps, precompute=precompute)
+        return _step_by_step(*args, spec=spec, num_steps=num_steps)
 
     return run
 
 
-def _all_finite(tree) -> bool:
-    return all(
-        bool(jnp.all(jnp.isfinite(leaf)))
-        for leaf in jax.tree_util.tree_leaves(tree)
-        if jnp.issubdtype(leaf.dtype, jnp.inexact)
-    )
+def _step_by_step(ts, x, labels, *, spec: _LoopSpec, num_steps: int):
+    """``num_steps`` dispatches of :func:`_single_step`, metrics stacked like the scan's."""
+    metrics = []
+    for _ in range(num_steps):
+        ts, m = _single_step(ts, x, labels, spec=spec)
+        metrics.append(m)
+    if not metrics:  # the scan's empty stack: the metrics' dtypes, zero steps
+        shapes = jax.eval_shape(functools.partial(_single_step, spec=spec), ts, x, labels)[1]
+        return ts, jax.tree.map(lambda s: jnp.zeros((0, *s.shape), s.dtype), shapes)
+    return ts, jax.tree.map(lambda *ms: jnp.stack(ms), *metrics)
 
 
-def fit(
-    model: MLP,
-    optimizer: optax.GradientTransformation,
-    x: ArrayLike,
-    labels: ArrayLike,
-    *,
-    steps: int,
-    batch_size: int,
-    key: jax.Array,
-    chunk_size: int = 100,
-    checkpoint_path: str | os.PathLike | None = None,
-    checkpoint_every: int = 0,
-    resume: bool = False,
-    config: dict | None = None,
-    callback: Callable[[TrainState, dict[str, np.ndarray]], None] | None = None,
-    checkpoint_metadata: Callable[[], dict] | None = None,
-    mesh: Mesh | None = None,
-) -> TrainState:
-    """Trains for ``steps`` steps in scan-compiled chunks; checkpoints; resumes.
+# fit and TrainingDiverged live in jaxbn.fit, which imports this module; they are
+# re-exported here on first access (PEP 562), so that jaxbn.train.fit keeps working.
+_FROM_FIT = ("TrainingDiverged", "fit")
 
-    Chunks end every ``chunk_size`` steps, at every multiple of
-    ``checkpoint_every`` and at ``steps``. After each chunk the losses are read
-    (one device sync per chunk) and checked, ``callback`` is called, and at a
-    checkpoint step the state is saved.
 
-    Args:
-        model: the network config.
-        optimizer: any optax gradient transformation.
-        x: ``[n, inputs]`` training examples (moved to the device once).
-        labels: ``[n]`` integer labels.
-        steps: total number of steps of the run (counting steps before a resume).
-        batch_size: examples per step, ``<= n``.
-        key: the run's ``jax.random.key`` (initialization and batches).
-        chunk_size: steps per compiled ``lax.scan`` dispatch.
-        checkpoint_path: ``.npz`` file to save to (and resume from), or ``None``.
-        checkpoint_every: save every this many steps (0: only at the end).
-        resume: continue from ``checkpoint_path``, which must exist.
-        config: JSON-able dict stored in the checkpoint and required to match on
-            resume (the architecture and the optimizer's hyperparameters).
-        callback: ``callback(train_state, chunk_metrics)`` after each chunk;
-            ``chunk_metrics`` maps ``"step"`` (the 0-based step numbers),
-            ``"loss"`` and ``"accuracy"`` to NumPy arrays.
-        checkpoint_metadata: returns a JSON-able dict saved with each checkpoint.
-        mesh: a :class:`jax.sharding.Mesh` to train data-parallel on (see
-            :func:`make_train_loop`), or ``None`` for one device. The result is
-            that of one device (to float32 rounding), so a checkpoint written
-            with one device count resumes with another.
+def __getattr__(name: str) -> Any:
+    if name in _FROM_FIT:
+        return getattr(importlib.import_module("jaxbn.fit"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-    Returns:
-        The final :class:`TrainState`.
 
-    Raises:
-        TrainingDiverged: on the first non-finite loss (or non-finite state);
-            no checkpoint is written past the last good one.
-        FileNotFoundError: if ``resume`` and there is no checkpoint.
-        jaxbn.checkpoint.CheckpointError: if the checkpoint is corrupt or does
-            not match ``model``, ``optimizer`` or ``config``.
-        ValueError: for bad ``steps``, ``chunk_size``, ``checkpoint_every`` or
-            ``batch_size`` (or one not divisible by ``mesh.size``).
-    """
-    for name, value, low in (
-        ("steps", steps, 0),
-        ("chunk_size", chunk_size, 1),
-        ("checkpoint_every", checkpoint_every, 0),
-    ):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    if resume and checkpoint_path is None:
-        raise ValueError("resume=True needs a checkpoint_path, got None")
-    x, labels = jnp.asarray(x), jnp.asarray(labels)
-    check_batch_size(batch_size, x.shape[0])
-    if mesh is not None:
-        _check_mesh(mesh, batch_size)
-        x, labels = jax.device_put((x, labels), NamedSharding(mesh, P()))
-
-    ts = init_train_state(model, optimizer, key)
-    if resume:
-        if not os.path.exists(checkpoint_path):
-            raise FileNotFoundError(
-                f"resume requested but there is no checkpoint at {os.fspath(checkpoint_path)!r}"
-            )
-        ts, _ = load_checkpoint(checkpoint_path, ts, config=config)
-    run = make_train_loop(model, optimizer, batch_size=batch_size, mesh=mesh)
-
-    def save(ts):
-        if not _all_finite(ts):
-            step = int(ts.step)
-            raise TrainingDiverged(
-                step,
-                math.nan,
-                f"the params or state at the start of step {step} (0-based) are not finite "
-                f"and were not checkpointed",
-            )
-        save_checkpoint(
-            checkpoint_path,
-            ts,
-            step=int(ts.step),
-            config=config,
-            metadata=None if checkpoint_metadata is None else checkpoint_metadata(),
-        )
-
-    step = int(ts.step)
-    while step < steps:
-        n = min(chunk_size, steps - step)
-        if checkpoint_every:
-            n = min(n, checkpoint_every - step % checkpoint_every)
-        ts, metrics = run(ts, x, labels, n)
-        chunk = {k: np.asarray(v) for k, v in metrics.items()}
-        chunk["step"] = np.arange(step, step + n)
-        bad = ~np.isfinite(chunk["loss"])
-        if bad.any():
-            first = int(np.argmax(bad))
-            raise TrainingDiverged(step + first, chunk["loss"][first])
-        step += n
-        if callback is not None:
-            callback(ts, chunk)
-        if checkpoint_path is not None and (
-            step == steps or (checkpoint_every and step % checkpoint_every == 0)
-        ):
-            save(ts)
-    return ts
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_FROM_FIT))

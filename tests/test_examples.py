@@ -1,13 +1,19 @@
-"""End-to-end runs of examples/train_mlp.py and examples/paper_figure1.py, tiny settings."""
+"""End-to-end runs of examples/train_mlp.py (and its shared _runner.py) and
+examples/paper_figure1.py, tiny settings."""
 
 import importlib.util
 import json
+import os
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from jaxbn.checkpoint import CheckpointError
+from jaxbn.data import load_digits
+from jaxbn.fit import TrainingDiverged
 
 EXAMPLES = pathlib.Path(__file__).parents[1] / "examples"
 
@@ -46,6 +52,35 @@ def test_train_mlp_runs_end_to_end(train_mlp, tmp_path, capsys):
     assert "final test accuracy" in capsys.readouterr().out
 
 
+def test_train_mlp_times_training_apart_from_evaluation_and_checkpoints(train_mlp, tmp_path):
+    out = tmp_path / "run"
+    argv = [*TINY, "--steps", "60", "--checkpoint-every", "20", "--out", str(out)]
+    timing = train_mlp.main(argv)["timing"]
+    named = (
+        "train_seconds",
+        "train_seconds_of_first_calls",
+        "evaluation_seconds",
+        "checkpoint_seconds",
+        "total_seconds",
+    )
+    for name in named:
+        assert timing[name] > 0, name
+    # The first chunk compiles; the two after it give the steady throughput.
+    assert timing["train_seconds_of_first_calls"] < timing["train_seconds"]
+    steady = timing["train_seconds"] - timing["train_seconds_of_first_calls"]
+    np.testing.assert_allclose(timing["train_steps_per_second"], 40 / steady, rtol=1e-9)
+    parts = timing["train_seconds"] + timing["evaluation_seconds"] + timing["checkpoint_seconds"]
+    assert parts <= timing["total_seconds"]
+
+
+def test_train_mlp_progress_bar_says_compiling_first(train_mlp, tmp_path, capsys):
+    argv = [a for a in TINY if a != "--no-progress"]
+    train_mlp.main([*argv, "--steps", "40", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert "compiling" in err and "train" in err
+    assert err.index("compiling") < err.index("train:")
+
+
 def test_train_mlp_without_batch_norm(train_mlp, tmp_path):
     metrics = train_mlp.main(
         [
@@ -69,6 +104,29 @@ def test_train_mlp_without_batch_norm(train_mlp, tmp_path):
     assert not any("batch_norm" in k for k in names)
 
 
+def test_each_variant_has_its_own_default_folder(train_mlp, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    train_mlp.main([*TINY, "--steps", "0"])
+    train_mlp.main([*TINY, "--steps", "0", "--no-batch-norm"])
+    with_bn = json.loads((tmp_path / "runs" / "train_mlp" / "metrics.json").read_text())
+    without = json.loads((tmp_path / "runs" / "train_mlp_no_bn" / "metrics.json").read_text())
+    assert (with_bn["config"]["batch_norm"], without["config"]["batch_norm"]) == (True, False)
+
+
+def test_train_mlp_never_overwrites_a_previous_run(train_mlp, tmp_path, capsys):
+    out = tmp_path / "run"
+    train_mlp.main([*TINY, "--steps", "40", "--out", str(out)])
+    before = (out / "checkpoint.npz").read_bytes()
+    with pytest.raises(SystemExit) as info:
+        train_mlp.main([*TINY, "--steps", "20", "--out", str(out)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --out" in err and "--resume" in err and "--overwrite" in err
+    assert (out / "checkpoint.npz").read_bytes() == before
+    metrics = train_mlp.main([*TINY, "--steps", "20", "--out", str(out), "--overwrite"])
+    assert metrics["steps"] == 20 and [h["step"] for h in metrics["history"]] == [20]
+
+
 def test_train_mlp_resume_matches_uninterrupted(train_mlp, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train_mlp.main([*TINY, "--steps", "60", "--checkpoint-every", "20", "--out", str(straight)])
@@ -87,8 +145,95 @@ def test_train_mlp_resume_with_other_settings_fails(train_mlp, tmp_path):
     train_mlp.main([*TINY, "--steps", "20", "--out", str(tmp_path)])
     with pytest.raises(CheckpointError, match=r"lr: checkpoint has 0\.01, expected 0\.02"):
         train_mlp.main([*TINY, "--steps", "40", "--lr", "0.02", "--out", str(tmp_path), "--resume"])
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        train_mlp.main([*TINY, "--steps", "40", "--out", str(tmp_path / "none"), "--resume"])
+    with pytest.raises(CheckpointError, match=r"activation: checkpoint has 'relu'"):
+        argv = [*TINY, "--steps", "40", "--activation", "tanh", "--out", str(tmp_path)]
+        train_mlp.main([*argv, "--resume"])
+
+
+#: (flags, the error that must follow "error: "); A_FILE is a file, DONE a finished
+#: 20-step run, both made by the test in its tmp_path; N_TRAIN the training split's size.
+BAD_ARGUMENTS = {
+    "batch-size-above-split": (
+        ["--batch-size", "5000"],
+        "argument --batch-size: expected at most the N_TRAIN examples of the training split, "
+        "got 5000",
+    ),
+    "steps-negative": (["--steps", "-1"], "argument --steps: expected an int >= 0, got '-1'"),
+    "checkpoint-every-negative": (
+        ["--checkpoint-every", "-1"],
+        "argument --checkpoint-every: expected an int >= 0, got '-1'",
+    ),
+    "log-every-zero": (["--log-every", "0"], "argument --log-every: expected an int >= 1"),
+    "lr-nan": (["--lr", "nan"], "argument --lr: expected a finite number > 0, got 'nan'"),
+    "lr-inf": (["--lr", "inf"], "argument --lr: expected a finite number > 0, got 'inf'"),
+    "lr-zero": (["--lr", "0"], "argument --lr: expected a finite number > 0, got '0'"),
+    "lr-negative": (["--lr", "-0.1"], "argument --lr: expected a finite number > 0"),
+    "seed-negative": (["--seed", "-1"], "argument --seed: expected an int >= 0"),
+    "seed-too-large": (["--seed", str(2**32)], "argument --seed: expected an int in [0, 2**32)"),
+    "devices-zero": (["--devices", "0"], "argument --devices: expected an int >= 1"),
+    "out-is-a-file": (["--out", "A_FILE"], "argument --out: 'A_FILE' is a file"),
+    "out-under-a-file": (["--out", "A_FILE/run"], "argument --out: cannot create 'A_FILE/run'"),
+    "resume-without-checkpoint": (["--resume"], "argument --resume: there is no checkpoint"),
+    "resume-and-overwrite": (
+        ["--resume", "--overwrite"],
+        "argument --overwrite: not allowed with --resume",
+    ),
+    "resume-below-the-checkpoint": (
+        ["--resume", "--steps", "10", "--out", "DONE"],
+        "argument --steps: the checkpoint 'DONE/checkpoint.npz' is at step 20; "
+        "expected --steps >= 20, got 10",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_ARGUMENTS)
+def test_train_mlp_checks_every_argument_first(train_mlp, tmp_path, capsys, monkeypatch, case):
+    paths = {"A_FILE": str(tmp_path / "a_file"), "DONE": str(tmp_path / "done")}
+    paths["N_TRAIN"] = str(len(load_digits().y_train))
+    (tmp_path / "a_file").write_text("not a folder")
+    if case == "resume-below-the-checkpoint":
+        train_mlp.main([*TINY, "--steps", "20", "--out", paths["DONE"]])
+        capsys.readouterr()
+    flags, message = BAD_ARGUMENTS[case]
+    for name, path in paths.items():
+        flags = [f.replace(name, path) for f in flags]
+        message = message.replace(name, path)
+    if "--out" not in flags:
+        flags = [*flags, "--out", str(tmp_path / "out")]
+    monkeypatch.setattr(train_mlp._runner, "fit", None)  # nothing trains or compiles
+    with pytest.raises(SystemExit) as info:
+        train_mlp.main([*TINY, *flags])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: " + message in err.strip().splitlines()[-1]
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # --out is not created
+
+
+def test_failed_run_leaves_no_empty_out(train_mlp, tmp_path):
+    out = tmp_path / "diverges"
+    argv = [*TINY, "--no-batch-norm", "--optimizer", "sgd", "--lr", "1e8", "--steps", "200"]
+    with pytest.raises(TrainingDiverged):
+        train_mlp.main([*argv, "--checkpoint-every", "0", "--out", str(out)])
+    assert not out.exists()
+
+
+def test_command_line_errors_are_one_line(train_mlp, tmp_path):
+    """As a script: a run that fails for a reason the user can fix prints one line."""
+    out = tmp_path / "run"
+    argv = [*TINY, "--steps", "20", "--out", str(out)]
+    train_mlp.main(argv)
+    env = {**os.environ, "PYTHONPATH": str(EXAMPLES.parent)}
+    script = EXAMPLES / "train_mlp.py"
+    resumed = subprocess.run(
+        [sys.executable, script, *argv, "--lr", "0.02", "--resume", "--steps", "40"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert resumed.returncode == 1
+    assert resumed.stderr.startswith("error: checkpoint") and "config.lr" in resumed.stderr
+    assert "Traceback" not in resumed.stderr and resumed.stderr.count("\n") == 1
 
 
 def test_train_mlp_help(train_mlp, capsys):
@@ -97,7 +242,7 @@ def test_train_mlp_help(train_mlp, capsys):
     assert info.value.code == 0
     text = capsys.readouterr().out
     flags = "--no-batch-norm --hidden --activation --steps --batch-size --lr --optimizer"
-    flags += " --seed --out --checkpoint-every --resume"
+    flags += " --seed --out --checkpoint-every --resume --overwrite --devices"
     for flag in flags.split():
         assert flag in text
 

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from jaxbn import distributed
@@ -128,3 +129,76 @@ def test_unreachable_coordinator_is_a_clear_error_after_the_timeout():
         proc.stderr
     )
     assert time.monotonic() - start < 30
+
+
+def _single_process_run(steps):
+    """The same run as the workers', in this process on one device."""
+    import jax
+    import optax
+
+    import jaxbn
+    from jaxbn.data import make_blobs
+    from jaxbn.train import fit
+
+    sys.path.insert(0, str(WORKER.parent))
+    try:
+        from worker import RUN
+    finally:
+        sys.path.remove(str(WORKER.parent))
+    data = make_blobs(num_examples=400, num_features=8, num_classes=3)
+    ts = fit(
+        jaxbn.MLP(RUN["layer_sizes"]),
+        optax.sgd(RUN["lr"], momentum=0.9),
+        data.x_train,
+        data.y_train,
+        steps=steps,
+        batch_size=RUN["batch_size"],
+        key=jax.random.key(RUN["seed"]),
+    )
+    return [np.asarray(leaf) for leaf in jax.tree_util.tree_leaves((ts.params, ts.state))]
+
+
+def _worker_leaves(out_dir, process):
+    with np.load(out_dir / f"result_{process}.npz") as f:
+        return [f[f"arr_{i}"] for i in range(len(f.files))]
+
+
+def _max_difference(a, b):
+    assert len(a) == len(b)
+    return max(float(np.max(np.abs(u - v))) for u, v in zip(a, b, strict=True))
+
+
+def test_two_processes_train_as_one_process_on_the_same_global_batches(tmp_path):
+    runs = run_processes("train", tmp_path, extra_args=("24",))
+    for rc, out in runs:
+        assert rc == 0, out[-3000:]
+        assert _result(out)["step"] == 24
+    expected = _single_process_run(24)
+    for process in (0, 1):
+        assert _max_difference(_worker_leaves(tmp_path, process), expected) < 2e-5
+    # Only process 0 wrote the checkpoint (one file, no stray temporaries).
+    assert sorted(p.name for p in tmp_path.iterdir() if "checkpoint" in p.name) == [
+        "checkpoint.npz"
+    ]
+
+
+def test_two_processes_resume_after_a_restart(tmp_path):
+    first = run_processes("train", tmp_path, extra_args=("12",))
+    assert all(rc == 0 for rc, _ in first), first[0][1][-3000:]
+    resumed = run_processes("resume", tmp_path, extra_args=("24",))
+    for rc, out in resumed:
+        assert rc == 0, out[-3000:]
+        assert _result(out)["step"] == 24
+    expected = _single_process_run(24)
+    assert _max_difference(_worker_leaves(tmp_path, 0), expected) < 2e-5
+
+
+def test_a_dying_process_stops_the_others_within_a_bounded_time(tmp_path):
+    start = time.monotonic()
+    runs = run_processes("die", tmp_path, extra_args=("600",), timeout=120)
+    elapsed = time.monotonic() - start
+    (rc0, out0), (rc1, out1) = runs
+    assert rc1 == 3 and "process 1 dies" in out1
+    assert rc0 != 0
+    assert "another task died" in out0 or "unhealthy" in out0, out0[-3000:]
+    assert elapsed < 120

@@ -1,15 +1,25 @@
-"""Tests of jaxbn.train and jaxbn.checkpoint: learning, scan, resume, errors."""
+"""Tests of jaxbn.train and jaxbn.fit: learning, the loop, any model, resume, nothing lost."""
+
+import dataclasses
+import errno
+import shutil
+import tempfile
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax import lax
 
-from jaxbn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+import jaxbn.fit as fit_module
+from jaxbn.checkpoint import CheckpointError, load_checkpoint, read_metadata
 from jaxbn.data import batch_indices, load_digits, make_blobs
 from jaxbn.mlp import MLP
+from jaxbn.parallel import data_mesh
 from jaxbn.train import (
+    Model,
     TrainingDiverged,
     evaluate,
     fit,
@@ -26,28 +36,71 @@ SGD = optax.sgd(0.1, momentum=0.9)
 ADAM = optax.adam(1e-2)
 
 
+@dataclasses.dataclass(frozen=True)
+class TinyConv:
+    """A second model type for the protocol: NHWC conv 3x3 -> relu -> spatial mean ->
+    centring -> dense. The state is a running mean of the pooled features, and
+    training centres with the batch's own mean (synchronized over ``axis_name``),
+    like batch norm."""
+
+    channels: int = 4
+    num_classes: int = 3
+    momentum: float = 0.9
+    axis_name: Any = None
+
+    def init(self, key):
+        k_conv, k_dense = jax.random.split(key)
+        params = {
+            "conv": jax.random.normal(k_conv, (3, 3, 1, self.channels)) / 3,
+            "dense": jax.random.normal(k_dense, (self.channels, self.num_classes)),
+        }
+        return params, {"feature_mean": jnp.zeros(self.channels)}
+
+    def apply(self, params, state, x, *, training):
+        h = lax.conv_general_dilated(
+            x, params["conv"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        h = jax.nn.relu(h).mean(axis=(1, 2))
+        mean = state["feature_mean"]
+        if training:
+            mean = h.mean(axis=0)
+            if self.axis_name is not None:
+                mean = lax.pmean(mean, self.axis_name)
+            m = self.momentum
+            state = {"feature_mean": m * state["feature_mean"] + (1 - m) * mean}
+        return (h - mean) @ params["dense"], state
+
+
+IMAGES = make_blobs(num_examples=200, num_features=16, num_classes=3, separation=2.0, seed=1)
+X_IMAGES = IMAGES.x_train.reshape(-1, 4, 4, 1)
+TINY = TinyConv()
+
+
 def _fit(steps, optimizer=None, model=MODEL, **kwargs):
     optimizer = SGD if optimizer is None else optimizer
     kwargs.setdefault("chunk_size", 10)
-    return fit(
-        model,
-        optimizer,
-        BLOBS.x_train,
-        BLOBS.y_train,
-        steps=steps,
-        batch_size=BATCH,
-        key=jax.random.key(0),
-        **kwargs,
-    )
+    x, y = kwargs.pop("data", (BLOBS.x_train, BLOBS.y_train))
+    kwargs.setdefault("batch_size", BATCH)
+    kwargs.setdefault("key", jax.random.key(0))
+    return fit(model, optimizer, x, y, steps=steps, **kwargs)
 
 
-def _assert_trees_equal(a, b):
+def _assert_trees_equal(a, b, rtol=1e-6, atol=1e-7):
     la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
     assert jax.tree.structure(a) == jax.tree.structure(b)
     for x, y in zip(la, lb, strict=True):
         if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
             x, y = jax.random.key_data(x), jax.random.key_data(y)
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(
+            np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=rtol, atol=atol
+        )
+
+
+def _never_called(ts, chunk):
+    raise AssertionError("training started; the error should have come before")
+
+
+# --- learning --------------------------------------------------------------------
 
 
 def test_short_run_lowers_the_loss():
@@ -76,6 +129,22 @@ def test_batch_norm_mlp_learns_the_digits():
     assert float(metrics["accuracy"]) >= 0.95
 
 
+def test_another_model_type_learns_and_resumes(tmp_path):
+    """fit is not MLP-only: a conv model of the protocol learns, step by step, and
+    resumes to the parameters of an uninterrupted run."""
+    kwargs = dict(model=TINY, data=(X_IMAGES, IMAGES.y_train), batch_size=16, scan=False)
+    ts0 = init_train_state(TINY, ADAM, jax.random.key(0))
+    before = evaluate(TINY, ts0.params, ts0.state, X_IMAGES, IMAGES.y_train)
+    path = tmp_path / "ckpt.npz"
+    _fit(20, ADAM, checkpoint_path=path, **kwargs)
+    resumed = _fit(40, ADAM, checkpoint_path=path, resume=True, **kwargs)
+    straight = _fit(40, ADAM, **kwargs)
+    _assert_trees_equal(resumed, straight)
+    after = evaluate(TINY, resumed.params, resumed.state, X_IMAGES, IMAGES.y_train)
+    assert float(after["loss"]) < 0.8 * float(before["loss"])
+    assert not np.allclose(resumed.state["feature_mean"], 0)
+
+
 def test_state_changes_in_training_not_in_evaluation():
     ts0 = init_train_state(MODEL, SGD, jax.random.key(0))
     ts = _fit(10)
@@ -94,39 +163,90 @@ def test_state_changes_in_training_not_in_evaluation():
     )
 
 
-@pytest.mark.parametrize("precompute", [True, False], ids=["epoch-orders", "per-step"])
-def test_scan_equals_single_steps(precompute, monkeypatch):
-    """K scan steps equal K single steps on the batches of batch_indices, across
-    epoch boundaries (25 steps of 3 per epoch), with the epochs' orders drawn up
-    front and with one permutation per step."""
-    import jaxbn.train as train_module
+# --- the loop: scan, step by step, any model --------------------------------------
 
-    if not precompute:
-        monkeypatch.setattr(train_module, "MAX_PRECOMPUTED_INDICES", 0)
-        # The per-step branch must be traced anew, not taken from the compile cache;
-        # and it must not draw any epoch's order up front.
-        train_module._train_loop.clear_cache()
-        monkeypatch.setattr(train_module, "epoch_order", None)
+LOOPS = {
+    "scan-epoch-orders": dict(scan=True, precompute_orders=True),
+    "scan-per-step-permutation": dict(scan=True, precompute_orders=False),
+    "one-step-per-call": dict(scan=False),
+}
+
+
+def _top_level_primitives(run, *args):
+    """The primitives of the compiled loop outside its scan."""
+    (call,) = jax.make_jaxpr(run, static_argnums=3)(*args).jaxpr.eqns
+    return [eqn.primitive.name for eqn in call.params["jaxpr"].jaxpr.eqns]
+
+
+@pytest.mark.parametrize("loop", LOOPS, ids=list(LOOPS))
+@pytest.mark.parametrize("model", ["mlp", "conv"])
+def test_loop_equals_single_steps(loop, model):
+    """K loop steps equal K jitted single steps on the batches of batch_indices,
+    across epoch boundaries (2 x 11 steps, 3 per epoch: the second call starts
+    mid-epoch), for every way of running the loop and for two model types."""
+    model, x, y = {
+        "mlp": (MODEL, BLOBS.x_train[:100], BLOBS.y_train[:100]),
+        "conv": (TINY, X_IMAGES[:100], IMAGES.y_train[:100]),
+    }[model]
+    x, y = jnp.asarray(x), jnp.asarray(y)
     optimizer = ADAM
-    ts = init_train_state(MODEL, optimizer, jax.random.key(0))
-    x, y = jnp.asarray(BLOBS.x_train[:100]), jnp.asarray(BLOBS.y_train[:100])
-    run = make_train_loop(MODEL, optimizer, batch_size=BATCH)
-    first, _ = run(ts, x, y, 4)  # starting mid-epoch in the second call
-    scanned, metrics = run(first, x, y, 21)
+    ts = init_train_state(model, optimizer, jax.random.key(0))
+    run = make_train_loop(model, optimizer, batch_size=BATCH, **LOOPS[loop])
+    first, _ = run(ts, x, y, 11)
+    looped, metrics = run(first, x, y, 11)
 
-    step = jax.jit(make_train_step(MODEL, optimizer))
+    step = jax.jit(make_train_step(model, optimizer))
     params, state, opt_state = ts.params, ts.state, ts.opt_state
     losses = []
-    for t in range(25):
+    for t in range(22):
         idx = batch_indices(ts.key, t, num_examples=x.shape[0], batch_size=BATCH)
         params, state, opt_state, m = step(params, state, opt_state, (x[idx], y[idx]))
         losses.append(float(m["loss"]))
-    np.testing.assert_allclose(metrics["loss"], losses[4:], rtol=1e-6)
-    _assert_trees_equal(
-        (scanned.params, scanned.state, scanned.opt_state), (params, state, opt_state)
-    )
-    assert int(scanned.step) == 25
-    train_module._train_loop.clear_cache()
+    assert metrics["loss"].shape == (11,)
+    np.testing.assert_allclose(metrics["loss"], losses[11:], rtol=1e-6)
+    _assert_trees_equal((looped.params, looped.state, looped.opt_state), (params, state, opt_state))
+    assert int(looped.step) == 22
+    if LOOPS[loop]["scan"]:
+        # The epochs' orders are drawn before the scan exactly when asked for.
+        drawn_up_front = "random_fold_in" in _top_level_primitives(run, first, x, y, 11)
+        assert drawn_up_front == LOOPS[loop]["precompute_orders"]
+
+
+def test_step_by_step_loop_with_zero_steps():
+    ts = init_train_state(MODEL, SGD, jax.random.key(0))
+    for scan in (True, False):
+        run = make_train_loop(MODEL, SGD, batch_size=BATCH, scan=scan)
+        out, metrics = run(ts, BLOBS.x_train, BLOBS.y_train, 0)
+        assert int(out.step) == 0
+        assert metrics["loss"].shape == (0,) and metrics["loss"].dtype == jnp.float32
+
+
+def test_fit_step_by_step_equals_scan():
+    _assert_trees_equal(_fit(25, scan=False), _fit(25))
+
+
+def test_model_protocol_is_checked():
+    assert isinstance(MODEL, Model) and isinstance(TINY, Model)
+    with pytest.raises(TypeError, match=r"model must have init\(key\).*got object"):
+        make_train_step(object(), SGD)
+
+    class NoAxisName:  # follows the protocol, but cannot be synchronized over a mesh
+        def init(self, key):
+            return TINY.init(key)
+
+        def apply(self, params, state, x, *, training):
+            return TINY.apply(params, state, x, training=training)
+
+    class Unhashable(NoAxisName):
+        __hash__ = None
+
+    with pytest.raises(TypeError, match="model must be hashable"):
+        make_train_loop(Unhashable(), SGD, batch_size=BATCH)
+    with pytest.raises(TypeError, match="needs a dataclass model with an axis_name field"):
+        make_train_step(NoAxisName(), SGD, mesh=data_mesh(1))
+
+
+# --- resume and the divergence guard -------------------------------------------
 
 
 class _Interrupt(Exception):
@@ -147,9 +267,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     with pytest.raises(_Interrupt):  # interrupted after step 30, checkpoints every 20
         _fit(50, ADAM, checkpoint_path=path, checkpoint_every=20, config=config,
              callback=_interrupt_at(30))  # fmt: skip
-    template = init_train_state(MODEL, ADAM, jax.random.key(0))
-    _, meta = load_checkpoint(path, template, config=config)
-    assert meta["step"] == 20  # the last checkpoint before the interruption
+    assert read_metadata(path)["step"] == 20  # the last checkpoint before the interruption
     resumed = _fit(50, ADAM, checkpoint_path=path, checkpoint_every=20, config=config,
                    resume=True)  # fmt: skip
     straight = _fit(50, ADAM)
@@ -157,14 +275,14 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     _assert_trees_equal(resumed, straight)
 
 
-def test_checkpoint_round_trip_keeps_key_and_step(tmp_path):
-    ts = _fit(10)
-    save_checkpoint(tmp_path / "c.npz", ts, step=10, metadata={"note": [1, 2]})
-    template = init_train_state(MODEL, SGD, jax.random.key(9))
-    restored, meta = load_checkpoint(tmp_path / "c.npz", template)
-    _assert_trees_equal(restored, ts)
-    assert jax.random.key_impl(restored.key) == jax.random.key_impl(ts.key)
-    assert meta["metadata"] == {"note": [1, 2]} and meta["step"] == 10
+def test_bfloat16_run_resumes(tmp_path):
+    model = MLP((8, 16, 3), param_dtype=jnp.bfloat16)
+    path = tmp_path / "ckpt.npz"
+    _fit(10, model=model, checkpoint_path=path)
+    resumed = _fit(20, model=model, checkpoint_path=path, resume=True)
+    straight = _fit(20, model=model)
+    assert resumed.params["layers"][0]["dense"]["kernel"].dtype == jnp.bfloat16
+    _assert_trees_equal(resumed, straight, rtol=0, atol=0)
 
 
 @pytest.fixture
@@ -174,44 +292,83 @@ def saved(tmp_path):
     return path
 
 
-def test_truncated_checkpoint(saved):
-    data = saved.read_bytes()
-    saved.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="corrupt or truncated"):
-        _fit(8, checkpoint_path=saved, config={"lr": 0.1}, resume=True)
+def test_existing_checkpoint_is_not_overwritten(saved):
+    before = saved.read_bytes()
+    with pytest.raises(FileExistsError) as info:
+        _fit(5, checkpoint_path=saved, config={"lr": 0.1}, callback=_never_called)
+    message = str(info.value)
+    for part in (str(saved), "at step 10", "resume=True", "overwrite=True"):
+        assert part in message
+    assert saved.read_bytes() == before
+    _fit(5, checkpoint_path=saved, config={"lr": 0.1}, overwrite=True)
+    assert read_metadata(saved)["step"] == 5
+    with pytest.raises(ValueError, match="not both"):
+        _fit(20, checkpoint_path=saved, resume=True, overwrite=True)
 
 
-def test_corrupted_checkpoint(saved):
-    data = bytearray(saved.read_bytes())
-    # Flip bytes inside the first array's data (past the zip and npy headers).
-    start = data.index(b"tree/") + 200
-    data[start : start + 16] = bytes(b ^ 0xFF for b in data[start : start + 16])
-    saved.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match="corrupt or truncated"):
-        _fit(8, checkpoint_path=saved, config={"lr": 0.1}, resume=True)
+#: What a resume must share with the run it continues: one change each, and the
+#: difference the error must name.
+MISMATCHES = {
+    "activation": (
+        dict(model=MLP((8, 16, 16, 3), activation="tanh")),
+        "model.fields.activation: checkpoint has 'relu', expected 'tanh'",
+    ),
+    "momentum-of-batch-norm": (
+        dict(model=MLP((8, 16, 16, 3), momentum=0.9)),
+        "model.fields.momentum: checkpoint has 0.99, expected 0.9",
+    ),
+    "width": (
+        dict(model=MLP((8, 16, 24, 3))),
+        r"model.fields.layer_sizes: checkpoint has \[8, 16, 16, 3\], expected \[8, 16, 24, 3\]",
+    ),
+    "batch-size": (dict(batch_size=16), "batch_size: checkpoint has 32, expected 16"),
+    "key": (dict(key=jax.random.key(1)), r"key.data: checkpoint has \[0, 0\], expected \[0, 1\]"),
+    "data": (dict(data=(BLOBS.x_train[::-1], BLOBS.y_train[::-1])), "data.sha256"),
+    "config": (dict(config={"lr": 0.5}), r"config.lr: checkpoint has 0\.1, expected 0\.5"),
+    "optimizer-structure": (dict(optimizer=ADAM), "does not match the expected"),
+}
 
 
-def test_checkpoint_of_another_architecture(saved):
-    other = MLP((8, 16, 24, 3), activation="relu")
-    with pytest.raises(
-        CheckpointError, match=r"does not match.*layers/1.*\[16\].*expected \(\[24\]"
+@pytest.mark.parametrize("change", MISMATCHES, ids=list(MISMATCHES))
+def test_resume_refuses_another_run(saved, change):
+    kwargs, match = MISMATCHES[change]
+    kwargs = {"config": {"lr": 0.1}, **kwargs}
+    with pytest.raises(CheckpointError, match=match) as info:
+        _fit(20, checkpoint_path=saved, resume=True, callback=_never_called, **kwargs)
+    assert "overwrite=True" in str(info.value)
+
+
+def test_resume_refuses_other_injected_hyperparameters(tmp_path):
+    path = tmp_path / "ckpt.npz"
+    sgd = optax.inject_hyperparams(optax.sgd)
+    _fit(10, sgd(learning_rate=0.1, momentum=0.9), checkpoint_path=path)
+    for changed, name in (
+        (sgd(learning_rate=0.2, momentum=0.9), "learning_rate"),
+        (sgd(learning_rate=0.1, momentum=0.8), "momentum"),
     ):
-        _fit(8, model=other, checkpoint_path=saved, config={"lr": 0.1}, resume=True)
+        with pytest.raises(CheckpointError, match=f"optimizer_hyperparams.{name}: checkpoint"):
+            _fit(20, changed, checkpoint_path=path, resume=True, callback=_never_called)
+    resumed = _fit(20, sgd(learning_rate=0.1, momentum=0.9), checkpoint_path=path, resume=True)
+    assert int(resumed.step) == 20
 
 
-def test_checkpoint_of_another_optimizer(saved):
-    with pytest.raises(CheckpointError, match="does not match the expected"):
-        _fit(8, ADAM, checkpoint_path=saved, config={"lr": 0.1}, resume=True)
-
-
-def test_checkpoint_of_another_config(saved):
-    with pytest.raises(CheckpointError, match=r"lr: checkpoint has 0\.1, expected 0\.5"):
-        _fit(8, checkpoint_path=saved, config={"lr": 0.5}, resume=True)
+def test_resume_with_fewer_steps_than_the_checkpoint(saved):
+    with pytest.raises(ValueError, match=r"steps=8 is below the step of the checkpoint .* \(10\)"):
+        _fit(8, checkpoint_path=saved, config={"lr": 0.1}, resume=True)
+    same = _fit(10, checkpoint_path=saved, config={"lr": 0.1}, resume=True)
+    assert int(same.step) == 10
 
 
 def test_resume_without_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         _fit(8, checkpoint_path=tmp_path / "missing.npz", resume=True)
+
+
+def test_truncated_checkpoint(saved):
+    data = saved.read_bytes()
+    saved.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        _fit(20, checkpoint_path=saved, config={"lr": 0.1}, resume=True)
 
 
 def _nan_at(step):
@@ -250,38 +407,6 @@ def test_huge_learning_rate_diverges():
     assert not np.isfinite(info.value.loss)
 
 
-@pytest.mark.parametrize(
-    "kwargs, match",
-    [
-        ({"steps": -1}, "steps must be an int >= 0, got -1"),
-        ({"steps": 5, "chunk_size": 0}, "chunk_size must be an int >= 1, got 0"),
-        ({"steps": 5, "batch_size": 10_000}, r"batch_size must be between 1 .*got 10000"),
-    ],
-    ids=["steps", "chunk", "batch"],
-)
-def test_bad_fit_arguments(kwargs, match):
-    args = {"batch_size": BATCH, **kwargs}
-    with pytest.raises(ValueError, match=match):
-        fit(MODEL, SGD, BLOBS.x_train, BLOBS.y_train, key=jax.random.key(0), **args)
-
-
-def test_failed_save_leaves_the_old_checkpoint(tmp_path, monkeypatch):
-    path = tmp_path / "ckpt.npz"
-    ts = _fit(10)
-    save_checkpoint(path, ts, step=10)
-    before = path.read_bytes()
-
-    def broken_savez(file, **arrays):
-        file.write(b"PK\x03\x04 partial")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(np, "savez", broken_savez)
-    with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(path, ts, step=20)
-    assert path.read_bytes() == before
-    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.npz"]  # no temporary file left
-
-
 def test_non_finite_state_is_never_checkpointed(tmp_path):
     # The update of step 19 is NaN: every loss of the chunk 10..19 is finite, but
     # the state reached at the checkpoint step 20 is not, and must not be saved.
@@ -289,17 +414,119 @@ def test_non_finite_state_is_never_checkpointed(tmp_path):
     optimizer = optax.chain(optax.sgd(0.1), _nan_at(19))
     with pytest.raises(TrainingDiverged, match="step 20"):
         _fit(40, optimizer, checkpoint_path=path, checkpoint_every=10)
-    template = init_train_state(MODEL, optimizer, jax.random.key(0))
-    _, meta = load_checkpoint(path, template)
-    assert meta["step"] == 10
+    assert read_metadata(path)["step"] == 10
+
+
+def test_diverged_last_step_is_caught_without_checkpoints():
+    """A schedule that turns NaN at the last step: every loss is finite, the params
+    returned would not be. No checkpoint_path: the check runs all the same."""
+    schedule = lambda count: jnp.where(count == 19, jnp.nan, 0.05)  # noqa: E731
+    optimizer = optax.inject_hyperparams(optax.sgd)(learning_rate=schedule)
+    with pytest.raises(TrainingDiverged, match=r"at the start of step 20 \(0-based\)") as info:
+        _fit(20, optimizer)
+    assert info.value.step == 20
+
+
+@pytest.mark.parametrize(
+    "optimizer, match",
+    [
+        (optax.sgd(float("nan")), "first update is not finite"),
+        (optax.adam(float("inf")), "first update is not finite"),
+        (optax.inject_hyperparams(optax.sgd)(learning_rate=float("nan")), "learning_rate"),
+        (optax.inject_hyperparams(optax.sgd)(learning_rate=-0.1), r"learning_rate must be >= 0"),
+    ],
+    ids=["sgd-nan", "adam-inf", "injected-nan", "injected-negative"],
+)
+def test_bad_learning_rate_is_a_bad_argument(optimizer, match):
+    with pytest.raises(ValueError, match=match) as info:
+        _fit(10, optimizer, callback=_never_called)
+    assert not isinstance(info.value, TrainingDiverged)
+
+
+# --- checkpoints that cannot be written: one clear error, nothing lost ------------
+
+
+def test_missing_checkpoint_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"does not exist.*create"):
+        _fit(10, checkpoint_path=tmp_path / "no" / "ckpt.npz", callback=_never_called)
+
+
+def test_unwritable_checkpoint_directory(tmp_path, monkeypatch):
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", denied)
+    with pytest.raises(PermissionError, match=r"cannot write checkpoints to .*Permission denied"):
+        _fit(10, checkpoint_path=tmp_path / "ckpt.npz", callback=_never_called)
+
+
+def test_too_little_free_space_is_found_before_training(tmp_path, monkeypatch):
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1, 1, 0))
+    with pytest.raises(OSError, match="not enough free space") as info:
+        _fit(10, checkpoint_path=tmp_path / "ckpt.npz", callback=_never_called)
+    assert info.value.errno == errno.ENOSPC
+
+
+def test_full_disk_during_training_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.npz"
+    real_savez, calls = np.savez, []
+
+    def savez_then_full(file, **arrays):
+        calls.append(1)
+        if len(calls) > 1:  # the first checkpoint fits, the second does not
+            file.write(b"PK\x03\x04 partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_savez(file, **arrays)
+
+    monkeypatch.setattr(np, "savez", savez_then_full)
+    with pytest.raises(OSError, match=r"cannot write checkpoint .*No space left.*intact") as info:
+        _fit(30, checkpoint_path=path, checkpoint_every=10)
+    assert info.value.errno == errno.ENOSPC
+    assert read_metadata(path)["step"] == 10
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.npz"]  # no temporary file left
+
+
+# --- arguments ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"steps": -1}, "steps must be an int >= 0, got -1"),
+        ({"steps": 5, "chunk_size": 0}, "chunk_size must be an int >= 1, got 0"),
+        ({"steps": 5, "checkpoint_every": -2}, "checkpoint_every must be an int >= 0, got -2"),
+        ({"steps": 5, "batch_size": 10_000}, r"batch_size must be between 1 .*got 10000"),
+        ({"steps": 5, "resume": True}, "resume=True needs a checkpoint_path"),
+        ({"steps": 5, "overwrite": True}, "overwrite=True needs a checkpoint_path"),
+    ],
+    ids=["steps", "chunk", "checkpoint-every", "batch", "resume", "overwrite"],
+)
+def test_bad_fit_arguments(kwargs, match):
+    args = {"batch_size": BATCH, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        fit(MODEL, SGD, BLOBS.x_train, BLOBS.y_train, key=jax.random.key(0), **args)
+
+
+def test_chunks_end_at_checkpoints_and_report_their_time(tmp_path):
+    chunks, saves = [], []
+    _fit(
+        25,
+        chunk_size=7,
+        checkpoint_path=tmp_path / "c.npz",
+        checkpoint_every=10,
+        callback=lambda ts, chunk: chunks.append(chunk),
+        on_checkpoint=lambda step, seconds: saves.append((step, seconds)),
+    )
+    assert [int(c["step"][-1]) + 1 for c in chunks] == [7, 10, 17, 20, 25]
+    assert all(c["seconds"] > 0 for c in chunks)
+    assert [s for s, _ in saves] == [10, 20, 25] and all(t > 0 for _, t in saves)
+    # From a resumed step 3: to 10, 17, 20 (a checkpoint), 25.
+    assert list(fit_module._chunk_lengths(3, 25, 7, 10)) == [7, 7, 3, 5]
 
 
 def test_runs_are_deterministic_for_a_seed():
     a, b = _fit(20), _fit(20)
     _assert_trees_equal(a, b)
-    other = fit(
-        MODEL, SGD, BLOBS.x_train, BLOBS.y_train, steps=20, batch_size=BATCH,
-        key=jax.random.key(1), chunk_size=10,
-    )  # fmt: skip
+    other = _fit(20, key=jax.random.key(1))
     first_kernel = lambda ts: ts.params["layers"][0]["dense"]["kernel"]  # noqa: E731
     assert not np.allclose(first_kernel(a), first_kernel(other))

@@ -140,6 +140,16 @@ def test_scan_loop_equals_single_device_loop(n):
     print(f"loop {n} devices: max |diff| {_max_diff(got, want):.3g}")
 
 
+def test_step_by_step_loop_on_a_mesh_equals_the_scan_on_one_device():
+    ts = init_train_state(MODEL, OPT, jax.random.key(3))
+    data = (BLOBS.x_train, BLOBS.y_train)
+    want = make_train_loop(MODEL, OPT, batch_size=BATCH)(ts, *data, 15)
+    run = make_train_loop(MODEL, OPT, batch_size=BATCH, mesh=data_mesh(4), scan=False)
+    got = run(ts, *data, 15)
+    _close(got, want)
+    _replicated(got, 4)
+
+
 def test_fit_on_a_two_axis_mesh():
     mesh = jax.make_mesh((2, 4), ("a", "b"), devices=jax.devices())
     kwargs = dict(steps=12, batch_size=BATCH, key=jax.random.key(4), chunk_size=5)
@@ -222,9 +232,11 @@ def test_train_mlp_devices_matches_one_device(train_mlp, tmp_path):
 
 
 def test_train_mlp_devices_errors(train_mlp, tmp_path, capsys):
+    out = str(tmp_path / "out")
     with pytest.raises(SystemExit):
-        train_mlp.main([*TINY, "--devices", "16", "--out", str(tmp_path)])
+        train_mlp.main([*TINY, "--devices", "16", "--out", out])
     assert "XLA_FLAGS=--xla_force_host_platform_device_count=16" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        train_mlp.main([*TINY, "--batch-size", "50", "--devices", "4", "--out", str(tmp_path)])
-    assert "--batch-size 50 is not divisible by --devices 4" in capsys.readouterr().err
+        train_mlp.main([*TINY, "--batch-size", "50", "--devices", "4", "--out", out])
+    assert "argument --batch-size: 50 is not divisible by --devices 4" in capsys.readouterr().err
+    assert not tmp_path.joinpath("out").exists()  # checked before --out is made

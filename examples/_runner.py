@@ -1,0 +1,436 @@
+"""What the training examples share: the command line, its checks, and the run itself.
+
+A training script (``train_mlp.py``, ``train_cnn.py``) adds its model's flags to
+:func:`build_parser`'s parser, builds its model and data, and calls :func:`run`,
+which
+
+- checks every argument before anything is compiled or written (one line on
+  stderr naming the flag and what it accepts, exit status 2, no traceback);
+- refuses to write over a previous run's outputs unless ``--resume`` (continue
+  it) or ``--overwrite`` (replace it) is given;
+- trains with :func:`jaxbn.fit.fit` (checkpoints every ``--checkpoint-every``
+  steps, exact ``--resume``, data-parallel ``--devices``), evaluating the test
+  split after every chunk of ``--log-every`` steps;
+- shows a progress bar that says "compiling" until the first chunk is done;
+- writes ``metrics.json`` (with training throughput, evaluation time and
+  checkpoint time named apart) and ``training_curve.png`` to ``--out``, and
+  removes ``--out`` again if it created it and a failed run left it empty.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import optax
+from tqdm import tqdm
+
+from jaxbn.checkpoint import CheckpointError, read_metadata
+from jaxbn.fit import TrainingDiverged, fit
+from jaxbn.parallel import data_mesh
+from jaxbn.train import evaluate
+
+OPTIMIZERS: dict[str, Callable[[float], optax.GradientTransformation]] = {
+    "sgd": lambda lr: optax.sgd(lr),
+    "momentum": lambda lr: optax.sgd(lr, momentum=0.9),
+    "nesterov": lambda lr: optax.sgd(lr, momentum=0.9, nesterov=True),
+    "adam": lambda lr: optax.adam(lr),
+    "adamw": lambda lr: optax.adamw(lr),
+    "rmsprop": lambda lr: optax.rmsprop(lr),
+}
+
+#: The files a run writes to ``--out``; any of them there means a previous run.
+OUTPUTS = ("checkpoint.npz", "metrics.json", "training_curve.png")
+MAX_SEED = 2**32  # jax.random.key keeps 32 bits of a seed: larger ones alias smaller ones
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse ``type``: an int ``>= low`` (argparse names the flag in the error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {text!r}")
+        return value
+
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """An argparse ``type``: a finite float ``> 0``."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def seed(text: str) -> int:
+    """An argparse ``type``: an int in ``[0, 2**32)``."""
+    value = int_at_least(0)(text)
+    if value >= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected an int in [0, 2**32), got {text!r}")
+    return value
+
+
+def int_tuple(text: str) -> tuple[int, ...]:
+    """An argparse ``type``: comma-separated positive ints such as ``100,100``."""
+    try:
+        sizes = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive ints such as 100,100,100, got {text!r}"
+        )
+    return sizes
+
+
+def build_parser(description: str, *, out_help: str, steps: int, batch_size: int, lr: float,
+                 optimizer: str) -> argparse.ArgumentParser:  # fmt: skip
+    """The flags every training example has (each explained by ``--help``).
+
+    Args:
+        description: what the script trains.
+        out_help: where the outputs go by default (``--out`` defaults to ``None``:
+            the script chooses a folder per variant).
+        steps: the default ``--steps``.
+        batch_size: the default ``--batch-size``.
+        lr: the default ``--lr``.
+        optimizer: the default ``--optimizer``.
+    """
+    p = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--steps", type=int_at_least(0), default=steps, help="total training steps")
+    p.add_argument(
+        "--batch-size",
+        type=int_at_least(1),
+        default=batch_size,
+        help="examples per step, at most the training split",
+    )
+    p.add_argument("--lr", type=positive_float, default=lr, help="learning rate, > 0")
+    p.add_argument(
+        "--optimizer",
+        choices=sorted(OPTIMIZERS),
+        default=optimizer,
+        help="optax optimizer (momentum: SGD with momentum 0.9)",
+    )
+    p.add_argument(
+        "--seed",
+        type=seed,
+        default=0,
+        help="seed of the initialization and the batch order, in [0, 2**32)",
+    )
+    p.add_argument("--out", default=None, help=f"directory for all outputs ({out_help})")
+    p.add_argument(
+        "--log-every",
+        type=int_at_least(1),
+        default=100,
+        help="steps per chunk: the loss is read and the test set scored this often",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=int_at_least(0),
+        default=500,
+        help="save OUT/checkpoint.npz every this many steps (0: only at the end)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUT/checkpoint.npz (same flags except --steps); "
+        "it is an error if the checkpoint is missing or was made with other settings",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the outputs of a previous run in OUT (without it, they are kept "
+        "and the run stops)",
+    )
+    p.add_argument(
+        "--devices",
+        type=int_at_least(1),
+        default=1,
+        help="train data-parallel over the first N devices (--batch-size must be a multiple "
+        "of N); on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N to get N",
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def _check_out(parser: argparse.ArgumentParser, out: str) -> None:
+    """``--out`` is, or can be made, a writable directory; nothing is created here."""
+    if os.path.exists(out):
+        if not os.path.isdir(out):
+            parser.error(f"argument --out: {out!r} is a file, expected a directory")
+        if not os.access(out, os.W_OK | os.X_OK):
+            parser.error(f"argument --out: directory {out!r} is not writable")
+        return
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        parser.error(f"argument --out: cannot create {out!r}: {parent!r} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        parser.error(f"argument --out: cannot create {out!r}: {parent!r} is not writable")
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace, *, num_train: int):
+    """Every check that needs more than one flag or the data; ``parser.error`` on failure.
+
+    Returns:
+        The mesh for ``--devices`` (``None`` for one device).
+    """
+    if args.batch_size > num_train:
+        parser.error(
+            f"argument --batch-size: expected at most the {num_train} examples of the "
+            f"training split, got {args.batch_size}"
+        )
+    if args.resume and args.overwrite:
+        parser.error("argument --overwrite: not allowed with --resume (continue or replace)")
+    _check_out(parser, args.out)
+    ckpt = os.path.join(args.out, "checkpoint.npz")
+    if args.resume:
+        if not os.path.isfile(ckpt):
+            parser.error(f"argument --resume: there is no checkpoint at {ckpt!r} to resume from")
+        done = read_metadata(ckpt)["step"]
+        if args.steps < done:
+            parser.error(
+                f"argument --steps: the checkpoint {ckpt!r} is at step {done}; expected "
+                f"--steps >= {done}, got {args.steps}"
+            )
+    elif not args.overwrite:
+        found = [f for f in OUTPUTS if os.path.exists(os.path.join(args.out, f))]
+        if found:
+            parser.error(
+                f"argument --out: {args.out!r} holds a previous run ({', '.join(found)}); "
+                f"pass --resume to continue it or --overwrite to replace it"
+            )
+    if args.devices == 1:
+        return None
+    if args.batch_size % args.devices:
+        parser.error(
+            f"argument --batch-size: {args.batch_size} is not divisible by --devices {args.devices}"
+        )
+    try:
+        return data_mesh(args.devices)
+    except ValueError as err:
+        parser.error(f"argument --devices: {err}")
+
+
+class Progress:
+    """A progress bar that says "compiling" until the first chunk is done.
+
+    The bar of the training steps starts after the first chunk, so its rate and
+    ETA leave compilation out.
+    """
+
+    def __init__(self, *, total: int, done: int, disable: bool):
+        self.total, self.disable, self.training = total, disable, False
+        self.bar = tqdm(
+            total=total, initial=done, desc="compiling", unit="step", disable=disable, leave=False
+        )
+
+    def update(self, n: int, **postfix: str) -> None:
+        """``n`` more steps done."""
+        if not self.training:
+            done = self.bar.n + n
+            self.bar.close()
+            self.bar = tqdm(
+                total=self.total, initial=done, desc="train", unit="step", disable=self.disable
+            )
+            self.training = True
+        else:
+            self.bar.update(n)
+        self.bar.set_postfix(**postfix)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def save_curve(history: list[dict], path: str, title: str) -> None:
+    """The training curve (loss and accuracy, train and test) as a PNG."""
+    from matplotlib.figure import Figure
+
+    steps = [h["step"] for h in history]
+    fig = Figure(figsize=(9, 3.5), layout="constrained")
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    ax_loss.plot(steps, [h["train_loss"] for h in history], label="train (chunk mean)")
+    ax_loss.plot(steps, [h["test_loss"] for h in history], label="test")
+    ax_loss.set(xlabel="training step", ylabel="cross-entropy", yscale="log", title="loss")
+    ax_acc.plot(steps, [h["train_accuracy"] for h in history], label="train (chunk mean)")
+    ax_acc.plot(steps, [h["test_accuracy"] for h in history], label="test")
+    ax_acc.set(xlabel="training step", ylabel="accuracy", title="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.savefig(path, dpi=120)
+
+
+class _Clock:
+    """Seconds spent training, evaluating and checkpointing, each apart."""
+
+    def __init__(self):
+        self.seen_lengths: set[int] = set()
+        self.train = self.first_calls = self.evaluation = self.checkpoints = 0.0
+        self.steady_steps = 0
+        self.steady_seconds = 0.0
+
+    def chunk(self, n: int, seconds: float) -> None:
+        self.train += seconds
+        if n in self.seen_lengths:  # compiled already: a steady-state figure
+            self.steady_steps += n
+            self.steady_seconds += seconds
+        else:
+            self.first_calls += seconds
+            self.seen_lengths.add(n)
+
+    def report(self, total: float) -> dict[str, Any]:
+        return {
+            "train_steps_per_second": (
+                self.steady_steps / self.steady_seconds if self.steady_steps else None
+            ),
+            "train_seconds": self.train,
+            "train_seconds_of_first_calls": self.first_calls,
+            "evaluation_seconds": self.evaluation,
+            "checkpoint_seconds": self.checkpoints,
+            "total_seconds": total,
+        }
+
+
+def run(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    *,
+    model: Any,
+    data: Any,
+    x_train: Any,
+    x_test: Any,
+    config: dict,
+    title: str,
+    scan: bool = True,
+) -> dict:
+    """Checks the arguments, trains, evaluates, writes the outputs; returns the metrics.
+
+    Args:
+        parser: the parser of ``args`` (for one-line errors).
+        args: the parsed flags of :func:`build_parser` (``args.out`` set).
+        model: the network config.
+        data: a :class:`jaxbn.data.Dataset` (its labels are used).
+        x_train: the training examples as the model takes them.
+        x_test: the test examples as the model takes them.
+        config: JSON-able description of the run (stored in the checkpoint and
+            compared on resume; written to ``metrics.json``).
+        title: the title of the training curve.
+        scan: train each chunk in one ``lax.scan`` (else one jitted step per call).
+
+    Returns:
+        The contents of ``metrics.json``: ``config``, ``steps``, ``devices``,
+        ``final`` (test accuracy and loss), ``timing`` (training throughput
+        without compilation, and the seconds spent training, evaluating and
+        writing checkpoints, each named), ``history`` (one entry per chunk).
+    """
+    mesh = check_args(parser, args, num_train=len(data.y_train))
+    ckpt = os.path.join(args.out, "checkpoint.npz")
+    history: list[dict] = []
+    start = 0
+    if args.resume:
+        meta = read_metadata(ckpt)
+        history, start = list(meta["metadata"].get("history", [])), meta["step"]
+
+    clock = _Clock()
+    progress = Progress(total=args.steps, done=min(start, args.steps), disable=args.no_progress)
+
+    def on_chunk(ts, chunk):
+        n = len(chunk["step"])
+        clock.chunk(n, chunk["seconds"])
+        began = time.perf_counter()
+        test = evaluate(model, ts.params, ts.state, x_test, data.y_test)
+        entry = {
+            "step": int(chunk["step"][-1]) + 1,
+            "train_loss": float(chunk["loss"].mean()),
+            "train_accuracy": float(chunk["accuracy"].mean()),
+            "test_loss": float(test["loss"]),
+            "test_accuracy": float(test["accuracy"]),
+        }
+        clock.evaluation += time.perf_counter() - began
+        history.append(entry)
+        progress.update(
+            n, loss=f"{entry['train_loss']:.4f}", test_acc=f"{entry['test_accuracy']:.4f}"
+        )
+
+    def on_checkpoint(step, seconds):
+        clock.checkpoints += seconds
+
+    created = not os.path.exists(args.out)
+    os.makedirs(args.out, exist_ok=True)
+    began = time.perf_counter()
+    try:
+        ts = fit(
+            model,
+            OPTIMIZERS[args.optimizer](args.lr),
+            x_train,
+            data.y_train,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            key=jax.random.key(args.seed),
+            chunk_size=args.log_every,
+            checkpoint_path=ckpt,
+            checkpoint_every=args.checkpoint_every,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            config=config,
+            callback=on_chunk,
+            checkpoint_metadata=lambda: {"history": history},
+            on_checkpoint=on_checkpoint,
+            mesh=mesh,
+            scan=scan,
+        )
+    except BaseException:
+        if created and not os.listdir(args.out):
+            os.rmdir(args.out)  # a failed run leaves no empty folder behind
+        raise
+    finally:
+        progress.close()
+    total = time.perf_counter() - began
+
+    test = evaluate(model, ts.params, ts.state, x_test, data.y_test)
+    metrics = {
+        "config": config,
+        "steps": int(ts.step),
+        "devices": args.devices,
+        "final": {"test_accuracy": float(test["accuracy"]), "test_loss": float(test["loss"])},
+        "timing": clock.report(total),
+        "history": history,
+    }
+    with open(os.path.join(args.out, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    if history:
+        save_curve(history, os.path.join(args.out, "training_curve.png"), title)
+    print(
+        f"final test accuracy: {metrics['final']['test_accuracy']:.4f} "
+        f"(test loss {metrics['final']['test_loss']:.4f}, {metrics['steps']} steps, "
+        f"{args.devices} device{'s' if args.devices > 1 else ''}); outputs in {args.out}"
+    )
+    return metrics
+
+
+def command_line(main: Callable[[], Any]) -> None:
+    """Runs ``main()``; an error the user can fix is one line on stderr, no traceback."""
+    try:
+        main()
+    except (TrainingDiverged, CheckpointError, OSError, ValueError) as err:
+        sys.exit(f"error: {err}")

@@ -1,0 +1,514 @@
+"""``fit``: a whole training run in chunks, with checkpoints, exact resume and a guard.
+
+:func:`fit` runs the loop of :func:`jaxbn.train.make_train_loop` chunk by chunk.
+After every chunk the losses are read (one device sync), the loss of every step
+and the params, state and optimizer state reached are checked for finiteness
+(:class:`TrainingDiverged` names the first bad step), the caller's callback runs,
+and at a checkpoint step the state is saved (:mod:`jaxbn.checkpoint`), from which
+``resume=True`` continues to exactly the parameters of an uninterrupted run.
+
+Nothing is lost or silently wrong:
+
+- an existing checkpoint is never replaced by a new run unless ``overwrite=True``;
+- a resumed run must be the same run (:func:`run_config` says what is compared);
+- a bad optimizer (a NaN or negative learning rate) is refused before training;
+- a checkpoint that cannot be written (missing or unwritable directory, too
+  little free space) is refused before training where that can be known, and a
+  write that fails later (a full disk) leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import hashlib
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from jax.typing import ArrayLike
+
+from jaxbn import distributed
+from jaxbn.checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
+from jaxbn.data import check_batch_size
+from jaxbn.parallel import check_mesh
+from jaxbn.train import Model, TrainState, init_train_state, make_train_loop
+
+__all__ = ["TrainingDiverged", "fit", "run_config"]
+
+
+class TrainingDiverged(ValueError):
+    """Training produced a non-finite loss or state; ``step`` is the first bad step.
+
+    Args:
+        step: the 0-based number of the first step whose loss was not finite (or
+            at whose start the params/state were not finite).
+        loss: that loss (NaN when the state was found non-finite instead).
+        detail: what was found, for the message; by default the loss.
+    """
+
+    def __init__(self, step: int, loss: float, detail: str | None = None):
+        self.step = int(step)
+        self.loss = float(loss)
+        if detail is None:
+            detail = f"the loss of step {self.step} (0-based) is {self.loss}"
+        super().__init__(
+            f"training diverged: {detail}; lower the learning rate. "
+            f"The last checkpoint, if any, is left intact."
+        )
+
+
+# --- what a resumed run must share with the run it continues -------------------
+
+
+def _jsonable(value: Any) -> Any:
+    """A model field as JSON: tuples as lists, dtypes by name, anything else by repr."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    try:
+        return np.dtype(value).name
+    except TypeError:
+        return repr(value)
+
+
+def _describe_model(model: Any) -> dict:
+    kind = f"{type(model).__module__}.{type(model).__qualname__}"
+    if not dataclasses.is_dataclass(model):
+        return {"type": kind}
+    fields = {
+        f.name: _jsonable(getattr(model, f.name))
+        for f in dataclasses.fields(model)
+        if f.name != "axis_name"  # set by fit itself on a mesh
+    }
+    return {"type": kind, "fields": fields}
+
+
+def _describe_key(key: jax.Array) -> dict:
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return {"impl": str(jax.random.key_impl(key)), "data": _key_bits(key)}
+    return {"impl": "raw", "data": np.asarray(key).ravel().tolist()}
+
+
+def _key_bits(key: jax.Array) -> list[int]:
+    return np.asarray(jax.random.key_data(key)).ravel().tolist()
+
+
+def _describe_data(x: jax.Array, labels: jax.Array) -> dict:
+    digest = hashlib.sha256()
+    for a in (x, labels):
+        a = np.ascontiguousarray(np.asarray(a))
+        digest.update(f"{a.dtype.str}{a.shape}".encode())
+        digest.update(a.tobytes())
+    return {
+        "x": [list(x.shape), str(x.dtype)],
+        "labels": [list(labels.shape), str(labels.dtype)],
+        "sha256": digest.hexdigest(),
+    }
+
+
+def _is_injected(node: Any) -> bool:
+    """An ``optax.inject_hyperparams`` state (it holds a ``hyperparams`` dict)."""
+    return isinstance(node, tuple) and isinstance(getattr(node, "hyperparams", None), dict)
+
+
+def optimizer_hyperparams(opt_state: Any) -> dict[str, float]:
+    """The hyperparameters an optimizer state exposes, by path: ``{"lr path": value}``.
+
+    Only ``optax.inject_hyperparams`` states expose theirs (for a schedule, its
+    current value); other optimizers keep their hyperparameters in closures,
+    out of reach.
+
+    Args:
+        opt_state: an optimizer's state, e.g. ``optimizer.init(params)``.
+
+    Returns:
+        A dict from ``"<path in the state>/<name>"`` (``"learning_rate"`` alone
+        for a top-level ``inject_hyperparams``) to the value as a Python float.
+    """
+    found = {}
+    nodes = jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=_is_injected)[0]
+    for path, node in nodes:
+        if not _is_injected(node):
+            continue
+        where = jax.tree_util.keystr(path, simple=True, separator="/")
+        for name, value in node.hyperparams.items():
+            if np.ndim(value) == 0 and np.issubdtype(np.asarray(value).dtype, np.number):
+                found[f"{where}/{name}" if where else name] = float(value)
+    return found
+
+
+def run_config(
+    model: Model,
+    opt_state: Any,
+    x: ArrayLike,
+    labels: ArrayLike,
+    *,
+    batch_size: int,
+    key: jax.Array,
+    config: dict | None = None,
+) -> dict:
+    """What a checkpoint of :func:`fit` records and ``resume=True`` requires to match.
+
+    Compared, each by equality:
+
+    - ``model``: the model's type and, for a dataclass, every field except
+      ``axis_name`` (e.g. ``MLP``'s sizes, activation, momentum, eps, dtype);
+    - ``batch_size``;
+    - ``key``: the run's PRNG key (its implementation and bits);
+    - ``data``: the training set's shapes, dtypes and a SHA-256 of its values;
+    - ``optimizer_hyperparams``: the hyperparameters that the optimizer's fresh
+      state exposes (``optax.inject_hyperparams``: every hyperparameter, a
+      schedule by its value at step 0);
+    - ``config``: the caller's own dict, as given.
+
+    Not compared: the number of devices (``fit`` on a mesh trains the network one
+    device trains, so a checkpoint resumes with any device count), ``steps``,
+    ``chunk_size``, ``checkpoint_every`` and ``scan`` (they do not change the
+    result), and the hyperparameters of an optimizer that hides them in closures
+    (``optax.sgd(0.1)``'s learning rate, momentum, nesterov): their structure is
+    checked through the optimizer state's tree, their values only through
+    ``config`` or ``optax.inject_hyperparams``.
+
+    Args:
+        model: the network config.
+        opt_state: the optimizer's fresh state (``optimizer.init(params)``).
+        x: the training examples.
+        labels: the training labels.
+        batch_size: examples per step.
+        key: the run's key, as given to :func:`fit`.
+        config: the caller's JSON-able dict, or ``None``.
+
+    Returns:
+        A JSON-able dict.
+    """
+    return {
+        "model": _describe_model(model),
+        "batch_size": int(batch_size),
+        "key": _describe_key(key),
+        "data": _describe_data(jnp.asarray(x), jnp.asarray(labels)),
+        "optimizer_hyperparams": optimizer_hyperparams(opt_state),
+        "config": {} if config is None else config,
+    }
+
+
+# --- checks before training ------------------------------------------------------
+
+
+def _check_counts(**counts: tuple[Any, int]) -> None:
+    for name, (value, low) in counts.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
+def _check_optimizer(optimizer: optax.GradientTransformation, ts: TrainState) -> None:
+    """Refuses an optimizer that cannot train: non-finite or negative learning rate.
+
+    Two checks: every hyperparameter the state exposes
+    (:func:`optimizer_hyperparams`) is finite and a learning rate is not
+    negative; and the first update for a gradient of ones is finite (this finds
+    a NaN or inf learning rate hidden in a closure, as in ``optax.sgd(nan)``).
+    """
+    for name, value in optimizer_hyperparams(ts.opt_state).items():
+        if not math.isfinite(value):
+            raise ValueError(f"the optimizer's hyperparameter {name} must be finite, got {value}")
+        if name.split("/")[-1] == "learning_rate" and value < 0:
+            raise ValueError(f"the optimizer's learning_rate must be >= 0, got {value}")
+    grads = jax.tree.map(jnp.ones_like, ts.params)
+    updates, _ = optimizer.update(grads, ts.opt_state, ts.params)
+    if not _all_finite(updates):
+        raise ValueError(
+            "the optimizer's first update is not finite for a gradient of ones: a "
+            "hyperparameter (the learning rate?) is NaN or inf"
+        )
+
+
+@jax.jit
+def _finite(tree) -> jax.Array:
+    leaves = [
+        jnp.all(jnp.isfinite(leaf))
+        for leaf in jax.tree_util.tree_leaves(tree)
+        if jnp.issubdtype(leaf.dtype, jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def _all_finite(tree) -> bool:
+    """Every floating leaf of ``tree`` finite (one device sync)."""
+    return bool(_finite(tree))
+
+
+def _checkpoint_size(ts: TrainState) -> int:
+    """Bytes a checkpoint of ``ts`` takes, roughly (the arrays plus the metadata)."""
+    arrays = sum(
+        np.dtype(leaf.dtype).itemsize * math.prod(leaf.shape)
+        for leaf in jax.tree.leaves(ts)
+        if not jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+    )
+    return arrays + (1 << 20)
+
+
+def _check_checkpoint_path(path: str, ts: TrainState, *, resume: bool, overwrite: bool) -> None:
+    """Everything about ``path`` that can be known before training, or one clear error."""
+    if resume and overwrite:
+        raise ValueError(
+            "resume=True continues the checkpoint, overwrite=True replaces it: not both"
+        )
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(
+            f"the directory of checkpoint_path {path!r} does not exist (or is not a directory): "
+            f"create {directory!r} first"
+        )
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"checkpoint_path {path!r} is a directory, expected a file")
+    if resume and not os.path.exists(path):
+        raise FileNotFoundError(f"resume requested but there is no checkpoint at {path!r}")
+    if not resume and os.path.exists(path) and not overwrite:
+        raise FileExistsError(
+            f"{path!r} already holds a checkpoint{_step_of(path)}; pass resume=True to "
+            f"continue it or overwrite=True to replace it"
+        )
+    try:  # the directory takes a new file (permissions, read-only file system)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as err:
+        raise type(err)(
+            err.errno, f"cannot write checkpoints to {directory!r}: {err.strerror or err}"
+        ) from err
+    free, need = shutil.disk_usage(directory).free, _checkpoint_size(ts)
+    if free < need:
+        raise OSError(
+            errno.ENOSPC,
+            f"not enough free space for checkpoints in {directory!r}: {free} bytes free, "
+            f"a checkpoint needs about {need}",
+        )
+
+
+def _step_of(path: str) -> str:
+    try:
+        return f" at step {read_metadata(path)['step']}"
+    except (CheckpointError, OSError, KeyError):
+        return ""
+
+
+# --- the run -------------------------------------------------------------------
+
+
+def _chunk_lengths(start: int, steps: int, chunk_size: int, checkpoint_every: int) -> Iterator[int]:
+    """The lengths of the chunks from ``start`` to ``steps``: every ``chunk_size``
+    steps, and ending at each multiple of ``checkpoint_every``."""
+    step = start
+    while step < steps:
+        n = min(chunk_size, steps - step)
+        if checkpoint_every:
+            n = min(n, checkpoint_every - step % checkpoint_every)
+        yield n
+        step += n
+
+
+def _run_chunk(run, ts: TrainState, x, labels, n: int) -> tuple[TrainState, dict]:
+    """``n`` steps from ``ts``; the chunk's metrics read back and checked.
+
+    Raises:
+        TrainingDiverged: at the first non-finite loss, or if the params, state
+            or optimizer state reached are not finite.
+    """
+    start = int(ts.step)
+    began = time.perf_counter()
+    ts, metrics = run(ts, x, labels, n)
+    chunk = {k: np.asarray(v) for k, v in metrics.items()}
+    bad = ~np.isfinite(chunk["loss"])
+    if bad.any():
+        first = int(np.argmax(bad))
+        raise TrainingDiverged(start + first, chunk["loss"][first])
+    if not _all_finite(ts):
+        end = start + n
+        raise TrainingDiverged(
+            end,
+            math.nan,
+            f"the params or state at the start of step {end} (0-based) are not finite "
+            f"and were not checkpointed",
+        )
+    chunk["step"] = np.arange(start, start + n)
+    chunk["seconds"] = time.perf_counter() - began
+    return ts, chunk
+
+
+def _restore(path: str, ts: TrainState, expected: dict, steps: int) -> TrainState:
+    """``ts`` replaced by the checkpoint at ``path``, which must be of this run."""
+    try:
+        ts, meta = load_checkpoint(path, ts, config=expected)
+    except CheckpointError as err:
+        raise CheckpointError(
+            f"{err}. Resume with the settings of that run, or start a new one with overwrite=True"
+        ) from err
+    if meta["step"] > steps:
+        raise ValueError(
+            f"steps={steps} is below the step of the checkpoint {path!r} ({meta['step']}): "
+            f"pass steps >= {meta['step']} to continue it"
+        )
+    return ts
+
+
+def fit(
+    model: Model,
+    optimizer: optax.GradientTransformation,
+    x: ArrayLike,
+    labels: ArrayLike,
+    *,
+    steps: int,
+    batch_size: int,
+    key: jax.Array,
+    chunk_size: int = 100,
+    checkpoint_path: str | os.PathLike | None = None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
+    overwrite: bool = False,
+    config: dict | None = None,
+    callback: Callable[[TrainState, dict[str, Any]], None] | None = None,
+    checkpoint_metadata: Callable[[], dict] | None = None,
+    on_checkpoint: Callable[[int, float], None] | None = None,
+    mesh: Mesh | None = None,
+    scan: bool = True,
+    precompute_orders: bool | None = None,
+) -> TrainState:
+    """Trains for ``steps`` steps in chunks; checks, checkpoints and resumes.
+
+    Chunks end every ``chunk_size`` steps, at every multiple of
+    ``checkpoint_every`` and at ``steps``. After each chunk the losses are read
+    (one device sync per chunk) and the losses, params, state and optimizer state
+    are checked for finiteness, ``callback`` is called, and at a checkpoint step
+    the state is saved.
+
+    Args:
+        model: the network config (see :class:`jaxbn.train.Model`).
+        optimizer: any optax gradient transformation.
+        x: ``[n, ...]`` training examples (moved to the device once).
+        labels: ``[n]`` integer labels.
+        steps: total number of steps of the run (counting steps before a resume).
+        batch_size: examples per step, ``<= n``.
+        key: the run's ``jax.random.key`` (initialization and batches).
+        chunk_size: steps per call of the loop (one ``lax.scan`` dispatch).
+        checkpoint_path: ``.npz`` file to save to (and resume from), or ``None``.
+            Its directory must exist.
+        checkpoint_every: save every this many steps (0: only at the end).
+        resume: continue from ``checkpoint_path``, which must exist and be of
+            the same run (see :func:`run_config` for what is compared).
+        overwrite: replace an existing checkpoint at ``checkpoint_path`` with
+            this new run (without it, an existing checkpoint is an error).
+        config: JSON-able dict stored in the checkpoint and required to match on
+            resume (e.g. the optimizer's hyperparameters that the optimizer
+            state does not expose).
+        callback: ``callback(train_state, chunk)`` after each chunk; ``chunk``
+            maps ``"step"`` (the 0-based step numbers), ``"loss"`` and
+            ``"accuracy"`` to NumPy arrays, and ``"seconds"`` to the chunk's
+            wall time from dispatch to the checked results (it includes the
+            compilation of the first call of each chunk length).
+        checkpoint_metadata: returns a JSON-able dict saved with each checkpoint.
+        on_checkpoint: ``on_checkpoint(step, seconds)`` after each checkpoint is
+            written, with the time the write took.
+        mesh: a :class:`jax.sharding.Mesh` to train data-parallel on (see
+            :func:`jaxbn.train.make_train_loop`), or ``None`` for one device. The
+            result is that of one device (to float32 rounding), so a checkpoint
+            written with one device count resumes with another.
+        scan: run each chunk as one ``lax.scan`` (default), or as one jitted
+            step per dispatch (same batches and results; see
+            :func:`jaxbn.train.make_train_loop`).
+        precompute_orders: passed to :func:`jaxbn.train.make_train_loop`.
+
+    Returns:
+        The final :class:`jaxbn.train.TrainState`.
+
+    Raises:
+        TrainingDiverged: on the first non-finite loss, or non-finite params or
+            state at the end of a chunk; no checkpoint is written past the last
+            good one.
+        FileExistsError: if ``checkpoint_path`` exists and neither ``resume``
+            nor ``overwrite`` is set.
+        FileNotFoundError: if ``resume`` and there is no checkpoint, or the
+            checkpoint's directory does not exist.
+        OSError: if checkpoints cannot be written there (permissions, too little
+            free space), found before training; or if a write fails later (the
+            previous checkpoint is left intact).
+        jaxbn.checkpoint.CheckpointError: if the checkpoint is corrupt, modified,
+            or not of this run (model, batch size, key, data, optimizer or
+            ``config`` differ; the message names each difference).
+        ValueError: for bad ``steps``, ``chunk_size``, ``checkpoint_every`` or
+            ``batch_size`` (or one not divisible by ``mesh.size``), ``steps``
+            below a resumed checkpoint's step, or an optimizer whose learning
+            rate is non-finite or negative.
+    """
+    _check_counts(
+        steps=(steps, 0), chunk_size=(chunk_size, 1), checkpoint_every=(checkpoint_every, 0)
+    )
+    if resume and checkpoint_path is None:
+        raise ValueError("resume=True needs a checkpoint_path, got None")
+    if overwrite and checkpoint_path is None:
+        raise ValueError("overwrite=True needs a checkpoint_path, got None")
+    check_batch_size(batch_size, np.shape(x)[0])
+    if mesh is not None:
+        check_mesh(mesh, batch_size)
+    if mesh is not None and mesh.is_multi_process:
+        # Several processes: the examples stay on the host; each process feeds its
+        # own rows of every batch (jaxbn.train.make_train_loop).
+        x, labels = np.asarray(x), np.asarray(labels)
+    else:
+        x, labels = jnp.asarray(x), jnp.asarray(labels)
+        if mesh is not None:
+            x, labels = jax.device_put((x, labels), NamedSharding(mesh, P()))
+
+    ts = init_train_state(model, optimizer, key)
+    _check_optimizer(optimizer, ts)
+    save = None
+    if checkpoint_path is not None:
+        path = os.fspath(checkpoint_path)
+        _check_checkpoint_path(path, ts, resume=resume, overwrite=overwrite)
+        expected = run_config(
+            model, ts.opt_state, x, labels, batch_size=batch_size, key=key, config=config
+        )
+        if resume:
+            ts = _restore(path, ts, expected, steps)
+
+        def save(ts: TrainState) -> None:
+            began = time.perf_counter()
+            metadata = None if checkpoint_metadata is None else checkpoint_metadata()
+            if distributed.is_main_process():  # one writer; every process can resume
+                save_checkpoint(path, ts, step=int(ts.step), config=expected, metadata=metadata)
+            if jax.process_count() > 1:  # nobody runs ahead of a checkpoint being written
+                multihost_utils.sync_global_devices(f"jaxbn checkpoint {int(ts.step)}")
+            if on_checkpoint is not None:
+                on_checkpoint(int(ts.step), time.perf_counter() - began)
+
+    run = make_train_loop(
+        model,
+        optimizer,
+        batch_size=batch_size,
+        mesh=mesh,
+        scan=scan,
+        precompute_orders=precompute_orders,
+    )
+    for n in _chunk_lengths(int(ts.step), steps, chunk_size, checkpoint_every):
+        ts, chunk = _run_chunk(run, ts, x, labels, n)
+        if callback is not None:
+            callback(ts, chunk)
+        step = int(ts.step)
+        if save is not None and (
+            step == steps or (checkpoint_every and step % checkpoint_every == 0)
+        ):
+            save(ts)
+    return ts
