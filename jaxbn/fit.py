@@ -43,6 +43,7 @@ from jaxbn import distributed
 from jaxbn.checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
 from jaxbn.data import check_batch_size
 from jaxbn.parallel import check_mesh
+from jaxbn.stats import precise_stats_from_data
 from jaxbn.train import Model, TrainState, init_train_state, make_train_loop
 
 __all__ = ["TrainingDiverged", "fit", "run_config"]
@@ -386,6 +387,7 @@ def fit(
     mesh: Mesh | None = None,
     scan: bool = True,
     precompute_orders: bool | None = None,
+    precise_stats_batches: int = 0,
 ) -> TrainState:
     """Trains for ``steps`` steps in chunks; checks, checkpoints and resumes.
 
@@ -430,6 +432,11 @@ def fit(
             step per dispatch (same batches and results; see
             :func:`jaxbn.train.make_train_loop`).
         precompute_orders: passed to :func:`jaxbn.train.make_train_loop`.
+        precise_stats_batches: after the last step, replace the running
+            statistics of the returned state with population statistics over this
+            many training batches (:func:`jaxbn.stats.precise_stats_from_data`);
+            0 keeps the running averages. Checkpoints keep the running averages,
+            so a resumed run continues training exactly as before.
 
     Returns:
         The final :class:`jaxbn.train.TrainState`.
@@ -454,7 +461,10 @@ def fit(
             rate is non-finite or negative.
     """
     _check_counts(
-        steps=(steps, 0), chunk_size=(chunk_size, 1), checkpoint_every=(checkpoint_every, 0)
+        steps=(steps, 0),
+        chunk_size=(chunk_size, 1),
+        checkpoint_every=(checkpoint_every, 0),
+        precise_stats_batches=(precise_stats_batches, 0),
     )
     if resume and checkpoint_path is None:
         raise ValueError("resume=True needs a checkpoint_path, got None")
@@ -511,4 +521,21 @@ def fit(
             step == steps or (checkpoint_every and step % checkpoint_every == 0)
         ):
             save(ts)
+    if precise_stats_batches:
+        params, state, data_key = ts.params, ts.state, ts.key
+        if mesh is not None and mesh.is_multi_process:  # replicated: each process's copy
+            params, state = jax.device_get((params, state))
+            data_key = jax.random.wrap_key_data(
+                np.asarray(jax.random.key_data(data_key)), impl=jax.random.key_impl(data_key)
+            )
+        state = precise_stats_from_data(
+            model,
+            params,
+            state,
+            x,
+            batch_size=batch_size,
+            num_batches=precise_stats_batches,
+            key=data_key,
+        )
+        ts = ts._replace(state=state)
     return ts

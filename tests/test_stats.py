@@ -536,3 +536,33 @@ def test_study_eval_stats_runs_with_tiny_settings(tmp_path):
     assert "precise" in (tmp_path / "eval_stats.md").read_text()
     with pytest.raises(ValueError, match="--seeds"):
         study.main(["--seeds", "0", "--out", str(tmp_path), "--no-progress"])
+
+
+def test_fit_recomputes_precise_statistics_at_the_end():
+    import optax
+
+    from jaxbn.data import make_blobs
+    from jaxbn.stats import precise_stats_from_data
+    from jaxbn.train import fit
+
+    data = make_blobs(num_examples=200, num_features=6, num_classes=3)
+    model, opt = jaxbn.MLP((6, 8, 3), momentum=0.999), optax.sgd(0.1)
+    kwargs = dict(steps=10, batch_size=20, key=jax.random.key(0))
+    plain = fit(model, opt, data.x_train, data.y_train, **kwargs)
+    precise = fit(model, opt, data.x_train, data.y_train, precise_stats_batches=5, **kwargs)
+    expected = precise_stats_from_data(
+        model,
+        plain.params,
+        plain.state,
+        data.x_train,
+        batch_size=20,
+        num_batches=5,
+        key=plain.key,
+    )
+    for a, b in zip(jax.tree.leaves(precise.params), jax.tree.leaves(plain.params), strict=True):
+        np.testing.assert_array_equal(a, b)  # the params are untouched
+    for a, b in zip(jax.tree.leaves(precise.state), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    # ... and differ from the running averages that training left (momentum 0.999).
+    running = plain.state["layers"][0]["batch_norm"]["var"]
+    assert np.max(np.abs(precise.state["layers"][0]["batch_norm"]["var"] - running)) > 1e-2
