@@ -11,6 +11,9 @@ which
 - trains with :func:`jaxbn.fit.fit` (checkpoints every ``--checkpoint-every``
   steps, exact ``--resume``, data-parallel ``--devices``), evaluating the test
   split after every chunk of ``--log-every`` steps;
+- runs across several processes (``--coordinator``, ``--num-processes``,
+  ``--process-id``): every process runs the same command but its process id, feeds
+  its own rows of every batch, and only process 0 writes outputs;
 - shows a progress bar that says "compiling" until the first chunk is done;
 - writes ``metrics.json`` (with training throughput, evaluation time and
   checkpoint time named apart) and ``training_curve.png`` to ``--out``, and
@@ -32,6 +35,7 @@ import jax
 import optax
 from tqdm import tqdm
 
+from jaxbn import distributed
 from jaxbn.checkpoint import CheckpointError, read_metadata
 from jaxbn.fit import TrainingDiverged, fit
 from jaxbn.parallel import data_mesh
@@ -166,8 +170,65 @@ def build_parser(description: str, *, out_help: str, steps: int, batch_size: int
         help="train data-parallel over the first N devices (--batch-size must be a multiple "
         "of N); on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N to get N",
     )
+    p.add_argument(
+        "--coordinator",
+        default=None,
+        metavar="HOST:PORT",
+        help="several processes: the address of process 0, the same in every process "
+        "(e.g. 127.0.0.1:1234 on one machine); the run then spans every process's devices",
+    )
+    p.add_argument(
+        "--num-processes",
+        type=int_at_least(1),
+        default=1,
+        help="several processes: how many take part (with --coordinator)",
+    )
+    p.add_argument(
+        "--process-id",
+        type=int_at_least(0),
+        default=0,
+        help="several processes: this process's number, in [0, --num-processes)",
+    )
+    p.add_argument(
+        "--local-devices",
+        type=int_at_least(1),
+        default=None,
+        help="several processes on a CPU: split each process's CPU into this many devices",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
+
+
+def join_processes(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """With ``--coordinator``, joins this process to the run; call it before any JAX work.
+
+    Every process of the run checks that the others were started with the same
+    flags (all but ``--process-id``), so a mismatch stops the run before training.
+    """
+    defaults = {"--num-processes": 1, "--process-id": 0, "--local-devices": None}
+    if args.coordinator is None:
+        for flag, default in defaults.items():
+            if getattr(args, flag[2:].replace("-", "_")) != default:
+                parser.error(f"argument {flag}: only with --coordinator (several processes)")
+        return
+    if args.process_id >= args.num_processes:
+        parser.error(
+            f"argument --process-id: expected a number in [0, {args.num_processes}) "
+            f"(--num-processes {args.num_processes}), got {args.process_id}"
+        )
+    if args.devices != 1:
+        parser.error("argument --devices: not with --coordinator (the run uses every device)")
+    try:
+        distributed.initialize(
+            args.coordinator,
+            args.num_processes,
+            args.process_id,
+            local_device_count=args.local_devices,
+        )
+    except (TypeError, ValueError) as err:
+        parser.error(f"argument --coordinator: {err}")
+    shared = {k: v for k, v in sorted(vars(args).items()) if k != "process_id"}
+    distributed.check_same_config(shared)
 
 
 def _check_out(parser: argparse.ArgumentParser, out: str) -> None:
@@ -218,6 +279,13 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace, *, num
                 f"argument --out: {args.out!r} holds a previous run ({', '.join(found)}); "
                 f"pass --resume to continue it or --overwrite to replace it"
             )
+    if args.coordinator is not None:  # several processes: every device of every process
+        if args.batch_size % jax.device_count():
+            parser.error(
+                f"argument --batch-size: {args.batch_size} is not divisible by the "
+                f"{jax.device_count()} devices of the {args.num_processes} processes"
+            )
+        return data_mesh()
     if args.devices == 1:
         return None
     if args.batch_size % args.devices:
@@ -352,13 +420,25 @@ def run(
         history, start = list(meta["metadata"].get("history", [])), meta["step"]
 
     clock = _Clock()
-    progress = Progress(total=args.steps, done=min(start, args.steps), disable=args.no_progress)
+    main_process = distributed.is_main_process()
+    progress = Progress(
+        total=args.steps,
+        done=min(start, args.steps),
+        disable=args.no_progress or not main_process,
+    )
+
+    def score(ts):
+        """Test loss and accuracy (each process on its own copy of the replicated values)."""
+        params, state = ts.params, ts.state
+        if jax.process_count() > 1:
+            params, state = jax.device_get((params, state))
+        return evaluate(model, params, state, x_test, data.y_test)
 
     def on_chunk(ts, chunk):
         n = len(chunk["step"])
         clock.chunk(n, chunk["seconds"])
         began = time.perf_counter()
-        test = evaluate(model, ts.params, ts.state, x_test, data.y_test)
+        test = score(ts)
         entry = {
             "step": int(chunk["step"][-1]) + 1,
             "train_loss": float(chunk["loss"].mean()),
@@ -407,23 +487,27 @@ def run(
         progress.close()
     total = time.perf_counter() - began
 
-    test = evaluate(model, ts.params, ts.state, x_test, data.y_test)
+    test = score(ts)
     metrics = {
         "config": config,
         "steps": int(ts.step),
-        "devices": args.devices,
+        "devices": 1 if mesh is None else mesh.size,
+        "processes": jax.process_count(),
         "final": {"test_accuracy": float(test["accuracy"]), "test_loss": float(test["loss"])},
         "timing": clock.report(total),
         "history": history,
     }
+    if not main_process:  # process 0 writes the outputs
+        return metrics
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     if history:
         save_curve(history, os.path.join(args.out, "training_curve.png"), title)
+    devices = metrics["devices"]
     print(
         f"final test accuracy: {metrics['final']['test_accuracy']:.4f} "
         f"(test loss {metrics['final']['test_loss']:.4f}, {metrics['steps']} steps, "
-        f"{args.devices} device{'s' if args.devices > 1 else ''}); outputs in {args.out}"
+        f"{devices} device{'s' if devices > 1 else ''}); outputs in {args.out}"
     )
     return metrics
 

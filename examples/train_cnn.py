@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    _runner.join_processes(parser, args)
     if args.out is None:
         suffix = ("_no_bn" if args.no_batch_norm else "") + (
             "_nchw" if args.data_format == "NCHW" else ""

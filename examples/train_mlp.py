@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    _runner.join_processes(parser, args)
     if args.out is None:
         args.out = os.path.join("runs", "train_mlp_no_bn" if args.no_batch_norm else "train_mlp")
     data = load_digits()

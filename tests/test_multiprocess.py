@@ -8,6 +8,7 @@ collectives. Every run is bounded in time and its processes are killed at the en
 import json
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -202,3 +203,69 @@ def test_a_dying_process_stops_the_others_within_a_bounded_time(tmp_path):
     assert rc0 != 0
     assert "another task died" in out0 or "unhealthy" in out0, out0[-3000:]
     assert elapsed < 120
+
+
+EXAMPLE = HERE.parent / "examples" / "train_mlp.py"
+
+
+def test_the_example_trains_across_two_processes_and_only_process_0_writes(tmp_path):
+    address = f"127.0.0.1:{_free_port()}"
+    out = tmp_path / "run"
+    common = [
+        "--coordinator", address, "--num-processes", "2", "--local-devices", "2",
+        "--steps", "20", "--batch-size", "60", "--log-every", "10", "--hidden", "16,16",
+        "--out", str(out), "--no-progress",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(EXAMPLE), *common, "--process-id", str(i)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        outputs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "final test accuracy" in outputs[0]
+    assert "final test accuracy" not in outputs[1]  # process 0 alone reports and writes
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["devices"] == 4 and metrics["processes"] == 2 and metrics["steps"] == 20
+    assert sorted(p.name for p in out.iterdir()) == [
+        "checkpoint.npz", "metrics.json", "training_curve.png"
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--process-id", "1"], "argument --process-id: only with --coordinator"),
+        (
+            ["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"],
+            r"argument --process-id: expected a number in \[0, 2\)",
+        ),
+        (["--coordinator", "nowhere", "--num-processes", "2"], "argument --coordinator"),
+        (["--coordinator", "127.0.0.1:1", "--devices", "2"], "argument --devices: not with"),
+    ],
+    ids=["no-coordinator", "process-id-range", "bad-address", "devices"],
+)
+def test_the_example_refuses_bad_process_flags_in_one_line(argv, match, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLE), *argv, "--out", str(tmp_path / "o"), "--steps", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert re.search(match, proc.stderr), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "o").exists()
