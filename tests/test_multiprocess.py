@@ -9,6 +9,7 @@ import json
 import os
 import pathlib
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -208,26 +209,40 @@ def test_a_dying_process_stops_the_others_within_a_bounded_time(tmp_path):
 EXAMPLE = HERE.parent / "examples" / "train_mlp.py"
 
 
-def test_the_example_trains_across_two_processes_and_only_process_0_writes(tmp_path):
-    address = f"127.0.0.1:{_free_port()}"
-    out = tmp_path / "run"
-    common = [
-        "--coordinator", address, "--num-processes", "2", "--local-devices", "2",
-        "--steps", "20", "--batch-size", "60", "--log-every", "10", "--hidden", "16,16",
-        "--out", str(out), "--no-progress",
-    ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(EXAMPLE), *common, "--process-id", str(i)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-            start_new_session=True,
-        )
-        for i in range(2)
+def _readme_commands():
+    """The README's two-process commands, as written there."""
+    readme = (HERE.parent / "README.md").read_text()
+    lines = [
+        line.rstrip(" &")
+        for line in readme.splitlines()
+        if line.startswith("python examples/train_mlp.py --coordinator")
     ]
+    assert len(lines) == 2, lines
+    return [shlex.split(line) for line in lines]
+
+
+def test_the_readme_commands_train_across_two_processes_and_process_0_writes(tmp_path):
+    out = tmp_path / "run"
+    port = str(_free_port())
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = []
+    for argv in _readme_commands():
+        argv = [sys.executable if a == "python" else a for a in argv]
+        argv = [str(HERE.parent / a) if a.startswith("examples/") else a for a in argv]
+        argv = [str(out) if a == "runs/two_processes" else a for a in argv]
+        argv = [a.replace("12355", port) for a in argv]  # a free port for the test
+        # The README's run, shortened: later flags win.
+        argv += ["--steps", "20", "--log-every", "10", "--hidden", "16,16", "--no-progress"]
+        procs.append(
+            subprocess.Popen(
+                argv,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=env,
+                start_new_session=True,
+            )
+        )
     try:
         outputs = [p.communicate(timeout=240)[0] for p in procs]
     finally:
@@ -240,9 +255,8 @@ def test_the_example_trains_across_two_processes_and_only_process_0_writes(tmp_p
     assert "final test accuracy" not in outputs[1]  # process 0 alone reports and writes
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["devices"] == 4 and metrics["processes"] == 2 and metrics["steps"] == 20
-    assert sorted(p.name for p in out.iterdir()) == [
-        "checkpoint.npz", "metrics.json", "training_curve.png"
-    ]  # fmt: skip
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["checkpoint.npz", "metrics.json", "training_curve.png"]
 
 
 @pytest.mark.parametrize(
@@ -269,3 +283,14 @@ def test_the_example_refuses_bad_process_flags_in_one_line(argv, match, tmp_path
     assert re.search(match, proc.stderr), proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_the_multiprocess_benchmark_runs_both_configurations(import_benchmark):
+    bench = import_benchmark("bench_multiprocess")
+    results = bench.main(["--steps-per-chunk", "2", "--repeats", "1"])
+    for name in ("1x4", "2x2"):
+        assert results[name]["ms_per_step_median"] > 0
+        # One all-reduce set per batch-norm layer and one for the loss: the same
+        # program whether or not the devices belong to one process.
+        assert results[name]["all_reduces_per_step"] == results["1x4"]["all_reduces_per_step"]
+    assert results["1x4"]["all_reduces_per_step"] > 0
