@@ -60,18 +60,36 @@ def data_mesh(num_devices: int | None = None, *, axis_name: str = "data") -> Mes
 
 
 def mesh_axes(mesh: Mesh) -> AxisName:
-    """The named axis (or axes) a batch is split over: all of the mesh's."""
+    """The named axis (or axes) a batch is split over: all of the mesh's.
+
+    Args:
+        mesh: the mesh.
+
+    Returns:
+        Its one axis name, or the tuple of its names when it has several.
+    """
     names = tuple(mesh.axis_names)
     return names[0] if len(names) == 1 else names
 
 
 def batch_spec(mesh: Mesh) -> P:
-    """The partition of a global batch: its first dimension over every mesh axis."""
+    """The partition of a global batch: its first dimension over every mesh axis.
+
+    Args:
+        mesh: the mesh.
+
+    Returns:
+        ``PartitionSpec(mesh.axis_names)``.
+    """
     return P(tuple(mesh.axis_names))
 
 
 def check_mesh(mesh: Any, batch_size: int) -> None:
     """Raises unless ``mesh`` is a mesh whose size divides ``batch_size``.
+
+    Args:
+        mesh: the value given as a mesh.
+        batch_size: the global batch size.
 
     Raises:
         TypeError: if ``mesh`` is not a :class:`jax.sharding.Mesh`.
@@ -88,6 +106,13 @@ def check_mesh(mesh: Any, batch_size: int) -> None:
 
 def synchronized(model: Any, axis_name: AxisName) -> Any:
     """``model`` with its ``axis_name`` field replaced (``dataclasses.replace``).
+
+    Args:
+        model: a dataclass model with an ``axis_name`` field.
+        axis_name: the named axis (or axes) its batch norm synchronizes over.
+
+    Returns:
+        The replaced model.
 
     Raises:
         TypeError: if ``model`` is not a dataclass with an ``axis_name`` field
@@ -110,6 +135,14 @@ def place(tree: Any, mesh: Mesh, spec: P) -> Any:
     Needed on a mesh with explicit axes (``jax.make_mesh``'s default), where
     ``shard_map`` requires its inputs' types to match its ``in_specs``; on a mesh
     of automatic axes ``shard_map`` lays its inputs out itself.
+
+    Args:
+        tree: a pytree of arrays.
+        mesh: the mesh.
+        spec: the partition to lay the arrays out with.
+
+    Returns:
+        ``tree``, resharded where the mesh's axes are explicit (else as given).
     """
     if jax.sharding.AxisType.Explicit not in mesh.axis_types:
         return tree

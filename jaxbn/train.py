@@ -97,16 +97,39 @@ class Model(Protocol):
     Python scalars and tuples, like :class:`jaxbn.MLP`. Data-parallel training on
     a mesh also needs an ``axis_name`` dataclass field, which it sets with
     ``dataclasses.replace(model, axis_name=...)`` to synchronize batch norm.
+
+    Attributes:
+        axis_name: needed only to train on a mesh: the dataclass field that batch
+            norm synchronizes over (set by the training code). Everything else in a
+            model's configuration is its own.
     """
 
     def init(self, key: jax.Array) -> tuple[Any, Any]:
-        """Returns ``(params, state)``."""
+        """Creates the model's variables.
+
+        Args:
+            key: a ``jax.random.key`` for the initialization.
+
+        Returns:
+            ``(params, state)``: the trainable params and the state, pytrees of arrays.
+        """
         ...
 
     def apply(
         self, params: Any, state: Any, x: jax.Array, *, training: bool
     ) -> tuple[jax.Array, Any]:
-        """Returns ``(logits, new_state)``."""
+        """Runs the model.
+
+        Args:
+            params: as from :meth:`init` (or trained).
+            state: as from :meth:`init` (or returned by an earlier call).
+            x: ``[batch, ...]`` inputs.
+            training: batch statistics and a new state (``True``), or the running
+                statistics and the state unchanged (``False``).
+
+        Returns:
+            ``(logits, new_state)`` with ``logits: [batch, classes]``.
+        """
         ...
 
 
