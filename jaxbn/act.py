@@ -179,22 +179,26 @@ def _constants(activation, negative_slope, dtype) -> tuple[jax.Array, ...]:
     return tuple(jnp.asarray(v, dtype) for v in values)
 
 
-def _invert(z, activation, c):
+def _invert(z, activation, c, z_fprime=None):
     """:func:`invert_activation` with its constants ``c`` from :func:`_constants`.
 
+    ``f'`` is read off ``z_fprime`` (``z`` itself by default): the backward
+    passes ``z`` tied to the cotangent for ``y`` and the plain ``z`` for ``f'``
+    (``sign`` of the tied value takes a slow path in XLA:CPU's reductions).
     Written with ``max``, ``min`` and ``sign`` rather than ``where``: XLA on CPU
-    fuses those into a reduction over ``z`` and a ``where`` it does not.
+    fuses those into a reduction over ``z``, and a ``where`` it does not.
     """
+    zf = z if z_fprime is None else z_fprime
     if activation == "identity":
         return z, c[1]
     zero, one = c[0], c[1]
     pos, neg = jnp.maximum(z, zero), jnp.minimum(z, zero)
     if activation == "leaky_relu":
         inv_slope, one_minus_slope = c[2], c[3]
-        below = jnp.maximum(-jnp.sign(z), zero)  # 1 where z < 0, else 0 (also at -0.0)
+        below = jnp.maximum(-jnp.sign(zf), zero)  # 1 where z < 0, else 0 (also at -0.0)
         return pos + neg * inv_slope, one - one_minus_slope * below
     floor = c[2]
-    return pos + jnp.log1p(jnp.maximum(neg, floor)), one + neg
+    return pos + jnp.log1p(jnp.maximum(neg, floor)), one + jnp.minimum(zf, zero)
 
 
 def effective_scale(scale: ArrayLike | None, *, eps: float) -> jax.Array | None:
@@ -315,8 +319,8 @@ def _bwd(feat, axis_name, activation, negative_slope, res, cotangents):
     # free to compute y, f'(y) or x_hat right after the forward and keep them
     # (x-sized) alive until the backward reaches this layer, undoing the saving.
     # An optimization_barrier does not order anything on every backend (XLA:CPU
-    # removes it once CSE has run), so the tie is arithmetic: each pass reads
-    # z + 0 * dz, exact for finite dz and fused into the pass that reads both.
+    # removes it once CSE has run), so the tie is arithmetic: each pass recovers
+    # y from z + 0 * dz, exact for finite dz and fused into the pass that reads both.
     #
     # Each of the three passes (the two sums, then dx) gets its own handles
     # (ops._handles) on z, dz, the per-feature vectors and even the scalar
@@ -338,7 +342,8 @@ def _bwd(feat, axis_name, activation, negative_slope, res, cotangents):
         """``(dy, x_hat)`` in the compute dtype, from the ``k``-th pass's handles."""
         z_k, dz_k, inv_s, b, consts = passes[k]
         dz_k = dz_k.astype(cdt)
-        y, fprime = _invert(z_k.astype(cdt) + consts[0] * dz_k, activation, consts)
+        z_k = z_k.astype(cdt)
+        y, fprime = _invert(z_k + consts[0] * dz_k, activation, consts, z_k)
         x_hat = y if b is None else y - b
         return dz_k * fprime, (x_hat if inv_s is None else x_hat * inv_s)
 
