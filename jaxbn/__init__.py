@@ -14,13 +14,22 @@ Public names:
   :mod:`jaxbn.train` (train step, evaluate, the ``lax.scan`` loop, ``fit``),
   :mod:`jaxbn.data` (bundled digits, synthetic blobs) and
   :mod:`jaxbn.checkpoint`;
+- :func:`batch_norm_act` (with :func:`batch_norm_act_fwd`, :func:`batch_norm_act_bwd`):
+  batch norm fused with an invertible activation (In-Place ABN), keeping only its
+  output for the backward; :mod:`jaxbn.act`;
 - :func:`fold_into_dense`: fold an evaluation-mode batch norm into the preceding
   dense layer;
 - :mod:`jaxbn.interop` (needs flax, not imported here): converters to and from
   ``flax.linen.BatchNorm`` and a drop-in flax module.
 """
 
-from jaxbn import checkpoint, data, reference, train
+from jaxbn import act, checkpoint, data, reference, train
+from jaxbn.act import (
+    BatchNormActResiduals,
+    batch_norm_act,
+    batch_norm_act_bwd,
+    batch_norm_act_fwd,
+)
 from jaxbn.fold import fold_into_dense
 from jaxbn.layer import BatchNorm
 from jaxbn.mlp import MLP
@@ -38,8 +47,13 @@ __version__ = "0.1.0"
 __all__ = [
     "MLP",
     "BatchNorm",
+    "BatchNormActResiduals",
     "BatchNormResiduals",
+    "act",
     "batch_norm",
+    "batch_norm_act",
+    "batch_norm_act_bwd",
+    "batch_norm_act_fwd",
     "batch_norm_bwd",
     "batch_norm_fwd",
     "batch_norm_inference",
