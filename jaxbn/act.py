@@ -348,8 +348,18 @@ def _bwd(feat, axis_name, activation, negative_slope, res, cotangents):
         return dz_k * fprime, (x_hat if inv_s is None else x_hat * inv_s)
 
     sum_dy = jnp.sum(recover(0)[0], axis=red)
-    dy1, x_hat1 = recover(1)
-    sum_dy_xh = jnp.sum(dy1 * x_hat1, axis=red)
+    if activation == "elu":
+        dy1, x_hat1 = recover(1)
+        sum_dy_xh = jnp.sum(dy1 * x_hat1, axis=red)
+    else:
+        # Piecewise linear through 0: dy * y = dz * f'(y) * y = dz * z exactly, so
+        # sum dy * x_hat = (sum dz * z - bias * sum dy) / s, from a plain product.
+        # Its rounding, eps * |bias| / s relative, is that of x_hat itself.
+        z1, dz1 = passes[1][:2]
+        sum_dyy = jnp.sum(dz1.astype(cdt) * z1.astype(cdt), axis=red)
+        sum_dy_xh = sum_dyy if bias is None else sum_dyy - bias.astype(cdt) * sum_dy
+        if s is not None:
+            sum_dy_xh = sum_dy_xh / s
     # Named axes, as in ops._bwd: the sums for dx run over the global batch, each
     # device's contribution scaled by its own s; dscale and dbias are reduced
     # over the axes where the parameters are replicated. Each sum is all-reduced once.
