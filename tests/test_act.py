@@ -107,9 +107,9 @@ def assert_trees_close(a, b, dtype):
     )
 
 
-# Every case with leaky ReLU; ELU and the identity on (N, C), NCHW and a tuple axis.
+# Every case with leaky ReLU; ELU and the identity on NCHW and a tuple axis.
 OP_CASES = [("leaky_relu", *c) for c in CASES] + [
-    (a, *CASES[i]) for a in ("elu", "identity") for i in (0, 3, 4)
+    (a, *CASES[i]) for a in ("elu", "identity") for i in (3, 4)
 ]
 OP_IDS = [f"{a}-{'x'.join(map(str, s))}-axis{ax}" for a, s, ax in OP_CASES]
 
@@ -147,7 +147,7 @@ def test_vjp_without_scale_or_bias(affine):
     assert (dscale is None) == (scale is None) and (dbias is None) == (bias is None)
 
 
-@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("activation", ["leaky_relu", "elu"])
 @pytest.mark.parametrize("which", [0, 1, 2], ids=["dz", "dmean", "dvar"])
 def test_cotangent_on_each_output_alone(activation, which):
     shape, axis = (12, 4), -1
@@ -159,9 +159,20 @@ def test_cotangent_on_each_output_alone(activation, which):
     assert float(jnp.abs(got[0]).max()) > 1e-3  # not trivially zero
 
 
-@pytest.mark.parametrize("activation", ACTS)
+FD_CASES = [
+    ("leaky_relu", *CASES[0]),
+    ("leaky_relu", *CASES[3]),
+    ("leaky_relu", *CASES[4]),
+    ("elu", *CASES[0]),
+    ("elu", *CASES[4]),
+    ("identity", *CASES[3]),
+]
+
+
 @pytest.mark.parametrize(
-    ("shape", "axis"), [CASES[0], CASES[3], CASES[4]], ids=[IDS[0], IDS[3], IDS[4]]
+    ("activation", "shape", "axis"),
+    FD_CASES,
+    ids=[f"{a}-{'x'.join(map(str, s))}-axis{ax}" for a, s, ax in FD_CASES],
 )
 def test_grads_float64_finite_differences(activation, shape, axis):
     with jax.enable_x64(True):
@@ -356,10 +367,10 @@ def test_bfloat16_output_in_input_dtype_statistics_in_float32(activation):
     ],
     ids=["N", "NCHW-N111", "NL"],
 )
-@pytest.mark.parametrize("activation", ["leaky_relu", "elu"])
-def test_masks_match_reference(shape, axis, mask, activation):
+def test_masks_match_reference(shape, axis, mask):
     x, scale, bias, cts = make_inputs(shape, axis, seed=11)
     mask = jnp.asarray(mask)
+    activation = "elu" if mask.ndim == 2 else "leaky_relu"  # ELU on one case
     got = vjp_of(fused(activation, axis, mask=mask), x, scale, bias, cts)
     want = vjp_of(oracle(activation, axis, mask=mask), x, scale, bias, cts)
     assert_trees_close(got, want, jnp.float32)
