@@ -307,9 +307,9 @@ def _bwd(feat, axis_name, activation, negative_slope, res, cotangents):
     #   P  = (2 g_var / inv_std - inv_std * sum_i s * dy_i x_hat_i) / n
     #   Q  = (g_mean - inv_std * sum_i s * dy_i) / n
     #
-    # so the backward is one fused pass over (z, dz) for the two sums and one
-    # for dx, each recomputing y, dy and x_hat from z in registers. x_hat is kept
-    # as (y - bias) / s rather than expanded, which would cancel when |bias| >> |y - bias|.
+    # so the backward is two fused reductions over (z, dz) for the sums and one
+    # pass for dx, each recomputing what it needs from z in registers. In dx,
+    # x_hat is kept as (y - bias) / s rather than expanded into y / s - bias / s.
     z, inv_std, s, gamma, bias, mask, count = res
     dz, g_mean, g_var = cotangents
     ndim = z.ndim
