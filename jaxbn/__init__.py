@@ -7,26 +7,38 @@ Public names:
 - :func:`batch_norm_inference` (evaluation mode, given statistics);
 - :mod:`jaxbn.reference`: the same op in plain ``jnp``, the autodiff oracle;
 - :func:`batch_stats`: the batch statistics the op normalizes with;
+- :func:`batch_norm_act` (with :func:`batch_norm_act_fwd`, :func:`batch_norm_act_bwd`):
+  batch norm fused with an invertible activation (In-Place ABN), keeping only its
+  output for the backward; :mod:`jaxbn.act`;
 - :class:`BatchNorm`: the layer, a frozen config with explicit params and state
   (masks, precision policy, ghost batch norm, batch renormalization, PyTorch's
-  running-statistics conventions);
+  running-statistics conventions, zero-debiased averages, frozen statistics, a fused
+  activation);
 - :class:`MLP`: the network (batch norm before each hidden nonlinearity);
 - :mod:`jaxbn.train` (the model protocol ``Model``, train step, evaluate, the
   loop), :mod:`jaxbn.fit` (``fit``: chunks, checkpoints, resume, the divergence
   guard; also ``jaxbn.train.fit``), :mod:`jaxbn.parallel` (``data_mesh``),
   :mod:`jaxbn.checkpoint` and :mod:`jaxbn.data` (bundled digits, synthetic blobs);
+- :mod:`jaxbn.distributed`: several processes, one run (``jax.distributed``);
 - :func:`precise_stats`: population statistics recomputed after training
   (:mod:`jaxbn.stats`);
-- :mod:`jaxbn.distributed`: several processes, one run (``jax.distributed``);
 - :func:`fold_into_dense`: fold an evaluation-mode batch norm into the preceding
   dense layer;
-- :mod:`jaxbn.interop` (needs flax, not imported here): converters to and from
-  ``flax.linen.BatchNorm`` and a drop-in flax module.
+- :mod:`jaxbn.nnx`, :mod:`jaxbn.linen`, :mod:`jaxbn.equinox` (each needs its
+  framework, and is not imported here): drop-in ``BatchNorm`` modules for Flax NNX,
+  Flax Linen and Equinox that run jaxbn's op; :mod:`jaxbn.interop`: converters of
+  variables and configurations to and from ``flax.linen.BatchNorm``.
 """
 
 from importlib import metadata as _metadata
 
-from jaxbn import checkpoint, data, distributed, fit, parallel, reference, train
+from jaxbn import act, checkpoint, data, distributed, fit, parallel, reference, train
+from jaxbn.act import (
+    BatchNormActResiduals,
+    batch_norm_act,
+    batch_norm_act_bwd,
+    batch_norm_act_fwd,
+)
 from jaxbn.fold import fold_into_dense
 from jaxbn.layer import BatchNorm
 from jaxbn.mlp import MLP
@@ -48,8 +60,13 @@ except _metadata.PackageNotFoundError:  # imported from a source tree that was n
 __all__ = [
     "MLP",
     "BatchNorm",
+    "BatchNormActResiduals",
     "BatchNormResiduals",
+    "act",
     "batch_norm",
+    "batch_norm_act",
+    "batch_norm_act_bwd",
+    "batch_norm_act_fwd",
     "batch_norm_bwd",
     "batch_norm_fwd",
     "batch_norm_inference",

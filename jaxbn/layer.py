@@ -25,6 +25,14 @@ from jax.typing import ArrayLike
 
 from jaxbn import _checks
 from jaxbn._checks import AxisName
+from jaxbn.act import (
+    ACTIVATIONS,
+    INVERTIBLE_ACTIVATIONS,
+    activate,
+    batch_norm_act,
+    check_activation,
+    effective_scale,
+)
 from jaxbn.ops import batch_norm, batch_norm_inference, batch_stats
 
 __all__ = ["BatchNorm"]
@@ -100,6 +108,15 @@ class BatchNorm:
             through the fixed per-feature affine map only (fine-tuning with
             small batches). Not with ``renorm`` or ``virtual_batch_size``
             (both are ways of using batch statistics).
+        activation: ``None``, or the name of an activation applied after the
+            normalization (a key of :data:`jaxbn.act.ACTIVATIONS`). An invertible
+            one (``"leaky_relu"``, ``"elu"``, ``"identity"``) is fused with it:
+            training runs :func:`jaxbn.batch_norm_act`, which keeps only the
+            output for the backward, and the layer's scale is then
+            ``|scale| + eps`` in training and evaluation alike
+            (:func:`jaxbn.act.effective_scale`). Others are applied after
+            :func:`jaxbn.batch_norm`. Not combined with ``renorm``.
+        negative_slope: the slope of ``"leaky_relu"`` below zero (finite, > 0).
 
     Examples:
         >>> import jax.numpy as jnp
@@ -127,6 +144,8 @@ class BatchNorm:
     renorm_momentum: float = 0.99
     debias: bool = False
     frozen: bool = False
+    activation: str | None = None
+    negative_slope: float = 0.01
 
     def __post_init__(self):
         shape = self.feature_shape
@@ -166,6 +185,7 @@ class BatchNorm:
             )
         _check_clipping(self.renorm_clipping)
         self._check_debias_frozen()
+        self._check_activation()
 
     def _check_debias_frozen(self):
         for name in ("debias", "frozen"):
@@ -187,6 +207,26 @@ class BatchNorm:
                 "with renorm or virtual_batch_size, which normalize with batch statistics "
                 f"(got renorm={self.renorm!r}, virtual_batch_size={self.virtual_batch_size!r})"
             )
+
+    def _check_activation(self):
+        if self.activation is None:
+            return
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"activation must be None or one of {sorted(ACTIVATIONS)}, got {self.activation!r}"
+            )
+        if self.fused:
+            check_activation(self.activation, self.negative_slope)
+            if self.renorm:
+                raise ValueError(
+                    f"activation={self.activation!r} (fused with batch norm) cannot be "
+                    "combined with renorm=True"
+                )
+
+    @property
+    def fused(self) -> bool:
+        """Whether training runs :func:`jaxbn.batch_norm_act` (an invertible activation)."""
+        return self.activation in INVERTIBLE_ACTIVATIONS
 
     @classmethod
     def like_torch(
@@ -308,10 +348,12 @@ class BatchNorm:
         if not training or self.frozen:
             # The state is returned unchanged, as a constant: no gradient into it.
             state = jax.lax.stop_gradient(state)
+            if self.fused:
+                scale = effective_scale(scale, eps=self.eps)
             y = batch_norm_inference(
                 x, scale, bias, state["mean"], state["var"], axis=self.axis, eps=self.eps
             )
-            return y.astype(out_dtype), state
+            return self._activate(y).astype(out_dtype), state
 
         old = jax.lax.stop_gradient(state)
         new_state = dict(old)
@@ -323,15 +365,35 @@ class BatchNorm:
                     x, scale, bias, old, mask, renorm_clipping
                 )
                 new_state.update(renorm_state)
-            y, mean, var = batch_norm(
-                x, scale, bias, axis=self.axis, eps=self.eps, axis_name=self.axis_name, mask=mask
-            )
+            y, mean, var = self._normalize(x, scale, bias, mask=mask, axis_name=self.axis_name)
             count = self._count(x, feat, mask)
+        if not self.fused:
+            y = self._activate(y)
         new_state.update(self._running_update(old, count, mean, var))
         if mask is not None:
             # An all-masked batch has no statistics: keep the old ones.
             new_state = {k: jnp.where(count > 0, v, old[k]) for k, v in new_state.items()}
         return y.astype(out_dtype), new_state
+
+    def _normalize(self, x, scale, bias, *, mask, axis_name):
+        """The training op: :func:`batch_norm_act` when fused, else :func:`batch_norm`."""
+        kwargs = {"axis": self.axis, "eps": self.eps, "axis_name": axis_name, "mask": mask}
+        if self.fused:
+            return batch_norm_act(
+                x,
+                scale,
+                bias,
+                activation=self.activation,
+                negative_slope=self.negative_slope,
+                **kwargs,
+            )
+        return batch_norm(x, scale, bias, **kwargs)
+
+    def _activate(self, y):
+        """The activation (unfused), or ``y`` as it is without one."""
+        if self.activation is None:
+            return y
+        return activate(y, self.activation, negative_slope=self.negative_slope)
 
     def _check_variables(self, params, state):
         """Checks the keys and shapes of ``params`` and ``state`` against the config."""
@@ -406,7 +468,7 @@ class BatchNorm:
         xg = x.reshape(g, k, *x.shape[1:])
 
         def normalize(xi, mi):
-            return batch_norm(xi, scale, bias, axis=self.axis, eps=self.eps, mask=mi)
+            return self._normalize(xi, scale, bias, mask=mi, axis_name=None)
 
         if mask is None:
             y, mean, var = jax.vmap(normalize, (0, None))(xg, None)

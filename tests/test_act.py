@@ -1,0 +1,629 @@
+"""Batch norm fused with its activation: against the reference, finite differences, numpy.
+
+The oracle is ``f(reference.batch_norm(x, |scale| + eps, bias))`` with ``f`` from
+``jax.nn``, differentiated by JAX; the op keeps only ``z`` and recovers the rest.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.ad_checkpoint import print_saved_residuals
+from jax.test_util import check_grads
+
+import jaxbn
+from jaxbn import act, reference
+from jaxbn.data import load_digits
+from jaxbn.train import evaluate, init_train_state, make_train_loop
+
+TOL = {
+    jnp.float64: (1e-9, 1e-9),
+    jnp.float32: (3e-5, 3e-5),
+}
+EPS = 1e-5
+SLOPE = 0.1  # a slope far from 1, so a wrong branch shows
+ACTS = ["leaky_relu", "elu", "identity"]
+NUMPY_ACT = {
+    "leaky_relu": lambda y: np.where(y >= 0, y, SLOPE * y),
+    "elu": lambda y: np.where(y > 0, y, np.expm1(np.minimum(y, 0))),
+    "identity": lambda y: y,
+}
+JAX_ACT = {
+    "leaky_relu": lambda y: jax.nn.leaky_relu(y, SLOPE),
+    "elu": jax.nn.elu,
+    "identity": lambda y: y,
+}
+
+# (shape, axis): (N, C), (N, L, C), NHWC, NCHW, two feature axes, negative tuple.
+CASES = [
+    ((16, 5), -1),
+    ((7, 4, 3), -1),
+    ((4, 5, 6, 3), -1),
+    ((4, 3, 5, 6), 1),
+    ((4, 3, 5, 2), (1, 3)),
+    ((6, 2, 5), (-3,)),
+]
+IDS = [f"{'x'.join(map(str, s))}-axis{a}" for s, a in CASES]
+
+
+def feature_shape(shape, axis):
+    axes = (axis,) if isinstance(axis, int) else axis
+    return tuple(shape[a] for a in sorted(a % len(shape) for a in axes))
+
+
+def make_inputs(shape, axis, dtype=jnp.float32, seed=0):
+    """x with feature-dependent spread; scale with both signs; random cotangents."""
+    ks = jax.random.split(jax.random.key(seed), 6)
+    fs = feature_shape(shape, axis)
+    x = 2.0 * jax.random.normal(ks[0], shape, dtype) + 0.5
+    sign = jnp.where(jnp.arange(np.prod(fs)).reshape(fs) % 3 == 2, -1.0, 1.0)
+    scale = (sign * (1.0 + 0.5 * jax.random.uniform(ks[1], fs))).astype(dtype)
+    bias = (0.5 * jax.random.normal(ks[2], fs)).astype(dtype)
+    cts = (
+        jax.random.normal(ks[3], shape, dtype),
+        jax.random.normal(ks[4], fs, dtype),
+        jax.random.normal(ks[5], fs, dtype),
+    )
+    return x, scale, bias, cts
+
+
+def fused(activation, axis, **kw):
+    def f(x, scale, bias):
+        return jaxbn.batch_norm_act(
+            x, scale, bias, activation=activation, negative_slope=SLOPE, axis=axis, **kw
+        )
+
+    return f
+
+
+def oracle(activation, axis, **kw):
+    """The composition the op must equal, written with jax.nn and the reference."""
+
+    def f(x, scale, bias):
+        s = None if scale is None else jnp.abs(scale) + EPS
+        y, mean, var = reference.batch_norm(x, s, bias, axis=axis, **kw)
+        return JAX_ACT[activation](y), mean, var
+
+    return f
+
+
+def vjp_of(fn, x, scale, bias, cts):
+    out, pull = jax.vjp(fn, x, scale, bias)
+    return out, pull(cts)
+
+
+def assert_trees_close(a, b, dtype):
+    rtol, atol = TOL[dtype]
+    jax.tree.map(
+        lambda u, v: np.testing.assert_allclose(
+            np.asarray(u, np.float64), np.asarray(v, np.float64), rtol=rtol, atol=atol
+        ),
+        a,
+        b,
+    )
+
+
+# Every case with leaky ReLU; ELU and the identity on NCHW and a tuple axis.
+OP_CASES = [("leaky_relu", *c) for c in CASES] + [
+    (a, *CASES[i]) for a in ("elu", "identity") for i in (3, 4)
+]
+OP_IDS = [f"{a}-{'x'.join(map(str, s))}-axis{ax}" for a, s, ax in OP_CASES]
+
+
+@pytest.mark.parametrize(("activation", "shape", "axis"), OP_CASES, ids=OP_IDS)
+def test_values_and_vjp_match_numpy_and_reference(activation, shape, axis):
+    x, scale, bias, cts = make_inputs(shape, axis, seed=1)
+    (z, mean, var), grads = vjp_of(fused(activation, axis), x, scale, bias, cts)
+    assert_trees_close(grads, vjp_of(oracle(activation, axis), x, scale, bias, cts)[1], jnp.float32)
+    # Values against numpy in float64, from the definition.
+    xn = np.asarray(x, np.float64)
+    axes = (axis,) if isinstance(axis, int) else axis
+    feat = {a % xn.ndim for a in axes}
+    red = tuple(a for a in range(xn.ndim) if a not in feat)
+    shp = [1 if a in red else xn.shape[a] for a in range(xn.ndim)]
+    mu, sig2 = xn.mean(axis=red, keepdims=True), xn.var(axis=red, keepdims=True)
+    s = np.abs(np.asarray(scale, np.float64)) + EPS
+    y = (xn - mu) / np.sqrt(sig2 + EPS) * s.reshape(shp) + np.reshape(bias, shp)
+    np.testing.assert_allclose(z, NUMPY_ACT[activation](y), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(mean, mu.reshape(mean.shape), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(var, sig2.reshape(var.shape), rtol=1e-5, atol=1e-5)
+    assert z.dtype == x.dtype and mean.shape == var.shape == feature_shape(shape, axis)
+
+
+@pytest.mark.parametrize("affine", ["scale", "bias", "none"])
+def test_vjp_without_scale_or_bias(affine):
+    shape, axis = (9, 4), -1
+    x, scale, bias, cts = make_inputs(shape, axis, seed=2)
+    scale = scale if affine == "scale" else None
+    bias = bias if affine == "bias" else None
+    got = vjp_of(fused("leaky_relu", axis), x, scale, bias, cts)
+    want = vjp_of(oracle("leaky_relu", axis), x, scale, bias, cts)
+    assert_trees_close(got, want, jnp.float32)
+    _, (_, dscale, dbias) = got
+    assert (dscale is None) == (scale is None) and (dbias is None) == (bias is None)
+
+
+@pytest.mark.parametrize("activation", ["leaky_relu", "elu"])
+@pytest.mark.parametrize("which", [0, 1, 2], ids=["dz", "dmean", "dvar"])
+def test_cotangent_on_each_output_alone(activation, which):
+    shape, axis = (12, 4), -1
+    x, scale, bias, cts = make_inputs(shape, axis, seed=3)
+    cts = tuple(c if i == which else jnp.zeros_like(c) for i, c in enumerate(cts))
+    got = vjp_of(fused(activation, axis), x, scale, bias, cts)[1]
+    want = vjp_of(oracle(activation, axis), x, scale, bias, cts)[1]
+    assert_trees_close(got, want, jnp.float32)
+    assert float(jnp.abs(got[0]).max()) > 1e-3  # not trivially zero
+
+
+FD_CASES = [
+    ("leaky_relu", *CASES[0]),
+    ("leaky_relu", *CASES[3]),
+    ("leaky_relu", *CASES[4]),
+    ("elu", *CASES[0]),
+    ("elu", *CASES[4]),
+    ("identity", *CASES[3]),
+]
+
+
+@pytest.mark.parametrize(
+    ("activation", "shape", "axis"),
+    FD_CASES,
+    ids=[f"{a}-{'x'.join(map(str, s))}-axis{ax}" for a, s, ax in FD_CASES],
+)
+def test_grads_float64_finite_differences(activation, shape, axis):
+    with jax.enable_x64(True):
+        x, scale, bias, _ = make_inputs(shape, axis, dtype=jnp.float64, seed=4)
+        check_grads(
+            fused(activation, axis), (x, scale, bias), order=2, modes=["rev"], atol=1e-5, rtol=1e-5
+        )
+
+
+@pytest.mark.parametrize("activation", ACTS)
+def test_float64_gradients_and_hessian_vector_product_match_reference(activation):
+    shape, axis = (6, 3, 4), 1
+    with jax.enable_x64(True):
+        x, scale, bias, cts = make_inputs(shape, axis, dtype=jnp.float64, seed=5)
+        assert_trees_close(
+            vjp_of(fused(activation, axis), x, scale, bias, cts),
+            vjp_of(oracle(activation, axis), x, scale, bias, cts),
+            jnp.float64,
+        )
+
+        def hvp(fn):
+            def loss(x, s, b):
+                z, m, v = fn(x, s, b)
+                return jnp.sum(z * cts[0]) ** 2 + jnp.sum(m * cts[1]) + jnp.sum(v * cts[2])
+
+            g = jax.grad(loss, argnums=(0, 1, 2))
+            return jax.grad(lambda x, s, b: jnp.vdot(g(x, s, b)[0], cts[0]), argnums=(0, 1, 2))
+
+        got = hvp(fused(activation, axis))(x, scale, bias)
+        want = hvp(oracle(activation, axis))(x, scale, bias)
+        assert_trees_close(got, want, jnp.float64)
+
+
+def test_public_halves_equal_the_registered_vjp():
+    shape, axis = (4, 3, 5, 6), 1
+    x, scale, bias, cts = make_inputs(shape, axis, seed=6)
+    kw = {"activation": "elu", "axis": axis}
+    outs, res = jaxbn.batch_norm_act_fwd(x, scale, bias, **kw)
+    grads = jaxbn.batch_norm_act_bwd(res, cts, **kw)
+    assert_trees_close((outs, grads), vjp_of(fused("elu", axis), x, scale, bias, cts), jnp.float32)
+    with pytest.raises(ValueError, match="pass the axis of the forward"):
+        jaxbn.batch_norm_act_bwd(res, cts, activation="elu", axis=-1)
+
+
+def test_residuals_hold_z_and_feature_vectors_only(capsys):
+    x, scale, bias, _ = make_inputs((32, 8), -1)
+    (z, _, _), res = jaxbn.batch_norm_act_fwd(x, scale, bias)
+    assert res.z is z
+    big = [leaf for leaf in jax.tree.leaves(res) if leaf.size >= x.size]
+    assert len(big) == 1 and big[0] is z
+    for name in ("inv_std", "scale", "gamma", "bias"):
+        assert getattr(res, name).shape == (8,)
+    # What jax.vjp keeps: the only x-sized residual is the output z; the unfused
+    # composition keeps x as well.
+    print_saved_residuals(lambda x, s, b: jaxbn.batch_norm_act(x, s, b), x, scale, bias)
+    saved = capsys.readouterr().out.splitlines()
+    x_sized = [r for r in saved if r.startswith("f32[32,8]")]
+    assert len(x_sized) == 1 and "argument" not in x_sized[0], saved
+    print_saved_residuals(
+        lambda x, s, b: jax.nn.leaky_relu(jaxbn.batch_norm(x, s, b)[0]), x, scale, bias
+    )
+    unfused = capsys.readouterr().out.splitlines()
+    assert any(r.startswith("f32[32,8] from the argument x") for r in unfused), unfused
+
+
+def _temp_bytes(fn, *args):
+    return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_backward_keeps_nothing_derived_from_z_alive():
+    """Compiled memory of a stack of fused layers: only each layer's z is kept.
+
+    Four dense + batch-norm + leaky ReLU layers, [256, 512] activations (512 KiB):
+    the unfused stack keeps each layer's batch-norm input; the fused one keeps z
+    only, and nothing that XLA could derive from z before the backward reaches
+    the layer (the bound fails if y, f'(y) or x_hat is computed after the forward).
+    """
+    n, c = 256, 512
+    ks = jax.random.split(jax.random.key(7), 3)
+    x = jax.random.normal(ks[0], (n, c))
+    kernels = [jax.random.normal(k, (c, c)) / np.sqrt(c) for k in jax.random.split(ks[1], 4)]
+    labels = jax.random.normal(ks[2], (n, c))
+
+    def loss(op):
+        def f(kernels, scale, bias):
+            h = x
+            for w in kernels:
+                h = op(h @ w, scale, bias)
+            return jnp.sum((h - labels) ** 2)
+
+        return jax.grad(f, argnums=(0, 1, 2))
+
+    def unfused(u, s, b):
+        return jax.nn.leaky_relu(jaxbn.batch_norm(u, s, b)[0])
+
+    args = (kernels, jnp.ones(c), jnp.zeros(c))
+    got = _temp_bytes(loss(lambda u, s, b: jaxbn.batch_norm_act(u, s, b)[0]), *args)
+    base = _temp_bytes(loss(unfused), *args)
+    block = n * c * 4
+    assert got <= 3 * block + (1 << 16), (got / block, base / block)
+    assert got < base
+
+
+def test_scale_at_and_near_zero():
+    """|gamma| + eps keeps the division finite; the gradient of |.| at 0 is +1."""
+    shape, axis = (16, 4), -1
+    with jax.enable_x64(True):
+        x, _, bias, cts = make_inputs(shape, axis, dtype=jnp.float64, seed=8)
+        scale = jnp.array([0.0, -0.0, 1e-9, -1e-9])
+        got = vjp_of(fused("leaky_relu", axis), x, scale, bias, cts)
+        # The oracle differentiated with respect to the effective scale itself.
+        s_eff = jnp.abs(scale) + EPS
+        (z, mean, var), pull = jax.vjp(functools.partial(_oracle_eff, axis=axis), x, s_eff, bias)
+        dx, ds_eff, dbias = pull(cts)
+        assert_trees_close(got[0], (z, mean, var), jnp.float64)
+        np.testing.assert_allclose(got[1][0], dx, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(got[1][2], dbias, rtol=1e-9, atol=1e-9)
+        sign = np.array([1.0, 1.0, 1.0, -1.0])  # +1 at 0 and -0.0: a zero gamma trains
+        np.testing.assert_allclose(got[1][1], sign * ds_eff, rtol=1e-6, atol=1e-6)
+        assert np.all(np.abs(got[1][1]) > 1e-3)
+    # float32: x_hat = (y - bias) / 1e-5 from z in float32 is coarse, but finite.
+    x32, b32 = x.astype(jnp.float32), bias.astype(jnp.float32)
+    c32 = tuple(c.astype(jnp.float32) for c in cts)
+    g32 = vjp_of(fused("leaky_relu", axis), x32, scale.astype(jnp.float32), b32, c32)
+    for leaf in jax.tree.leaves(g32):
+        assert np.isfinite(np.asarray(leaf)).all()
+
+
+def _oracle_eff(x, s_eff, b, axis):
+    y, mean, var = reference.batch_norm(x, s_eff, b, axis=axis)
+    return jax.nn.leaky_relu(y, SLOPE), mean, var
+
+
+def test_elu_saturated_outputs_stay_finite():
+    """An outlier far below the mean: ELU's z rounds to -1 and cannot be inverted.
+
+    The recovered y is clamped; every gradient stays finite, the parameter
+    gradients and every other element's dx match the reference (the outlier's
+    f'(y) = exp(y) makes its share of every sum negligible).
+    """
+    shape, axis = (64, 2), -1
+    x, _, _, cts = make_inputs(shape, axis, seed=9)
+    x = x.at[0, 0].set(-60.0)  # about -7.9 std: y = 3 * x_hat is below -20
+    scale, bias = jnp.array([3.0, 1.0]), jnp.array([0.0, 0.5])
+    (z, _, _), (dx, ds, db) = vjp_of(fused("elu", axis), x, scale, bias, cts)
+    assert float(z[0, 0]) == -1.0
+    (_, (dx_r, ds_r, db_r)) = vjp_of(oracle("elu", axis), x, scale, bias, cts)
+    assert np.isfinite(np.asarray(dx)).all()
+    np.testing.assert_allclose(ds, ds_r, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(db, db_r, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dx[1:], dx_r[1:], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dx[0, 1], dx_r[0, 1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("activation", ["leaky_relu", "elu"])
+def test_bfloat16_output_in_input_dtype_statistics_in_float32(activation):
+    shape, axis = (64, 3, 3, 8), -1
+    x32, scale, bias, cts = make_inputs(shape, axis, seed=10)
+    x, dz = x32.astype(jnp.bfloat16), cts[0].astype(jnp.bfloat16)
+    (z, mean, var), (dx, dscale, dbias) = vjp_of(
+        fused(activation, axis), x, scale, bias, (dz, cts[1], cts[2])
+    )
+    assert z.dtype == dx.dtype == jnp.bfloat16
+    assert mean.dtype == var.dtype == jnp.float32
+    assert dscale.dtype == dbias.dtype == jnp.float32
+    # Against the float32 oracle on the same rounded input and cotangent.
+    (z32, m32, v32), (dx32, ds32, db32) = vjp_of(
+        oracle(activation, axis),
+        x.astype(jnp.float32),
+        scale,
+        bias,
+        (dz.astype(jnp.float32), cts[1], cts[2]),
+    )
+    np.testing.assert_allclose(mean, m32, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(var, v32, rtol=1e-5, atol=1e-5)
+    ulp = float(jnp.finfo(jnp.bfloat16).eps)
+    np.testing.assert_allclose(z.astype(jnp.float32), z32, atol=2 * ulp * float(jnp.abs(z32).max()))
+    # x_hat is recovered from z in bfloat16: a few units of bfloat16 rounding.
+    np.testing.assert_allclose(
+        dx.astype(jnp.float32), dx32, atol=8 * ulp * float(jnp.abs(dx32).max())
+    )
+    np.testing.assert_allclose(dscale, ds32, atol=8 * ulp * float(jnp.abs(ds32).max()))
+    np.testing.assert_allclose(dbias, db32, atol=8 * ulp * float(jnp.abs(db32).max()))
+
+
+@pytest.mark.parametrize(
+    ("shape", "axis", "mask"),
+    [
+        ((10, 3), -1, np.arange(10) < 7),
+        ((4, 3, 2, 5), 1, (np.arange(4) != 1).reshape(4, 1, 1, 1)),
+        ((6, 4, 3), -1, np.arange(24).reshape(6, 4) % 5 != 0),
+    ],
+    ids=["N", "NCHW-N111", "NL"],
+)
+def test_masks_match_reference(shape, axis, mask):
+    x, scale, bias, cts = make_inputs(shape, axis, seed=11)
+    mask = jnp.asarray(mask)
+    activation = "elu" if mask.ndim == 2 else "leaky_relu"  # ELU on one case
+    got = vjp_of(fused(activation, axis, mask=mask), x, scale, bias, cts)
+    want = vjp_of(oracle(activation, axis, mask=mask), x, scale, bias, cts)
+    assert_trees_close(got, want, jnp.float32)
+
+
+def test_all_masked_batch_gives_finite_gradients():
+    x, scale, bias, cts = make_inputs((6, 3), -1, seed=12)
+    mask = jnp.zeros(6, bool)
+    got = vjp_of(fused("leaky_relu", -1, mask=mask), x, scale, bias, cts)
+    want = vjp_of(oracle("leaky_relu", -1, mask=mask), x, scale, bias, cts)
+    assert_trees_close(got, want, jnp.float32)
+
+
+def test_composes_with_jit_vmap_scan_checkpoint_eval_shape():
+    shape, axis = (6, 5, 4), -1
+    x, scale, bias, cts = make_inputs(shape, axis, seed=13)
+
+    def loss(fn):
+        def f(x, s, b):
+            z, m, v = fn(x, s, b)
+            return jnp.sum(z * cts[0]) + jnp.sum(m * cts[1]) + jnp.sum(v * cts[2])
+
+        return f
+
+    want = jax.grad(loss(oracle("elu", axis)), argnums=(0, 1, 2))(x, scale, bias)
+    grad = jax.grad(loss(fused("elu", axis)), argnums=(0, 1, 2))
+    assert_trees_close(jax.jit(grad)(x, scale, bias), want, jnp.float32)
+    ckpt = jax.grad(jax.checkpoint(loss(fused("elu", axis))), argnums=(0, 1, 2))
+    assert_trees_close(ckpt(x, scale, bias), want, jnp.float32)
+
+    # vmap over the leading axis: each slice is its own batch of shape (5, 4).
+    def slice_grad(fn):
+        return jax.vmap(
+            jax.grad(lambda x, s, b, c: jnp.sum(fn(x, s, b)[0] * c), argnums=(0, 1, 2)),
+            (0, None, None, 0),
+        )
+
+    got_v = slice_grad(fused("leaky_relu", axis))(x, scale, bias, cts[0])
+    want_v = slice_grad(oracle("leaky_relu", axis))(x, scale, bias, cts[0])
+    assert_trees_close(got_v, want_v, jnp.float32)
+
+    # scan over the slices, accumulating the gradient of scale.
+    def body(carry, xs):
+        xi, ci = xs
+        g = jax.grad(lambda s: jnp.sum(fused("leaky_relu", axis)(xi, s, bias)[0] * ci))(scale)
+        return carry + g, g
+
+    total, gs = jax.lax.scan(body, jnp.zeros_like(scale), (x, cts[0]))
+    assert_trees_close(gs, want_v[1], jnp.float32)
+    assert_trees_close(total, want_v[1].sum(0), jnp.float32)
+
+    out = jax.eval_shape(
+        functools.partial(jaxbn.batch_norm_act, axis=1), jnp.zeros((8, 3, 4, 4)), None, None
+    )
+    assert [o.shape for o in out] == [(8, 3, 4, 4), (3,), (3,)]
+
+
+def test_invert_activation_round_trips():
+    y = jnp.linspace(-6.0, 6.0, 101)
+    for name in act.INVERTIBLE_ACTIVATIONS:
+        z = act.activate(y, name, negative_slope=SLOPE)
+        y_back, fprime = act.invert_activation(z, name, SLOPE)
+        np.testing.assert_allclose(y_back, y, rtol=1e-5, atol=1e-5)
+        want = jax.vmap(jax.grad(lambda v, n=name: act.activate(v, n, negative_slope=SLOPE)))(y)
+        np.testing.assert_allclose(jnp.broadcast_to(fprime, y.shape), want, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def traced(fn, *args, **kwargs):
+    return jax.eval_shape(functools.partial(fn, **kwargs), *args)
+
+
+x0, v0 = jnp.ones((4, 3)), jnp.ones(3)
+
+
+@pytest.mark.parametrize("op", [jaxbn.batch_norm_act, jaxbn.batch_norm_act_fwd], ids=["op", "fwd"])
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (
+            {"activation": "relu"},
+            ValueError,
+            r"activation must be one of .*'relu' is not invertible",
+        ),
+        ({"activation": "gelu"}, ValueError, r"got 'gelu' \('gelu' is not invertible"),
+        ({"activation": "swish"}, ValueError, r"activation must be one of .*got 'swish'"),
+        ({"negative_slope": 0.0}, ValueError, r"negative_slope must be a finite number > 0.*0\.0"),
+        ({"negative_slope": -0.1}, ValueError, r"negative_slope must be .*-0\.1"),
+        ({"negative_slope": float("inf")}, ValueError, r"negative_slope must be .*inf"),
+        ({"negative_slope": float("nan")}, ValueError, r"negative_slope must be .*nan"),
+        ({"negative_slope": True}, TypeError, "negative_slope must be a Python float, got bool"),
+        ({"negative_slope": jnp.float32(0.1)}, TypeError, "negative_slope must be a Python float"),
+        ({"eps": 0.0}, ValueError, "eps must be > 0"),
+        ({"axis": 2}, ValueError, "axis 2 is out of range"),
+    ],
+)
+def test_op_errors_while_tracing(op, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        traced(op, x0, v0, v0, **kwargs)
+
+
+def test_bwd_refuses_a_non_invertible_activation():
+    _, res = jaxbn.batch_norm_act_fwd(x0 * jnp.arange(4.0)[:, None], v0, v0)
+    cts = (x0, v0, v0)
+    with pytest.raises(ValueError, match="'relu' is not invertible"):
+        jaxbn.batch_norm_act_bwd(res, cts, activation="relu")
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        (lambda: jaxbn.BatchNorm(3, activation="swish"), ValueError, "activation must be None or"),
+        (
+            lambda: jaxbn.BatchNorm(3, activation="leaky_relu", negative_slope=0.0),
+            ValueError,
+            "negative_slope must be a finite number > 0",
+        ),
+        (
+            lambda: jaxbn.BatchNorm(3, activation="elu", renorm=True),
+            ValueError,
+            "cannot be combined with renorm",
+        ),
+        (
+            lambda: jaxbn.MLP((4, 8, 2), activation="relu", fuse_activation=True),
+            ValueError,
+            r"activation \(with fuse_activation=True\) must be one of .*'relu' is not invertible",
+        ),
+        (
+            lambda: jaxbn.MLP((4, 8, 2), activation="tanh", fuse_activation=True),
+            ValueError,
+            "'tanh' is not invertible",
+        ),
+        (
+            lambda: jaxbn.MLP(
+                (4, 8, 2), activation="leaky_relu", fuse_activation=True, use_batch_norm=False
+            ),
+            ValueError,
+            "fuse_activation=True needs use_batch_norm=True",
+        ),
+    ],
+    ids=["bn-name", "bn-slope", "bn-renorm", "mlp-relu", "mlp-tanh", "mlp-no-bn"],
+)
+def test_config_errors(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+# --------------------------------------------------------------------------- layers
+
+
+def test_layer_with_invertible_activation_runs_the_fused_op():
+    bn = jaxbn.BatchNorm(4, activation="leaky_relu", negative_slope=SLOPE, momentum=0.9)
+    assert bn.fused
+    params, state = bn.init()
+    params = {"scale": jnp.array([1.0, -2.0, 0.5, 0.25]), "bias": jnp.arange(4.0) - 1.5}
+    x, _, _, cts = make_inputs((16, 4), -1, seed=14)
+    (z, new_state), pull = jax.vjp(lambda p: bn.apply(p, state, x, training=True), params)
+    (want_z, mean, _), pull_ref = jax.vjp(
+        lambda p: oracle("leaky_relu", -1)(x, p["scale"], p["bias"]), params
+    )
+    assert_trees_close(z, want_z, jnp.float32)
+    np.testing.assert_allclose(new_state["mean"], 0.1 * mean, rtol=1e-5, atol=1e-6)
+    zero_state = jax.tree.map(jnp.zeros_like, new_state)
+    assert_trees_close(
+        pull((cts[0], zero_state)),
+        pull_ref((cts[0], jnp.zeros(4), jnp.zeros(4))),
+        jnp.float32,
+    )
+    # Evaluation: the same effective scale, with the running statistics.
+    y_eval, _ = bn.apply(params, new_state, x, training=False)
+    s_eff = jnp.abs(params["scale"]) + bn.eps
+    want = jaxbn.batch_norm_inference(x, s_eff, params["bias"], new_state["mean"], new_state["var"])
+    assert_trees_close(y_eval, jax.nn.leaky_relu(want, SLOPE), jnp.float32)
+
+
+def test_layer_with_other_activation_applies_it_after_batch_norm():
+    bn = jaxbn.BatchNorm(4, activation="relu")
+    assert not bn.fused
+    params, state = bn.init()
+    params = {"scale": jnp.array([1.0, -2.0, 0.5, 1.5]), "bias": jnp.arange(4.0) - 1}
+    x = make_inputs((16, 4), -1, seed=15)[0]
+    y, new_state = bn.apply(params, state, x, training=True)
+    plain, plain_state = jaxbn.BatchNorm(4).apply(params, state, x, training=True)
+    assert_trees_close((y, new_state), (jax.nn.relu(plain), plain_state), jnp.float32)
+    y_eval, _ = bn.apply(params, new_state, x, training=False)
+    plain_eval, _ = jaxbn.BatchNorm(4).apply(params, new_state, x, training=False)
+    assert_trees_close(y_eval, jax.nn.relu(plain_eval), jnp.float32)
+
+
+def test_ghost_batch_norm_with_fused_activation():
+    bn = jaxbn.BatchNorm(3, activation="elu", virtual_batch_size=4)
+    params, state = bn.init()
+    x = make_inputs((12, 3), -1, seed=16)[0]
+    z, _ = bn.apply(params, state, x, training=True)
+    groups = [
+        oracle("elu", -1)(x[i : i + 4], params["scale"], params["bias"])[0] for i in (0, 4, 8)
+    ]
+    assert_trees_close(z, jnp.concatenate(groups), jnp.float32)
+
+
+def _effective(params, eps=EPS):
+    """MLP params with every batch-norm scale replaced by |scale| + eps."""
+    out = jax.tree.map(lambda a: a, params)
+    for layer in out["layers"]:
+        if "batch_norm" in layer:
+            layer["batch_norm"]["scale"] = jnp.abs(layer["batch_norm"]["scale"]) + eps
+    return out
+
+
+@pytest.mark.parametrize("activation", ["leaky_relu", "elu"])
+def test_fused_mlp_equals_unfused_mlp_with_effective_scale(activation):
+    unfused = jaxbn.MLP((6, 8, 8, 3), activation=activation)
+    model = dataclasses.replace(unfused, fuse_activation=True)
+    params, state = model.init(jax.random.key(1))
+    x = make_inputs((10, 6), -1, seed=17)[0]
+    ct = jax.random.normal(jax.random.key(2), (10, 3))
+
+    def run(m, p):
+        (logits, new_state), pull = jax.vjp(lambda p: m.apply(p, state, x, training=True), p)
+        return logits, new_state, pull((ct, jax.tree.map(jnp.zeros_like, new_state)))[0]
+
+    logits, new_state, grads = run(model, params)
+    # Gradients with respect to the effective scale equal the raw ones (scale > 0).
+    want_logits, want_state, want_grads = run(unfused, _effective(params))
+    assert_trees_close(
+        (logits, new_state, grads), (want_logits, want_state, want_grads), jnp.float32
+    )
+    assert_trees_close(
+        model.pre_activations(params, state, x, training=True),
+        unfused.pre_activations(_effective(params), state, x, training=True),
+        jnp.float32,
+    )
+    evals = model.apply(params, new_state, x, training=False)[0]
+    assert_trees_close(
+        evals, unfused.apply(_effective(params), new_state, x, training=False)[0], jnp.float32
+    )
+    folded, fparams, fstate = model.fold(params, new_state)
+    assert not folded.fuse_activation and not folded.use_batch_norm
+    assert_trees_close(folded.apply(fparams, fstate, x, training=False)[0], evals, jnp.float32)
+
+
+def test_fused_mlp_trains_to_the_unfused_accuracy():
+    data = load_digits()
+    accuracy = {}
+    for fuse in (False, True):
+        model = jaxbn.MLP((64, 64, 64, 10), activation="leaky_relu", fuse_activation=fuse)
+        opt = optax.sgd(0.05, momentum=0.9)
+        run = make_train_loop(model, opt, batch_size=60)
+        ts = init_train_state(model, opt, jax.random.key(0))
+        ts, _ = run(ts, data.x_train, data.y_train, 300)
+        metrics = evaluate(model, ts.params, ts.state, data.x_test, data.y_test)
+        accuracy[fuse] = float(metrics["accuracy"])
+    assert accuracy[False] >= 0.93, accuracy
+    assert accuracy[True] >= accuracy[False] - 0.015, accuracy

@@ -1,0 +1,46 @@
+"""Smoke test of ``benchmarks/bench_fused.py``: a tiny network, structure only.
+
+No timing or memory target is asserted (the sizes are far from the benchmark's);
+the test checks that the three contenders ran, took the same step (up to the
+fused layer's ``|scale| + eps``), reported positive memory and speed, and that
+both targets are printed and written to the JSON file.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def quick_results(import_benchmark, tmp_path_factory):
+    bench = import_benchmark("bench_fused")
+    path = tmp_path_factory.mktemp("bench") / "fused.json"
+    return bench.main(["--quick", "--json", str(path)]), path
+
+
+def test_fused_results_structure(quick_results):
+    results, path = quick_results
+    entries = results["contenders"]
+    assert list(entries) == ["jaxbn-fused", "jaxbn-unfused", "flax"]
+    have_flax = importlib.util.find_spec("flax") is not None
+    for name, e in entries.items():
+        if name == "flax" and not have_flax:
+            assert e["steps_per_s"] is None and "not installed" in e["note"]
+            continue
+        assert math.isfinite(e["steps_per_s"]) and e["steps_per_s"] > 0, name
+        assert e["memory"]["temp_bytes"] > 0 and e["memory"]["output_bytes"] > 0, name
+        assert e["rel_err"] < 1e-3, name  # the same SGD step from the same start
+        assert len(e["times_s"]) == results["reps"]
+    assert results["fused_vs_unfused_steps"] > 0
+    targets = [t["target"] for t in results["targets"]]
+    assert targets == [
+        "fused temp memory <= 0.5x Flax",
+        "fused steps/s within 10% of unfused",
+    ]
+    assert all(t["met"] in (True, False, None) for t in results["targets"])
+    written = json.loads(path.read_text())
+    assert written["layer_sizes"] == results["layer_sizes"] == [16, 32, 32, 4]
