@@ -482,8 +482,15 @@ def batch_norm_act_fwd(
     """The forward pass of :func:`batch_norm_act`: outputs and the residuals.
 
     Args:
-        x, scale, bias, activation, negative_slope, axis, eps, axis_name, mask:
-            as in :func:`batch_norm_act`.
+        x: ``[..., features]`` input, as in :func:`batch_norm_act`.
+        scale: ``[features]`` or ``None``, as in :func:`batch_norm_act`.
+        bias: ``[features]`` or ``None``, as in :func:`batch_norm_act`.
+        activation: the invertible activation, as in :func:`batch_norm_act`.
+        negative_slope: leaky ReLU's slope below zero, as in :func:`batch_norm_act`.
+        axis: the feature axis or axes, as in :func:`batch_norm_act`.
+        eps: added to the variance, as in :func:`batch_norm_act`.
+        axis_name: named axes to synchronize over, as in :func:`batch_norm_act`.
+        mask: which entries count, as in :func:`batch_norm_act`.
 
     Returns:
         ``((z, mean, var), residuals)``; pass ``residuals`` to
