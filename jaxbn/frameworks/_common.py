@@ -17,7 +17,7 @@ def require(module: str, *, adapter: str, extra: str) -> ModuleType:
         return importlib.import_module(module)
     except ImportError as e:
         raise ImportError(
-            f'{adapter} needs {module.split(".")[0]}, an optional dependency: '
+            f"{adapter} needs {module.split('.')[0]}, an optional dependency: "
             f'pip install "jaxbn[{extra}]"'
         ) from e
 

@@ -22,6 +22,10 @@ _promote_dtype = require("flax.nnx.nn.dtypes", adapter="jaxbn.nnx", extra="flax"
 
 __all__ = ["BatchNorm"]
 
+# Flax's default initializers, made once.
+_ZEROS = nnx.initializers.zeros_init()
+_ONES = nnx.initializers.ones_init()
+
 
 class BatchNorm(nnx.Module):
     """``flax.nnx.BatchNorm`` computed by jaxbn: swap the import, keep the model.
@@ -112,8 +116,8 @@ class BatchNorm(nnx.Module):
         param_dtype: Any = jnp.float32,
         use_bias: bool = True,
         use_scale: bool = True,
-        bias_init: Any = nnx.initializers.zeros_init(),
-        scale_init: Any = nnx.initializers.ones_init(),
+        bias_init: Any = _ZEROS,
+        scale_init: Any = _ONES,
         axis_name: str | tuple[str, ...] | None = None,
         axis_index_groups: Any = None,
         use_fast_variance: bool = True,
