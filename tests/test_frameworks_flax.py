@@ -446,7 +446,8 @@ def test_nnx_swap_in_a_model_with_optimizer_jit_train_eval(assert_trees_close):
     for i in range(3):
         for m in models:
             m.train()
-        (l0, g0), (l1, g1) = (train_step(m, o, x + 0.3 * i) for m, o in zip(models, opts, strict=True))
+        pairs = zip(models, opts, strict=True)
+        (l0, g0), (l1, g1) = (train_step(m, o, x + 0.3 * i) for m, o in pairs)
         np.testing.assert_allclose(l0, l1, rtol=F32_TOL)
         assert_trees_close(g0, g1, tol=F32_TOL)
     assert_trees_close(nnx.state(models[0]), nnx.state(models[1]), tol=F32_TOL)
