@@ -116,7 +116,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
         else:
             self.weight = None
             self.bias = None
-        self.batch_counter = eqx.nn.StateIndex(jnp.array(0, jnp.int32))
+        self.batch_counter = eqx.nn.StateIndex(jnp.array(0))  # as Equinox's
         zeros = jnp.zeros((input_size,), dtype)
         self.batch_state_index = eqx.nn.StateIndex((zeros, zeros))
         self.axis_name = axis_name
