@@ -202,7 +202,8 @@ def test_equinox_api_sequential_inference_mode_and_dtypes(assert_trees_close):
     ours = bn_eqx.BatchNorm(3, "batch", channelwise_affine=False, dtype=jnp.bfloat16)
     assert ours.weight is None and ours.bias is None
     _, state = eqx.nn.make_with_state(bn_eqx.BatchNorm)(3, "batch", dtype=jnp.bfloat16)
-    assert {v.dtype for v in jax.tree.leaves(state)} == {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.int32)}
+    dtypes = {v.dtype for v in jax.tree.leaves(state)}
+    assert dtypes == {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.int32)}
 
 
 @pytest.mark.parametrize(
