@@ -519,6 +519,9 @@ def test_nnx_bad_input_raises_while_tracing():
         jax.eval_shape(call, jnp.ones((8, 4), jnp.int32))
     with pytest.raises(ValueError, match="expected more than 1 value per feature"):
         jax.eval_shape(call, jnp.ones((1, 4)))
+    graphdef, state = nnx.split(bn_nnx.BatchNorm(4, axis=2, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="axis 2 is out of range for x of rank 2"):
+        jax.eval_shape(functools.partial(nnx_call(graphdef), state), jnp.ones((8, 4)))
 
 
 # --- Linen: the module in a model, init, axis_name ----------------------------------
@@ -641,8 +644,9 @@ def test_linen_use_running_average_set_once():
         (dict(force_float32_reductions=False), "force_float32_reductions.*expected True"),
         (dict(epsilon=-1.0), "eps must be > 0"),
         (dict(momentum=2.0), r"momentum must be in \[0, 1\]"),
+        (dict(axis=3), "axis 3 is out of range for x of rank 2"),
     ],
-    ids=["axis_index_groups", "float32_reductions", "eps", "momentum"],
+    ids=["axis_index_groups", "float32_reductions", "eps", "momentum", "axis"],
 )
 def test_linen_bad_attributes_raise_while_tracing(kwargs, match):
     m = bn_linen.BatchNorm(use_running_average=False, **kwargs)
