@@ -2,20 +2,34 @@
 
 import glob
 import importlib
+import importlib.util
 import os
 import sys
 
+import jax
+import numpy as np
 import pytest
 from sybil import Sybil
 from sybil.parsers.markdown import PythonCodeBlockParser
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 collect_ignore = []
-try:
-    import flax  # noqa: F401
-except ImportError:
-    # jaxbn/interop.py needs flax, an optional extra: no doctests from it without flax.
-    collect_ignore.append("jaxbn/interop.py")
+# The framework adapters need optional extras (both are in the `test` extra, so CI
+# collects everything); a user without one still runs the rest of the suite: the
+# adapter's doctests are not collected and its tests skip (pytest.importorskip).
+_ADAPTERS = {
+    "flax": [
+        "jaxbn/frameworks/nnx.py",
+        "jaxbn/frameworks/linen.py",
+        "jaxbn/nnx.py",
+        "jaxbn/linen.py",
+        "jaxbn/interop.py",
+    ],
+    "equinox": ["jaxbn/frameworks/equinox.py", "jaxbn/equinox.py"],
+}
+for _framework, _paths in _ADAPTERS.items():
+    if importlib.util.find_spec(_framework) is None:
+        collect_ignore.extend(_paths)
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     # These need several devices, set up before JAX is imported: tests/test_multidevice.py
@@ -49,3 +63,29 @@ readme_blocks = Sybil(
     patterns=["README.md", "docs/*.md"],
 )
 pytest_collect_file = readme_blocks.pytest()
+
+
+def _assert_trees_close(actual, expected, *, tol, err_msg=""):
+    """Compares two pytrees leaf by leaf, each within ``tol`` of its largest entry.
+
+    ``|actual - expected| <= tol * max(|expected|, 1)``, computed in float64:
+    outputs, gradients and statistics of a normalization are compared on their
+    own scale (a gradient summed over a batch is large, a zero entry is not).
+    """
+    assert jax.tree.structure(actual) == jax.tree.structure(expected), err_msg
+
+    def leaf(path, a, e):
+        a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
+        assert a.shape == e.shape, (jax.tree_util.keystr(path), a.shape, e.shape)
+        bound = tol * max(float(np.max(np.abs(e), initial=0.0)), 1.0)
+        np.testing.assert_allclose(
+            a, e, rtol=0, atol=bound, err_msg=f"{err_msg} {jax.tree_util.keystr(path)}"
+        )
+
+    jax.tree_util.tree_map_with_path(leaf, actual, expected)
+
+
+@pytest.fixture(scope="session")
+def assert_trees_close():
+    """``assert_trees_close(actual, expected, *, tol, err_msg="")`` (see above)."""
+    return _assert_trees_close

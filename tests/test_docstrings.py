@@ -140,8 +140,13 @@ def check_class(path: str, cls) -> list[str]:
         init_doc = _own_doc(init) if init is not None and not fields else ""
         if "Args:" not in init_doc:
             problems.append(f"{path}: constructor parameters but no Args:/Attributes: section")
+    # A dataclass field whose default is a function (an initializer) is an attribute,
+    # documented under Attributes:/Args:, not a method.
+    field_names = (
+        {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    )
     for name, member in vars(cls).items():
-        if name.startswith("_") and name != "__call__":
+        if (name.startswith("_") and name != "__call__") or name in field_names:
             continue
         if isinstance(member, property):
             if not _own_doc(member).strip():

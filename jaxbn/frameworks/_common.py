@@ -1,0 +1,56 @@
+"""Pieces shared by the framework adapters (no framework is imported here)."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def require(module: str, *, adapter: str, extra: str) -> ModuleType:
+    """Imports an optional framework, or raises an ``ImportError`` naming the extra."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(
+            f"{adapter} needs {module.split('.')[0]}, an optional dependency: "
+            f'pip install "jaxbn[{extra}]"'
+        ) from e
+
+
+def flax_mask(mask: Any, x_shape: tuple[int, ...], feat: tuple[int, ...]) -> jax.Array:
+    """A Flax mask (boolean, broadcastable to ``x``) in the form jaxbn's op takes.
+
+    A mask of size 1 on every feature axis masks whole positions: it becomes a
+    mask over the reduction axes (``(N, 1)`` for ``(N, C)`` gives ``(N,)``). A mask
+    that varies along a feature axis gives each feature its own count (Flax's
+    semantics); it is passed on with ``x``'s full shape.
+
+    Raises:
+        TypeError: if ``mask`` is not boolean (Flax would treat numbers as
+            truth values; jaxbn's op refuses them, and so does this).
+        ValueError: if ``mask`` does not broadcast to ``x``'s shape.
+    """
+    dtype = jnp.result_type(mask)
+    if dtype != jnp.bool_:
+        raise TypeError(f"mask must be a boolean array, got {dtype}")
+    mshape = jnp.shape(mask)
+    try:
+        ok = len(mshape) <= len(x_shape) and np.broadcast_shapes(mshape, x_shape) == x_shape
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"mask must broadcast to x's shape {x_shape}, got shape {mshape}")
+    mask = jnp.reshape(jnp.asarray(mask), (1,) * (len(x_shape) - len(mshape)) + mshape)
+    if all(mask.shape[a] == 1 for a in feat):
+        return jnp.squeeze(mask, feat)
+    return jnp.broadcast_to(mask, x_shape)
+
+
+def as_axis(axis: Any) -> int | tuple[int, ...]:
+    """Flax allows a list of feature axes; jaxbn's frozen configs take a tuple."""
+    return tuple(axis) if isinstance(axis, list) else axis

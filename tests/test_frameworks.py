@@ -1,0 +1,95 @@
+"""The framework adapters as a whole: optional imports, the extras named, the examples."""
+
+import importlib.util
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).parents[1]
+EXAMPLES = ROOT / "examples"
+
+
+def run_python(code):
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+
+
+def test_import_jaxbn_imports_no_framework():
+    code = (
+        "import sys, jaxbn, jaxbn.frameworks\n"
+        "loaded = sorted({'flax', 'equinox'} & set(sys.modules))\n"
+        "sys.exit(f'imported {loaded}' if loaded else 0)"
+    )
+    proc = run_python(code)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("module", "blocked", "extra"),
+    [
+        ("jaxbn.nnx", "flax", "flax"),
+        ("jaxbn.linen", "flax", "flax"),
+        ("jaxbn.interop", "flax", "flax"),
+        ("jaxbn.equinox", "equinox", "equinox"),
+    ],
+)
+def test_adapter_without_its_framework_names_the_extra(module, blocked, extra):
+    # sys.modules[name] = None makes "import name" fail as if it were not installed.
+    code = (
+        f"import sys; sys.modules[{blocked!r}] = None\n"
+        f"try:\n    import {module}\n"
+        f"except ImportError as e:\n    print(e)\nelse:\n    sys.exit('imported')"
+    )
+    proc = run_python(code)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert f'pip install "jaxbn[{extra}]"' in proc.stdout
+    assert module in proc.stdout or module.replace("interop", "linen") in proc.stdout
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("name", "framework", "peer_flag"),
+    [("train_nnx", "flax", "--flax"), ("train_equinox", "equinox", "--equinox")],
+)
+def test_example_trains_and_equals_the_framework_own_batch_norm(name, framework, peer_flag):
+    pytest.importorskip(framework)
+    example = _load(name)
+    argv = ["--steps", "30", "--batch-size", "32", "--hidden", "32"]
+    ours = example.main(argv)
+    assert ours["steps"] == 30 and len(ours["train_loss"]) == 30
+    # Thirty steps already beat chance (10%) by far on the digits.
+    assert ours["test_accuracy"] > 0.5
+    assert np.mean(ours["train_loss"][-5:]) < np.mean(ours["train_loss"][:5])
+    # The same run with the framework's own batch norm: the same training losses
+    # (jaxbn is a drop-in), up to float32 rounding grown over the steps.
+    theirs = example.main([*argv, peer_flag])
+    np.testing.assert_allclose(ours["train_loss"], theirs["train_loss"], rtol=1e-3, atol=1e-4)
+
+
+def test_bench_frameworks_smoke(import_benchmark, tmp_path):
+    """Structure only (no timing asserted): every framework ran, both contenders agree."""
+    pytest.importorskip("flax")
+    pytest.importorskip("equinox")
+    bench = import_benchmark("bench_frameworks")
+    path = tmp_path / "frameworks.json"
+    results = bench.main(["--quick", "--json", str(path)])
+    assert [c["framework"] for c in results["cases"]] == ["nnx", "linen", "equinox"]
+    for case in results["cases"]:
+        assert set(case["median_s"]) == {"jaxbn", case["peer"]}
+        assert all(t > 0 for t in case["median_s"].values())
+        assert case["jaxbn_over_peer"] > 0
+        assert case["max_param_difference_after_one_step"] < 1e-5
+    assert path.stat().st_size > 100
