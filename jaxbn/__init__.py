@@ -14,14 +14,17 @@ Public names:
   :mod:`jaxbn.train` (train step, evaluate, the ``lax.scan`` loop, ``fit``),
   :mod:`jaxbn.data` (bundled digits, synthetic blobs) and
   :mod:`jaxbn.checkpoint`;
-- :func:`fold_into_dense`: fold an evaluation-mode batch norm into the preceding
-  dense layer;
+- :class:`CNN`: a convolutional network (convolution, batch norm, activation per
+  block; NHWC or NCHW), trained by the same :mod:`jaxbn.train`;
+- :func:`fold_into_dense`, :func:`fold_into_conv`: fold an evaluation-mode batch
+  norm into the preceding dense layer or convolution;
 - :mod:`jaxbn.interop` (needs flax, not imported here): converters to and from
   ``flax.linen.BatchNorm`` and a drop-in flax module.
 """
 
 from jaxbn import checkpoint, data, reference, train
-from jaxbn.fold import fold_into_dense
+from jaxbn.cnn import CNN
+from jaxbn.fold import fold_into_conv, fold_into_dense
 from jaxbn.layer import BatchNorm
 from jaxbn.mlp import MLP
 from jaxbn.ops import (
@@ -36,6 +39,7 @@ from jaxbn.ops import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "CNN",
     "MLP",
     "BatchNorm",
     "BatchNormResiduals",
@@ -46,6 +50,7 @@ __all__ = [
     "batch_stats",
     "checkpoint",
     "data",
+    "fold_into_conv",
     "fold_into_dense",
     "reference",
     "train",
