@@ -233,10 +233,12 @@ def conv(
 def _pool(h, kind: str, spatial: tuple[int, ...]):
     """2x2 pooling with stride 2 and no padding over the ``spatial`` axes of ``h``."""
     window = tuple(2 if a in spatial else 1 for a in range(h.ndim))
+    # NumPy init values stay concrete under jax.checkpoint, where JAX recognizes
+    # the max and sum windows (and their derivatives) only for constant inits.
     if kind == "max":
-        init = jnp.array(-jnp.inf, h.dtype)
+        init = np.array(-np.inf, h.dtype)
         return lax.reduce_window(h, init, lax.max, window, window, "VALID")
-    total = lax.reduce_window(h, jnp.array(0, h.dtype), lax.add, window, window, "VALID")
+    total = lax.reduce_window(h, np.array(0, h.dtype), lax.add, window, window, "VALID")
     return total / math.prod(window)
 
 
