@@ -35,6 +35,7 @@ from jaxbn._checks import AxisName
 from jaxbn.fold import fold_into_conv
 from jaxbn.layer import BatchNorm
 from jaxbn.mlp import ACTIVATIONS
+from jaxbn.ops import _varying
 
 __all__ = ["CNN", "DATA_FORMATS", "POOLINGS", "conv"]
 
@@ -123,7 +124,21 @@ def _conv_bwd(strides, padding, residuals, dy):
         dimension_numbers=dims,
     )  # [in, *ksize, out]
     dkernel = jnp.transpose(dkernel_t, (*spatial, 0, nd + 1))
-    return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+    return _like(dx, x), _like(dkernel, kernel)
+
+
+def _like(cotangent, primal):
+    """``cotangent`` in ``primal``'s dtype, all-reduced over the mesh axes it alone varies on.
+
+    Inside ``shard_map`` a kernel replicated over the devices meets a batch
+    split over them; its cotangent must be replicated too: the sum of every
+    device's contribution (what JAX's own transpose of the implicit broadcast
+    gives).
+    """
+    extra = tuple(sorted(_varying(cotangent) - _varying(primal)))
+    if extra:
+        cotangent = lax.psum(cotangent, extra)
+    return cotangent.astype(primal.dtype)
 
 
 _conv_channels_last.defvjp(_conv_fwd, _conv_bwd)
