@@ -503,8 +503,9 @@ def test_fit_resumes_a_cnn_run_bit_identically(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-# The accuracy run: the CNN of the README on the digits as 8x8x1 images.
-ACCURACY_MODEL = CNN(1, (32, 64), 10)
+# The accuracy run: the CNN of the README on the digits as 8x8x1 images (measured:
+# 98.89%, 98.61%, 99.44% for keys 0, 1, 2; 98.33-98.89% without pooling).
+ACCURACY_MODEL = CNN(1, (32, 64), 10, pooling="max")
 ACCURACY_STEPS, ACCURACY_BATCH, ACCURACY_LR = 600, 64, 1e-2
 
 
