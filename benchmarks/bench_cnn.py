@@ -29,6 +29,10 @@ training step (no donation) for the JAX per-call contenders. Targets, printed
 as MET / NOT MET: ``jaxbn-jit`` steps/s at least ``flax-jit``'s, and its
 temporary memory at most 0.75x Flax's.
 
+``--conv-diagnostic`` adds the measurement behind :func:`jaxbn.cnn.conv`: a
+conv stack's gradient step per call and inside ``lax.scan``, with autodiff's
+convolution and with jaxbn's (see :func:`conv_diagnostic`).
+
 Run ``python benchmarks/bench_cnn.py --help`` for the flags.
 """
 
@@ -379,6 +383,102 @@ def _run_torch(wl: CnnWorkload, *, reps, warmup, min_time, quiet) -> dict[str, A
             return json.load(f)
 
 
+# --------------------------------------------------------------------------- conv diagnostic
+
+
+def conv_diagnostic(
+    *, steps: int = 20, batch_size: int = 64, image_size: int = 8, channels=(32, 64)
+) -> dict[str, Any]:
+    """Milliseconds per gradient step of a conv stack: autodiff conv vs :func:`jaxbn.cnn.conv`.
+
+    A stack of ``relu(conv(h, kernel))`` layers (no batch norm), one SGD step on
+    ``sum(mean_pool(h) * ct)`` with a random cotangent ``ct``, compiled two ways:
+    one jitted step per call, and ``steps`` steps in one ``lax.scan``. Also lists
+    the convolution forms (``dim_labels``) in the compiled scan: XLA:CPU runs only
+    ``b01f_01io->b01f`` with its fast kernels, and brings other forms to it only
+    outside loops.
+    """
+    import re
+
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    from jaxbn.cnn import conv
+
+    def autodiff_conv(x, kernel):
+        dims = ("NHWC", "HWIO", "NHWC")
+        return lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=dims)
+
+    keys = jax.random.split(jax.random.key(0), len(channels) + 2)
+    widths = (1, *channels)
+    kernels = [
+        jax.random.normal(k, (3, 3, a, b)) / (3 * a**0.5)
+        for k, a, b in zip(keys, widths[:-1], widths[1:], strict=False)
+    ]
+    xs = jax.random.normal(keys[-2], (4, batch_size, image_size, image_size, 1))
+    cts = jax.random.normal(keys[-1], (4, batch_size, channels[-1]))
+    out: dict[str, Any] = {
+        "shape": f"{batch_size}x{image_size}x{image_size}x1, channels {list(channels)}",
+        "steps": steps,
+    }
+    for name, conv_fn in (("autodiff", autodiff_conv), ("jaxbn", conv)):
+
+        def loss(kernels, x, ct, conv_fn=conv_fn):
+            h = x
+            for k in kernels:
+                h = jax.nn.relu(conv_fn(h, k))
+            return jnp.sum(h.mean(axis=(1, 2)) * ct)
+
+        def step(kernels, i, loss=loss):
+            grads = jax.grad(loss)(kernels, xs[i % 4], cts[i % 4])
+            return [k - 0.01 * g for k, g in zip(kernels, grads, strict=True)]
+
+        per_call = jax.jit(step)
+
+        @jax.jit
+        def scan(kernels, step=step):
+            return lax.scan(lambda k, i: (step(k, i), None), kernels, jnp.arange(steps))[0]
+
+        def calls(per_call=per_call):
+            ks = kernels
+            for i in range(steps):
+                ks = per_call(ks, i)
+            return ks
+
+        forms = re.findall(
+            r"convolution\([^)]*\).*?dim_labels=([^,\s]+)", scan.lower(kernels).compile().as_text()
+        )
+        _common.block(per_call(kernels, 0))
+        _common.block(scan(kernels))
+        t_call = _common.time_calls(calls, reps=3, warmup=0)
+        t_scan = _common.time_calls(lambda scan=scan: scan(kernels), reps=3, warmup=0)
+        out[name] = {
+            "per_call_ms": 1e3 * t_call.median / steps,
+            "scan_ms": 1e3 * t_scan.median / steps,
+            "scan_conv_forms": sorted(set(forms)),
+        }
+    return out
+
+
+def _diagnostic_table(diag: dict[str, Any]) -> str:
+    rows = [
+        [
+            name,
+            f"{diag[name]['per_call_ms']:.2f}",
+            f"{diag[name]['scan_ms']:.2f}",
+            f"{diag[name]['scan_ms'] / diag[name]['per_call_ms']:.1f}",
+            " ".join(diag[name]["scan_conv_forms"]),
+        ]
+        for name in ("autodiff", "jaxbn")
+    ]
+    table = _common.format_table(
+        ["conv", "ms/step per call", "ms/step in scan", "scan / per call", "convolutions in scan"],
+        rows,
+    )
+    return f"conv gradient steps, {diag['shape']} (diagnostic)\n{table}"
+
+
 # --------------------------------------------------------------------------- running
 
 
@@ -511,6 +611,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--channels", default="64,64,64,64", help="channels of each block, comma-separated"
     )
+    p.add_argument(
+        "--conv-diagnostic",
+        action="store_true",
+        help="also time a conv stack's gradient step per call and inside lax.scan, with "
+        "autodiff's convolution and with jaxbn.cnn.conv (digits-sized images)",
+    )
     p.add_argument("--no-wait-idle", action="store_true", help="do not wait for idle CPUs")
     p.add_argument("--json", help="write the results to this JSON file")
     p.add_argument(
@@ -529,7 +635,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     Returns:
         A dict with ``machine``, the settings, ``results`` (per contender:
         ``steps_per_s``, ``speed_vs_flax``, the spread, ``rel_err`` and, for
-        ``jaxbn-jit`` and ``flax-jit``, ``memory``) and ``targets``.
+        ``jaxbn-jit`` and ``flax-jit``, ``memory``), ``targets`` and, with
+        ``--conv-diagnostic``, ``conv_diagnostic`` (:func:`conv_diagnostic`).
     """
     args = _parser().parse_args(argv)
     if args.torch_worker:
@@ -561,8 +668,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     res = run_benchmark(
         wl, contenders, reps=reps, warmup=warmup, min_time=min_time, steps_per_call=spc, quiet=quiet
     )
+    diag = None
+    if args.conv_diagnostic:
+        diag = conv_diagnostic(steps=2) if args.quick else conv_diagnostic()
     print()
     print(_tables(res))
+    if diag is not None:
+        print()
+        print(_diagnostic_table(diag))
     targets = _targets(res)
     print("\ntargets")
     for t in targets:
@@ -580,6 +693,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "min_time_s": min_time,
         "steps_per_call": spc,
         "results": res,
+        "conv_diagnostic": diag,
         "targets": targets,
     }
     _common.write_json(args.json, out)
