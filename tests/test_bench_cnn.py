@@ -3,7 +3,7 @@
 No timing is asserted; the test checks that every contender that could run
 (PyTorch in its own process) produced a positive, finite steps/s and took the
 same first step as jaxbn, that the compiled-step memory figures are filled in,
-and that the two targets are reported.
+that the two targets are reported, and that the convolution diagnostic ran.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ def quick_results(bench_cnn, tmp_path_factory):
         "6",
         "--batch-size",
         "8",
+        "--conv-diagnostic",
         "--json",
         str(path),
     ]
@@ -81,3 +82,13 @@ def test_cnn_memory_and_targets(quick_results):
 def test_cnn_bad_channels(bench_cnn):
     with pytest.raises(SystemExit):
         bench_cnn.main(["--quick", "--channels", "4,x"])
+
+
+def test_conv_diagnostic(quick_results):
+    """The diagnostic ran both convolutions; only jaxbn's is canonical inside the scan."""
+    results, _ = quick_results
+    diag = results["conv_diagnostic"]
+    for name in ("autodiff", "jaxbn"):
+        assert diag[name]["per_call_ms"] > 0 and diag[name]["scan_ms"] > 0
+    assert diag["jaxbn"]["scan_conv_forms"] == ["b01f_01io->b01f"]
+    assert set(diag["autodiff"]["scan_conv_forms"]) != {"b01f_01io->b01f"}
