@@ -19,6 +19,7 @@ import importlib
 import importlib.metadata
 import importlib.util
 import json
+import math
 import os
 import platform
 import statistics
@@ -31,17 +32,24 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "Contender",
     "Timing",
+    "Unavailable",
     "block",
     "copy_bandwidth",
     "cpu_count",
     "format_table",
     "fresh_buffer_cost",
+    "host_loop",
     "load_average",
     "machine_info",
+    "memory_of",
     "optional_import",
     "print_machine",
+    "rel_err",
+    "sgd_step",
     "time_calls",
+    "time_steps",
     "use_checkout",
     "wait_for_idle",
     "write_json",
@@ -342,3 +350,141 @@ def write_json(path: str | os.PathLike | None, results: Any) -> None:
         json.dump(results, f, indent=2, default=default)
         f.write("\n")
     print(f"\nwrote {path}")
+
+
+# --------------------------------------------------------------------------- training contenders
+# A training benchmark builds one Contender per library: ``run(n)`` takes ``n``
+# training steps (continuing from where the previous call stopped) and returns
+# something to block on; ``check`` is ``(loss, canonical params)`` after one step
+# from the shared initial parameters on the first batch; ``step_fn`` and
+# ``step_args`` (JAX only) are the jittable step and its arguments, for
+# :func:`memory_of`.
+
+
+class Unavailable(Exception):
+    """A contender cannot run (the message says why)."""
+
+
+@dataclass
+class Contender:
+    """A ready-to-time training loop and what it is checked with."""
+
+    run: Callable[[int], Any]
+    granularity: int = 1
+    check: tuple[float, list[np.ndarray]] | None = None
+    step_fn: Callable | None = None
+    step_args: tuple | None = None
+    note: str = ""
+
+
+def host_loop(step: Callable, carry: list, batches: Sequence) -> Callable[[int], Any]:
+    """``run(n)``: ``n`` calls of the jitted ``step(*carry, batch)``, cycling through ``batches``.
+
+    ``step`` returns ``(*new_carry, metrics)`` with a carry of three values
+    (params, state, optimizer state); ``carry`` is a one-element list holding
+    the current carry, updated in place.
+    """
+    pos = [0]
+
+    def run(n):
+        c = carry[0]
+        for _ in range(n):
+            out = step(*c, batches[pos[0] % len(batches)])
+            c = out[:3]
+            pos[0] += 1
+        carry[0] = c
+        return c
+
+    return run
+
+
+def sgd_step(loss_fn: Callable, opt) -> Callable:
+    """The training step of ``jaxbn.train.make_train_step`` around any ``loss_fn``.
+
+    ``loss_fn(params, state, x, labels) -> (loss, (new_state, logits))``; the
+    step is ``(params, state, opt_state, (x, labels)) -> (params, state,
+    opt_state, {"loss", "accuracy"})``, for peers whose state is not jaxbn's.
+    """
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    def step(params, state, opt_state, batch):
+        x, labels = batch
+        (loss, (new_state, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            params, state, x, labels
+        )
+        updates, opt_state = opt.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        acc = jnp.mean(jnp.argmax(logits, axis=-1) == labels)
+        return params, new_state, opt_state, {"loss": loss, "accuracy": acc}
+
+    return step
+
+
+def rel_err(got, want) -> float:
+    """Largest ``max |got - want| / max |want|`` over the loss and every parameter."""
+    (loss_g, params_g), (loss_w, params_w) = got, want
+    errs = [abs(loss_g - loss_w) / max(abs(loss_w), 1e-30)]
+    for g, w in zip(params_g, params_w, strict=True):
+        errs.append(float(np.max(np.abs(g - w)) / max(float(np.max(np.abs(w))), 1e-30)))
+    return max(errs)
+
+
+def _timed_run(c: Contender, n: int) -> float:
+    t0 = time.perf_counter()
+    block(c.run(n))
+    return time.perf_counter() - t0
+
+
+def _steps_for(rate: float, min_time: float, g: int) -> int:
+    """Steps (a multiple of ``g``) that last ``min_time`` at ``rate`` steps per second."""
+    return max(g, math.ceil(rate * min_time / g) * g)
+
+
+def time_steps(
+    c: Contender, *, reps: int, warmup: int, min_time: float, quiet: bool
+) -> dict[str, Any]:
+    """Calibrates the steps per run so a run lasts ``min_time``; times ``reps`` runs.
+
+    Returns:
+        A dict with ``steps_per_s`` (steps per run / median run time), the steps
+        per run and :meth:`Timing.summary` of the run times.
+    """
+    g = c.granularity
+    for _ in range(warmup):  # compilation, caches, first-touch pages
+        block(c.run(g))
+    # Steps per second from the fastest calibration run: a run slowed down by
+    # another process must not make the timed runs short.
+    n, rate = g, 0.0
+    while True:  # double until one run is long enough to estimate from
+        elapsed = _timed_run(c, n)
+        rate = max(rate, n / max(elapsed, 1e-9))
+        if elapsed >= min_time / 4 or n >= 1 << 24:
+            break
+        n *= 2
+    for _ in range(2):  # runs at the estimate refine it
+        elapsed = _timed_run(c, _steps_for(rate, min_time, g))
+        rate = max(rate, _steps_for(rate, min_time, g) / max(elapsed, 1e-9))
+    steps = _steps_for(rate, min_time, g)
+    timing = time_calls(lambda: c.run(steps), reps=reps, warmup=0, quiet=quiet)
+    out = {"steps_per_s": steps / timing.median, "steps_per_run": steps}
+    out.update(timing.summary())
+    return out
+
+
+def memory_of(c: Contender) -> dict[str, int] | None:
+    """Sizes from the compiled step's ``memory_analysis()``, in bytes."""
+    import jax
+
+    if c.step_fn is None:
+        return None
+    mem = jax.jit(c.step_fn).lower(*c.step_args).compile().memory_analysis()
+    if mem is None:
+        return None
+    return {
+        "temp_bytes": int(mem.temp_size_in_bytes),
+        "argument_bytes": int(mem.argument_size_in_bytes),
+        "output_bytes": int(mem.output_size_in_bytes),
+        "alias_bytes": int(mem.alias_size_in_bytes),
+    }

@@ -55,10 +55,8 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import math
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,8 +91,13 @@ MEMORY_TARGET = 0.9  # jaxbn's temporary memory at most this times Flax's
 SPEED_TARGET = 2.0  # paper MLP: jaxbn-scan at least this times PyTorch's steps/s
 
 
-class Unavailable(Exception):
-    """A contender cannot run (the message says why)."""
+Unavailable = _common.Unavailable
+Contender = _common.Contender
+_host_loop = _common.host_loop
+_sgd_step = _common.sgd_step
+_rel_err = _common.rel_err
+time_steps = _common.time_steps
+memory_of = _common.memory_of
 
 
 # --------------------------------------------------------------------------- workloads
@@ -191,34 +194,6 @@ def _jaxbn_canonical(params) -> list[np.ndarray]:
 # ``check`` is ``(loss, canonical params)`` after one step from the initial
 # parameters on batch 0; ``step_fn``/``step_args`` (JAX only) are the jittable
 # step and its arguments, for the memory analysis.
-
-
-@dataclass
-class Contender:
-    """A ready-to-time training loop and what it is checked with."""
-
-    run: Callable[[int], Any]
-    granularity: int = 1
-    check: tuple[float, list[np.ndarray]] | None = None
-    step_fn: Callable | None = None
-    step_args: tuple | None = None
-    note: str = ""
-
-
-def _host_loop(step, carry, batches):
-    """``run(n)``: ``n`` calls of the jitted ``step``, cycling through ``batches``."""
-    pos = [0]
-
-    def run(n):
-        c = carry[0]
-        for _ in range(n):
-            out = step(*c, batches[pos[0] % len(batches)])
-            c = out[:3]
-            pos[0] += 1
-        carry[0] = c
-        return c
-
-    return run
 
 
 def _jax_contender(step, params, state, opt_state, wl: Workload, to_canonical) -> Contender:
@@ -349,25 +324,6 @@ def _local_forward(params, state, x, *, bn, activation, momentum, eps):
         new_states.append(new)
         h = z
     return h, {"layers": new_states}
-
-
-def _sgd_step(loss_fn, opt):
-    """The step of :func:`jaxbn.train.make_train_step` around any ``loss_fn``."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-
-    def step(params, state, opt_state, batch):
-        x, labels = batch
-        (loss, (new_state, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            params, state, x, labels
-        )
-        updates, opt_state = opt.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        acc = jnp.mean(jnp.argmax(logits, axis=-1) == labels)
-        return params, new_state, opt_state, {"loss": loss, "accuracy": acc}
-
-    return step
 
 
 def build_reference_jit(wl: Workload, opt, **_) -> Contender:
@@ -570,74 +526,6 @@ BUILDERS = {
 
 
 # --------------------------------------------------------------------------- measuring
-
-
-def _rel_err(got, want) -> float:
-    """Largest ``max |got - want| / max |want|`` over the loss and every parameter."""
-    (loss_g, params_g), (loss_w, params_w) = got, want
-    errs = [abs(loss_g - loss_w) / max(abs(loss_w), 1e-30)]
-    for g, w in zip(params_g, params_w, strict=True):
-        errs.append(float(np.max(np.abs(g - w)) / max(float(np.max(np.abs(w))), 1e-30)))
-    return max(errs)
-
-
-def _timed_run(c: Contender, n: int) -> float:
-    t0 = time.perf_counter()
-    _common.block(c.run(n))
-    return time.perf_counter() - t0
-
-
-def _steps_for(rate: float, min_time: float, g: int) -> int:
-    """Steps (a multiple of ``g``) that last ``min_time`` at ``rate`` steps per second."""
-    return max(g, math.ceil(rate * min_time / g) * g)
-
-
-def time_steps(
-    c: Contender, *, reps: int, warmup: int, min_time: float, quiet: bool
-) -> dict[str, Any]:
-    """Calibrates the steps per run so a run lasts ``min_time``; times ``reps`` runs.
-
-    Returns:
-        A dict with ``steps_per_s`` (steps per run / median run time), the steps
-        per run and :meth:`_common.Timing.summary` of the run times.
-    """
-    g = c.granularity
-    for _ in range(warmup):  # compilation, caches, first-touch pages
-        _common.block(c.run(g))
-    # Steps per second from the fastest calibration run: a run slowed down by
-    # another process must not make the timed runs short.
-    n, rate = g, 0.0
-    while True:  # double until one run is long enough to estimate from
-        elapsed = _timed_run(c, n)
-        rate = max(rate, n / max(elapsed, 1e-9))
-        if elapsed >= min_time / 4 or n >= 1 << 24:
-            break
-        n *= 2
-    for _ in range(2):  # runs at the estimate refine it
-        elapsed = _timed_run(c, _steps_for(rate, min_time, g))
-        rate = max(rate, _steps_for(rate, min_time, g) / max(elapsed, 1e-9))
-    steps = _steps_for(rate, min_time, g)
-    timing = _common.time_calls(lambda: c.run(steps), reps=reps, warmup=0, quiet=quiet)
-    out = {"steps_per_s": steps / timing.median, "steps_per_run": steps}
-    out.update(timing.summary())
-    return out
-
-
-def memory_of(c: Contender) -> dict[str, int] | None:
-    """Sizes from the compiled step's ``memory_analysis()``, in bytes."""
-    import jax
-
-    if c.step_fn is None:
-        return None
-    mem = jax.jit(c.step_fn).lower(*c.step_args).compile().memory_analysis()
-    if mem is None:
-        return None
-    return {
-        "temp_bytes": int(mem.temp_size_in_bytes),
-        "argument_bytes": int(mem.argument_size_in_bytes),
-        "output_bytes": int(mem.output_size_in_bytes),
-        "alias_bytes": int(mem.alias_size_in_bytes),
-    }
 
 
 def run_model(

@@ -19,11 +19,13 @@ Public names:
   loop), :mod:`jaxbn.fit` (``fit``: chunks, checkpoints, resume, the divergence
   guard; also ``jaxbn.train.fit``), :mod:`jaxbn.parallel` (``data_mesh``),
   :mod:`jaxbn.checkpoint` and :mod:`jaxbn.data` (bundled digits, synthetic blobs);
+- :class:`CNN`: a convolutional network (convolution, batch norm, activation per
+  block; NHWC or NCHW), trained by the same :mod:`jaxbn.train`;
 - :mod:`jaxbn.distributed`: several processes, one run (``jax.distributed``);
 - :func:`precise_stats`: population statistics recomputed after training
   (:mod:`jaxbn.stats`);
-- :func:`fold_into_dense`: fold an evaluation-mode batch norm into the preceding
-  dense layer;
+- :func:`fold_into_dense`, :func:`fold_into_conv`: fold an evaluation-mode batch
+  norm into the preceding dense layer or convolution;
 - :mod:`jaxbn.nnx`, :mod:`jaxbn.linen`, :mod:`jaxbn.equinox` (each needs its
   framework, and is not imported here): drop-in ``BatchNorm`` modules for Flax NNX,
   Flax Linen and Equinox that run jaxbn's op; :mod:`jaxbn.interop`: converters of
@@ -39,7 +41,8 @@ from jaxbn.act import (
     batch_norm_act_bwd,
     batch_norm_act_fwd,
 )
-from jaxbn.fold import fold_into_dense
+from jaxbn.cnn import CNN
+from jaxbn.fold import fold_into_conv, fold_into_dense
 from jaxbn.layer import BatchNorm
 from jaxbn.mlp import MLP
 from jaxbn.ops import (
@@ -58,6 +61,7 @@ except _metadata.PackageNotFoundError:  # imported from a source tree that was n
     __version__ = "0+unknown"
 
 __all__ = [
+    "CNN",
     "MLP",
     "BatchNorm",
     "BatchNormActResiduals",
@@ -75,6 +79,7 @@ __all__ = [
     "data",
     "distributed",
     "fit",
+    "fold_into_conv",
     "fold_into_dense",
     "parallel",
     "precise_stats",

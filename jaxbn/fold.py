@@ -1,8 +1,10 @@
-"""Folding an evaluation-mode batch norm into the dense layer before it.
+"""Folding an evaluation-mode batch norm into the dense or convolution layer before it.
 
-At inference batch norm is a fixed per-feature affine map, so a dense layer
-followed by batch norm is one dense layer with a rescaled kernel and a new bias.
-Folding removes the normalization from the deployed network entirely.
+At inference batch norm is a fixed per-feature affine map, so a dense layer (or
+a convolution) followed by batch norm is one such layer with a rescaled kernel
+and a new bias. Folding removes the normalization from the deployed network
+entirely. Dense and convolution kernels both keep their output features on the
+last axis (``[in, out]``; ``[*spatial, in, out]``), so one formula serves both.
 """
 
 from __future__ import annotations
@@ -17,14 +19,15 @@ from jax.typing import ArrayLike
 
 from jaxbn import _checks
 
-__all__ = ["fold_into_dense"]
+__all__ = ["fold_into_conv", "fold_into_dense"]
 
 
-def _check_vector(name: str, v: ArrayLike, out_features: int) -> None:
+def _check_vector(name: str, v: ArrayLike, out_features: int, kernel_hint: str) -> None:
     shape = jnp.shape(v)
     if shape != (out_features,):
         raise ValueError(
-            f"{name} must have shape ({out_features},) (the kernel's output features), got {shape}"
+            f"{name} must have shape ({out_features},) (the kernel's output features, its "
+            f"last axis: {kernel_hint}), got {shape}"
         )
     if not jnp.issubdtype(jnp.result_type(v), jnp.floating):
         raise TypeError(f"{name} must have a floating-point dtype, got {jnp.result_type(v)}")
@@ -84,36 +87,108 @@ def fold_into_dense(
         >>> folded["bias"]
         Array([-1., 1.], dtype=float32)
     """
+    return _fold(dense_params, bn_params, bn_state, eps=eps, name="dense_params", spatial=False)
+
+
+def fold_into_conv(
+    conv_params: Mapping[str, ArrayLike],
+    bn_params: Mapping[str, ArrayLike],
+    bn_state: Mapping[str, ArrayLike],
+    *,
+    eps: float,
+) -> dict[str, jax.Array]:
+    """Folds an evaluation-mode batch norm into the preceding convolution.
+
+    A convolution is linear in its kernel and acts on each output channel
+    through that channel's slice ``W[..., j]`` alone, so scaling the slice
+    scales the channel. With ``z = conv(x, W) + b`` followed by
+    :func:`jaxbn.batch_norm_inference` (``scale`` ``gamma``, ``bias``
+    ``beta``, running statistics ``mu``, ``sigma^2``), per output channel ``j``:
+
+    .. math::
+
+        a_j = \\frac{\\gamma_j}{\\sqrt{\\sigma_j^2 + \\epsilon}}, \\qquad
+        W'[\\ldots, j] = a_j W[\\ldots, j], \\qquad
+        b'_j = a_j (b_j - \\mu_j) + \\beta_j
+
+    the formula of :func:`fold_into_dense`, with the output channel on the
+    kernel's last axis (HWIO, as Flax's ``nn.Conv`` and :class:`jaxbn.CNN`).
+    A PyTorch ``Conv2d`` weight is ``[out, in, kh, kw]``: transpose it with
+    ``w.permute(2, 3, 1, 0)`` first. The fold is computed in float32 (or wider)
+    and cast back to the kernel's dtype.
+
+    Args:
+        conv_params: ``{"kernel": [*spatial, in, out], "bias": [out]}``;
+            ``"bias"`` is optional (a convolution followed by batch norm
+            usually has none). Any number of spatial axes (1, 2, 3).
+        bn_params: the batch norm's params ``{"scale": [out], "bias": [out]}``,
+            either key optional.
+        bn_state: the running statistics ``{"mean": [out], "var": [out]}``.
+        eps: the batch norm's ``eps``; required, since a mismatch would
+            silently change every output.
+
+    Returns:
+        ``{"kernel": [*spatial, in, out], "bias": [out]}``: the kernel in the
+        input kernel's dtype, the bias in the input bias's dtype (the kernel's
+        when the convolution had no bias).
+
+    Raises:
+        TypeError, ValueError: on a missing or unexpected key, a kernel of rank
+            below 3, statistics whose length is not the kernel's last axis, or
+            a non-floating dtype (the message names the argument).
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from jaxbn.fold import fold_into_conv
+        >>> conv = {"kernel": jnp.ones((3, 3, 1, 2))}
+        >>> bn_params = {"scale": jnp.array([2.0, 3.0]), "bias": jnp.array([0.0, 1.0])}
+        >>> bn_state = {"mean": jnp.array([1.0, 0.0]), "var": jnp.array([3.0, 0.0])}
+        >>> folded = fold_into_conv(conv, bn_params, bn_state, eps=1.0)
+        >>> folded["kernel"][0, 0]
+        Array([[1., 3.]], dtype=float32)
+        >>> folded["bias"]
+        Array([-1., 1.], dtype=float32)
+    """
+    return _fold(conv_params, bn_params, bn_state, eps=eps, name="conv_params", spatial=True)
+
+
+def _fold(layer_params, bn_params, bn_state, *, eps, name, spatial):
+    """The one fold: checks, then ``W' = W * a``, ``b' = (b - mean) * a + beta``.
+
+    ``a = scale / sqrt(var + eps)`` multiplies the kernel's last axis (the
+    output features, for dense and convolution kernels alike).
+    """
     _checks.check_eps(eps)
-    _checks.check_keys("dense_params", dense_params, ("kernel", "bias"), ("kernel",))
+    _checks.check_keys(name, layer_params, ("kernel", "bias"), ("kernel",))
     _checks.check_keys("bn_params", bn_params, ("scale", "bias"), ())
     # Other entries of a BatchNorm state (a batch count, renorm statistics) play
     # no part in evaluation mode.
     state_keys = ("mean", "var", "count", "renorm_mean", "renorm_var")
     _checks.check_keys("bn_state", bn_state, state_keys, ("mean", "var"))
-    kernel = jnp.asarray(dense_params["kernel"])
-    if kernel.ndim != 2:
-        raise ValueError(
-            f'dense_params["kernel"] must have shape (in_features, out_features), '
-            f"got {kernel.shape}"
-        )
+    kernel = jnp.asarray(layer_params["kernel"])
+    if spatial:
+        layout, ok = "[*spatial, in, out]", kernel.ndim >= 3
+        expected = "[*spatial, in, out] (HWIO: the output channels last), of rank >= 3"
+    else:
+        layout, ok = "[in, out]", kernel.ndim == 2
+        expected = "(in_features, out_features)"
+    if not ok:
+        raise ValueError(f'{name}["kernel"] must have shape {expected}, got {kernel.shape}')
     if not jnp.issubdtype(kernel.dtype, jnp.floating):
-        raise TypeError(
-            f'dense_params["kernel"] must have a floating-point dtype, got {kernel.dtype}'
-        )
-    out = kernel.shape[1]
+        raise TypeError(f'{name}["kernel"] must have a floating-point dtype, got {kernel.dtype}')
+    out = kernel.shape[-1]
     vectors = {
-        f'{name}["{key}"]': tree[key]
-        for name, tree, keys in (
-            ("dense_params", dense_params, ("bias",)),
+        f'{tree_name}["{key}"]': tree[key]
+        for tree_name, tree, keys in (
+            (name, layer_params, ("bias",)),
             ("bn_params", bn_params, ("scale", "bias")),
             ("bn_state", bn_state, ("mean", "var")),
         )
         for key in keys
         if key in tree
     }
-    for name, v in vectors.items():
-        _check_vector(name, v, out)
+    for vname, v in vectors.items():
+        _check_vector(vname, v, out, f"{name}['kernel'] is {layout} = {kernel.shape}")
 
     cdt = functools.reduce(
         jnp.promote_types,
@@ -125,9 +200,9 @@ def fold_into_dense(
 
     a = lax.rsqrt(get(bn_state, "var", None) + jnp.asarray(eps, cdt))
     a = a * get(bn_params, "scale", 1.0)
-    dense_bias = get(dense_params, "bias", 0.0)
-    bias = (dense_bias - get(bn_state, "mean", None)) * a + get(bn_params, "bias", 0.0)
-    bias_dtype = jnp.result_type(dense_params["bias"]) if "bias" in dense_params else kernel.dtype
+    layer_bias = get(layer_params, "bias", 0.0)
+    bias = (layer_bias - get(bn_state, "mean", None)) * a + get(bn_params, "bias", 0.0)
+    bias_dtype = jnp.result_type(layer_params["bias"]) if "bias" in layer_params else kernel.dtype
     return {
         "kernel": (kernel.astype(cdt) * a).astype(kernel.dtype),
         "bias": bias.astype(bias_dtype),

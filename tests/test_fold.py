@@ -6,9 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 
 import jaxbn
-from jaxbn.fold import fold_into_dense
+from jaxbn.fold import fold_into_conv, fold_into_dense
 
 IN, OUT, BATCH = 64, 24, 32
 EPS = 1e-3
@@ -297,3 +298,151 @@ def test_mlp_fold_with_extra_state_entries(options):
     h = jax.random.normal(jax.random.key(2), (5, 3))
     want = bn.apply(params, state, h @ kernel, training=False)[0]
     np.testing.assert_allclose(h @ folded["kernel"] + folded["bias"], want, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- convolutions
+
+C_IN, C_OUT = 3, 5
+
+
+def make_conv_layers(key, *, conv_bias, use_scale=True, use_bias=True, dtype=jnp.float32):
+    """A random HWIO kernel, batch-norm params/state and NHWC images."""
+    ks = jax.random.split(key, 7)
+    conv = {"kernel": (jax.random.normal(ks[0], (3, 3, C_IN, C_OUT)) / 3).astype(dtype)}
+    if conv_bias:
+        conv["bias"] = jax.random.normal(ks[1], (C_OUT,)).astype(dtype)
+    bn_params = {}
+    if use_scale:
+        bn_params["scale"] = 1.0 + 0.5 * jax.random.normal(ks[2], (C_OUT,))
+    if use_bias:
+        bn_params["bias"] = jax.random.normal(ks[3], (C_OUT,))
+    bn_state = {
+        "mean": 2.0 + jax.random.normal(ks[4], (C_OUT,)),
+        "var": jnp.exp(jax.random.normal(ks[5], (C_OUT,))),
+    }
+    x = jax.random.normal(ks[6], (4, 6, 7, C_IN)) + 0.5
+    return x, conv, bn_params, bn_state
+
+
+def conv_layer(x, conv, data_format):
+    y = lax.conv_general_dilated(
+        x, conv["kernel"], (1, 1), "SAME", dimension_numbers=(data_format, "HWIO", data_format)
+    )
+    if "bias" in conv:
+        y = y + (conv["bias"] if data_format == "NHWC" else conv["bias"][:, None, None])
+    return y
+
+
+@pytest.mark.parametrize("data_format", ["NHWC", "NCHW"])
+@pytest.mark.parametrize("config", CONFIGS[:3], ids=IDS[:3])
+def test_fold_into_conv_matches_conv_then_batch_norm(config, data_format):
+    config = {("conv_bias" if k == "dense_bias" else k): v for k, v in config.items()}
+    x, conv, bn_params, bn_state = make_conv_layers(jax.random.key(10), **config)
+    if data_format == "NCHW":
+        x = jnp.moveaxis(x, -1, 1)
+    folded = fold_into_conv(conv, bn_params, bn_state, eps=EPS)
+    assert folded["kernel"].shape == conv["kernel"].shape and folded["bias"].shape == (C_OUT,)
+    got = conv_layer(x, folded, data_format)
+    want = jaxbn.batch_norm_inference(
+        conv_layer(x, conv, data_format),
+        bn_params.get("scale"),
+        bn_params.get("bias"),
+        bn_state["mean"],
+        bn_state["var"],
+        axis=-1 if data_format == "NHWC" else 1,
+        eps=EPS,
+    )
+    scale = float(jnp.max(jnp.abs(want)))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * scale)
+
+
+def test_fold_into_conv_float64_formula():
+    """Every output channel's kernel slice is scaled by a = gamma / sqrt(var + eps)."""
+    _, conv, bn_params, bn_state = make_conv_layers(jax.random.key(11), conv_bias=True)
+    folded = fold_into_conv(conv, bn_params, bn_state, eps=EPS)
+    f64 = functools.partial(np.asarray, dtype=np.float64)
+    a = f64(bn_params["scale"]) / np.sqrt(f64(bn_state["var"]) + EPS)
+    np.testing.assert_allclose(folded["kernel"], f64(conv["kernel"]) * a, rtol=1e-6)
+    bias = (f64(conv["bias"]) - f64(bn_state["mean"])) * a + f64(bn_params["bias"])
+    np.testing.assert_allclose(folded["bias"], bias, rtol=1e-6, atol=1e-6)
+
+
+def test_fold_into_conv_bfloat16_is_rounded_once():
+    _, conv, bn_params, bn_state = make_conv_layers(
+        jax.random.key(12), conv_bias=False, dtype=jnp.bfloat16
+    )
+    folded = fold_into_conv(conv, bn_params, bn_state, eps=EPS)
+    assert folded["kernel"].dtype == folded["bias"].dtype == jnp.bfloat16
+    a = np.asarray(bn_params["scale"], np.float64) / np.sqrt(
+        np.asarray(bn_state["var"], np.float64) + EPS
+    )
+    exact = np.asarray(conv["kernel"], np.float64) * a
+    # One rounding to bfloat16 (relative error <= 2^-8) of the float32 product.
+    np.testing.assert_allclose(np.asarray(folded["kernel"], np.float64), exact, rtol=2**-8)
+
+
+@pytest.mark.parametrize("conv_bias", [False, True])
+def test_fold_into_conv_matches_pytorch(conv_bias):
+    """The same numbers through ``torch.nn.utils.fusion.fuse_conv_bn_eval``."""
+    torch = pytest.importorskip("torch")
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    _, conv, bn_params, bn_state = make_conv_layers(jax.random.key(13), conv_bias=conv_bias)
+    t_conv = torch.nn.Conv2d(C_IN, C_OUT, 3, padding=1, bias=conv_bias).double().eval()
+    t_bn = torch.nn.BatchNorm2d(C_OUT, eps=EPS).double().eval()
+
+    def t(v):
+        return torch.from_numpy(np.array(v, np.float64))
+
+    with torch.no_grad():
+        t_conv.weight.copy_(t(conv["kernel"]).permute(3, 2, 0, 1))  # HWIO -> OIHW
+        if conv_bias:
+            t_conv.bias.copy_(t(conv["bias"]))
+        t_bn.weight.copy_(t(bn_params["scale"]))
+        t_bn.bias.copy_(t(bn_params["bias"]))
+        t_bn.running_mean.copy_(t(bn_state["mean"]))
+        t_bn.running_var.copy_(t(bn_state["var"]))
+    fused = fuse_conv_bn_eval(t_conv, t_bn)
+    want_kernel = fused.weight.detach().permute(2, 3, 1, 0).numpy()  # OIHW -> HWIO
+    want_bias = fused.bias.detach().numpy()
+    got = fold_into_conv(conv, bn_params, bn_state, eps=EPS)
+    np.testing.assert_allclose(got["kernel"], want_kernel, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got["bias"], want_bias, rtol=1e-6, atol=1e-6)
+
+
+def conv_good_args():
+    _, conv, bn_params, bn_state = make_conv_layers(jax.random.key(14), conv_bias=True)
+    return conv, bn_params, bn_state
+
+
+CONV_BAD = [
+    (0, "kernel", jnp.ones((C_IN, C_OUT)), ValueError, r'conv_params\["kernel"\].*\[\*spatial'),
+    (
+        0,
+        "kernel",
+        jnp.ones((C_OUT, C_IN, 3, 3)),  # PyTorch's OIHW
+        ValueError,
+        r"must have shape \(3,\) \(the kernel's output features, its last axis.*"
+        r"\(5, 3, 3, 3\)\), got \(5,\)",
+    ),
+    (0, "kernel", jnp.ones((3, 3, C_IN, C_OUT), jnp.int32), TypeError, "floating-point"),
+    (0, "bias", jnp.ones((C_OUT + 2,)), ValueError, r'conv_params\["bias"\].*\(5,\).*\(7,\)'),
+    (2, "mean", jnp.ones((C_OUT - 1,)), ValueError, r'bn_state\["mean"\].*\(5,\).*\(4,\)'),
+    (2, "var", jnp.ones((C_OUT, 1)), ValueError, r'bn_state\["var"\].*\(5,\).*\(5, 1\)'),
+    (1, "bias", jnp.ones((1,)), ValueError, r'bn_params\["bias"\].*\(5,\).*\(1,\)'),
+    (0, "weight", jnp.ones((C_OUT,)), ValueError, r"conv_params.*extra keys \['weight'\]"),
+]
+
+
+@pytest.mark.parametrize(
+    ("which", "key", "value", "error", "match"),
+    CONV_BAD,
+    ids=[
+        f"{['conv', 'bn_params', 'bn_state'][w]}-{k}-{i}" for i, (w, k, *_) in enumerate(CONV_BAD)
+    ],
+)
+def test_fold_into_conv_bad_arguments(which, key, value, error, match):
+    args = list(conv_good_args())
+    args[which] = replaced(args[which], key, value)
+    with pytest.raises(error, match=match):
+        jax.eval_shape(functools.partial(fold_into_conv, eps=EPS), *args)
