@@ -232,7 +232,10 @@ def _stats(x, red, mask, axis_name, cdt):
         kept = xa if mask is None else jnp.where(mask, xa, 0)
         mean = _psum_over(jnp.sum(kept, axis=red, keepdims=True), axes) / safe
         residue = jnp.zeros_like(mean)
-    d = xb - mean if mask is None else jnp.where(mask, xb - mean, 0)
+    # Its own handle on the mean too: a broadcast shared with other users would
+    # be written out as an x-sized array.
+    (mean_d,) = _handles(mean, 1)
+    d = xb - mean_d if mask is None else jnp.where(mask, xb - mean_d, 0)
     sq = _psum_over(jnp.sum(d * d, axis=red, keepdims=True), axes) / safe
     var = jnp.maximum(sq - residue * residue, 0.0)
     return count, mean, var, residue
