@@ -125,7 +125,7 @@ def _axis_tuple(axis_name: AxisName) -> tuple[str, ...]:
 
 
 def _handles(v, n: int) -> tuple:
-    """``n`` separate handles on the same value, one for each consumer.
+    """``n`` separate handles on the same value, one for each consumer (on the CPU).
 
     XLA on CPU fuses an elementwise producer (a broadcast subtraction such as
     ``x - mean``, a conversion such as ``x.astype(float32)``) into its consumer
@@ -133,8 +133,26 @@ def _handles(v, n: int) -> tuple:
     is written out as an x-sized temporary and read back. Behind an
     ``optimization_barrier`` each consumer recomputes its own copy inside its
     fusion and streams ``x`` itself: fewer passes, no temporaries.
+
+    This is a workaround for XLA:CPU's fusion rule, applied only where the
+    computation is lowered for the CPU: on GPU and TPU, XLA fuses sibling
+    reductions into one multi-output kernel that reads ``x`` once, which the
+    barrier could prevent, so there the handles are the value itself
+    (:func:`_plain_handles`). Both give the same numbers.
     """
+    return lax.platform_dependent(
+        v,
+        cpu=functools.partial(_barrier_handles, n=n),
+        default=functools.partial(_plain_handles, n=n),
+    )
+
+
+def _barrier_handles(v, n: int) -> tuple:
     return lax.optimization_barrier((v,) * n)
+
+
+def _plain_handles(v, n: int) -> tuple:
+    return (v,) * n
 
 
 def _psum_over(v, axes: tuple[str, ...]):

@@ -452,3 +452,34 @@ def test_seed_notebook_mistakes_fail_the_gradient_check(mistake):
     want = pull_ref(cts[0])
     close = all(np.allclose(g, w, rtol=1e-4, atol=1e-4) for g, w in zip(got, want, strict=True))
     assert close == (not mistake)
+
+
+# XLA:CPU's fusion workaround (ops._handles) applies only where the op is lowered for
+# the CPU; the other branch (GPU, TPU) is tested here on the CPU for its numbers.
+
+
+def _lowered_text(platform):
+    x = jnp.ones((64, 8))
+
+    def step(x, dy):
+        y, pull = jax.vjp(lambda x: jaxbn.batch_norm(x, None, None)[0], x)
+        return y, pull(dy)
+
+    return jax.jit(step).trace(x, x).lower(lowering_platforms=(platform,)).as_text()
+
+
+def test_cpu_fusion_workaround_only_where_lowered_for_the_cpu():
+    assert "optimization_barrier" in _lowered_text("cpu")
+    assert "optimization_barrier" not in _lowered_text("cuda")
+
+
+@pytest.mark.parametrize(("shape", "axis"), CASES[:4], ids=IDS[:4])
+def test_accelerator_branch_gives_the_same_numbers_on_the_cpu(shape, axis, monkeypatch):
+    from jaxbn import ops
+
+    x, scale, bias, cts = make_inputs(shape, axis, seed=14, offset=100.0)
+    want = vjp_of(jaxbn.batch_norm, x, scale, bias, cts, axis)
+    monkeypatch.setattr(ops, "_handles", ops._plain_handles)
+    got = vjp_of(jaxbn.batch_norm, x, scale, bias, cts, axis)
+    assert_trees_close(got, want, jnp.float32)
+    assert_trees_close(got, vjp_of(reference.batch_norm, x, scale, bias, cts, axis), jnp.float32)
