@@ -227,3 +227,24 @@ def test_lower_rank_masks_follow_the_documented_rule():
             None,
             None,
         )
+
+
+def test_ghost_batch_norm_with_a_mask_varying_along_features():
+    """Each group normalized with its own per-feature counts; the running statistics
+    average the groups' with per-feature weights (the kept counts)."""
+    x = jax.random.normal(jax.random.key(10), (8, 3)) * 2.0 + 1.0
+    keep = np.ones((8, 3), bool)
+    keep[[1, 2], 0] = False  # feature 0 keeps 2 values of group 0 and 4 of group 1
+    keep[[6, 7], 2] = False  # feature 2 keeps 4 values of group 0 and 2 of group 1
+    bn = jaxbn.BatchNorm(3, momentum=0.0, virtual_batch_size=4)
+    params, state = bn.init()
+    y, new = bn.apply(params, state, x, training=True, mask=keep)
+    xs, ks = np.asarray(x, np.float64).reshape(2, 4, 3), keep.reshape(2, 4, 3)
+    means, vars_, counts = zip(*(numpy_stats(xs[g], ks[g], (0,)) for g in range(2)), strict=True)
+    want_y = [
+        jaxbn.batch_norm(x[4 * g : 4 * g + 4], None, None, mask=keep[4 * g : 4 * g + 4])[0]
+        for g in range(2)
+    ]
+    close(y, jnp.concatenate(want_y))
+    w = np.array(counts) / np.sum(counts, axis=0)
+    close(new, {"mean": (w * np.array(means)).sum(0), "var": (w * np.array(vars_)).sum(0)})
