@@ -12,6 +12,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
@@ -57,12 +58,36 @@ def check_x(x: ArrayLike) -> None:
         raise ValueError("x must have rank >= 1 (a batch of values), got a scalar")
 
 
-def check_eps(eps: float) -> None:
-    """Checks that ``eps`` is a positive Python number (a static value)."""
+def check_eps(eps: float, dtype: Any = jnp.float32) -> None:
+    """Checks that ``eps`` is a positive, finite, normal Python number (a static value).
+
+    ``dtype`` is the compute dtype (float32 or wider): an ``eps`` below its
+    smallest normal number is flushed to zero by XLA on the CPU, so a constant
+    feature would give NaN, as with ``eps = 0``.
+    """
     if not isinstance(eps, (int, float, np.floating)) or isinstance(eps, bool):
         raise TypeError(f"eps must be a Python float, got {type(eps).__name__}")
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
+    if not math.isfinite(eps):
+        raise ValueError(f"eps must be finite, got {eps}")
+    tiny = float(jnp.finfo(jnp.promote_types(dtype, jnp.float32)).tiny)
+    if eps < tiny:
+        raise ValueError(
+            f"eps must be a normal number in the compute dtype "
+            f"{jnp.dtype(jnp.promote_types(dtype, jnp.float32))} (>= {tiny:.4g}; smaller "
+            f"values are flushed to zero), got {eps}"
+        )
+
+
+def check_axis_name(axis_name: Any) -> None:
+    """Checks that ``axis_name`` is ``None``, a name (str) or a tuple of names."""
+    names = axis_name if isinstance(axis_name, (tuple, list)) else (axis_name,)
+    if axis_name is not None and (not names or not all(isinstance(n, str) for n in names)):
+        raise TypeError(
+            f"axis_name must be None, a str or a tuple of str (named mapped axes), "
+            f"got {axis_name!r}"
+        )
 
 
 def check_feature_vector(name: str, v: ArrayLike | None, shape: tuple[int, ...]):
@@ -78,35 +103,65 @@ def check_feature_vector(name: str, v: ArrayLike | None, shape: tuple[int, ...])
 
 
 def check_mask(mask: ArrayLike | None, x_shape: tuple[int, ...], feat: tuple[int, ...]):
-    """Checks ``mask`` and returns it over the reduction axes of ``x`` (or ``None``).
+    """Checks ``mask`` and returns it with ``x``'s rank, broadcastable to ``x`` (or ``None``).
 
-    A mask is boolean with the rank of ``x`` without its feature axes, and
-    broadcasts to that shape (``[N]`` for ``[N, C]``; ``[N, H, W]`` or
-    ``[N, 1, 1]`` for NHWC), or has ``x``'s rank with size 1 on the feature axes
-    (``[N, 1]`` for ``[N, C]``, ``[N, 1, 1, 1]`` for NCHW).
+    Two layouts are accepted, told apart by the mask's rank:
+
+    - ``x``'s rank: broadcastable to ``x`` by NumPy's rules (Flax's convention),
+      ``[N, 1]`` or ``[N, C]`` for ``[N, C]``; where the mask varies along the
+      feature axes, each feature gets its own count;
+    - the rank of ``x`` without its feature axes: one axis per reduction axis,
+      in order (``[N]`` for ``[N, C]``; ``[N, H, W]`` or ``[N, 1, 1]`` for
+      NHWC), the same for every feature.
+
+    A scalar mask is accepted too. Any other rank is refused: aligned from the
+    right, a per-example mask ``[N]`` on NCHW input would mask along ``W``.
+
+    Returns:
+        The mask as an array of ``x``'s rank: size 1 on the feature axes where
+        it does not vary along them.
     """
     if mask is None:
         return None
     if jnp.result_type(mask) != jnp.bool_:
         raise TypeError(f"mask must be a boolean array, got {jnp.result_type(mask)}")
-    mshape = jnp.shape(mask)
+    given = mshape = tuple(jnp.shape(mask))
     red_shape = reduce_shape(x_shape, feat)
-    if len(mshape) == len(x_shape) and all(mshape[a] == 1 for a in feat):
-        mask = jnp.squeeze(jnp.asarray(mask), feat)
-        mshape = mask.shape
-    try:
-        ok = np.broadcast_shapes(mshape, red_shape) == red_shape
-    except ValueError:
-        ok = False
-    # A lower rank would be aligned from the right: a per-example mask [N] on NCHW
-    # input would then mask along W. Only [N] on a single reduced axis is unambiguous.
-    if not ok or len(mshape) != len(red_shape):
-        raise ValueError(
-            f"mask must have the rank of x without its feature axes and broadcast to "
-            f"{red_shape} (or have x's rank with size 1 on the feature axes); got "
-            f"{jnp.shape(mask)} for x of shape {x_shape}"
+    # A concrete mask stays concrete (NumPy), so its counts can be checked.
+    xp = jnp if isinstance(mask, jax.core.Tracer) else np
+    mask = xp.asarray(mask)
+    if len(mshape) == len(red_shape) != len(x_shape):
+        mshape = tuple(
+            1 if a in feat else mshape[a - sum(f < a for f in feat)] for a in range(len(x_shape))
         )
-    return jnp.asarray(mask)
+        mask = xp.reshape(mask, mshape)
+    elif not mshape:
+        mshape = (1,) * len(x_shape)
+        mask = xp.reshape(mask, mshape)
+    ok = len(mshape) == len(x_shape) and all(
+        m in (1, d) for m, d in zip(mshape, x_shape, strict=True)
+    )
+    if not ok:
+        raise ValueError(
+            f"mask must broadcast to x's shape {x_shape} with x's rank (Flax's "
+            f"convention), or have one axis per reduction axis, broadcasting to "
+            f"{red_shape} (the rank of x without its feature axes); got "
+            f"{given} for x of shape {x_shape}"
+        )
+    return mask
+
+
+def mask_counts(mask: Any, x_shape: tuple[int, ...], feat: tuple[int, ...]) -> np.ndarray | None:
+    """The number of kept values per feature of a concrete mask, or ``None`` if traced.
+
+    ``mask`` is as :func:`check_mask` returns it.
+    """
+    if isinstance(mask, jax.core.Tracer):
+        return None
+    m = np.asarray(mask)
+    red = tuple(a for a in range(len(x_shape)) if a not in feat)
+    shape = tuple(d if a in red else m.shape[a] for a, d in enumerate(x_shape))
+    return np.sum(np.broadcast_to(m, shape), axis=red)
 
 
 def check_batch(
@@ -118,14 +173,26 @@ def check_batch(
     """Refuses training statistics over a single value per feature.
 
     With one value the variance is zero and the output is ``bias`` whatever the
-    input: always a bug. A named axis or a mask can make the count differ from
-    the local shape, so the check is made only where the count is known here.
+    input: always a bug. A named axis can make the count differ from the local
+    shape, and a traced mask is unknown while tracing, so the check is made only
+    where the count is known here: without a named axis, and with no mask or a
+    concrete one (which must not keep exactly one value of any feature; keeping
+    none gives statistics of zero).
     """
+    if axis_name is not None:
+        return
     count = math.prod(x_shape[a] for a in reduce_axes)
-    if count <= 1 and axis_name is None and mask is None:
+    if mask is None and count <= 1:
         raise ValueError(
             f"expected more than 1 value per feature in training, got x of shape "
             f"{x_shape} with reduction axes {reduce_axes}"
+        )
+    feat = tuple(a for a in range(len(x_shape)) if a not in reduce_axes)
+    counts = None if mask is None else mask_counts(mask, x_shape, feat)
+    if counts is not None and np.any(counts == 1):
+        raise ValueError(
+            f"expected more than 1 value per feature in training, got a mask keeping 1 "
+            f"value of some feature (x of shape {x_shape}, reduction axes {reduce_axes})"
         )
 
 
@@ -139,10 +206,11 @@ def check_op_args(x, scale, bias, axis, eps, mask, training=True, axis_name=None
 
     Returns:
         ``(feature_axes, mask)``: the sorted feature axes, and the mask as an
-        array over the reduction axes (or ``None``).
+        array of ``x``'s rank (see :func:`check_mask`), or ``None``.
     """
     check_x(x)
-    check_eps(eps)
+    check_eps(eps, jnp.result_type(x))
+    check_axis_name(axis_name)
     shape = jnp.shape(x)
     feat = feature_axes(len(shape), axis)
     fshape = tuple(shape[a] for a in feat)

@@ -170,7 +170,9 @@ class BatchNorm:
             real = isinstance(m, (int, float, np.integer, np.floating))
             if isinstance(m, bool) or not real or not 0.0 <= m <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {m!r}")
-        _checks.check_eps(self.eps)
+        # The compute dtype is known in apply (which checks eps against it too).
+        _checks.check_eps(self.eps, jnp.float64)
+        _checks.check_axis_name(self.axis_name)
         if not jnp.issubdtype(self.param_dtype, jnp.floating):
             raise TypeError(f"param_dtype must be floating, got {self.param_dtype!r}")
         if self.dtype is not None and not jnp.issubdtype(self.dtype, jnp.floating):
@@ -273,6 +275,8 @@ class BatchNorm:
                 data stays near its initial 1).
         """
         dtype = self.param_dtype if dtype is None else dtype
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(f"dtype must be floating (the params' dtype), got {dtype!r}")
         state_dtype = jnp.promote_types(dtype, jnp.float32)
         shape = self.feature_shape
         params = {}
@@ -307,9 +311,13 @@ class BatchNorm:
             training: ``True``: batch statistics, and the running averages are
                 updated; ``False``: running statistics, state returned as is.
                 A ``frozen`` layer does in training what it does in evaluation.
-            mask: boolean over the batch axes (training only): only ``True``
-                entries count in the statistics. A mask keeping nothing leaves
-                the running statistics unchanged.
+            mask: boolean (training only): only ``True`` entries count in the
+                statistics; the layouts of :func:`jaxbn.batch_norm` (``x``'s rank
+                and broadcastable to ``x`` as in Flax, or one axis per reduction
+                axis). Where it varies along the feature axes, each feature has
+                its own count (in the statistics, the running averages and the
+                unbiased correction). A mask keeping nothing of a feature leaves
+                that feature's running statistics unchanged.
             renorm_clipping: ``(rmax, dmax)`` for this step (scalars, may be
                 traced), overriding the config's; only with ``renorm=True``.
 
@@ -330,9 +338,7 @@ class BatchNorm:
             )
         if renorm_clipping is not None and not self.renorm:
             raise ValueError("renorm_clipping was given, but the layer has renorm=False")
-        if renorm_clipping is not None and not any(
-            isinstance(v, jax.core.Tracer) for v in jax.tree.leaves(renorm_clipping)
-        ):
+        if renorm_clipping is not None:
             _check_clipping(renorm_clipping)
         if mask is not None and not training:
             raise ValueError(
@@ -371,8 +377,12 @@ class BatchNorm:
             y = self._activate(y)
         new_state.update(self._running_update(old, count, mean, var))
         if mask is not None:
-            # An all-masked batch has no statistics: keep the old ones.
-            new_state = {k: jnp.where(count > 0, v, old[k]) for k, v in new_state.items()}
+            # An all-masked batch (or feature) has no statistics: keep the old ones.
+            kept = count > 0
+            new_state = {
+                k: jnp.where(kept if jnp.ndim(v) else jnp.any(kept), v, old[k])
+                for k, v in new_state.items()
+            }
         return y.astype(out_dtype), new_state
 
     def _normalize(self, x, scale, bias, *, mask, axis_name):
@@ -407,6 +417,13 @@ class BatchNorm:
             for key, v in tree.items():
                 if key != "count":
                     _checks.check_feature_vector(f'{tree_name}["{key}"]', v, self.feature_shape)
+        if "count" in state:
+            count = state["count"]
+            if jnp.shape(count) != () or not jnp.issubdtype(jnp.result_type(count), jnp.integer):
+                raise ValueError(
+                    f'state["count"] must be an integer scalar (batches seen), got shape '
+                    f"{jnp.shape(count)} and dtype {jnp.result_type(count)}"
+                )
 
     def _count(self, x, feat, mask):
         """Values per feature in the batch statistics (over the named axes too)."""
@@ -415,9 +432,12 @@ class BatchNorm:
                 math.prod(d for i, d in enumerate(x.shape) if i not in feat), jnp.float32
             )
         else:
-            red_shape = _checks.reduce_shape(x.shape, feat)
+            # A count per feature where the mask varies along the feature axes.
             m = _checks.check_mask(mask, x.shape, feat)
-            n = jnp.sum(jnp.broadcast_to(m, red_shape), dtype=jnp.float32)
+            red = tuple(a for a in range(x.ndim) if a not in feat)
+            shape = tuple(m.shape[a] if a in feat else d for a, d in enumerate(x.shape))
+            n = jnp.sum(jnp.broadcast_to(m, shape), axis=red, dtype=jnp.float32)
+            n = jnp.reshape(n, ()) if n.size == 1 else jnp.reshape(n, self.feature_shape)
         return n if self.axis_name is None else jax.lax.psum(n, self.axis_name)
 
     def _running_update(self, old, count, mean, var):
@@ -474,13 +494,17 @@ class BatchNorm:
             y, mean, var = jax.vmap(normalize, (0, None))(xg, None)
             weights = jnp.ones((g,), jnp.float32)
         else:
-            red_shape = _checks.reduce_shape(x.shape, feat)
-            m = jnp.broadcast_to(_checks.check_mask(mask, x.shape, feat), red_shape)
-            mg = m.reshape(g, k, *red_shape[1:])
+            # The mask with x's rank (size 1 or the feature's size on the feature
+            # axes), split into groups like x: per-group (and per-feature) counts.
+            m = _checks.check_mask(mask, x.shape, feat)
+            shape = tuple(m.shape[a] if a in feat else d for a, d in enumerate(x.shape))
+            mg = jnp.broadcast_to(m, shape).reshape(g, k, *shape[1:])
             y, mean, var = jax.vmap(normalize)(xg, mg)
-            weights = jnp.sum(mg.reshape(g, -1), axis=1, dtype=jnp.float32)
-        total = jnp.sum(weights)
-        w = jnp.expand_dims(weights, tuple(range(1, mean.ndim))) / jnp.maximum(total, 1.0)
+            red_g = (1, *(a + 1 for a in range(1, x.ndim) if a not in feat))
+            weights = jnp.sum(mg, axis=red_g, dtype=jnp.float32)  # [g, *mask's features]
+        total = jnp.sum(weights, axis=0)
+        w = weights / jnp.maximum(total, 1.0)
+        w = jnp.reshape(w, w.shape + (1,) * (mean.ndim - w.ndim))
         count = self._count(x, feat, mask) / g
         return y.reshape(x.shape), count, jnp.sum(w * mean, 0), jnp.sum(w * var, 0)
 
@@ -511,9 +535,25 @@ class BatchNorm:
 
 
 def _check_clipping(clipping):
+    """Checks ``(rmax, dmax)``: real scalars; ``rmax >= 1``, ``dmax >= 0`` where concrete."""
     try:
         rmax, dmax = clipping
     except (TypeError, ValueError):
         raise TypeError(f"renorm_clipping must be a pair (rmax, dmax), got {clipping!r}") from None
-    if not rmax >= 1.0 or not dmax >= 0.0:
+    for name, v in (("rmax", rmax), ("dmax", dmax)):
+        if isinstance(v, (bool, np.bool_)) or not (
+            isinstance(v, (int, float, np.integer, np.floating))
+            or (hasattr(v, "dtype") and jnp.issubdtype(v.dtype, jnp.number))
+        ):
+            raise TypeError(
+                f"renorm_clipping must hold two real numbers (rmax, dmax), got {name}={v!r}"
+            )
+        if jnp.ndim(v) != 0:
+            raise ValueError(
+                f"renorm_clipping must hold two scalars (rmax, dmax), got {name} of shape "
+                f"{jnp.shape(v)}"
+            )
+    if any(isinstance(v, jax.core.Tracer) for v in (rmax, dmax)):
+        return  # values known only at run time (a schedule inside jit)
+    if not float(rmax) >= 1.0 or not float(dmax) >= 0.0:
         raise ValueError(f"renorm_clipping needs rmax >= 1 and dmax >= 0, got {clipping!r}")

@@ -194,11 +194,7 @@ class MLP:
                 f"x must have shape [batch, {self.layer_sizes[0]}] (layer_sizes[0] inputs), "
                 f"got {x.shape}"
             )
-        if len(params["layers"]) != len(self.layer_sizes) - 1:
-            raise ValueError(
-                f"params has {len(params['layers'])} layers, expected "
-                f"{len(self.layer_sizes) - 1} for layer_sizes={self.layer_sizes!r}"
-            )
+        self._check_variables(params, state)
         h, new_states, pre = x, [], []
         for i, (layer, layer_state) in enumerate(
             zip(params["layers"], state["layers"], strict=True)
@@ -212,6 +208,51 @@ class MLP:
             if hidden:
                 pre.append(u)
         return h, {"layers": new_states}, pre
+
+    def _check_variables(self, params, state):
+        """Checks that ``params`` and ``state`` have the layout and shapes of :meth:`init`.
+
+        Compares the layer count, every entry (a batch-norm entry present or
+        absent, a dense ``bias`` present or absent) and every shape (the
+        widths) with what this config's ``init`` returns, while tracing.
+        """
+        want = jax.eval_shape(lambda: self.init(jax.random.key(0)))
+        n = len(self.layer_sizes) - 1
+        for tree, name in ((params, "params"), (state, "state")):
+            if not isinstance(tree, dict) or not isinstance(tree.get("layers"), (list, tuple)):
+                raise TypeError(
+                    f'{name} must be a dict {{"layers": [...]}} as MLP.init returns, got '
+                    f"{type(tree).__name__}"
+                    + (f" with keys {sorted(tree)}" if isinstance(tree, dict) else "")
+                )
+            if len(tree["layers"]) != n:
+                raise ValueError(
+                    f"{name} has {len(tree['layers'])} layers, expected {n} for "
+                    f"layer_sizes={self.layer_sizes!r}"
+                )
+        config = f"layer_sizes={self.layer_sizes!r}, use_batch_norm={self.use_batch_norm!r}"
+        for tree, expected, name in ((params, want[0], "params"), (state, want[1], "state")):
+            got = dict(jax.tree_util.tree_flatten_with_path(tree)[0])
+            exp = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
+            paths = {jax.tree_util.keystr(p): p for p in (*got, *exp)}
+            got = {jax.tree_util.keystr(p): v for p, v in got.items()}
+            exp = {jax.tree_util.keystr(p): v for p, v in exp.items()}
+            missing = [k for k in paths if k in exp and k not in got]
+            extra = [k for k in paths if k in got and k not in exp]
+            if missing or extra:
+                raise ValueError(
+                    f"{name} does not match the MLP ({config}): "
+                    + "; ".join(
+                        [f"missing {name}{k}" for k in missing]
+                        + [f"unexpected {name}{k}" for k in extra]
+                    )
+                )
+            for k, v in exp.items():
+                if jnp.shape(got[k]) != v.shape:
+                    raise ValueError(
+                        f"{name}{k} must have shape {v.shape} for the MLP ({config}), "
+                        f"got {jnp.shape(got[k])}"
+                    )
 
     def _layer(self, layer, layer_state, h, training, hidden):
         """One layer: ``(output, pre_activation, new_layer_state)``."""

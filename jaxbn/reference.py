@@ -39,7 +39,8 @@ def batch_norm(
         axis: feature axis or axes.
         eps: positive constant added to the variance.
         axis_name: named axis (or tuple) to average the statistics over.
-        mask: boolean, broadcastable to ``x`` without its feature axes.
+        mask: boolean, as in :func:`jaxbn.batch_norm` (``x``'s rank and
+            broadcastable to ``x``, or one axis per reduction axis).
 
     Returns:
         ``(y, mean, var)`` exactly as :func:`jaxbn.batch_norm` defines them.
@@ -61,12 +62,8 @@ def batch_norm(
         s = jnp.sum(v, axis=red, keepdims=True)
         return s if axis_name is None else lax.psum(s, axis_name)
 
-    if mask is None:
-        w = jnp.ones_like(xf)
-    else:
-        # Mask over the reduction axes; put the feature axes back as size 1.
-        m = mask.reshape((1,) * (len(red) - mask.ndim) + mask.shape)
-        w = jnp.broadcast_to(jnp.expand_dims(m, feat), x.shape).astype(xf.dtype)
+    # The checked mask has x's rank: broadcast, it gives a count per feature.
+    w = jnp.ones_like(xf) if mask is None else jnp.broadcast_to(mask, x.shape).astype(xf.dtype)
     n = jnp.maximum(total(w), 1.0)  # an all-masked batch: 0 / 1, not 0 / 0
     mean = total(w * xf) / n
     var = total(w * (xf - mean) ** 2) / n

@@ -39,12 +39,32 @@ def traced(fn, *args, **kwargs):
         ((jnp.ones((1, 3)), v3, v3), {}, ValueError, r"more than 1 value.*\(1, 3\)"),
         ((jnp.ones((5, 1, 1, 3)), None, None), {"axis": (0, 3)}, ValueError, "more than 1"),
         ((x, None, None), {"mask": jnp.ones(4)}, TypeError, "mask must be a boolean"),
-        ((x, None, None), {"mask": jnp.ones(5, bool)}, ValueError, r"mask must have the rank"),
+        ((x, None, None), {"mask": jnp.ones(5, bool)}, ValueError, r"got \(5,\) for x"),
+        ((x, None, None), {"mask": jnp.ones((4, 2), bool)}, ValueError, "mask must broadcast"),
         (
             (jnp.ones((4, 3, 4, 4)), None, None),
             {"axis": 1, "mask": jnp.ones(4, bool)},  # [N] on NCHW: ambiguous, refused
             ValueError,
-            r"mask must have the rank of x without its feature axes",
+            r"one axis per reduction axis.*got \(4,\)",
+        ),
+        ((x, v3, v3), {"eps": 1e-45}, ValueError, "eps must be a normal number.*float32"),
+        ((x, v3, v3), {"eps": 1e-39}, ValueError, "eps must be a normal number"),
+        ((x, v3, v3), {"eps": float("inf")}, ValueError, "eps must be finite"),
+        ((x, v3, v3), {"eps": float("nan")}, ValueError, "eps must be > 0"),
+        ((x, None, None), {"axis_name": 5}, TypeError, "axis_name must be None, a str"),
+        ((x, None, None), {"axis_name": ("i", 5)}, TypeError, "axis_name must be None, a str"),
+        # A concrete mask keeping one value (of every feature, or of one feature).
+        (
+            (x, None, None),
+            {"mask": np.array([True, False, False, False])},
+            ValueError,
+            r"more than 1 value per feature.*mask keeping 1",
+        ),
+        (
+            (x, None, None),
+            {"mask": np.array([[1, 1, 1], [1, 0, 1], [1, 0, 1], [1, 0, 1]], bool)},
+            ValueError,
+            r"more than 1 value per feature.*mask keeping 1",
         ),
     ],
 )
@@ -83,6 +103,10 @@ def test_inference_accepts_a_single_example():
         ({"num_features": (3, 4)}, ValueError, "one size per feature axis"),
         ({"num_features": 3, "axis": [1]}, TypeError, "not lists"),
         ({"num_features": 3, "param_dtype": jnp.int32}, TypeError, "param_dtype"),
+        ({"num_features": 3, "eps": float("inf")}, ValueError, "eps must be finite"),
+        ({"num_features": 3, "axis_name": 5}, TypeError, "axis_name must be None, a str"),
+        ({"num_features": 3, "renorm_clipping": ("a", 1.0)}, TypeError, "two real numbers"),
+        ({"num_features": 3, "renorm_clipping": (float("nan"), 1.0)}, ValueError, "rmax >= 1"),
     ],
 )
 def test_layer_config_errors(kwargs, error, match):
@@ -131,5 +155,118 @@ def test_layer_checks_params_state_mask_and_clipping():
 def test_bwd_refuses_residuals_of_another_axis():
     _, res = jaxbn.batch_norm_fwd(jnp.ones((4, 3, 5)), None, None, axis=1)
     cts = (jnp.ones((4, 3, 5)), jnp.zeros(3), jnp.zeros(3))
-    with pytest.raises(ValueError, match="pass the axis of the forward"):
+    with pytest.raises(ValueError, match="differs from the forward's feature axes"):
         jaxbn.batch_norm_bwd(res, cts, axis=-1)
+
+
+def test_eps_is_checked_against_the_compute_dtype():
+    """float64 input computes in float64: an eps normal there is accepted."""
+    with jax.enable_x64(True):
+        x64 = jnp.ones((4, 3), jnp.float64)
+        assert traced(jaxbn.batch_norm, x64, None, None, eps=1e-300)[0].shape == (4, 3)
+    with pytest.raises(ValueError, match="eps must be a normal number"):
+        traced(jaxbn.batch_norm, x.astype(jnp.bfloat16), None, None, eps=1e-40)
+    with pytest.raises(ValueError, match="eps must be a normal number"):
+        traced(
+            lambda x: jaxbn.BatchNorm(3, eps=1e-40).apply(
+                *jaxbn.BatchNorm(3).init(), x, training=True
+            ),
+            x,
+        )
+
+
+def test_traced_mask_keeping_one_value_is_not_checked():
+    """The count of a traced mask is unknown while tracing: no error (nor NaN)."""
+    one = np.array([True, False, False, False])
+    y = jax.jit(lambda x, m: jaxbn.batch_norm(x, None, None, mask=m))(
+        x + jnp.arange(4.0)[:, None], one
+    )
+    assert np.isfinite(np.asarray(y[0])).all()
+
+
+def test_layer_refuses_masked_batch_of_one_like_a_batch_of_one():
+    bn = jaxbn.BatchNorm(3)
+    params, state = bn.init()
+    with pytest.raises(ValueError, match="more than 1 value per feature"):
+        bn.apply(params, state, x, training=True, mask=np.array([False, True, False, False]))
+
+
+def test_layer_init_and_state_errors():
+    bn = jaxbn.BatchNorm(3, momentum=None)
+    with pytest.raises(TypeError, match=r"dtype must be floating.*int32"):
+        bn.init(dtype=jnp.int32)
+    params, state = bn.init()
+    bad = {**state, "count": jnp.zeros(3, jnp.int32)}
+    with pytest.raises(ValueError, match=r'state\["count"\] must be an integer scalar.*\(3,\)'):
+        traced(lambda x: bn.apply(params, bad, x, training=True), x)
+    bad = {**state, "count": jnp.zeros((), jnp.float32)}
+    with pytest.raises(ValueError, match=r'state\["count"\] must be an integer scalar'):
+        traced(lambda x: bn.apply(params, bad, x, training=True), x)
+    rn = jaxbn.BatchNorm(3, renorm=True)
+    p2, s2 = rn.init()
+    for clip, error, match in [
+        ((jnp.array([2.0, 3.0]), 1.0), ValueError, "two scalars"),
+        (("3", 1.0), TypeError, "two real numbers"),
+        ((jnp.float32(float("nan")), 1.0), ValueError, "rmax >= 1"),
+        ((2.0, jnp.array(-1.0)), ValueError, "dmax >= 0"),
+    ]:
+        with pytest.raises(error, match=match):
+            traced(lambda x, clip=clip: rn.apply(p2, s2, x, training=True, renorm_clipping=clip), x)
+
+
+# The public backward checks what it is given against the residuals.
+
+
+def fwd_res(shape=(4, 8, 3), axis=-1):
+    return jaxbn.batch_norm_fwd(
+        jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(shape) % 7,
+        jnp.ones(shape[axis]),
+        jnp.zeros(shape[axis]),
+        axis=axis,
+    )[1]
+
+
+@pytest.mark.parametrize(
+    ("cts", "kwargs", "error", "match"),
+    [
+        (
+            ((4, 8, 3), (3,), (8, 3)),
+            {},
+            ValueError,
+            r"dvar must have the feature shape.*\(3,\), got \(8, 3\)",
+        ),
+        (
+            ((4, 8, 3), (1, 3), (3,)),
+            {},
+            ValueError,
+            r"dmean must have the feature shape.*got \(1, 3\)",
+        ),
+        (((8, 3), (3,), (3,)), {}, ValueError, r"dy must have x's shape \(4, 8, 3\), got \(8, 3\)"),
+        (
+            ((4, 8, 3), (3,), (3,)),
+            {"axis": 1},
+            ValueError,
+            r"axis=1 differs from the forward's feature axes \(2,\)",
+        ),
+        (((4, 8, 3), (3,), (3,)), {"axis_name": "i"}, ValueError, r"axis_name='i' differs"),
+    ],
+    ids=["dvar", "dmean", "dy", "axis", "axis_name"],
+)
+def test_bwd_checks_each_cotangent_and_the_forward_axes(cts, kwargs, error, match):
+    res = fwd_res()
+    arrays = tuple(jnp.ones(s) for s in cts)
+    with pytest.raises(error, match=match):
+        traced(lambda r, c: jaxbn.batch_norm_bwd(r, c, **kwargs), res, arrays)
+
+
+def test_bwd_checks_types_and_accepts_the_forward_axis():
+    res = fwd_res((4, 3, 5), axis=1)
+    cts = (jnp.ones((4, 3, 5)), jnp.zeros(3), jnp.zeros(3))
+    with pytest.raises(TypeError, match="res must be the BatchNormResiduals"):
+        jaxbn.batch_norm_bwd(tuple(jax.tree.leaves(res)), cts)
+    with pytest.raises(TypeError, match=r"cotangents must be a triple.*length 2"):
+        jaxbn.batch_norm_bwd(res, cts[:2])
+    with pytest.raises(TypeError, match="dmean must have a floating"):
+        jaxbn.batch_norm_bwd(res, (cts[0], jnp.zeros(3, jnp.int32), cts[2]))
+    for axis in (None, 1, -2, (1,)):
+        assert jaxbn.batch_norm_bwd(res, cts, axis=axis)[0].shape == (4, 3, 5)

@@ -169,6 +169,80 @@ def test_bad_input_shape():
         model.apply(params, state, jnp.ones((4, 5)), training=1)
 
 
+def _params_of(model):
+    return model.init(jax.random.key(0))
+
+
+@pytest.mark.parametrize(
+    ("other", "use_state_of", "error", "match"),
+    [
+        (
+            MLP((5, 9, 6, 3)),
+            "other",
+            ValueError,
+            r"params\['layers'\]\[0\]\['batch_norm'\]\['bias'\] must have shape \(7,\)"
+            r".*got \(9,\)",
+        ),
+        (
+            MLP((5, 7, 6, 3), use_batch_norm=False),
+            "other",
+            ValueError,
+            r"params does not match.*missing params\['layers'\]\[0\]\['batch_norm'\]",
+        ),
+        (MLP((5, 7, 3)), "other", ValueError, "params has 2 layers, expected 3"),
+        (
+            MLP((5, 7, 6, 3), use_batch_norm=False),
+            "self",
+            ValueError,
+            r"unexpected params\['layers'\]\[0\]\['dense'\]\['bias'\]",
+        ),
+        (
+            MLP((5, 7, 8, 3)),
+            "self",
+            ValueError,
+            r"params\['layers'\]\[1\]\['batch_norm'\]\['bias'\] must have shape \(6,\)"
+            r".*got \(8,\)",
+        ),
+    ],
+    ids=[
+        "wider",
+        "no-batch-norm",
+        "fewer-layers",
+        "no-bn-params-with-bn-state",
+        "width-of-layer-2",
+    ],
+)
+def test_apply_checks_params_and_state_against_the_config(other, use_state_of, error, match):
+    """Params (and state) of another MLP are refused while tracing, naming the entry."""
+    model = MLP(SIZES)
+    _, own_state = _params_of(model)
+    params, state = _params_of(other)
+    if use_state_of == "self":
+        state = own_state
+    with pytest.raises(error, match=match):
+        jax.eval_shape(
+            lambda p, s: model.apply(p, s, jnp.ones((4, 5)), training=True), params, state
+        )
+
+
+def test_apply_checks_state_against_the_config():
+    model = MLP(SIZES)
+    params, state = _params_of(model)
+    _, no_bn_state = _params_of(MLP(SIZES, use_batch_norm=False))
+    with pytest.raises(
+        ValueError,
+        match=r"state does not match.*missing state\['layers'\]\[0\]\['batch_norm'\]\['mean'\]",
+    ):
+        model.apply(params, no_bn_state, jnp.ones((4, 5)), training=False)
+    wide = jax.tree.map(lambda v: jnp.ones((*v.shape, 1)), state)
+    with pytest.raises(
+        ValueError, match=r"state\['layers'\]\[0\]\['batch_norm'\]\['mean'\] must have shape \(7,\)"
+    ):
+        model.apply(params, wide, jnp.ones((4, 5)), training=True)
+    with pytest.raises(TypeError, match=r'params must be a dict \{"layers"'):
+        model.apply([params], state, jnp.ones((4, 5)), training=True)
+
+
 def test_remat_gives_the_same_training_step():
     """Recomputing each hidden layer in the backward changes memory, not results."""
     from jaxbn import train

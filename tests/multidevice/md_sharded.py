@@ -120,6 +120,25 @@ def test_unequal_per_device_counts_weigh_each_example_equally():
     assert not np.allclose(per_device_means, m, rtol=1e-3)
 
 
+@pytest.mark.parametrize("name", list(OPS))
+def test_mask_varying_along_features_counts_each_feature_globally(name):
+    """A Flax-style mask of x's shape: per-feature counts, reduced over the devices."""
+    x, scale, bias, dy, g_mean, g_var = inputs((32, 3), seed=4)
+    keep = np.array(jax.random.bernoulli(jax.random.key(9), 0.6, (32, 3)))
+    keep[:8, 0] = False  # feature 0 has nothing on shard 0
+    keep[8:, 2] = False  # feature 2 is kept on shard 0 only
+    keep[:2, 2] = True
+    mask = jnp.asarray(keep)
+    got = jax.device_get(sharded(OPS[name], mesh_of(4), x, scale, bias, dy, g_mean, g_var, mask))
+    close(got, single_device(x, scale, bias, dy, g_mean, g_var, mask))
+    # And the statistics are each feature's own kept values (numpy, float64).
+    x64 = np.asarray(x, np.float64)
+    for c in range(3):
+        kept = x64[keep[:, c], c]
+        np.testing.assert_allclose(got[0][1][c], kept.mean(), rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose(got[0][2][c], kept.var(), rtol=RTOL, atol=ATOL)
+
+
 def test_per_device_parameters_get_their_own_gradient():
     """Parameters that vary per device: the op's VJP equals autodiff of the reference."""
     n, c = 4, 3
