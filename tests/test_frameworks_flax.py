@@ -316,30 +316,6 @@ def test_variance_at_large_offset_is_accurate_where_flax_default_is_not(framewor
 # --- masks -------------------------------------------------------------------------
 
 
-def _full_shape_masks_supported():
-    """Whether jaxbn's op takes a mask of x's full shape (per-feature counts)."""
-    import jaxbn
-
-    try:
-        jax.eval_shape(
-            lambda x, m: jaxbn.batch_norm(x, None, None, mask=m),
-            jax.ShapeDtypeStruct((4, 3), jnp.float32),
-            jax.ShapeDtypeStruct((4, 3), jnp.bool_),
-        )
-    except ValueError:
-        return False
-    return True
-
-
-# These run as soon as the op takes masks of x's full shape (per-feature counts);
-# until then they are skipped, saying so. When the op has them, delete this mark.
-requires_full_shape_masks = pytest.mark.skipif(
-    not _full_shape_masks_supported(),
-    reason="jaxbn.batch_norm does not take masks of x's full shape yet",
-)
-
-
-@requires_full_shape_masks
 @pytest.mark.parametrize("precision", ["f32", "bf16_in"])
 @pytest.mark.parametrize("framework", list(FRAMEWORKS))
 def test_full_shape_mask_equals_flax(framework, precision, assert_trees_close, monkeypatch):

@@ -419,12 +419,16 @@ class BatchNorm(nn.Module):
         elif self.is_initializing():
             # As in Flax: the running statistics keep their initial values and
             # axis_name is not used. Initializing on a single example (a common
-            # dummy input) must work: a mask keeping everything lifts the check
-            # against one value per feature, and the output is then ``bias``.
+            # dummy input) must work: with one value per feature, x - mean is 0
+            # and the output is ``bias``, which evaluation mode with x itself as
+            # the mean gives exactly.
             if mask is None and math.prod(x.shape) // math.prod(fshape) <= 1:
-                mask = jnp.ones(_checks.reduce_shape(x.shape, feat), bool)
-            bn = dataclasses.replace(bn, axis_name=None)
-            y, _ = bn.apply(params, state, x, training=True, mask=mask)
+                reduced = tuple(a for a in range(x.ndim) if a not in feat)
+                own = {**state, "mean": jnp.squeeze(x, reduced).astype(state["mean"].dtype)}
+                y, _ = bn.apply(params, own, x, training=False)
+            else:
+                bn = dataclasses.replace(bn, axis_name=None)
+                y, _ = bn.apply(params, state, x, training=True, mask=mask)
         else:
             y, new_state = bn.apply(params, state, x, training=True, mask=mask)
             ra_mean.value = new_state["mean"]
