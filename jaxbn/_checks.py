@@ -233,3 +233,37 @@ def check_keys(name: str, tree: Any, allowed: tuple[str, ...], required: tuple[s
     missing = [k for k in required if k not in tree]
     if missing:
         raise ValueError(f"{name} must hold the keys {list(required)}, missing {missing}")
+
+
+def check_cotangents(
+    cotangents: Any, x_shape: tuple[int, ...], feat: tuple[int, ...], names: tuple[str, str, str]
+) -> tuple:
+    """Checks the triple of cotangents a public backward takes; returns it as a tuple.
+
+    Args:
+        cotangents: ``(d_out, dmean, dvar)`` as given.
+        x_shape: the shape of the op's array output (and input).
+        feat: the forward's feature axes.
+        names: the three cotangents' names, for the messages (e.g. ``("dy", "dmean",
+            "dvar")``).
+
+    Returns:
+        ``tuple(cotangents)``.
+
+    Raises:
+        TypeError: if ``cotangents`` is not a triple or a cotangent is not floating.
+        ValueError: if a cotangent has the wrong shape (the message names it).
+    """
+    if not isinstance(cotangents, (tuple, list)) or len(cotangents) != 3:
+        raise TypeError(
+            f"cotangents must be a triple ({', '.join(names)}), got {type(cotangents).__name__}"
+            + (f" of length {len(cotangents)}" if isinstance(cotangents, (tuple, list)) else "")
+        )
+    fshape = tuple(x_shape[a] for a in feat)
+    for name, ct, want in zip(names, cotangents, (x_shape, fshape, fshape), strict=True):
+        if jnp.shape(ct) != want:
+            what = "the output's shape" if want is x_shape else f"the feature shape (axes {feat})"
+            raise ValueError(f"{name} must have {what} {want}, got {jnp.shape(ct)}")
+        if not jnp.issubdtype(jnp.result_type(ct), jnp.floating):
+            raise TypeError(f"{name} must have a floating-point dtype, got {jnp.result_type(ct)}")
+    return tuple(cotangents)

@@ -39,10 +39,11 @@ Forward-mode AD is not defined (a ``custom_vjp``); reverse mode of any order is.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -232,7 +233,13 @@ def _abs_jvp(primals, tangents):
     return jnp.abs(v), jnp.where(v >= 0, t, -t)
 
 
-class BatchNormActResiduals(NamedTuple):
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["z", "inv_std", "scale", "gamma", "bias", "mask", "count"],
+    meta_fields=["axes", "axis_name", "activation", "negative_slope"],
+)
+@dataclasses.dataclass(frozen=True)
+class BatchNormActResiduals:
     """What the forward keeps for the backward: ``z`` and per-feature vectors.
 
     Attributes:
@@ -245,9 +252,14 @@ class BatchNormActResiduals(NamedTuple):
         gamma: ``[features]`` the ``scale`` argument, or ``None``; its sign
             and dtype give ``dscale``.
         bias: ``[features]`` ``beta``, or ``None``; needed to recover ``x_hat``.
-        mask: the boolean mask of kept examples (feature axes of size 1), or ``None``.
-        count: scalar, the number of values that each statistic averages
-            (summed over ``axis_name``).
+        mask: the boolean mask of kept entries, of ``x``'s rank, or ``None``.
+        count: the number of values that each statistic averages (summed over
+            ``axis_name``): a scalar, or ``[features]`` when the mask varies along
+            the feature axes.
+        axes: the forward's feature axes (sorted, non-negative): static.
+        axis_name: the forward's named axis or axes: static.
+        activation: the forward's activation: static.
+        negative_slope: the forward's slope of leaky ReLU: static.
     """
 
     z: jax.Array
@@ -257,6 +269,10 @@ class BatchNormActResiduals(NamedTuple):
     bias: jax.Array | None
     mask: jax.Array | None
     count: jax.Array
+    axes: tuple[int, ...] = ()
+    axis_name: Any = None
+    activation: str = "leaky_relu"
+    negative_slope: float = 0.01
 
 
 def _op_args(x, scale, bias, activation, negative_slope, axis, eps, axis_name, mask):
@@ -274,6 +290,8 @@ def _fwd(x, scale, bias, mask, feat, eps, axis_name, activation, negative_slope)
     cdt = _compute_dtype(x.dtype)
     emask = None if mask is None else _expand_mask(mask, ndim, feat)
     count, mean_k, var_k = _moments(x, red, emask, axis_name, cdt)
+    if jnp.ndim(count):  # a mask varying along the features: one count per feature
+        count = jnp.squeeze(count, red)
     mean, var = jnp.squeeze(mean_k, red), jnp.squeeze(var_k, red)
     inv_std = lax.rsqrt(var + eps)
     s = None if scale is None else effective_scale(scale.astype(cdt), eps=eps)
@@ -283,7 +301,19 @@ def _fwd(x, scale, bias, mask, feat, eps, axis_name, activation, negative_slope)
     if bias is not None:
         y = y + _expand(bias.astype(cdt), ndim, feat)
     z = activate(y, activation, negative_slope=negative_slope).astype(x.dtype)
-    res = BatchNormActResiduals(z, inv_std, s, scale, bias, emask, count)
+    res = BatchNormActResiduals(
+        z,
+        inv_std,
+        s,
+        scale,
+        bias,
+        emask,
+        count,
+        axes=feat,
+        axis_name=axis_name,
+        activation=activation,
+        negative_slope=negative_slope,
+    )
     return (z, mean, var), res
 
 
@@ -310,7 +340,8 @@ def _bwd(feat, axis_name, activation, negative_slope, res, cotangents):
     # so the backward is two fused reductions over (z, dz) for the sums and one
     # pass for dx, each recomputing what it needs from z in registers. In dx,
     # x_hat is kept as (y - bias) / s rather than expanded into y / s - bias / s.
-    z, inv_std, s, gamma, bias, mask, count = res
+    z, inv_std, s, gamma, bias = res.z, res.inv_std, res.scale, res.gamma, res.bias
+    mask, count = res.mask, res.count
     dz, g_mean, g_var = cotangents
     ndim = z.ndim
     red = tuple(a for a in range(ndim) if a not in feat)
@@ -504,32 +535,57 @@ def batch_norm_act_bwd(
     res: BatchNormActResiduals,
     cotangents: tuple[ArrayLike, ArrayLike, ArrayLike],
     *,
-    activation: str = "leaky_relu",
-    negative_slope: float = 0.01,
-    axis: AxisArg = -1,
+    activation: str | None = None,
+    negative_slope: float | None = None,
+    axis: AxisArg | None = None,
     axis_name: AxisName = None,
 ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
     """The hand-derived backward pass of :func:`batch_norm_act`.
 
+    The residuals record the forward's activation, slope, feature axes and named
+    axis; the keyword arguments may repeat them (``None``: the forward's), and any
+    other value is refused rather than silently giving other gradients.
+
     Args:
         res: the residuals from :func:`batch_norm_act_fwd`.
-        cotangents: ``(dz, dmean, dvar)``, the upstream gradients of the outputs.
-        activation: the forward's activation.
-        negative_slope: the forward's slope.
-        axis: the forward's feature axis or axes.
-        axis_name: the forward's named axis.
+        cotangents: ``(dz, dmean, dvar)``, the upstream gradients of the outputs
+            (``dz`` with ``z``'s shape; ``dmean``, ``dvar`` with the feature shape).
+        activation: ``None`` or the forward's activation.
+        negative_slope: ``None`` or the forward's slope.
+        axis: ``None`` or the forward's feature axis or axes.
+        axis_name: ``None`` or the forward's named axis.
 
     Returns:
         ``(dx, dscale, dbias)``; ``dscale``/``dbias`` are ``None`` where the
         forward had no ``scale``/``bias``.
+
+    Raises:
+        TypeError: if ``res`` is not a :class:`BatchNormActResiduals` or a
+            cotangent is not a floating-point array of the right kind.
+        ValueError: if an argument differs from the forward's, or a cotangent has
+            the wrong shape (each message names the argument).
     """
-    check_activation(activation, negative_slope)
-    feat = _checks.feature_axes(res.z.ndim, axis)
-    fshape = tuple(res.z.shape[a] for a in feat)
-    if res.inv_std.shape != fshape or jnp.shape(cotangents[0]) != res.z.shape:
-        raise ValueError(
-            f"axis={axis!r} gives features {fshape}, but the residuals hold statistics of "
-            f"shape {res.inv_std.shape}: pass the axis of the forward; dz must have z's shape "
-            f"{res.z.shape}, got {jnp.shape(cotangents[0])}"
+    if not isinstance(res, BatchNormActResiduals):
+        raise TypeError(
+            f"res must be the BatchNormActResiduals returned by batch_norm_act_fwd, got "
+            f"{type(res).__name__}"
         )
-    return _bwd(feat, axis_name, activation, float(negative_slope), res, cotangents)
+    feat, shape = res.axes, res.z.shape
+    if axis is not None and _checks.feature_axes(len(shape), axis) != feat:
+        raise ValueError(
+            f"axis={axis!r} differs from the forward's feature axes {feat} (z of shape "
+            f"{shape}): pass the forward's axis, or None"
+        )
+    names = tuple(axis_name) if isinstance(axis_name, list) else axis_name
+    for name, given, forward in (
+        ("activation", activation, res.activation),
+        ("negative_slope", negative_slope, res.negative_slope),
+        ("axis_name", names, res.axis_name),
+    ):
+        if given is not None and given != forward:
+            raise ValueError(
+                f"{name}={given!r} differs from the forward's {name}={forward!r}: pass the "
+                f"forward's, or None"
+            )
+    cotangents = _checks.check_cotangents(cotangents, shape, feat, ("dz", "dmean", "dvar"))
+    return _bwd(feat, res.axis_name, res.activation, res.negative_slope, res, cotangents)

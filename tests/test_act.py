@@ -213,8 +213,60 @@ def test_public_halves_equal_the_registered_vjp():
     outs, res = jaxbn.batch_norm_act_fwd(x, scale, bias, **kw)
     grads = jaxbn.batch_norm_act_bwd(res, cts, **kw)
     assert_trees_close((outs, grads), vjp_of(fused("elu", axis), x, scale, bias, cts), jnp.float32)
-    with pytest.raises(ValueError, match="pass the axis of the forward"):
+    # Without the keywords the residuals' own (the forward's) are used.
+    assert_trees_close(jaxbn.batch_norm_act_bwd(res, cts), grads, jnp.float32)
+    with pytest.raises(ValueError, match="axis=-1 differs from the forward's feature axes"):
         jaxbn.batch_norm_act_bwd(res, cts, activation="elu", axis=-1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "cts", "error", "match"),
+    [
+        ({"activation": "identity"}, None, ValueError, "activation='identity' differs"),
+        ({"negative_slope": 0.5}, None, ValueError, "negative_slope=0.5 differs"),
+        ({"axis_name": "batch"}, None, ValueError, "axis_name='batch' differs"),
+        ({}, "dz", ValueError, r"dz must have the output's shape \(8, 3\)"),
+        ({}, "dmean", ValueError, r"dmean must have the feature shape \(axes \(1,\)\)"),
+        ({}, "dvar-int", TypeError, "dvar must have a floating-point dtype"),
+        ({}, "pair", TypeError, "cotangents must be a triple"),
+    ],
+    ids=["activation", "slope", "axis_name", "dz", "dmean", "dvar", "pair"],
+)
+def test_bwd_refuses_what_differs_from_the_forward(kwargs, cts, error, match):
+    x = jax.random.normal(jax.random.key(3), (8, 3))
+    _, res = jaxbn.batch_norm_act_fwd(x, jnp.ones(3), jnp.zeros(3), negative_slope=0.1)
+    good = (x, jnp.zeros(3), jnp.zeros(3))
+    bad = {
+        None: good,
+        "dz": (x[:4], good[1], good[2]),
+        "dmean": (x, jnp.zeros((3, 1)), good[2]),
+        "dvar-int": (x, good[1], jnp.zeros(3, jnp.int32)),
+        "pair": good[:2],
+    }[cts]
+    with pytest.raises(error, match=match):
+        jaxbn.batch_norm_act_bwd(res, bad, **kwargs)
+
+
+def test_mask_varying_along_features_matches_the_reference():
+    """Per-feature counts: values and every gradient against autodiff of the reference."""
+    x = 3.0 * jax.random.normal(jax.random.key(4), (6, 3)) + 1.0
+    mask = jax.random.bernoulli(jax.random.key(5), 0.7, (6, 3)).at[:2].set(True)
+    scale, bias = jnp.array([0.5, -2.0, 1.5]), jnp.array([0.1, 0.0, -0.3])
+    cts = tuple(
+        jax.random.normal(jax.random.key(6 + i), s) for i, s in enumerate([(6, 3), (3,), (3,)])
+    )
+
+    def fused(x, s, b):
+        return jaxbn.batch_norm_act(x, s, b, activation="elu", mask=mask)
+
+    def oracle(x, s, b):
+        y, mean, var = jaxbn.reference.batch_norm(x, jnp.abs(s) + 1e-5, b, mask=mask)
+        return jax.nn.elu(y), mean, var
+
+    got = vjp_of(fused, x, scale, bias, cts)
+    want = vjp_of(oracle, x, scale, bias, cts)
+    assert got[1][0].shape == x.shape
+    assert_trees_close(got, want, jnp.float32)
 
 
 def test_residuals_hold_z_and_feature_vectors_only(capsys):
@@ -474,10 +526,10 @@ def test_op_errors_while_tracing(op, kwargs, error, match):
         traced(op, x0, v0, v0, **kwargs)
 
 
-def test_bwd_refuses_a_non_invertible_activation():
+def test_bwd_refuses_an_activation_other_than_the_forwards():
     _, res = jaxbn.batch_norm_act_fwd(x0 * jnp.arange(4.0)[:, None], v0, v0)
     cts = (x0, v0, v0)
-    with pytest.raises(ValueError, match="'relu' is not invertible"):
+    with pytest.raises(ValueError, match="activation='relu' differs from the forward's"):
         jaxbn.batch_norm_act_bwd(res, cts, activation="relu")
 
 
