@@ -316,8 +316,10 @@ class BatchNorm:
                 and broadcastable to ``x`` as in Flax, or one axis per reduction
                 axis). Where it varies along the feature axes, each feature has
                 its own count (in the statistics, the running averages and the
-                unbiased correction). A mask keeping nothing of a feature leaves
-                that feature's running statistics unchanged.
+                unbiased correction); not with ``debias`` or ``momentum=None``,
+                whose state counts updates per layer (``ValueError``). A mask
+                keeping nothing of a feature leaves that feature's running
+                statistics unchanged.
             renorm_clipping: ``(rmax, dmax)`` for this step (scalars, may be
                 traced), overriding the config's; only with ``renorm=True``.
 
@@ -349,8 +351,15 @@ class BatchNorm:
         # A wider output dtype than the input: convert first (exact), normalize there.
         x = x.astype(jnp.promote_types(x.dtype, out_dtype))
         scale, bias = params.get("scale"), params.get("bias")
-        if training and self.frozen and mask is not None:
-            _checks.check_mask(mask, x.shape, feat)  # checked, though no statistic is taken
+        if training and mask is not None:
+            checked = _checks.check_mask(mask, x.shape, feat)  # also when frozen: no statistic
+            if (self.debias or self.momentum is None) and any(checked.shape[a] > 1 for a in feat):
+                raise ValueError(
+                    f"mask of shape {jnp.shape(mask)} varies along the feature axes {feat}, "
+                    f"which gives each feature its own count of updates; with "
+                    f"{'debias=True' if self.debias else 'momentum=None'} the state counts "
+                    f"updates per layer: use a mask over the batch axes only"
+                )
         if not training or self.frozen:
             # The state is returned unchanged, as a constant: no gradient into it.
             state = jax.lax.stop_gradient(state)

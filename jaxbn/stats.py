@@ -151,7 +151,7 @@ def _weight(x, mask):
     """A batch's weight: its number of examples (kept ones, under a mask)."""
     if mask is None:
         return jnp.float32(x.shape[0])
-    return jnp.sum(mask, dtype=jnp.float32) * (x.shape[0] / max(mask.size, 1))
+    return jnp.sum(mask, dtype=jnp.float32)  # per example (checked in _collect)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -209,14 +209,16 @@ def _collect(batches, max_batches, takes_mask):
                     f"the mask of batches[{i}] must have the batch size {x.shape[0]} on "
                     f"axis 0, got shape {mask.shape}"
                 )
+            if math.prod(mask.shape[1:]) != 1:
+                # A batch is weighed by its kept examples; a mask within examples (one
+                # that could vary along a layer's features) has no single weight.
+                raise ValueError(
+                    f"the mask of batches[{i}] must be per example ([{x.shape[0]}] or "
+                    f"[{x.shape[0]}, 1, ...]), got shape {mask.shape}"
+                )
             if not takes_mask:
                 # Examples meet only in the batch statistics: dropping the masked
                 # ones is the mask, for a model whose apply takes none.
-                if math.prod(mask.shape[1:]) != 1:
-                    raise ValueError(
-                        f"the model's apply takes no mask, so the mask of batches[{i}] must "
-                        f"be per example ([{x.shape[0]}]), got shape {mask.shape}"
-                    )
                 x, mask = x[np.asarray(mask).reshape(-1)], None
         if x.shape[0] == 0:
             continue  # nothing kept: no statistics, weight 0

@@ -255,6 +255,13 @@ BAD_INPUTS = [
     ("labels", MLP, [(GOOD, jnp.zeros(8, jnp.int32))], TypeError, "boolean mask"),
     ("mask size", MLP, [(GOOD, jnp.ones(7, bool))], ValueError, "mask of batches"),
     ("mask rank", MLP, [(GOOD, jnp.ones((8, 2), bool))], ValueError, "per example"),
+    (
+        "mask along features",
+        jaxbn.BatchNorm(4),
+        [(GOOD, jnp.ones((8, 4), bool).at[0, 1].set(False))],
+        ValueError,
+        "per example",
+    ),
     ("triple", MLP, [(GOOD, GOOD, GOOD)], ValueError, r"batches\[0\] must be x or a pair"),
     ("not iterable", MLP, 3, TypeError, "iterable"),
     ("no momentum", _NoMomentum(), [GOOD], TypeError, "momentum"),
@@ -566,3 +573,21 @@ def test_fit_recomputes_precise_statistics_at_the_end():
     # ... and differ from the running averages that training left (momentum 0.999).
     running = plain.state["layers"][0]["batch_norm"]["var"]
     assert np.max(np.abs(precise.state["layers"][0]["batch_norm"]["var"] - running)) > 1e-2
+
+
+@pytest.mark.parametrize(
+    "config", [{"debias": True}, {"momentum": None}], ids=["debias", "cumulative"]
+)
+def test_a_mask_varying_along_features_is_refused_where_the_state_counts_updates(config):
+    # The state holds one update count per layer: a feature masked out of a step would
+    # be averaged as if it had been updated (its initial 0 and 1 mixed in).
+    bn = jaxbn.BatchNorm(
+        2, momentum=config.get("momentum", 0.9), debias=config.get("debias", False)
+    )
+    params, state = bn.init()
+    x = jnp.array([[1.0, 10.0], [3.0, 10.0]])
+    per_feature = jnp.array([[True, False], [True, False]])
+    with pytest.raises(ValueError, match="varies along the feature axes"):
+        jax.eval_shape(lambda x: bn.apply(params, state, x, training=True, mask=per_feature), x)
+    # A mask over the examples is fine.
+    bn.apply(params, state, x, training=True, mask=jnp.array([True, True]))
