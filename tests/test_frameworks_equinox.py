@@ -206,6 +206,25 @@ def test_equinox_api_sequential_inference_mode_and_dtypes(assert_trees_close):
     assert dtypes == {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.int32)}
 
 
+def test_without_affine_trains_and_evaluates_as_equinox(assert_trees_close):
+    x = 2.0 * jax.random.normal(jax.random.key(3), (8, 3)) + 1.0
+    outs = []
+    for cls in (eqx.nn.BatchNorm, bn_eqx.BatchNorm):
+        kwargs = {"mode": "batch"} if cls is eqx.nn.BatchNorm else {}
+        model, state = eqx.nn.make_with_state(cls)(
+            3, "batch", channelwise_affine=False, momentum=0.5, **kwargs
+        )
+        run = jax.vmap(model, in_axes=(0, None), out_axes=(0, None), axis_name="batch")
+        y, state = run(x, state)
+        for _ in range(40):  # enough steps that Equinox's initial variance has faded
+            _, state = run(x, state)
+        y_eval, _ = jax.vmap(
+            eqx.nn.inference_mode(model), in_axes=(0, None), out_axes=(0, None), axis_name="batch"
+        )(x, state)
+        outs.append((y, y_eval))
+    assert_trees_close(outs[1], outs[0], tol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "err", "match"),
     [

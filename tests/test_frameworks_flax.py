@@ -559,6 +559,10 @@ def test_linen_init_on_a_single_example_as_flax(assert_trees_close):
     assert_trees_close(v_w, v_f, tol=0.0)
     assert_trees_close(y_w, y_f, tol=F32_TOL)
     np.testing.assert_array_equal(y_w, jnp.zeros((1, 3)))  # (x - mean) = 0, bias = 0
+    # ... with a mask too (Flax gives the same zeros).
+    module = bn_linen.BatchNorm(use_running_average=False)
+    y_m, _ = module.init_with_output(jax.random.key(0), x, mask=jnp.ones((1, 1), bool))
+    np.testing.assert_array_equal(y_m, jnp.zeros((1, 3)))
 
 
 @pytest.mark.parametrize("framework", list(FRAMEWORKS))

@@ -245,8 +245,11 @@ def test_dtype_maps_both_ways():
         (dict(unbiased_running_var=True), r"cannot express unbiased_running_var=True"),
         (dict(virtual_batch_size=4), r"cannot express virtual_batch_size=4: expected None"),
         (dict(renorm=True), r"cannot express renorm=True: expected False"),
+        (dict(debias=True), r"cannot express debias=True: expected False"),
+        (dict(frozen=True), r"cannot express frozen=True: expected False"),
+        (dict(activation="elu"), r"cannot express activation='elu': expected None"),
     ],
-    ids=["cumulative", "unbiased", "ghost", "renorm"],
+    ids=["cumulative", "unbiased", "ghost", "renorm", "debias", "frozen", "activation"],
 )
 def test_to_flax_module_refuses_what_flax_cannot_express(kwargs, match):
     with pytest.raises(ValueError, match=match):

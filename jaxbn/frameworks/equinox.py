@@ -174,7 +174,14 @@ class BatchNorm(eqx.nn.StatefulLayer):
                 "mean": jnp.where(counter > 0, hidden_mean / debias, 0.0),
                 "var": jnp.where(counter > 0, hidden_var / debias, 1.0),
             }
-            layer = _Layer(self.input_size, axis=0, eps=self.eps, dtype=dtype)
+            layer = _Layer(
+                self.input_size,
+                axis=0,
+                eps=self.eps,
+                use_scale=self.channelwise_affine,
+                use_bias=self.channelwise_affine,
+                dtype=dtype,
+            )
             y, _ = layer.apply(params, stats, x, training=False)
             return y, state
         layer = _Layer(

@@ -255,7 +255,8 @@ def to_flax_module(bn: _Layer) -> nn.BatchNorm:
         TypeError: if ``bn`` is not a :class:`jaxbn.BatchNorm`.
         ValueError: for options Flax cannot express: ``momentum=None``
             (cumulative average), ``unbiased_running_var``,
-            ``virtual_batch_size``, ``renorm``.
+            ``virtual_batch_size``, ``renorm``, ``debias``, ``frozen``,
+            ``activation``.
 
     Examples:
         >>> import jaxbn
@@ -271,6 +272,9 @@ def to_flax_module(bn: _Layer) -> nn.BatchNorm:
         "unbiased_running_var": (bn.unbiased_running_var, "False"),
         "virtual_batch_size": (bn.virtual_batch_size is not None, "None"),
         "renorm": (bn.renorm, "False"),
+        "debias": (bn.debias, "False"),
+        "frozen": (bn.frozen, "False (freeze with use_running_average=True)"),
+        "activation": (bn.activation is not None, "None (apply it after the module)"),
     }
     for name, (bad, expected) in unsupported.items():
         if bad:
@@ -422,7 +426,7 @@ class BatchNorm(nn.Module):
             # dummy input) must work: with one value per feature, x - mean is 0
             # and the output is ``bias``, which evaluation mode with x itself as
             # the mean gives exactly.
-            if mask is None and math.prod(x.shape) // math.prod(fshape) <= 1:
+            if math.prod(x.shape) // math.prod(fshape) <= 1:
                 reduced = tuple(a for a in range(x.ndim) if a not in feat)
                 own = {**state, "mean": jnp.squeeze(x, reduced).astype(state["mean"].dtype)}
                 y, _ = bn.apply(params, own, x, training=False)
