@@ -213,11 +213,14 @@ def effective_scale(scale: ArrayLike | None, *, eps: float) -> jax.Array | None:
         eps: batch norm's ``eps``.
 
     Returns:
-        ``|scale| + eps`` in ``scale``'s dtype, or ``None``.
+        ``|scale| + eps`` in ``scale``'s dtype promoted to at least float32 (as the
+        training op computes it: in bfloat16 the ``eps`` would be lost to
+        rounding), or ``None``.
     """
     if scale is None:
         return None
     scale = jnp.asarray(scale)
+    scale = scale.astype(jnp.promote_types(scale.dtype, jnp.float32))
     return _abs(scale) + jnp.asarray(eps, scale.dtype)
 
 
