@@ -148,7 +148,21 @@ def _handles(v, n: int) -> tuple:
 
 
 def _barrier_handles(v, n: int) -> tuple:
-    return lax.optimization_barrier((v,) * n)
+    # One barrier for the leaves of each varying type: inside shard_map a barrier
+    # types all its outputs as varying over every axis any of its inputs varies
+    # over, so an invariant leaf sharing a barrier with a varying one would come back
+    # typed unlike the other branch's. Outside shard_map it is a single barrier (the
+    # leaves tied together, as the fused op's backward needs).
+    leaves, treedef = jax.tree.flatten(v)
+    groups: dict[frozenset, list[int]] = {}
+    for i, leaf in enumerate(leaves):
+        groups.setdefault(_varying(leaf), []).append(i)
+    copies: list = [None] * len(leaves)
+    for idx in groups.values():
+        out = lax.optimization_barrier(tuple(leaves[i] for i in idx for _ in range(n)))
+        for k, i in enumerate(idx):
+            copies[i] = out[k * n : (k + 1) * n]
+    return tuple(jax.tree.unflatten(treedef, [c[j] for c in copies]) for j in range(n))
 
 
 def _plain_handles(v, n: int) -> tuple:
