@@ -101,9 +101,33 @@ def _conv_bwd(strides, padding, residuals, dy):
         (n + lo + hi - k) % s
         for n, (lo, hi), k, s in zip(size, padding, ksize, strides, strict=True)
     ]
+    spatial = tuple(range(1, nd + 1))
+    # Two ties order the backward so that at most x, dy and two transposed
+    # copies are alive beside what earlier layers keep. Each is arithmetic
+    # (v + 0 * w[0, ..., 0], exact for a finite w), since XLA:CPU drops an
+    # optimization_barrier before it schedules.
+    # 1. The transposed copy of x depends on x alone: XLA is otherwise free to
+    #    make it right after the forward and keep it, x-sized, until the backward
+    #    reaches this layer, so that every block holds its input twice (measured
+    #    on the CNN of ``benchmarks/bench_fused.py --model cnn``, where it undid
+    #    the saving of batch norm fused with its activation). Tied to dy, the
+    #    copy is made in the backward.
+    # 2. dx is computed after dkernel (dy tied to dkernel): dkernel's two
+    #    transposed copies are then freed before dx is written.
+    zero = jnp.zeros((), x.dtype)
+    x_t = jnp.transpose(x + zero * dy[(0,) * dy.ndim].astype(x.dtype), (nd + 1, *spatial, 0))
+    dy_t = jnp.transpose(dy, (*spatial, 0, nd + 1))  # [*out_spatial, N, out]; x_t [in, *spatial, N]
+    dkernel_t = lax.conv_general_dilated(
+        x_t,
+        dy_t,
+        (1,) * nd,
+        [(lo, hi - r) for (lo, hi), r in zip(padding, dropped, strict=True)],
+        rhs_dilation=strides,
+        dimension_numbers=dims,
+    )  # [in, *ksize, out]
     flipped = jnp.swapaxes(jnp.flip(kernel, tuple(range(nd))), -1, -2)
     dx = lax.conv_general_dilated(
-        dy,
+        dy + zero.astype(dy.dtype) * dkernel_t[(0,) * dkernel_t.ndim].astype(dy.dtype),
         flipped,
         (1,) * nd,
         [
@@ -113,17 +137,6 @@ def _conv_bwd(strides, padding, residuals, dy):
         lhs_dilation=strides,
         dimension_numbers=dims,
     )
-    spatial = tuple(range(1, nd + 1))
-    x_t = jnp.transpose(x, (nd + 1, *spatial, 0))  # [in, *spatial, N]
-    dy_t = jnp.transpose(dy, (*spatial, 0, nd + 1))  # [*out_spatial, N, out]
-    dkernel_t = lax.conv_general_dilated(
-        x_t,
-        dy_t,
-        (1,) * nd,
-        [(lo, hi - r) for (lo, hi), r in zip(padding, dropped, strict=True)],
-        rhs_dilation=strides,
-        dimension_numbers=dims,
-    )  # [in, *ksize, out]
     dkernel = jnp.transpose(dkernel_t, (*spatial, 0, nd + 1))
     return _like(dx, x), _like(dkernel, kernel)
 

@@ -548,6 +548,35 @@ def test_fused_blocks_run_the_fused_op():
     assert "_batch_norm_act" in jaxpr(fused) and "_batch_norm_act" not in jaxpr(unfused)
 
 
+def test_fused_step_keeps_one_activation_per_block():
+    """Compiled memory of a training step: the fused CNN keeps each block's input once.
+
+    With ``n`` blocks of the same size ``A`` (one activation), the backward needs
+    the inputs of blocks 1 to n-1 (block 0's is the argument ``x``) and, at its
+    peak, three working arrays (the conv's ``dy`` and its two transposed copies):
+    ``n + 2`` activations. Without the ties in the conv's backward, XLA makes the
+    transposed copy of each block's input in the forward and keeps it (``2n + 1``),
+    or writes dx before freeing the copies (``n + 3``). The unfused CNN also keeps
+    each convolution's output (the batch-norm input).
+    """
+    n, batch, size, width = 4, 16, 8, 8
+    slab = batch * size * size * width * 4
+    temp = {}
+    for fuse in (False, True):
+        model = CNN(3, (width,) * n, 10, activation="leaky_relu", fuse_activation=fuse)
+        params, state = model.init(jax.random.key(0))
+        opt = optax.sgd(0.1)
+        batch_xy = (jnp.ones((batch, size, size, 3)), jnp.zeros((batch,), jnp.int32))
+        compiled = (
+            jax.jit(make_train_step(model, opt))
+            .lower(params, state, opt.init(params), batch_xy)
+            .compile()
+        )
+        temp[fuse] = compiled.memory_analysis().temp_size_in_bytes / slab
+    assert temp[True] <= n + 2 + 0.25, temp
+    assert temp[True] <= temp[False] - 1.5, temp
+
+
 @pytest.mark.parametrize("data_format", ["NHWC", "NCHW"])
 def test_fused_fold_uses_the_effective_scale(data_format):
     fused, _, params, state = _fused_setup("leaky_relu", data_format)
