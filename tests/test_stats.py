@@ -566,3 +566,62 @@ def test_fit_recomputes_precise_statistics_at_the_end():
     # ... and differ from the running averages that training left (momentum 0.999).
     running = plain.state["layers"][0]["batch_norm"]["var"]
     assert np.max(np.abs(precise.state["layers"][0]["batch_norm"]["var"] - running)) > 1e-2
+
+
+# --- the CNN ---------------------------------------------------------------------------
+
+
+def _conv_same_3x3(x, kernel):
+    """A 3x3 "SAME" convolution, NHWC with an HWIO kernel, as shifted matmuls in float64."""
+    n, h, w, _ = x.shape
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    out = np.zeros((n, h, w, kernel.shape[-1]))
+    for i in range(3):
+        for j in range(3):
+            out += padded[:, i : i + h, j : j + w, :] @ kernel[i, j]
+    return out
+
+
+@pytest.mark.parametrize("fuse", [False, True], ids=["unfused", "fused"])
+@pytest.mark.parametrize("data_format", ["NHWC", "NCHW"])
+def test_cnn_blocks_get_the_population_statistics_of_their_inputs(data_format, fuse):
+    """precise_stats on jaxbn.CNN: both blocks, recomputed here in float64 NumPy.
+
+    Block 0 sees the convolution of every input image; block 1 the convolution of
+    block 0's output in training mode (each batch normalized with its own
+    statistics), pooled over all batches.
+    """
+    model = jaxbn.CNN(
+        2,
+        (4, 3),
+        3,
+        momentum=0.999,
+        activation="leaky_relu",
+        fuse_activation=fuse,
+        data_format=data_format,
+    )
+    params, state = model.init(jax.random.key(0))
+    scale = jnp.array([1.5, -0.5, 0.7, 2.0])  # of both signs: |scale| + eps when fused
+    params["blocks"][0]["batch_norm"]["scale"] = scale
+    xs = data((3, 5, 6, 6, 2))  # 3 batches of 5 NHWC images
+    batches = xs if data_format == "NHWC" else jnp.moveaxis(xs, -1, 2)
+    got = jaxbn.precise_stats(model, params, state, batches)
+    kernels = [np.asarray(b["conv"]["kernel"], np.float64) for b in params["blocks"]]
+    x64 = np.asarray(xs, np.float64)
+    z0 = np.stack([_conv_same_3x3(x, kernels[0]) for x in x64])  # [3, 5, 6, 6, 4]
+    mean0, var0 = population(z0.reshape(-1, 4), (1,))
+    s0 = np.abs(np.asarray(scale, np.float64)) + model.eps if fuse else np.asarray(scale)
+    z1 = []
+    for z in z0:
+        y = (z - z.mean((0, 1, 2))) / np.sqrt(z.var((0, 1, 2)) + model.eps) * s0
+        h = np.where(y >= 0, y, 0.01 * y)  # bias 0; leaky ReLU
+        z1.append(_conv_same_3x3(h, kernels[1]))
+    mean1, var1 = population(np.stack(z1).reshape(-1, 3), (1,))
+    first, second = (b["batch_norm"] for b in got["blocks"])
+    np.testing.assert_allclose(first["mean"], mean0, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(first["var"], var0, rtol=1e-5)
+    np.testing.assert_allclose(second["mean"], mean1, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(second["var"], var1, rtol=1e-4)
+    # The running averages after one step of momentum 0.999 are far from these.
+    _, stepped = model.apply(params, state, batches[0], training=True)
+    assert np.max(np.abs(stepped["blocks"][0]["batch_norm"]["var"] - var0)) > 0.5
