@@ -625,3 +625,23 @@ def test_cnn_blocks_get_the_population_statistics_of_their_inputs(data_format, f
     # The running averages after one step of momentum 0.999 are far from these.
     _, stepped = model.apply(params, state, batches[0], training=True)
     assert np.max(np.abs(stepped["blocks"][0]["batch_norm"]["var"] - var0)) > 0.5
+
+
+def test_study_eval_stats_runs_the_cnn_with_tiny_settings(tmp_path):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "examples" / "study_eval_stats.py"
+    spec = importlib.util.spec_from_file_location("study_eval_stats", path)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    argv = ["--model", "cnn", "--channels", "4,8", "--steps", "10", "--chunk", "5", "--seeds", "1"]
+    results = study.main([*argv, "--out", str(tmp_path), "--no-progress"])
+    assert results["steps"] == [5, 10]
+    for name in study.METHODS:
+        acc = np.asarray(results["accuracy"][name])
+        assert acc.shape == (1, 2) and np.all((acc >= 0) & (acc <= 1))
+    # After 10 steps of momentum 0.999 the running averages are nearly the initial
+    # 0 and 1; the precise statistics are those of the network.
+    assert np.mean(results["accuracy"]["precise"]) > np.mean(results["accuracy"]["running"])
+    assert "CNN 4-8" in (tmp_path / "eval_stats.md").read_text()
