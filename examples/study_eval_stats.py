@@ -219,6 +219,8 @@ def _plot(steps, acc, path, args) -> None:
     ax_b.legend(loc="upper right")
     for ax in (ax_a, ax_b):
         ax.grid(alpha=0.3)
+        ax.minorticks_off()  # the log axis' minor labels overlap
+        ax.set_xticks(steps, [str(s) for s in steps])
     fig.suptitle(
         f"digits, {network(args)}, batch norm momentum {args.momentum}, "
         f"batch {args.batch_size}, SGD+momentum lr={args.lr}, {args.seeds} seeds"
