@@ -189,8 +189,10 @@ def build_jaxbn_jit(wl: CnnWorkload, opt, **_):
 
 
 def _flax_module(nn, model):
+    activation = getattr(nn, model.activation)  # nn.relu, nn.leaky_relu (slope 0.01), ...
+
     class FlaxCNN(nn.Module):
-        """``nn.Conv(no bias) -> nn.BatchNorm -> relu`` blocks, mean pooling, ``nn.Dense``."""
+        """``nn.Conv(no bias) -> nn.BatchNorm -> activation`` blocks, mean pooling, ``nn.Dense``."""
 
         @nn.compact
         def __call__(self, x, train: bool):
@@ -199,7 +201,7 @@ def _flax_module(nn, model):
                 x = nn.BatchNorm(
                     use_running_average=not train, momentum=model.momentum, epsilon=model.eps
                 )(x)
-                x = nn.relu(x)
+                x = activation(x)
             return nn.Dense(model.num_classes)(x.mean(axis=(1, 2)))
 
     return FlaxCNN()

@@ -1,15 +1,20 @@
 """Batch norm fused with its activation (In-Place ABN): memory and speed of a training step.
 
-The wide MLP of ``bench_train.py`` (784-1024x4-10, batch 512, on synthetic
-Gaussian blobs) with leaky ReLU, one SGD step per call, three ways:
+``--model mlp`` (default): the wide MLP of ``bench_train.py`` (784-1024x4-10,
+batch 512, on synthetic Gaussian blobs) with leaky ReLU. ``--model cnn``: the
+CNN of ``bench_cnn.py`` (4 blocks of 3x3 convolutions with 64 channels on
+32x32x3 synthetic images, batch 128) with leaky ReLU. One SGD step per call,
+three ways:
 
-- ``jaxbn-fused``: ``jaxbn.MLP(..., fuse_activation=True)``: every hidden layer
-  runs :func:`jaxbn.batch_norm_act`, whose backward keeps only its output;
-- ``jaxbn-unfused``: the same MLP with ``jaxbn.batch_norm`` then leaky ReLU;
-- ``flax``: ``flax.linen`` with ``nn.BatchNorm`` then ``nn.leaky_relu``.
+- ``jaxbn-fused``: ``jaxbn.MLP`` / ``jaxbn.CNN`` with ``fuse_activation=True``:
+  every batch norm runs :func:`jaxbn.batch_norm_act`, whose backward keeps only
+  its output;
+- ``jaxbn-unfused``: the same network with ``jaxbn.batch_norm`` then leaky ReLU;
+- ``flax``: ``flax.linen`` with ``nn.BatchNorm`` then ``nn.leaky_relu`` (and
+  ``nn.Conv`` for the CNN).
 
-All three are built by ``bench_train.py``'s builders from the same initial
-parameters. The ``rel err`` column compares the loss and parameters after one
+All three are built by ``bench_train.py``'s (``bench_cnn.py``'s) builders from
+the same initial parameters. The ``rel err`` column compares the loss and parameters after one
 step with jaxbn unfused. The fused network multiplies by ``|scale| + eps``
 rather than ``scale``: on the wide network that moves one pre-activation across
 leaky ReLU's kink, and one batch-norm bias gradient by 2e-3 of the largest (the
@@ -25,6 +30,15 @@ Speed: the steps per run are calibrated so that a run lasts ``--min-time``; the
 contenders' runs are then interleaved (one run of each in turn, ``--reps``
 rounds), so that load from other processes affects them alike. The fused/unfused
 ratio is the median of the per-round ratios.
+
+On the CNN, what decides the memory is the convolution's backward rather than
+batch norm: its gradient for the kernel reads a transposed copy of the block's
+input, which depends on that input alone, and XLA made it in the forward pass
+and kept it until the backward (every block's input held twice; the fused
+network then kept exactly as much as the unfused one, 0.69x Flax). The
+backward of :func:`jaxbn.cnn.conv` ties that copy to the incoming cotangent,
+and computes the input's gradient after the kernel's, so that the copies are
+freed first (``tests/test_cnn.py::test_fused_step_keeps_one_activation_per_block``).
 
 Targets printed as MET / NOT MET: fused temporary memory at most 0.5x Flax's,
 and fused steps/s within 10% of unfused (at least 0.9x).
@@ -45,13 +59,14 @@ import numpy as np
 
 try:
     import _common
+    import bench_cnn
     import bench_train
 except ImportError:  # imported as part of a package
-    from benchmarks import _common, bench_train
+    from benchmarks import _common, bench_cnn, bench_train
 
 _common.use_checkout()
 
-__all__ = ["main", "make_workload"]
+__all__ = ["main", "make_cnn_workload", "make_workload"]
 
 CONTENDERS = ("jaxbn-fused", "jaxbn-unfused", "flax")
 MEMORY_TARGET = 0.5  # fused temp memory at most this times Flax's
@@ -100,14 +115,26 @@ def make_workload(
     )
 
 
-def build(name: str, wl: bench_train.Workload, opt) -> bench_train.Contender:
-    """One contender, by name, with ``bench_train``'s builders."""
+def make_cnn_workload(
+    *, channels: tuple[int, ...], image_size: int, batch_size: int, lr: float
+) -> bench_cnn.CnnWorkload:
+    """The unfused leaky-ReLU CNN of ``bench_cnn.py``, its data and initial parameters."""
+    wl = bench_cnn.make_workload(
+        channels=channels, image_size=image_size, batch_size=batch_size, lr=lr
+    )
+    # The same params and state: the activation is no parameter.
+    return dataclasses.replace(wl, model=dataclasses.replace(wl.model, activation="leaky_relu"))
+
+
+def build(name: str, wl, opt) -> bench_train.Contender:
+    """One contender, by name, with ``bench_train``'s or ``bench_cnn``'s builders."""
+    builders = bench_cnn if isinstance(wl, bench_cnn.CnnWorkload) else bench_train
     if name == "jaxbn-fused":
         fused = dataclasses.replace(wl, model=dataclasses.replace(wl.model, fuse_activation=True))
-        return bench_train.build_jaxbn_jit(fused, opt)
+        return builders.build_jaxbn_jit(fused, opt)
     if name == "jaxbn-unfused":
-        return bench_train.build_jaxbn_jit(wl, opt)
-    return bench_train.build_flax_jit(wl, opt)
+        return builders.build_jaxbn_jit(wl, opt)
+    return builders.build_flax_jit(wl, opt)
 
 
 def _calibrate(c: bench_train.Contender, min_time: float, warmup: int) -> int:
@@ -116,7 +143,7 @@ def _calibrate(c: bench_train.Contender, min_time: float, warmup: int) -> int:
         _common.block(c.run(1))
     n, rate = 1, 0.0
     while True:
-        elapsed = bench_train._timed_run(c, n)
+        elapsed = _common._timed_run(c, n)
         rate = max(rate, n / max(elapsed, 1e-9))
         if elapsed >= min_time / 4 or n >= 1 << 20:
             break
@@ -137,7 +164,7 @@ def time_interleaved(
     times: dict[str, list[float]] = {k: [] for k in contenders}
     for _ in range(reps):
         for k, c in contenders.items():
-            times[k].append(bench_train._timed_run(c, steps[k]))
+            times[k].append(_common._timed_run(c, steps[k]))
     return {
         k: {
             "steps_per_s": steps[k] / statistics.median(times[k]),
@@ -182,15 +209,29 @@ def _parser() -> argparse.ArgumentParser:
         "(jaxbn fused, jaxbn unfused, Flax)."
     )
     p.add_argument(
+        "--model",
+        choices=("mlp", "cnn"),
+        default="mlp",
+        help="mlp: the wide MLP (--layer-sizes); cnn: bench_cnn.py's CNN (--channels)",
+    )
+    p.add_argument(
+        "--channels",
+        type=lambda s: tuple(int(v) for v in s.split(",")),
+        default=(64, 64, 64, 64),
+        metavar="C1,C2,...",
+        help="--model cnn: output channels of each block",
+    )
+    p.add_argument("--image-size", type=int, default=32, help="--model cnn: image height/width")
+    p.add_argument(
         "--layer-sizes",
         type=lambda s: tuple(int(v) for v in s.split("-")),
         default=WIDE,
         metavar="SIZES",
         help="network as inputs-hidden...-classes (default: 784-1024-1024-1024-1024-10)",
     )
-    p.add_argument("--batch-size", type=int, default=512, help="examples per step")
-    p.add_argument("--examples", type=int, default=10240, help="synthetic training examples")
-    p.add_argument("--lr", type=float, default=0.1, help="SGD learning rate")
+    p.add_argument("--batch-size", type=int, help="examples per step (default: 512 mlp, 128 cnn)")
+    p.add_argument("--examples", type=int, default=10240, help="--model mlp: training examples")
+    p.add_argument("--lr", type=float, help="SGD learning rate (default: 0.1 mlp, 0.01 cnn)")
     p.add_argument("--reps", type=int, default=7, help="interleaved timing rounds (median)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before calibration")
     p.add_argument("--min-time", type=float, default=0.5, help="seconds each timed run lasts")
@@ -218,19 +259,29 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     import optax
 
     args = _parser().parse_args(argv)
+    cnn = args.model == "cnn"
     sizes, batch, examples = args.layer_sizes, args.batch_size, args.examples
+    channels, image_size = args.channels, args.image_size
+    batch = batch or (128 if cnn else 512)
+    lr = args.lr or (0.01 if cnn else 0.1)
     reps, warmup, min_time = args.reps, args.warmup, args.min_time
     if args.quick:
         sizes, batch, examples = (16, 32, 32, 4), 16, 256
+        channels, image_size, batch = ((4, 4), 6, 8) if cnn else (channels, image_size, batch)
         reps, warmup, min_time = min(reps, 2), 1, 0.01
     info = _common.machine_info(("jax", "jaxlib", "numpy", "optax", "flax"))
     _common.print_machine(info)
+    if cnn:
+        wl = make_cnn_workload(channels=channels, image_size=image_size, batch_size=batch, lr=lr)
+        network = f"{wl.label} (conv 3x3 + batch norm + leaky_relu blocks)"
+    else:
+        wl = make_workload(sizes, batch_size=batch, num_examples=examples, lr=lr)
+        network = f"{'-'.join(map(str, sizes))} leaky_relu"
     print(
-        f"network  {'-'.join(map(str, sizes))} leaky_relu, batch {batch}, optax.sgd({args.lr}); "
+        f"network  {network}, batch {batch}, optax.sgd({lr}); "
         f"{reps} interleaved rounds of >= {min_time} s per contender\n"
     )
-    wl = make_workload(sizes, batch_size=batch, num_examples=examples, lr=args.lr)
-    opt = optax.sgd(args.lr)
+    opt = optax.sgd(lr)
     built: dict[str, bench_train.Contender] = {}
     entries: dict[str, dict[str, Any]] = {}
     want = None
@@ -260,7 +311,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             mem["temp_vs_flax"] = mem["temp_bytes"] / flax_temp if flax_temp else None
     results = {
         "machine": info,
-        "layer_sizes": list(sizes),
+        "model": args.model,
+        **({"case": wl.label} if cnn else {"layer_sizes": list(sizes)}),
         "batch_size": batch,
         "reps": reps,
         "min_time_s": min_time,

@@ -3,8 +3,9 @@
 Batch norm evaluates with running averages of the batch statistics. With a large
 momentum (0.999: an average over the last ~1000 steps) and a short schedule, they
 are (a) still close to their initial values 0 and 1 and (b) averaged over weights
-that have since changed. This script trains the MLP on the bundled 8x8 digits with
-``momentum=0.999`` and, at a few points of training, evaluates the same params on
+that have since changed. This script trains the MLP (``--model mlp``, the default)
+or the CNN (``--model cnn``: the digits as 8x8x1 images) on the bundled 8x8 digits
+with ``momentum=0.999`` and, at a few points of training, evaluates the same params on
 the test split with three sets of statistics:
 
 - ``running``: the plain running averages (Flax's, PyTorch's and Equinox's default);
@@ -19,6 +20,7 @@ same batch with the same params. Writes ``eval_stats.png``, ``eval_stats.md`` (t
 table) and ``results.json`` to ``--out``; ``main`` returns the results.
 
     python examples/study_eval_stats.py
+    python examples/study_eval_stats.py --model cnn --steps 400 --seeds 3
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from jaxbn.cnn import CNN
 from jaxbn.data import batch_indices, load_digits
 from jaxbn.mlp import MLP
 from jaxbn.stats import precise_stats_from_data
@@ -46,8 +49,15 @@ METHODS = ("running", "debiased", "precise")
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface (every flag explained by ``--help``)."""
     p = argparse.ArgumentParser(
-        description="Evaluate a batch-norm MLP with running, debiased and precise statistics.",
+        description="Evaluate a batch-norm MLP or CNN with running, debiased and precise "
+        "statistics.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--model",
+        choices=("mlp", "cnn"),
+        default="mlp",
+        help="mlp: 3 hidden layers of --hidden units; cnn: --channels blocks on 8x8x1 images",
     )
     p.add_argument("--steps", type=int, default=1600, help="training steps of each run")
     p.add_argument(
@@ -61,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="examples per step")
     p.add_argument("--lr", type=float, default=0.05, help="learning rate of SGD with momentum 0.9")
     p.add_argument("--hidden", type=int, default=100, help="units of each of 3 hidden layers")
+    p.add_argument(
+        "--channels",
+        type=lambda v: tuple(int(c) for c in v.split(",")),
+        default=(16, 32),
+        metavar="C1,C2,...",
+        help="--model cnn: channels of each block (3x3 conv, batch norm, ReLU, 2x2 max pool)",
+    )
     p.add_argument("--out", default="runs/study_eval_stats", help="output directory")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
@@ -75,7 +92,7 @@ def eval_steps(steps: int, chunk: int) -> list[int]:
     return [*out, steps]
 
 
-def make_chunk(model: MLP, debiased: MLP, optimizer, batch_size: int):
+def make_chunk(model: MLP | CNN, debiased: MLP | CNN, optimizer, batch_size: int):
     """``chunk(carry, key, x, labels, start, length=...)``: ``length`` steps in one scan."""
     train_step = make_train_step(model, optimizer)
 
@@ -101,7 +118,8 @@ def run_seed(seed: int, data, args, bar, nets) -> dict[str, list[float]]:
     init_key, data_key, stats_key = jax.random.split(jax.random.key(seed), 3)
     params, state = model.init(init_key)
     _, dstate = debiased.init(init_key)
-    x, labels = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+    x, labels = jnp.asarray(inputs(args, data.x_train)), jnp.asarray(data.y_train)
+    x_test = inputs(args, data.x_test)
     n = x.shape[0]
 
     carry = (params, state, dstate, optimizer.init(params))
@@ -128,9 +146,38 @@ def run_seed(seed: int, data, args, bar, nets) -> dict[str, list[float]]:
             ("debiased", debiased, dstate),
             ("precise", model, precise),
         ):
-            acc = evaluate(net, params, st, data.x_test, data.y_test)["accuracy"]
+            acc = evaluate(net, params, st, x_test, data.y_test)["accuracy"]
             results[name].append(float(acc))
     return results
+
+
+def inputs(args, x) -> np.ndarray:
+    """The digits as the model takes them: ``[n, 64]`` or ``[n, 8, 8, 1]`` images."""
+    x = np.asarray(x, np.float32)
+    return x.reshape(-1, 8, 8, 1) if args.model == "cnn" else x
+
+
+def network(args) -> str:
+    """The network, in words (for the figure and the table)."""
+    if args.model == "cnn":
+        blocks = "-".join(map(str, args.channels))
+        return f"CNN {blocks} (3x3 conv, ReLU, 2x2 max pool)"
+    return f"MLP 3x{args.hidden} ReLU"
+
+
+def make_model(args, data) -> MLP | CNN:
+    """The network trained by the study, with the running statistics' ``momentum``."""
+    if args.model == "cnn":
+        return CNN(
+            1,
+            args.channels,
+            data.num_classes,
+            pooling="max",
+            activation="relu",
+            momentum=args.momentum,
+        )
+    sizes = (data.num_features, *([args.hidden] * 3), data.num_classes)
+    return MLP(sizes, activation="relu", momentum=args.momentum)
 
 
 def _table(steps: list[int], acc: dict[str, np.ndarray], seeds: int) -> list[str]:
@@ -172,8 +219,10 @@ def _plot(steps, acc, path, args) -> None:
     ax_b.legend(loc="upper right")
     for ax in (ax_a, ax_b):
         ax.grid(alpha=0.3)
+        ax.minorticks_off()  # the log axis' minor labels overlap
+        ax.set_xticks(steps, [str(s) for s in steps])
     fig.suptitle(
-        f"digits, MLP 3x{args.hidden} ReLU, batch norm momentum {args.momentum}, "
+        f"digits, {network(args)}, batch norm momentum {args.momentum}, "
         f"batch {args.batch_size}, SGD+momentum lr={args.lr}, {args.seeds} seeds"
     )
     fig.savefig(path, dpi=110)
@@ -196,8 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
     os.makedirs(args.out, exist_ok=True)
     data = load_digits()
     steps = eval_steps(args.steps, args.chunk)
-    sizes = (data.num_features, *([args.hidden] * 3), data.num_classes)
-    model = MLP(sizes, activation="relu", momentum=args.momentum)
+    model = make_model(args, data)
     debiased = dataclasses.replace(model, debias=True)
     optimizer = optax.sgd(args.lr, momentum=0.9)
     nets = (model, debiased, optimizer, make_chunk(model, debiased, optimizer, args.batch_size))
@@ -207,6 +255,7 @@ def main(argv: list[str] | None = None) -> dict:
             runs.append(run_seed(seed, data, args, bar, nets))
     acc = {m: np.array([r[m] for r in runs]) for m in METHODS}
     lines = _table(steps, acc, args.seeds)
+    lines.append(f"{network(args)}, momentum {args.momentum}, batch {args.batch_size}.")
     results = {
         "config": vars(args),
         "steps": steps,

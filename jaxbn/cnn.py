@@ -33,9 +33,9 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from jaxbn._checks import AxisName
+from jaxbn.act import ACTIVATIONS, check_activation, effective_scale
 from jaxbn.fold import fold_into_conv
 from jaxbn.layer import BatchNorm
-from jaxbn.mlp import ACTIVATIONS
 from jaxbn.ops import _varying
 
 __all__ = ["CNN", "DATA_FORMATS", "POOLINGS", "conv"]
@@ -101,9 +101,33 @@ def _conv_bwd(strides, padding, residuals, dy):
         (n + lo + hi - k) % s
         for n, (lo, hi), k, s in zip(size, padding, ksize, strides, strict=True)
     ]
+    spatial = tuple(range(1, nd + 1))
+    # Two ties order the backward so that at most x, dy and two transposed
+    # copies are alive beside what earlier layers keep. Each is arithmetic
+    # (v + 0 * w[0, ..., 0], exact for a finite w), since XLA:CPU drops an
+    # optimization_barrier before it schedules.
+    # 1. The transposed copy of x depends on x alone: XLA is otherwise free to
+    #    make it right after the forward and keep it, x-sized, until the backward
+    #    reaches this layer, so that every block holds its input twice (measured
+    #    on the CNN of ``benchmarks/bench_fused.py --model cnn``, where it undid
+    #    the saving of batch norm fused with its activation). Tied to dy, the
+    #    copy is made in the backward.
+    # 2. dx is computed after dkernel (dy tied to dkernel): dkernel's two
+    #    transposed copies are then freed before dx is written.
+    zero = jnp.zeros((), x.dtype)
+    x_t = jnp.transpose(x + zero * dy[(0,) * dy.ndim].astype(x.dtype), (nd + 1, *spatial, 0))
+    dy_t = jnp.transpose(dy, (*spatial, 0, nd + 1))  # [*out_spatial, N, out]; x_t [in, *spatial, N]
+    dkernel_t = lax.conv_general_dilated(
+        x_t,
+        dy_t,
+        (1,) * nd,
+        [(lo, hi - r) for (lo, hi), r in zip(padding, dropped, strict=True)],
+        rhs_dilation=strides,
+        dimension_numbers=dims,
+    )  # [in, *ksize, out]
     flipped = jnp.swapaxes(jnp.flip(kernel, tuple(range(nd))), -1, -2)
     dx = lax.conv_general_dilated(
-        dy,
+        dy + zero.astype(dy.dtype) * dkernel_t[(0,) * dkernel_t.ndim].astype(dy.dtype),
         flipped,
         (1,) * nd,
         [
@@ -113,17 +137,6 @@ def _conv_bwd(strides, padding, residuals, dy):
         lhs_dilation=strides,
         dimension_numbers=dims,
     )
-    spatial = tuple(range(1, nd + 1))
-    x_t = jnp.transpose(x, (nd + 1, *spatial, 0))  # [in, *spatial, N]
-    dy_t = jnp.transpose(dy, (*spatial, 0, nd + 1))  # [*out_spatial, N, out]
-    dkernel_t = lax.conv_general_dilated(
-        x_t,
-        dy_t,
-        (1,) * nd,
-        [(lo, hi - r) for (lo, hi), r in zip(padding, dropped, strict=True)],
-        rhs_dilation=strides,
-        dimension_numbers=dims,
-    )  # [in, *ksize, out]
     dkernel = jnp.transpose(dkernel_t, (*spatial, 0, nd + 1))
     return _like(dx, x), _like(dkernel, kernel)
 
@@ -295,7 +308,8 @@ class CNN:
         pooling: ``None``, ``"max"`` or ``"avg"`` after every block, or a tuple
             with one of them per block.
         activation: name of the nonlinearity, a key of
-            :data:`jaxbn.mlp.ACTIVATIONS`.
+            :data:`jaxbn.act.ACTIVATIONS` (``"relu"``, ``"leaky_relu"``,
+            ``"elu"``, ...).
         use_batch_norm: put a :class:`jaxbn.BatchNorm` after each convolution.
         momentum: running-statistics momentum of the batch-norm layers.
         eps: batch norm's ``eps``.
@@ -309,6 +323,17 @@ class CNN:
         init_stddev: standard deviation of the Gaussian initial kernels;
             ``None`` (default) uses ``1 / sqrt(fan_in)`` (LeCun normal, with
             ``fan_in = kh * kw * in``). Biases start at 0.
+        debias: zero-debiased running averages in every batch-norm layer (see
+            :class:`jaxbn.BatchNorm`; the state then counts updates in ``"count"``).
+        frozen: batch-norm layers normalize with their running statistics in
+            training too and leave them unchanged (see :class:`jaxbn.BatchNorm`).
+        fuse_activation: run every block's batch norm fused with its activation
+            (:func:`jaxbn.batch_norm_act`, In-Place ABN): the backward keeps only
+            each block's activated output, for less activation memory. Needs
+            batch norm and an invertible ``activation`` (``"leaky_relu"``,
+            ``"elu"``, ``"identity"``); batch norm's scale is then
+            ``|scale| + eps`` (see :func:`jaxbn.act.effective_scale`). The params
+            and state have the same layout as without it.
 
     Examples:
         >>> import jax, jax.numpy as jnp
@@ -337,6 +362,9 @@ class CNN:
     remat: bool = False
     data_format: str = "NHWC"
     init_stddev: float | None = None
+    debias: bool = False
+    frozen: bool = False
+    fuse_activation: bool = False
 
     def __post_init__(self):
         for name in ("in_channels", "num_classes"):
@@ -363,7 +391,17 @@ class CNN:
             raise ValueError(f"data_format must be one of {DATA_FORMATS}, got {self.data_format!r}")
         if self.init_stddev is not None and not self.init_stddev > 0:
             raise ValueError(f"init_stddev must be None or > 0, got {self.init_stddev!r}")
-        # Checks momentum, eps and axis_name once, with the layer's own messages.
+        for name in ("debias", "frozen", "fuse_activation"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.fuse_activation:
+            if not self.use_batch_norm:
+                raise ValueError("fuse_activation=True needs use_batch_norm=True")
+            check_activation(self.activation, 0.01, name="activation (with fuse_activation=True)")
+        if not self.use_batch_norm and (self.debias or self.frozen):
+            raise ValueError("debias=True and frozen=True need use_batch_norm=True")
+        # Checks momentum, eps, axis_name, debias and frozen once, with the layer's
+        # own messages.
         if self.use_batch_norm:
             self._batch_norm(chans[0])
 
@@ -401,6 +439,9 @@ class CNN:
             eps=self.eps,
             axis_name=self.axis_name,
             param_dtype=self.param_dtype,
+            debias=self.debias,
+            frozen=self.frozen,
+            activation=self.activation if self.fuse_activation else None,
         )
 
     def init(self, key: jax.Array) -> tuple[Params, State]:
@@ -497,12 +538,14 @@ class CNN:
             bias = conv_params["bias"]
             z = z + (bias if self.data_format == "NHWC" else bias[:, None, None])
         new_block_state = {}
+        bn = None
         if "batch_norm" in block:
             bn = self._batch_norm(z.shape[self.channel_axis])
             z, new_block_state["batch_norm"] = bn.apply(
                 block["batch_norm"], block_state["batch_norm"], z, training=training
             )
-        h = ACTIVATIONS[self.activation](z)
+        # A fused batch norm has applied the activation itself.
+        h = z if bn is not None and bn.fused else ACTIVATIONS[self.activation](z)
         if pooling is not None:
             h = _pool(h, pooling, (1, 2) if self.data_format == "NHWC" else (2, 3))
         return h, new_block_state
@@ -558,7 +601,9 @@ class CNN:
         Each block's ``BN(conv(x, W))`` in evaluation mode is the convolution
         ``conv(x, W') + b'`` (see :func:`jaxbn.fold_into_conv`), so the folded
         network is the same CNN without batch norm, with outputs equal to
-        ``apply(params, state, x, training=False)`` to within rounding.
+        ``apply(params, state, x, training=False)`` to within rounding. With
+        ``fuse_activation`` the scale folded in is ``|scale| + eps``, the one the
+        fused layer multiplies by.
 
         Args:
             params: trained params of this network.
@@ -571,12 +616,17 @@ class CNN:
         blocks = []
         for block, block_state in zip(params["blocks"], state["blocks"], strict=True):
             if "batch_norm" in block:
+                bn_params = dict(block["batch_norm"])
+                if self.fuse_activation:  # the scale batch_norm_act multiplies by
+                    bn_params["scale"] = effective_scale(bn_params["scale"], eps=self.eps)
                 folded = fold_into_conv(
-                    block["conv"], block["batch_norm"], block_state["batch_norm"], eps=self.eps
+                    block["conv"], bn_params, block_state["batch_norm"], eps=self.eps
                 )
                 block = {"conv": folded}
             blocks.append(block)
-        model = dataclasses.replace(self, use_batch_norm=False)
+        model = dataclasses.replace(
+            self, use_batch_norm=False, fuse_activation=False, debias=False, frozen=False
+        )
         return (
             model,
             {"blocks": blocks, "head": params["head"]},

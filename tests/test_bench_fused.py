@@ -44,3 +44,21 @@ def test_fused_results_structure(quick_results):
     assert all(t["met"] in (True, False, None) for t in results["targets"])
     written = json.loads(path.read_text())
     assert written["layer_sizes"] == results["layer_sizes"] == [16, 32, 32, 4]
+
+
+def test_fused_cnn_results_structure(import_benchmark, tmp_path):
+    """``--model cnn``: bench_cnn.py's CNN with leaky ReLU, the same three contenders."""
+    bench = import_benchmark("bench_fused")
+    path = tmp_path / "fused_cnn.json"
+    results = bench.main(["--model", "cnn", "--quick", "--json", str(path)])
+    assert results["model"] == "cnn" and results["case"] == "cnn_2x4_6x6x3_b8_float32"
+    entries = results["contenders"]
+    assert list(entries) == ["jaxbn-fused", "jaxbn-unfused", "flax"]
+    for name, e in entries.items():
+        if e["steps_per_s"] is None:  # flax not installed
+            assert name == "flax" and "not installed" in e["note"]
+            continue
+        assert e["memory"]["temp_bytes"] > 0, name
+        assert e["rel_err"] < 1e-3, name
+    assert [t["met"] in (True, False, None) for t in results["targets"]] == [True, True]
+    assert json.loads(path.read_text())["case"] == results["case"]

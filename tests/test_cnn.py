@@ -465,6 +465,147 @@ def test_fold_gives_the_same_outputs_as_evaluation_mode(data_format):
     close(got, want)
 
 
+# --------------------------------------------------------------------------- fused activation
+
+FUSED = {
+    "leaky_relu": CNN(
+        2,
+        (4, 6, 5),
+        3,
+        strides=(1, (2, 1), 1),
+        pooling=("max", None, "avg"),
+        activation="leaky_relu",
+        fuse_activation=True,
+    ),
+    "elu": CNN(2, (4, 6), 3, activation="elu", fuse_activation=True, pooling="avg"),
+}
+
+
+def _fused_setup(name, data_format):
+    """A fused CNN, the unfused one, params with scales of both signs, moved statistics."""
+    fused = dataclasses.replace(FUSED[name], data_format=data_format)
+    unfused = dataclasses.replace(fused, fuse_activation=False)
+    params, state = fused.init(jax.random.key(0))
+    keys = iter(jax.random.split(jax.random.key(1), 2 * len(params["blocks"])))
+    for block in params["blocks"]:
+        bn = block["batch_norm"]
+        bn["scale"] = jax.random.uniform(next(keys), bn["scale"].shape, minval=-2, maxval=2)
+        bn["bias"] = 0.3 * jax.random.normal(next(keys), bn["bias"].shape)
+    state = trained_state(unfused, params, state, jax.random.key(2))
+    return fused, unfused, params, state
+
+
+def _with_effective_scale(model, params):
+    """The scale the fused layer multiplies by, ``|scale| + eps``, written out here."""
+    blocks = []
+    for block in params["blocks"]:
+        bn = block["batch_norm"]
+        blocks.append({**block, "batch_norm": {**bn, "scale": jnp.abs(bn["scale"]) + model.eps}})
+    return {**params, "blocks": blocks}
+
+
+@pytest.mark.parametrize("data_format", ["NHWC", "NCHW"])
+@pytest.mark.parametrize("name", FUSED)
+def test_fused_equals_unfused_with_the_effective_scale(name, data_format):
+    """Outputs, running statistics and gradients (params and x) of the fused CNN.
+
+    The expected network is the unfused CNN given ``|scale| + eps`` as its scale;
+    a random cotangent on the logits, gradients through the absolute value.
+    """
+    fused, unfused, params, state = _fused_setup(name, data_format)
+    assert jax.tree.structure(fused.init(jax.random.key(0))) == jax.tree.structure(
+        unfused.init(jax.random.key(0))
+    )
+    x = images(jax.random.key(3), fused)
+    ct = jax.random.normal(jax.random.key(4), (x.shape[0], fused.num_classes))
+    for training in (True, False):
+        got = fused.apply(params, state, x, training=training)
+        want = unfused.apply(_with_effective_scale(unfused, params), state, x, training=training)
+        tree_close(got, want)
+
+    def loss(model, params, x, effective=False):
+        if effective:
+            params = _with_effective_scale(model, params)
+        return jnp.sum(model.apply(params, state, x, training=True)[0] * ct)
+
+    grads = jax.jit(jax.grad(functools.partial(loss, fused), argnums=(0, 1)))(params, x)
+    want = jax.jit(jax.grad(functools.partial(loss, unfused, effective=True), argnums=(0, 1)))(
+        params, x
+    )
+    assert float(jnp.max(jnp.abs(grads[0]["blocks"][0]["batch_norm"]["scale"]))) > 0
+    tree_close(grads, want)
+
+
+def test_fused_blocks_run_the_fused_op():
+    """The fused CNN's gradient keeps no pre-activation: its jaxpr calls batch_norm_act."""
+    fused, unfused, params, state = _fused_setup("leaky_relu", "NHWC")
+    x = images(jax.random.key(3), fused)
+
+    def jaxpr(model):
+        return str(jax.make_jaxpr(lambda p: model.apply(p, state, x, training=True))(params))
+
+    assert jaxpr(fused).count("custom_vjp_call") >= 2 * len(fused.channels)
+    assert "_batch_norm_act" in jaxpr(fused) and "_batch_norm_act" not in jaxpr(unfused)
+
+
+def test_fused_step_keeps_one_activation_per_block():
+    """Compiled memory of a training step: the fused CNN keeps each block's input once.
+
+    With ``n`` blocks of the same size ``A`` (one activation), the backward needs
+    the inputs of blocks 1 to n-1 (block 0's is the argument ``x``) and, at its
+    peak, three working arrays (the conv's ``dy`` and its two transposed copies):
+    ``n + 2`` activations. Without the ties in the conv's backward, XLA makes the
+    transposed copy of each block's input in the forward and keeps it (``2n + 1``),
+    or writes dx before freeing the copies (``n + 3``). The unfused CNN also keeps
+    each convolution's output (the batch-norm input).
+    """
+    n, batch, size, width = 4, 16, 8, 8
+    slab = batch * size * size * width * 4
+    temp = {}
+    for fuse in (False, True):
+        model = CNN(3, (width,) * n, 10, activation="leaky_relu", fuse_activation=fuse)
+        params, state = model.init(jax.random.key(0))
+        opt = optax.sgd(0.1)
+        batch_xy = (jnp.ones((batch, size, size, 3)), jnp.zeros((batch,), jnp.int32))
+        compiled = (
+            jax.jit(make_train_step(model, opt))
+            .lower(params, state, opt.init(params), batch_xy)
+            .compile()
+        )
+        temp[fuse] = compiled.memory_analysis().temp_size_in_bytes / slab
+    assert temp[True] <= n + 2 + 0.25, temp
+    assert temp[True] <= temp[False] - 1.5, temp
+
+
+@pytest.mark.parametrize("data_format", ["NHWC", "NCHW"])
+def test_fused_fold_uses_the_effective_scale(data_format):
+    fused, _, params, state = _fused_setup("leaky_relu", data_format)
+    folded, fparams, fstate = fused.fold(params, state)
+    assert not folded.use_batch_norm and not folded.fuse_activation
+    x = images(jax.random.key(5), fused)
+    want = fused.apply(params, state, x, training=False)[0]
+    close(folded.apply(fparams, fstate, x, training=False)[0], want)
+    # Folding the plain scale instead would be wrong (the scales have both signs).
+    _, wrong, _ = dataclasses.replace(fused, fuse_activation=False).fold(params, state)
+    assert not np.allclose(folded.apply(wrong, fstate, x, training=False)[0], want, atol=1e-3)
+
+
+def test_fused_cnn_trains_to_the_unfused_accuracy():
+    """A short run (measured: 90.8% unfused, 91.1% fused); the fused one keeps up."""
+    model = CNN(1, (8, 16), 10, pooling="max", activation="leaky_relu", momentum=0.9)
+    x, y = digit_images(DIGITS.x_train), DIGITS.y_train
+    accuracy = {}
+    for fuse in (False, True):
+        m = dataclasses.replace(model, fuse_activation=fuse)
+        opt = optax.adam(optax.cosine_decay_schedule(1e-2, 150))
+        ts = fit(m, opt, x, y, steps=150, batch_size=32, key=jax.random.key(0))
+        metrics = evaluate(m, ts.params, ts.state, digit_images(DIGITS.x_test), DIGITS.y_test)
+        accuracy[fuse] = float(metrics["accuracy"])
+    print(f"digits CNN accuracy: unfused {accuracy[False]:.4f}, fused {accuracy[True]:.4f}")
+    assert accuracy[False] >= 0.88
+    assert accuracy[True] >= accuracy[False] - 0.02
+
+
 # --------------------------------------------------------------------------- training
 
 DIGITS = jaxbn.data.load_digits()
@@ -604,6 +745,23 @@ CONFIG_BAD = [
     (dict(data_format="CHWN"), ValueError, "data_format"),
     (dict(momentum=1.5), ValueError, "momentum"),
     (dict(eps=0.0), ValueError, "eps"),
+    (
+        dict(fuse_activation=True),
+        ValueError,
+        r"activation \(with fuse_activation=True\) must be one of.*'relu' is not invertible",
+    ),
+    (
+        dict(fuse_activation=True, activation="tanh"),
+        ValueError,
+        r"activation \(with fuse_activation=True\).*got 'tanh'",
+    ),
+    (
+        dict(fuse_activation=True, activation="leaky_relu", use_batch_norm=False),
+        ValueError,
+        "fuse_activation=True needs use_batch_norm=True",
+    ),
+    (dict(fuse_activation=1), TypeError, "fuse_activation must be a bool"),
+    (dict(debias=True, momentum=None), ValueError, "debias=True needs a momentum"),
 ]
 
 

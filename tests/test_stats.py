@@ -591,3 +591,82 @@ def test_a_mask_varying_along_features_is_refused_where_the_state_counts_updates
         jax.eval_shape(lambda x: bn.apply(params, state, x, training=True, mask=per_feature), x)
     # A mask over the examples is fine.
     bn.apply(params, state, x, training=True, mask=jnp.array([True, True]))
+
+
+# --- the CNN ---------------------------------------------------------------------------
+
+
+def _conv_same_3x3(x, kernel):
+    """A 3x3 "SAME" convolution, NHWC with an HWIO kernel, as shifted matmuls in float64."""
+    n, h, w, _ = x.shape
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    out = np.zeros((n, h, w, kernel.shape[-1]))
+    for i in range(3):
+        for j in range(3):
+            out += padded[:, i : i + h, j : j + w, :] @ kernel[i, j]
+    return out
+
+
+@pytest.mark.parametrize("fuse", [False, True], ids=["unfused", "fused"])
+@pytest.mark.parametrize("data_format", ["NHWC", "NCHW"])
+def test_cnn_blocks_get_the_population_statistics_of_their_inputs(data_format, fuse):
+    """precise_stats on jaxbn.CNN: both blocks, recomputed here in float64 NumPy.
+
+    Block 0 sees the convolution of every input image; block 1 the convolution of
+    block 0's output in training mode (each batch normalized with its own
+    statistics), pooled over all batches.
+    """
+    model = jaxbn.CNN(
+        2,
+        (4, 3),
+        3,
+        momentum=0.999,
+        activation="leaky_relu",
+        fuse_activation=fuse,
+        data_format=data_format,
+    )
+    params, state = model.init(jax.random.key(0))
+    scale = jnp.array([1.5, -0.5, 0.7, 2.0])  # of both signs: |scale| + eps when fused
+    params["blocks"][0]["batch_norm"]["scale"] = scale
+    xs = data((3, 5, 6, 6, 2))  # 3 batches of 5 NHWC images
+    batches = xs if data_format == "NHWC" else jnp.moveaxis(xs, -1, 2)
+    got = jaxbn.precise_stats(model, params, state, batches)
+    kernels = [np.asarray(b["conv"]["kernel"], np.float64) for b in params["blocks"]]
+    x64 = np.asarray(xs, np.float64)
+    z0 = np.stack([_conv_same_3x3(x, kernels[0]) for x in x64])  # [3, 5, 6, 6, 4]
+    mean0, var0 = population(z0.reshape(-1, 4), (1,))
+    s0 = np.abs(np.asarray(scale, np.float64)) + model.eps if fuse else np.asarray(scale)
+    z1 = []
+    for z in z0:
+        y = (z - z.mean((0, 1, 2))) / np.sqrt(z.var((0, 1, 2)) + model.eps) * s0
+        h = np.where(y >= 0, y, 0.01 * y)  # bias 0; leaky ReLU
+        z1.append(_conv_same_3x3(h, kernels[1]))
+    mean1, var1 = population(np.stack(z1).reshape(-1, 3), (1,))
+    first, second = (b["batch_norm"] for b in got["blocks"])
+    np.testing.assert_allclose(first["mean"], mean0, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(first["var"], var0, rtol=1e-5)
+    np.testing.assert_allclose(second["mean"], mean1, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(second["var"], var1, rtol=1e-4)
+    # The running averages after one step of momentum 0.999 are far from these.
+    _, stepped = model.apply(params, state, batches[0], training=True)
+    assert np.max(np.abs(stepped["blocks"][0]["batch_norm"]["var"] - var0)) > 0.5
+
+
+def test_study_eval_stats_runs_the_cnn_with_tiny_settings(tmp_path):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "examples" / "study_eval_stats.py"
+    spec = importlib.util.spec_from_file_location("study_eval_stats", path)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    argv = ["--model", "cnn", "--channels", "4,8", "--steps", "10", "--chunk", "5", "--seeds", "1"]
+    results = study.main([*argv, "--out", str(tmp_path), "--no-progress"])
+    assert results["steps"] == [5, 10]
+    for name in study.METHODS:
+        acc = np.asarray(results["accuracy"][name])
+        assert acc.shape == (1, 2) and np.all((acc >= 0) & (acc <= 1))
+    # After 10 steps of momentum 0.999 the running averages are nearly the initial
+    # 0 and 1; the precise statistics are those of the network.
+    assert np.mean(results["accuracy"]["precise"]) > np.mean(results["accuracy"]["running"])
+    assert "CNN 4-8" in (tmp_path / "eval_stats.md").read_text()
