@@ -453,10 +453,16 @@ def _bwd(feat, axis_name, res, cotangents):
     red = tuple(a for a in range(ndim) if a not in feat)
     cdt = mean.dtype
     # Separate handles (_handles) on x, dy and mean for each of the passes: the
-    # two sums, then dx.
-    x_sum, x_dx = (v.astype(cdt) for v in _handles(x, 2))
-    dy_sum, dy_sum_xc, dyc = (v.astype(cdt) for v in _handles(jnp.asarray(dy), 3))
-    mean_sum, mean_dx = _handles(mean, 2)
+    # two sums, then dx. One barrier for all three: a barrier on x alone would
+    # be identical to the forward's, XLA would merge the two, and one handle
+    # would then feed a forward and a backward pass (bfloat16 x would be
+    # converted to float32 once and written out, three x-sizes of traffic).
+    (x_sum, dy_sum, mean_sum), (_, dy_sum_xc, _), (x_dx, dyc, mean_dx) = _handles(
+        (x, jnp.asarray(dy), mean), 3
+    )
+    x_sum, x_dx, dy_sum, dy_sum_xc, dyc = (
+        v.astype(cdt) for v in (x_sum, x_dx, dy_sum, dy_sum_xc, dyc)
+    )
     sum_dy = jnp.sum(dy_sum, axis=red)
     sum_dy_xc = jnp.sum(dy_sum_xc * (x_sum - _expand(mean_sum, ndim, feat)), axis=red)
     centred = x_dx - _expand(mean_dx, ndim, feat)

@@ -483,3 +483,37 @@ def test_accelerator_branch_gives_the_same_numbers_on_the_cpu(shape, axis, monke
     got = vjp_of(jaxbn.batch_norm, x, scale, bias, cts, axis)
     assert_trees_close(got, want, jnp.float32)
     assert_trees_close(got, vjp_of(reference.batch_norm, x, scale, bias, cts, axis), jnp.float32)
+
+
+def _cpu_step(dtype, shape=(256, 64)):
+    """The compiled CPU training step (forward and backward with dy given)."""
+    x = jnp.ones(shape, dtype)
+    scale, bias = jnp.ones(shape[-1]), jnp.zeros(shape[-1])
+
+    def step(x, scale, bias, dy):
+        y, pull = jax.vjp(lambda x, s, b: jaxbn.batch_norm(x, s, b)[0], x, scale, bias)
+        return y, pull(dy)
+
+    return jax.jit(step).lower(x, scale, bias, x).compile()
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's fusion rule")
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_cpu_step_writes_no_x_sized_temporary(dtype):
+    # Each pass converts x and dy to float32 inside its own fusion: the compiled
+    # step writes y and dx and nothing else of x's size (a float32 copy of a
+    # low-precision x, shared by several passes, would be written out and read
+    # back: 17 x-sizes of traffic instead of 10).
+    shape = (256, 64)
+    compiled = _cpu_step(dtype, shape)
+    entry = compiled.as_text().split("ENTRY", 1)[1].split("\n}", 1)[0]
+    x_sized = [
+        line.split("=", 1)[0].strip()
+        for line in entry.splitlines()[1:]
+        if f"[{shape[0]},{shape[1]}]" in line.split("=", 1)[-1].split("(", 1)[0]
+        and " parameter(" not in line
+    ]
+    assert len(x_sized) == 2, x_sized  # y and dx
+    itemsize = jnp.dtype(dtype).itemsize
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert temp < shape[0] * shape[1] * itemsize, temp
