@@ -147,6 +147,35 @@ def _handles(v, n: int) -> tuple:
     )
 
 
+def _computed_once(vectors: tuple) -> tuple:
+    """Per-feature vectors computed once, not once per element of ``x`` (on the CPU).
+
+    XLA on CPU fuses the small computation of a per-feature vector into the
+    x-sized loop that broadcasts it, and the loop then redoes it for every
+    element of ``x``: the two-sum of the mean's residue and the backward's
+    coefficients, some twenty operations per element where five are needed
+    (at bfloat16, where the loop moves half the bytes, that makes ``dx`` take
+    twice as long). An ``optimization_barrier`` does not stop it (XLA:CPU
+    drops barriers before fusing); a reduction does, as XLA:CPU never fuses
+    one into an elementwise consumer. So on the CPU the vectors (all of the
+    feature shape) are stacked and summed with a row of zeros, which
+    returns them unchanged (``v + 0 == v``; only ``-0.0`` becomes ``0.0``),
+    computed once, in a small fusion of their own, that the loop only reads.
+    Elsewhere they are the values themselves.
+    """
+    return lax.platform_dependent(*vectors, cpu=_reduced_vectors, default=_plain_vectors)
+
+
+def _reduced_vectors(*vectors) -> tuple:
+    stacked = jnp.stack(vectors)
+    summed = jnp.sum(jnp.stack([stacked, jnp.zeros_like(stacked)]), axis=0)
+    return tuple(summed[i] for i in range(len(vectors)))
+
+
+def _plain_vectors(*vectors) -> tuple:
+    return vectors
+
+
 def _barrier_handles(v, n: int) -> tuple:
     return lax.optimization_barrier((v,) * n)
 
@@ -340,7 +369,10 @@ def _fwd(x, scale, bias, mask, feat, eps, axis_name):
     offset = -resid * a
     if bias is not None:
         offset = offset + bias.astype(cdt)
-    y = (x.astype(cdt) - mean_k) * _expand(a, ndim, feat) + _expand(offset, ndim, feat)
+    # The per-feature vectors of the pass, computed once (_computed_once).
+    mean_y, a, offset = _computed_once((mean, a, offset))
+    mean_y = _expand(mean_y, ndim, feat)
+    y = (x.astype(cdt) - mean_y) * _expand(a, ndim, feat) + _expand(offset, ndim, feat)
     # A zero-size slice of bias: its dtype and (under shard_map) its type.
     bias_tag = None if bias is None else jnp.ravel(bias)[:0]
     names = tuple(axis_name) if isinstance(axis_name, list) else axis_name
@@ -484,10 +516,12 @@ def _bwd(feat, axis_name, res, cotangents):
     )
     b = (2.0 * g_var - inv_std**3 * t_sum_dy_xc) / count
     c = (g_mean - inv_std * t_sum_dy) / count - b * resid
+    # dx = a * dy + m * (b * (x - mean) + c), its vectors computed once (_computed_once).
+    a, b, c = _computed_once((s * inv_std, b, c))
     corr = _expand(b, ndim, feat) * centred + _expand(c, ndim, feat)
     if mask is not None:
         corr = jnp.where(mask, corr, 0)
-    dx = _expand(s * inv_std, ndim, feat) * dyc + corr
+    dx = _expand(a, ndim, feat) * dyc + corr
     # Devices that each normalize with their own statistics (x varies over a
     # mesh axis not in axis_name) add their contributions to a parameter that is
     # replicated over that axis.
