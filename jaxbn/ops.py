@@ -167,9 +167,18 @@ def _computed_once(vectors: tuple) -> tuple:
 
 
 def _reduced_vectors(*vectors) -> tuple:
-    stacked = jnp.stack(vectors)
-    summed = jnp.sum(jnp.stack([stacked, jnp.zeros_like(stacked)]), axis=0)
-    return tuple(summed[i] for i in range(len(vectors)))
+    # One reduction per group of vectors of the same shape, dtype and (inside
+    # shard_map) varying axes, so that each comes back with its own type.
+    groups: dict[Any, list[int]] = {}
+    for i, v in enumerate(vectors):
+        groups.setdefault((v.shape, v.dtype, _varying(v)), []).append(i)
+    out = list(vectors)
+    for idx in groups.values():
+        stacked = jnp.stack([vectors[i] for i in idx])
+        summed = jnp.sum(jnp.stack([stacked, jnp.zeros_like(stacked)]), axis=0)
+        for k, i in enumerate(idx):
+            out[i] = summed[k]
+    return tuple(out)
 
 
 def _plain_vectors(*vectors) -> tuple:
@@ -177,7 +186,18 @@ def _plain_vectors(*vectors) -> tuple:
 
 
 def _barrier_handles(v, n: int) -> tuple:
-    return lax.optimization_barrier((v,) * n)
+    # One barrier per group of leaves with the same varying axes (inside
+    # shard_map): a barrier gives all its outputs the union of its operands'
+    # types, and each handle must keep the type of its value.
+    leaves, tree = jax.tree.flatten((v,) * n)
+    groups: dict[frozenset, list[int]] = {}
+    for i, leaf in enumerate(leaves):
+        groups.setdefault(_varying(leaf), []).append(i)
+    out = list(leaves)
+    for idx in groups.values():
+        for i, h in zip(idx, lax.optimization_barrier([leaves[i] for i in idx]), strict=True):
+            out[i] = h
+    return jax.tree.unflatten(tree, out)
 
 
 def _plain_handles(v, n: int) -> tuple:
@@ -485,16 +505,13 @@ def _bwd(feat, axis_name, res, cotangents):
     red = tuple(a for a in range(ndim) if a not in feat)
     cdt = mean.dtype
     # Separate handles (_handles) on x, dy and mean for each of the passes: the
-    # two sums, then dx. One barrier for all three: a barrier on x alone would
-    # be identical to the forward's, XLA would merge the two, and one handle
-    # would then feed a forward and a backward pass (bfloat16 x would be
-    # converted to float32 once and written out, three x-sizes of traffic).
-    (x_sum, dy_sum, mean_sum), (_, dy_sum_xc, _), (x_dx, dyc, mean_dx) = _handles(
-        (x, jnp.asarray(dy), mean), 3
-    )
-    x_sum, x_dx, dy_sum, dy_sum_xc, dyc = (
-        v.astype(cdt) for v in (x_sum, x_dx, dy_sum, dy_sum_xc, dyc)
-    )
+    # two sums, then dx. Three handles on x where two are used: a barrier on
+    # (x, x) would be identical to the forward's, XLA would merge the two, and
+    # one handle would then feed a forward and a backward pass (bfloat16 x would
+    # be converted to float32 once and written out: 17 x-sizes of traffic, not 10).
+    x_sum, x_dx, _ = (v.astype(cdt) for v in _handles(x, 3))
+    dy_sum, dy_sum_xc, dyc = (v.astype(cdt) for v in _handles(jnp.asarray(dy), 3))
+    mean_sum, mean_dx = _handles(mean, 2)
     sum_dy = jnp.sum(dy_sum, axis=red)
     sum_dy_xc = jnp.sum(dy_sum_xc * (x_sum - _expand(mean_sum, ndim, feat)), axis=red)
     centred = x_dx - _expand(mean_dx, ndim, feat)
