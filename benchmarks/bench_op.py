@@ -13,17 +13,28 @@ contender runs, on the same inputs, the forward ``y`` and the gradients
   ``jax.vjp`` over ``x`` and the params; for low-precision ``x`` it is given
   ``dtype=x.dtype`` so that ``y`` keeps ``x``'s dtype like the others;
 - ``torch``: ``torch.nn.functional.batch_norm(training=True)`` forward and
-  ``y.backward(dy)`` on the CPU, all cores; a 4-D input is tried NCHW-contiguous
-  and channels-last, and the faster layout is kept.
+  ``y.backward(dy)`` on the CPU, all cores (on CUDA where the JAX contenders
+  run on a GPU and PyTorch has CUDA; otherwise not timed there); a 4-D input is
+  tried NCHW-contiguous and channels-last, and the faster layout is kept.
+  PyTorch runs in a child process of its own, after the JAX contenders of the
+  case: its OpenMP threads keep spinning after a call and would slow whatever
+  runs next in the same process, so neither side disturbs the other's timing.
 
 The **floor** of a case is the time to stream 8 arrays of ``x``'s size at the
-copy bandwidth measured in the same run: what an implementation with two passes
+copy bandwidth measured in the same run (``np.copyto`` on the CPU; on an
+accelerator, a jitted elementwise negation of a large array on the device,
+read + write: its memory bandwidth, HBM on a GPU): what an implementation with two passes
 per direction must move (forward: read ``x`` for the statistics, read ``x`` and
 write ``y``; backward: read ``x`` and ``dy`` for the sums, read both again and
 write ``dx``). Every contender also returns two new x-sized arrays (``y``,
 ``dx``) and pays the page faults of fresh buffers on each call, which a copy
 into a reused buffer does not: ``floor + 2 fresh outputs`` adds that cost,
-measured with NumPy, as a second, attainable reference.
+measured with NumPy, as a second, attainable reference (on an accelerator,
+whose allocator reuses device buffers, that cost is taken as 0).
+
+``--platform gpu`` (or ``tpu``, ``cpu``) places the inputs and runs the JAX
+contenders on that platform's first device; by default they run on JAX's
+default backend.
 
 Before each timed repetition the script waits (up to 3 s) until other
 processes leave the CPUs idle, so a shared machine disturbs fewer samples.
@@ -39,7 +50,11 @@ every number (with the machine description) to a file.
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -111,11 +126,12 @@ class Unavailable(Exception):
 # --------------------------------------------------------------------------- inputs
 
 
-def make_inputs(case: Case) -> dict[str, Any]:
+def make_inputs(case: Case, device=None) -> dict[str, Any]:
     """Builds the shared inputs of a case with a fixed key: x, dy, scale, bias.
 
     ``x`` and ``dy`` have the case's dtype; ``scale`` and ``bias`` stay float32
-    (parameters kept in full precision, as Flax's ``param_dtype`` does).
+    (parameters kept in full precision, as Flax's ``param_dtype`` does). They
+    are placed on ``device`` (JAX's default device when ``None``).
     """
     import jax
     import jax.numpy as jnp
@@ -129,7 +145,7 @@ def make_inputs(case: Case) -> dict[str, Any]:
         "scale": 1.0 + 0.1 * rng.standard_normal(c, np.float32),
         "bias": 0.1 * rng.standard_normal(c, np.float32),
     }
-    return jax.block_until_ready(jax.device_put(arrays))
+    return jax.block_until_ready(jax.device_put(arrays, device))
 
 
 # --------------------------------------------------------------------------- contenders
@@ -204,22 +220,29 @@ def _torch_dtype(torch, name):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def build_torch(inp):
-    """``torch.nn.functional.batch_norm`` forward + ``backward`` on the CPU."""
+def _torch_worker(spec_path: str, out_path: str) -> None:
+    """Times PyTorch on the inputs in ``spec_path`` (run in a child process).
+
+    Writes the timing summary (JSON) to ``out_path`` and the outputs
+    ``(y, dx, dscale, dbias)`` in the ``(N..., C)`` layout beside it (``.npz``).
+    """
+    with open(spec_path) as f:
+        spec = json.load(f)
+    arrays = np.load(spec["arrays"])
     torch = _common.optional_import("torch")
-    if torch is None:
-        raise Unavailable("torch not installed")
     import torch.nn.functional as F
 
     torch.set_num_threads(_common.cpu_count())
-    x_np = np.array(inp["x"], np.float32)  # writable copies for torch.from_numpy
-    dtype = _torch_dtype(torch, str(inp["x"].dtype))
+    dev = spec["device"]
+    sync = (lambda o: torch.cuda.synchronize()) if dev == "cuda" else (lambda o: o)
+    dtype = _torch_dtype(torch, spec["dtype"])
+    x_np = arrays["x"]
     ndim = x_np.ndim
     # torch wants channels at dim 1: (N, C, *spatial) from our (N, *spatial, C).
     perm = (0, ndim - 1, *range(1, ndim - 1))
     inv = tuple(int(i) for i in np.argsort(perm))
-    x_log = torch.from_numpy(x_np).permute(perm).to(dtype)
-    dy_log = torch.from_numpy(np.array(inp["dy"], np.float32)).permute(perm).to(dtype)
+    x_log = torch.from_numpy(x_np).permute(perm).to(dev, dtype)
+    dy_log = torch.from_numpy(arrays["dy"]).permute(perm).to(dev, dtype)
     layouts = {"NCHW": torch.contiguous_format}
     if ndim == 4:
         layouts["channels_last"] = torch.channels_last
@@ -227,8 +250,8 @@ def build_torch(inp):
     def make(fmt):
         xt = x_log.contiguous(memory_format=fmt).requires_grad_()
         dyt = dy_log.contiguous(memory_format=fmt)
-        w = torch.from_numpy(np.array(inp["scale"])).requires_grad_()
-        b = torch.from_numpy(np.array(inp["bias"])).requires_grad_()
+        w = torch.from_numpy(arrays["scale"]).to(dev).requires_grad_()
+        b = torch.from_numpy(arrays["bias"]).to(dev).requires_grad_()
         rm, rv = torch.zeros_like(w), torch.ones_like(w)
         rm.requires_grad_(False)
         rv.requires_grad_(False)
@@ -241,19 +264,72 @@ def build_torch(inp):
 
         return run
 
-    def outputs(out):
-        y, dx, dw, db = (t.detach().float().numpy() for t in out)
-        return y.transpose(inv), dx.transpose(inv), dw, db
-
+    out: dict[str, Any] = {}
     runs = {}
     for name, fmt in layouts.items():
         run = make(fmt)
         try:
             run()
-        except RuntimeError as e:  # e.g. a dtype without a CPU kernel
-            raise Unavailable(f"n/a: {str(e).splitlines()[0][:60]}") from None
+        except RuntimeError as e:  # e.g. a dtype without a kernel on this device
+            out["unavailable"] = f"n/a: {str(e).splitlines()[0][:60]}"
+            break
         runs[name] = run
-    return runs, outputs, ""
+    if runs:
+        timings = {
+            k: _common.time_calls(
+                r, reps=spec["reps"], warmup=spec["warmup"], sync=sync, quiet=spec["quiet"]
+            )
+            for k, r in runs.items()
+        }
+        best = min(timings, key=lambda k: timings[k].median)
+        out["best"] = best
+        out["summary"] = {k: t.summary() for k, t in timings.items()}
+        y, dx, dw, db = (t.detach().float().cpu().numpy() for t in runs[best]())
+        np.savez(out_path + ".npz", y=y.transpose(inv), dx=dx.transpose(inv), ds=dw, db=db)
+    with open(out_path, "w") as f:
+        json.dump(out, f)
+
+
+def build_torch(inp):
+    """``torch.nn.functional.batch_norm`` forward + ``backward``, in a child process.
+
+    Returns ``(timings, outputs, note)``: unlike the JAX builders the timing is
+    done here (in the child), so ``run_case`` takes ``timings`` as they are.
+    """
+    if _common.optional_import("torch") is None:
+        raise Unavailable("torch not installed")
+    platform = inp["x"].devices().pop().platform if hasattr(inp["x"], "devices") else "cpu"
+    device = "cpu"
+    if platform != "cpu":
+        torch = _common.optional_import("torch")
+        if not torch.cuda.is_available():
+            raise Unavailable(f"n/a: PyTorch has no {platform} device here")
+        device = "cuda"
+    spec = dict(inp["_timing"], device=device, dtype=str(inp["x"].dtype))
+    with tempfile.TemporaryDirectory() as tmp:
+        spec["arrays"] = os.path.join(tmp, "arrays.npz")
+        np.savez(
+            spec["arrays"],
+            **{k: np.asarray(inp[k], np.float32) for k in ("x", "dy", "scale", "bias")},
+        )
+        spec_path, out_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "out.json")
+        with open(spec_path, "w") as f:
+            json.dump(spec, f)
+        proc = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--torch-worker", spec_path, out_path],
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode != 0:
+            err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise Unavailable(f"failed: {err[:80]}")
+        with open(out_path) as f:
+            out = json.load(f)
+        if "unavailable" in out:
+            raise Unavailable(out["unavailable"])
+        saved = np.load(out_path + ".npz")
+        outputs = tuple(saved[k] for k in ("y", "dx", "ds", "db"))
+    return out, outputs, f"own process, {device}"
 
 
 BUILDERS = {
@@ -276,10 +352,17 @@ def _max_rel_err(got, want) -> float:
 
 
 def run_case(
-    case: Case, contenders: Sequence[str], *, reps: int, warmup: int, quiet: bool = False
+    case: Case,
+    contenders: Sequence[str],
+    *,
+    reps: int,
+    warmup: int,
+    quiet: bool = False,
+    device=None,
 ) -> dict:
-    """Times every contender on one case; returns a JSON-ready dict."""
-    inp = make_inputs(case)
+    """Times every contender on one case (JAX on ``device``); returns a JSON-ready dict."""
+    inp = make_inputs(case, device)
+    inp["_timing"] = {"reps": reps, "warmup": warmup, "quiet": quiet}
     result: dict[str, Any] = {
         "name": case.name,
         "shape": list(case.shape),
@@ -297,23 +380,43 @@ def run_case(
             result["contenders"][name] = entry
             continue
         entry["note"] = note
-        runs = run if isinstance(run, dict) else {"": run}
-        timings = {
-            k: _common.time_calls(r, reps=reps, warmup=warmup, quiet=quiet) for k, r in runs.items()
-        }
-        best = min(timings, key=lambda k: timings[k].median)
-        if len(runs) > 1:
-            others = ", ".join(f"{k} {t.median * 1e3:.3g} ms" for k, t in timings.items())
-            entry["note"] = f"{best} (faster; {others})"
-            entry["layouts"] = {k: t.summary() for k, t in timings.items()}
-        entry.update(timings[best].summary())
-        got = outputs(runs[best]())
+        if name == "torch":  # timed in its own process: (summaries, outputs) come back
+            summaries, best = run["summary"], run["best"]
+            got = outputs
+        else:
+            timings = {"": _common.time_calls(run, reps=reps, warmup=warmup, quiet=quiet)}
+            summaries, best = {k: t.summary() for k, t in timings.items()}, ""
+            got = outputs(run())
+        if len(summaries) > 1:
+            others = ", ".join(f"{k} {t['median_s'] * 1e3:.3g} ms" for k, t in summaries.items())
+            entry["note"] = f"{best} (faster; {others}); {note}"
+            entry["layouts"] = summaries
+        entry.update(summaries[best])
         if want is None:
             want = got
         entry["max_rel_err"] = _max_rel_err(got, want)
         result["contenders"][name] = entry
-    result["fresh_output_s"] = _common.fresh_buffer_cost(result["x_bytes"])
+    # The page faults of fresh output buffers: host memory only (an accelerator's
+    # allocator reuses device buffers).
+    on_cpu = device is None or device.platform == "cpu"
+    result["fresh_output_s"] = _common.fresh_buffer_cost(result["x_bytes"]) if on_cpu else 0.0
     return result
+
+
+def device_copy_bandwidth(device, nbytes: int, *, reps: int = 7, quiet: bool = False) -> float:
+    """Memory bandwidth of ``device`` in bytes per second (read + write).
+
+    A jitted elementwise negation of a float32 array of ``nbytes`` on the
+    device (one read and one write of every element, as a copy; XLA cannot turn
+    it into an alias of its input), waited for with ``block_until_ready``.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.device_put(jnp.ones(nbytes // 4, jnp.float32), device)
+    neg = jax.jit(jnp.negative)
+    timing = _common.time_calls(lambda: neg(a), reps=reps, warmup=2, quiet=quiet)
+    return 2 * a.nbytes / timing.median
 
 
 def _fill_ratios(result: dict, bandwidth: float) -> None:
@@ -400,6 +503,13 @@ def _parser() -> argparse.ArgumentParser:
         "the CPUs idle before each timed repetition",
     )
     p.add_argument("--copy-mib", type=int, default=512, help="array size for copy bandwidth")
+    p.add_argument(
+        "--platform",
+        choices=("cpu", "gpu", "tpu"),
+        help="run the JAX contenders on this platform's first device (default: JAX's "
+        "default backend); the floor then uses that device's memory bandwidth",
+    )
+    p.add_argument("--torch-worker", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
     p.add_argument("--json", metavar="PATH", help="write all results to this JSON file")
     p.add_argument(
         "--quick",
@@ -424,6 +534,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         started while other processes were busy).
     """
     args = _parser().parse_args(argv)
+    if args.torch_worker:
+        _torch_worker(*args.torch_worker)
+        return {}
     cases = args.shapes or [parse_case(c) for c in (QUICK_CASES if args.quick else DEFAULT_CASES)]
     reps, warmup, copy_mib = args.reps, args.warmup, args.copy_mib
     if args.quick:
@@ -437,17 +550,28 @@ def main(argv: Sequence[str] | None = None) -> dict:
             skipped[module] = "not installed"
             print(f"note     {module} is not installed: skipped ({dist})")
 
+    import jax
+
+    device = jax.devices(args.platform)[0] if args.platform else jax.devices()[0]
+    info["device"] = f"{device.platform}: {device.device_kind}"
+    print(f"device   {info['device']} (JAX contenders)")
     quiet = not (args.quick or args.no_wait_idle)
-    bandwidth = _common.copy_bandwidth(
-        copy_mib * _common.MiB, reps=3 if args.quick else 7, quiet=quiet
-    )
-    print(f"copy     {bandwidth / 1e9:.2f} GB/s (np.copyto of {copy_mib} MiB, read + write)")
+    copy_reps = 3 if args.quick else 7
+    if device.platform == "cpu":
+        bandwidth = _common.copy_bandwidth(copy_mib * _common.MiB, reps=copy_reps, quiet=quiet)
+        how = "np.copyto"
+    else:
+        bandwidth = device_copy_bandwidth(
+            device, copy_mib * _common.MiB, reps=copy_reps, quiet=quiet
+        )
+        how = f"jitted negation on the {device.platform}"
+    print(f"copy     {bandwidth / 1e9:.2f} GB/s ({how} of {copy_mib} MiB, read + write)")
     wait = "" if args.quick or args.no_wait_idle else ", each started on idle CPUs"
     print(f"timing   median of {reps} reps after {warmup} warm-up calls{wait}\n")
 
     results = []
     for case in cases:
-        res = run_case(case, args.contenders, reps=reps, warmup=warmup, quiet=quiet)
+        res = run_case(case, args.contenders, reps=reps, warmup=warmup, quiet=quiet, device=device)
         _fill_ratios(res, bandwidth)
         results.append(res)
     print(_table(results))
@@ -462,6 +586,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "reps": reps,
         "warmup": warmup,
         "floor_passes": FLOOR_PASSES,
+        "device": info["device"],
         "skipped": skipped,
         "cases": results,
     }

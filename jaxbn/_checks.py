@@ -236,7 +236,12 @@ def check_keys(name: str, tree: Any, allowed: tuple[str, ...], required: tuple[s
 
 
 def check_cotangents(
-    cotangents: Any, x_shape: tuple[int, ...], feat: tuple[int, ...], names: tuple[str, str, str]
+    cotangents: Any,
+    x_shape: tuple[int, ...],
+    feat: tuple[int, ...],
+    names: tuple[str, str, str],
+    *,
+    shape_name: str,
 ) -> tuple:
     """Checks the triple of cotangents a public backward takes; returns it as a tuple.
 
@@ -246,6 +251,7 @@ def check_cotangents(
         feat: the forward's feature axes.
         names: the three cotangents' names, for the messages (e.g. ``("dy", "dmean",
             "dvar")``).
+        shape_name: what the first cotangent's shape is called (e.g. ``"x's shape"``).
 
     Returns:
         ``tuple(cotangents)``.
@@ -262,7 +268,7 @@ def check_cotangents(
     fshape = tuple(x_shape[a] for a in feat)
     for name, ct, want in zip(names, cotangents, (x_shape, fshape, fshape), strict=True):
         if jnp.shape(ct) != want:
-            what = "the output's shape" if want is x_shape else f"the feature shape (axes {feat})"
+            what = shape_name if want is x_shape else f"the feature shape (axes {feat})"
             raise ValueError(f"{name} must have {what} {want}, got {jnp.shape(ct)}")
         if not jnp.issubdtype(jnp.result_type(ct), jnp.floating):
             raise TypeError(f"{name} must have a floating-point dtype, got {jnp.result_type(ct)}")

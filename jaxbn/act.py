@@ -590,5 +590,7 @@ def batch_norm_act_bwd(
                 f"{name}={given!r} differs from the forward's {name}={forward!r}: pass the "
                 f"forward's, or None"
             )
-    cotangents = _checks.check_cotangents(cotangents, shape, feat, ("dz", "dmean", "dvar"))
+    cotangents = _checks.check_cotangents(
+        cotangents, shape, feat, ("dz", "dmean", "dvar"), shape_name="z's shape"
+    )
     return _bwd(feat, res.axis_name, res.activation, res.negative_slope, res, cotangents)

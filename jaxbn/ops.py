@@ -147,22 +147,57 @@ def _handles(v, n: int) -> tuple:
     )
 
 
+def _computed_once(vectors: tuple) -> tuple:
+    """Per-feature vectors computed once, not once per element of ``x`` (on the CPU).
+
+    XLA on CPU fuses the small computation of a per-feature vector into the
+    x-sized loop that broadcasts it, and the loop then redoes it for every
+    element of ``x``: the two-sum of the mean's residue and the backward's
+    coefficients, some twenty operations per element where five are needed
+    (at bfloat16, where the loop moves half the bytes, that makes ``dx`` take
+    twice as long). An ``optimization_barrier`` does not stop it (XLA:CPU
+    drops barriers before fusing); a reduction does, as XLA:CPU never fuses
+    one into an elementwise consumer. So on the CPU the vectors (all of the
+    feature shape) are stacked and summed with a row of zeros, which
+    returns them unchanged (``v + 0 == v``; only ``-0.0`` becomes ``0.0``),
+    computed once, in a small fusion of their own, that the loop only reads.
+    Elsewhere they are the values themselves.
+    """
+    return lax.platform_dependent(*vectors, cpu=_reduced_vectors, default=_plain_vectors)
+
+
+def _reduced_vectors(*vectors) -> tuple:
+    # One reduction per group of vectors of the same shape, dtype and (inside
+    # shard_map) varying axes, so that each comes back with its own type.
+    groups: dict[Any, list[int]] = {}
+    for i, v in enumerate(vectors):
+        groups.setdefault((v.shape, v.dtype, _varying(v)), []).append(i)
+    out = list(vectors)
+    for idx in groups.values():
+        stacked = jnp.stack([vectors[i] for i in idx])
+        summed = jnp.sum(jnp.stack([stacked, jnp.zeros_like(stacked)]), axis=0)
+        for k, i in enumerate(idx):
+            out[i] = summed[k]
+    return tuple(out)
+
+
+def _plain_vectors(*vectors) -> tuple:
+    return vectors
+
+
 def _barrier_handles(v, n: int) -> tuple:
-    # One barrier for the leaves of each varying type: inside shard_map a barrier
-    # types all its outputs as varying over every axis any of its inputs varies
-    # over, so an invariant leaf sharing a barrier with a varying one would come back
-    # typed unlike the other branch's. Outside shard_map it is a single barrier (the
-    # leaves tied together, as the fused op's backward needs).
-    leaves, treedef = jax.tree.flatten(v)
+    # One barrier per group of leaves with the same varying axes (inside
+    # shard_map): a barrier gives all its outputs the union of its operands'
+    # types, and each handle must keep the type of its value.
+    leaves, tree = jax.tree.flatten((v,) * n)
     groups: dict[frozenset, list[int]] = {}
     for i, leaf in enumerate(leaves):
         groups.setdefault(_varying(leaf), []).append(i)
-    copies: list = [None] * len(leaves)
+    out = list(leaves)
     for idx in groups.values():
-        out = lax.optimization_barrier(tuple(leaves[i] for i in idx for _ in range(n)))
-        for k, i in enumerate(idx):
-            copies[i] = out[k * n : (k + 1) * n]
-    return tuple(jax.tree.unflatten(treedef, [c[j] for c in copies]) for j in range(n))
+        for i, h in zip(idx, lax.optimization_barrier([leaves[i] for i in idx]), strict=True):
+            out[i] = h
+    return jax.tree.unflatten(tree, out)
 
 
 def _plain_handles(v, n: int) -> tuple:
@@ -354,7 +389,10 @@ def _fwd(x, scale, bias, mask, feat, eps, axis_name):
     offset = -resid * a
     if bias is not None:
         offset = offset + bias.astype(cdt)
-    y = (x.astype(cdt) - mean_k) * _expand(a, ndim, feat) + _expand(offset, ndim, feat)
+    # The per-feature vectors of the pass, computed once (_computed_once).
+    mean_y, a, offset = _computed_once((mean, a, offset))
+    mean_y = _expand(mean_y, ndim, feat)
+    y = (x.astype(cdt) - mean_y) * _expand(a, ndim, feat) + _expand(offset, ndim, feat)
     # A zero-size slice of bias: its dtype and (under shard_map) its type.
     bias_tag = None if bias is None else jnp.ravel(bias)[:0]
     names = tuple(axis_name) if isinstance(axis_name, list) else axis_name
@@ -410,20 +448,10 @@ def batch_norm_bwd(
         raise ValueError(
             f"axis_name={axis_name!r} differs from the forward's axis_name={res.axis_name!r}"
         )
-    if not isinstance(cotangents, (tuple, list)) or len(cotangents) != 3:
-        raise TypeError(
-            f"cotangents must be a triple (dy, dmean, dvar), got {type(cotangents).__name__}"
-            + (f" of length {len(cotangents)}" if isinstance(cotangents, (tuple, list)) else "")
-        )
-    fshape = tuple(x_shape[a] for a in feat)
-    wants = (x_shape, fshape, fshape)
-    for name, ct, want in zip(("dy", "dmean", "dvar"), cotangents, wants, strict=True):
-        if jnp.shape(ct) != want:
-            what = "x's shape" if name == "dy" else f"the feature shape (axes {feat})"
-            raise ValueError(f"{name} must have {what} {want}, got {jnp.shape(ct)}")
-        if not jnp.issubdtype(jnp.result_type(ct), jnp.floating):
-            raise TypeError(f"{name} must have a floating-point dtype, got {jnp.result_type(ct)}")
-    return _bwd(feat, res.axis_name, res, tuple(cotangents))
+    cotangents = _checks.check_cotangents(
+        cotangents, x_shape, feat, ("dy", "dmean", "dvar"), shape_name="x's shape"
+    )
+    return _bwd(feat, res.axis_name, res, cotangents)
 
 
 def _bwd(feat, axis_name, res, cotangents):
@@ -467,8 +495,11 @@ def _bwd(feat, axis_name, res, cotangents):
     red = tuple(a for a in range(ndim) if a not in feat)
     cdt = mean.dtype
     # Separate handles (_handles) on x, dy and mean for each of the passes: the
-    # two sums, then dx.
-    x_sum, x_dx = (v.astype(cdt) for v in _handles(x, 2))
+    # two sums, then dx. Three handles on x where two are used: a barrier on
+    # (x, x) would be identical to the forward's, XLA would merge the two, and
+    # one handle would then feed a forward and a backward pass (bfloat16 x would
+    # be converted to float32 once and written out: 17 x-sizes of traffic, not 10).
+    x_sum, x_dx, _ = (v.astype(cdt) for v in _handles(x, 3))
     dy_sum, dy_sum_xc, dyc = (v.astype(cdt) for v in _handles(jnp.asarray(dy), 3))
     mean_sum, mean_dx = _handles(mean, 2)
     sum_dy = jnp.sum(dy_sum, axis=red)
@@ -490,12 +521,18 @@ def _bwd(feat, axis_name, res, cotangents):
     t_sum_dy, t_sum_dy_xc = _psum_over(
         (s * r_sum_dy, s * r_sum_dy_xc), tuple(n for n in axes if n not in s_rep)
     )
-    b = (2.0 * g_var - inv_std**3 * t_sum_dy_xc) / count
-    c = (g_mean - inv_std * t_sum_dy) / count - b * resid
+    # A feature with nothing kept (count 0) has its correction masked out below;
+    # dividing by max(count, 1) keeps the division finite there, so that the
+    # derivatives of this backward (grad of grad) stay finite too.
+    n = jnp.maximum(count, 1.0)
+    b = (2.0 * g_var - inv_std**3 * t_sum_dy_xc) / n
+    c = (g_mean - inv_std * t_sum_dy) / n - b * resid
+    # dx = a * dy + m * (b * (x - mean) + c), its vectors computed once (_computed_once).
+    a, b, c = _computed_once((s * inv_std, b, c))
     corr = _expand(b, ndim, feat) * centred + _expand(c, ndim, feat)
     if mask is not None:
         corr = jnp.where(mask, corr, 0)
-    dx = _expand(s * inv_std, ndim, feat) * dyc + corr
+    dx = _expand(a, ndim, feat) * dyc + corr
     # Devices that each normalize with their own statistics (x varies over a
     # mesh axis not in axis_name) add their contributions to a parameter that is
     # replicated over that axis.

@@ -225,7 +225,7 @@ def test_public_halves_equal_the_registered_vjp():
         ({"activation": "identity"}, None, ValueError, "activation='identity' differs"),
         ({"negative_slope": 0.5}, None, ValueError, "negative_slope=0.5 differs"),
         ({"axis_name": "batch"}, None, ValueError, "axis_name='batch' differs"),
-        ({}, "dz", ValueError, r"dz must have the output's shape \(8, 3\)"),
+        ({}, "dz", ValueError, r"dz must have z's shape \(8, 3\)"),
         ({}, "dmean", ValueError, r"dmean must have the feature shape \(axes \(1,\)\)"),
         ({}, "dvar-int", TypeError, "dvar must have a floating-point dtype"),
         ({}, "pair", TypeError, "cotangents must be a triple"),

@@ -11,6 +11,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
+import re
+import shlex
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -78,3 +83,63 @@ def test_op_json_written(quick_results):
 def test_op_parse_case(bench_op):
     assert bench_op.parse_case("128x32x32x64:bfloat16").shape == (128, 32, 32, 64)
     assert bench_op.parse_case("16x4").dtype == "float32"
+
+
+def test_op_torch_timed_in_its_own_process(bench_op, monkeypatch):
+    # PyTorch's OpenMP threads keep spinning after a call: timed in the same
+    # process, they would slow whatever JAX contender runs next.
+    if not _installed("torch"):
+        pytest.skip("torch is not installed")
+    calls = []
+    real_run = subprocess.run
+
+    def spy(cmd, *args, **kwargs):
+        calls.append(list(cmd))
+        return real_run(cmd, *args, **kwargs)
+
+    monkeypatch.setattr(bench_op.subprocess, "run", spy)
+    res = bench_op.run_case(bench_op.parse_case("16x4"), ["jaxbn", "torch"], reps=3, warmup=1)
+    assert any("--torch-worker" in c for c in calls), calls
+    entry = res["contenders"]["torch"]
+    assert entry["median_s"] is not None and entry["median_s"] > 0, entry
+    assert entry["max_rel_err"] < 1e-4
+
+
+def test_op_runs_on_a_named_platform_with_its_bandwidth(bench_op):
+    import jax
+
+    results = bench_op.main(
+        ["--quick", "--platform", "cpu", "--shapes", "16x4", "--contenders", "jaxbn"]
+    )
+    assert results["device"].startswith("cpu")
+    # The floor's bandwidth on an accelerator: exercised here on the CPU device.
+    bandwidth = bench_op.device_copy_bandwidth(jax.devices("cpu")[0], 1 << 20, reps=3)
+    assert math.isfinite(bandwidth) and bandwidth > 0
+
+
+ACCEL = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_accelerator.sh"
+
+
+def test_accelerator_script_passes_flags_each_benchmark_accepts(import_benchmark):
+    subprocess.run(["bash", "-n", str(ACCEL)], check=True)
+    text = ACCEL.read_text()
+    assert "NOT YET RUN ON A GPU" in text
+    modules = {"op": "bench_op", "train": "bench_train", "fused": "bench_fused", "cnn": "bench_cnn"}
+    seen = []
+    for name, flags in re.findall(r"^\s*(op|train|fused|cnn)=\((.*)\)\s*$", text, re.M):
+        parser = import_benchmark(modules[name])._parser()
+        parser.parse_args([*shlex.split(flags), "--json", "out.json"])  # exits on a bad flag
+        seen.append(name)
+    assert sorted(seen) == sorted(2 * list(modules))  # the GPU run and --cpu-smoke
+
+
+def test_accelerator_script_refuses_to_run_without_a_gpu():
+    import jax
+
+    if any(d.platform == "gpu" for d in jax.devices()):
+        pytest.skip("a GPU is present: the script would run the full benchmarks")
+    proc = subprocess.run(
+        ["bash", str(ACCEL)], capture_output=True, text=True, env=dict(os.environ), timeout=120
+    )
+    assert proc.returncode == 1
+    assert "no GPU visible" in proc.stderr

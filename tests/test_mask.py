@@ -248,3 +248,25 @@ def test_ghost_batch_norm_with_a_mask_varying_along_features():
     close(y, jnp.concatenate(want_y))
     w = np.array(counts) / np.sum(counts, axis=0)
     close(new, {"mean": (w * np.array(means)).sum(0), "var": (w * np.array(vars_)).sum(0)})
+
+
+def test_second_derivatives_stay_finite_with_a_feature_that_keeps_nothing():
+    # Feature 1 keeps nothing: its statistics are 0 and its correction is masked out;
+    # the backward must not divide by its zero count (grad of grad would be NaN).
+    x = jax.random.normal(jax.random.key(0), (4, 2))
+    mask = jnp.array([[True, False]] * 4)
+    scale, bias = jnp.array([1.5, 0.5]), jnp.array([0.1, -0.2])
+
+    def make_loss(op):
+        def loss(x):
+            y, mean, var = op(x, scale, bias, mask=mask)
+            return jnp.sum(jnp.where(mask, y, 0.0) ** 3) + jnp.sum(mean * var)
+
+        return loss
+
+    def outer(op):
+        return jax.grad(lambda x: jnp.sum(jax.grad(make_loss(op))(x) ** 2))(x)
+
+    got, want = outer(jaxbn.batch_norm), outer(jaxbn.reference.batch_norm)
+    assert bool(jnp.all(jnp.isfinite(got)))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

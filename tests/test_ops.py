@@ -469,8 +469,11 @@ def _lowered_text(platform):
 
 
 def test_cpu_fusion_workaround_only_where_lowered_for_the_cpu():
-    assert "optimization_barrier" in _lowered_text("cpu")
-    assert "optimization_barrier" not in _lowered_text("cuda")
+    cpu, cuda = _lowered_text("cpu"), _lowered_text("cuda")
+    assert "optimization_barrier" in cpu
+    assert "optimization_barrier" not in cuda
+    # _computed_once: one extra reduction per direction, on the CPU only.
+    assert cpu.count("stablehlo.reduce") == cuda.count("stablehlo.reduce") + 2
 
 
 @pytest.mark.parametrize(("shape", "axis"), CASES[:4], ids=IDS[:4])
@@ -480,6 +483,75 @@ def test_accelerator_branch_gives_the_same_numbers_on_the_cpu(shape, axis, monke
     x, scale, bias, cts = make_inputs(shape, axis, seed=14, offset=100.0)
     want = vjp_of(jaxbn.batch_norm, x, scale, bias, cts, axis)
     monkeypatch.setattr(ops, "_handles", ops._plain_handles)
+    monkeypatch.setattr(ops, "_computed_once", lambda vectors: ops._plain_vectors(*vectors))
     got = vjp_of(jaxbn.batch_norm, x, scale, bias, cts, axis)
     assert_trees_close(got, want, jnp.float32)
     assert_trees_close(got, vjp_of(reference.batch_norm, x, scale, bias, cts, axis), jnp.float32)
+
+
+def _cpu_step(dtype, shape=(256, 64)):
+    """The compiled CPU training step (forward and backward with dy given)."""
+    x = jnp.ones(shape, dtype)
+    scale, bias = jnp.ones(shape[-1]), jnp.zeros(shape[-1])
+
+    def step(x, scale, bias, dy):
+        y, pull = jax.vjp(lambda x, s, b: jaxbn.batch_norm(x, s, b)[0], x, scale, bias)
+        return y, pull(dy)
+
+    return jax.jit(step).lower(x, scale, bias, x).compile()
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's fusion rule")
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_cpu_step_writes_no_x_sized_temporary(dtype):
+    # Each pass converts x and dy to float32 inside its own fusion: the compiled
+    # step writes y and dx and nothing else of x's size (a float32 copy of a
+    # low-precision x, shared by several passes, would be written out and read
+    # back: 17 x-sizes of traffic instead of 10).
+    shape = (256, 64)
+    compiled = _cpu_step(dtype, shape)
+    entry = compiled.as_text().split("ENTRY", 1)[1].split("\n}", 1)[0]
+    x_sized = [
+        line.split("=", 1)[0].strip()
+        for line in entry.splitlines()[1:]
+        if f"[{shape[0]},{shape[1]}]" in line.split("=", 1)[-1].split("(", 1)[0]
+        and " parameter(" not in line
+    ]
+    assert len(x_sized) == 2, x_sized  # y and dx
+    itemsize = jnp.dtype(dtype).itemsize
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert temp < shape[0] * shape[1] * itemsize, temp
+
+
+def _fused_computation(text, fusion):
+    """The body of the computation called by the entry's instruction ``fusion``."""
+    entry = text.split("ENTRY", 1)[1]
+    called = entry.split(f"{fusion} = ", 1)[1].split("calls=", 1)[1].split(",", 1)[0].strip()
+    return text.split(f"\n{called} ", 1)[1].split("\n}", 1)[0]
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's fusion rule")
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_cpu_passes_over_x_do_no_per_feature_arithmetic(dtype):
+    # The y and dx loops read their per-feature vectors (computed once); XLA:CPU
+    # would otherwise fuse the vectors' arithmetic (the residue's two-sum, the
+    # backward's coefficients) into the loops and redo it for every element.
+    shape = (256, 64)
+    text = _cpu_step(dtype, shape).as_text()
+    entry = text.split("ENTRY", 1)[1].split("\n}", 1)[0]
+    loops = [
+        line.split("=", 1)[0].strip()
+        for line in entry.splitlines()
+        if " fusion(" in line and f"[{shape[0]},{shape[1]}]" in line.split("fusion(", 1)[0]
+    ]
+    assert len(loops) == 2, loops  # y and dx
+    arith = ("add(", "subtract(", "multiply(", "divide(", "negate(", "rsqrt(")
+    for loop in loops:
+        per_feature = [
+            line.strip()
+            for line in _fused_computation(text, loop).splitlines()
+            if f"[{shape[1]}]" in line.split("=", 1)[-1].split(" ", 2)[1]
+            or f"[1,{shape[1]}]" in line.split("=", 1)[-1].split(" ", 2)[1]
+            if any(op in line for op in arith)
+        ]
+        assert not per_feature, (loop, per_feature)
