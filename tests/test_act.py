@@ -267,6 +267,10 @@ def test_mask_varying_along_features_matches_the_reference():
     want = vjp_of(oracle, x, scale, bias, cts)
     assert got[1][0].shape == x.shape
     assert_trees_close(got, want, jnp.float32)
+    # ... and finite differences in float64, to second order.
+    with jax.enable_x64(True):
+        args = tuple(jnp.asarray(a, jnp.float64) for a in (x, scale, bias))
+        check_grads(fused, args, order=2, modes=["rev"])
 
 
 def test_residuals_hold_z_and_feature_vectors_only(capsys):
