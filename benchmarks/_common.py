@@ -182,14 +182,21 @@ def _cpu_ticks() -> tuple[int, int] | None:
     return sum(fields) - idle, sum(fields)
 
 
+def _own_ticks() -> float:
+    """CPU time of every thread of this process so far, in ``/proc/stat`` jiffies."""
+    return time.process_time() * os.sysconf("SC_CLK_TCK")
+
+
 def wait_for_idle(*, busy_cores: float = 0.25, window: float = 0.05, timeout: float = 10.0) -> bool:
     """Sleeps until the other processes leave the CPUs (nearly) idle.
 
     On a machine shared with other work, a repetition that starts while
     another process computes measures that process too. This samples
-    ``/proc/stat`` over ``window`` seconds (this process sleeps meanwhile, so
-    any busy time is someone else's) until fewer than ``busy_cores`` cores were
-    busy, or ``timeout`` seconds have passed.
+    ``/proc/stat`` over ``window`` seconds until fewer than ``busy_cores``
+    cores were busy with other processes' work, or ``timeout`` seconds have
+    passed. This process's own CPU time is subtracted: its thread pools may
+    keep spinning after a call (PyTorch's OpenMP threads do), and counting
+    them would make it wait for itself.
 
     Returns:
         ``True`` if the machine was idle, ``False`` on timeout (or where
@@ -197,13 +204,14 @@ def wait_for_idle(*, busy_cores: float = 0.25, window: float = 0.05, timeout: fl
     """
     deadline = time.perf_counter() + timeout
     while True:
-        t0 = _cpu_ticks()
+        t0, own0 = _cpu_ticks(), _own_ticks()
         if t0 is None:
             return False
         time.sleep(window)
-        t1 = _cpu_ticks()
+        t1, own1 = _cpu_ticks(), _own_ticks()
         total = t1[1] - t0[1]
-        if total > 0 and (t1[0] - t0[0]) / total * cpu_count() < busy_cores:
+        others = max(t1[0] - t0[0] - (own1 - own0), 0)
+        if total > 0 and others / total * cpu_count() < busy_cores:
             return True
         if time.perf_counter() > deadline:
             return False
@@ -262,7 +270,11 @@ def time_calls(
             (``block_until_ready`` for JAX).
         quiet: before each repetition, wait (up to 3 s) for other processes
             to leave the CPUs idle (:func:`wait_for_idle`); repetitions that
-            had to start anyway are counted in ``Timing.busy_starts``.
+            had to start anyway are counted in ``Timing.busy_starts``. After
+            the wait one untimed call runs first and the timed call follows it
+            at once, as in a training loop: a thread pool that went to sleep
+            during the wait (XLA's, PyTorch's OpenMP threads) is awake again,
+            so its wake-up is not what is measured.
 
     Returns:
         A :class:`Timing` with one wall-clock time per repetition.
@@ -271,8 +283,10 @@ def time_calls(
         sync(fn())
     timing = Timing()
     for _ in range(reps):
-        if quiet and not wait_for_idle(timeout=3.0):
-            timing.busy_starts += 1
+        if quiet:
+            if not wait_for_idle(timeout=3.0):
+                timing.busy_starts += 1
+            sync(fn())
         t0 = time.perf_counter()
         sync(fn())
         timing.times.append(time.perf_counter() - t0)

@@ -36,7 +36,6 @@ case "${1:-}" in
 esac
 py="${PYTHON:-python}"
 out="${OUT_DIR:-$here/results/accelerator-$(date -u +%Y%m%dT%H%M%SZ)}"
-mkdir -p "$out"
 
 if [[ $mode == gpu ]]; then
   export JAX_PLATFORMS=cuda
@@ -57,6 +56,8 @@ else
   cnn=(--quick --contenders jaxbn-jit flax-jit)
 fi
 
+# Created only now: a run refused above leaves nothing behind.
+mkdir -p "$out"
 "$py" -c 'import jax; d = jax.devices()[0]; print(f"device   {d.platform}: {d.device_kind}")'
 # A benchmark that fails is reported and the others still run.
 failed=()

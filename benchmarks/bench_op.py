@@ -37,7 +37,10 @@ contenders on that platform's first device; by default they run on JAX's
 default backend.
 
 Before each timed repetition the script waits (up to 3 s) until other
-processes leave the CPUs idle, so a shared machine disturbs fewer samples.
+processes leave the CPUs idle, so a shared machine disturbs fewer samples, then
+makes one untimed call and times the call right after it: steps follow each
+other in training, and a thread pool that slept during the wait would
+otherwise be timed waking up (XLA's pool, PyTorch's OpenMP threads).
 
 Every contender's outputs are also compared with the first contender's (jaxbn
 by default): ``max rel err`` is the largest ``max |diff| / max |value|`` over

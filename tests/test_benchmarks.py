@@ -133,13 +133,56 @@ def test_accelerator_script_passes_flags_each_benchmark_accepts(import_benchmark
     assert sorted(seen) == sorted(2 * list(modules))  # the GPU run and --cpu-smoke
 
 
-def test_accelerator_script_refuses_to_run_without_a_gpu():
+def test_accelerator_script_refuses_to_run_without_a_gpu(tmp_path):
     import jax
 
     if any(d.platform == "gpu" for d in jax.devices()):
         pytest.skip("a GPU is present: the script would run the full benchmarks")
+    out = tmp_path / "accelerator-out"
     proc = subprocess.run(
-        ["bash", str(ACCEL)], capture_output=True, text=True, env=dict(os.environ), timeout=120
+        ["bash", str(ACCEL)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, OUT_DIR=str(out)),
+        timeout=120,
     )
     assert proc.returncode == 1
     assert "no GPU visible" in proc.stderr
+    assert not out.exists()  # a refused run leaves no empty results folder behind
+
+
+def test_waiting_for_idle_cpus_does_not_wait_for_this_process(import_benchmark, monkeypatch):
+    # Every busy jiffy in the window is this process's own (spinning pool threads):
+    # the machine counts as idle. The same busy time from another process does not.
+    common = import_benchmark("_common")
+    clock = {"busy": 0, "total": 0, "own": 0}
+
+    def ticks():
+        return clock["busy"], clock["total"]
+
+    def sleep(_):
+        clock["busy"] += 10
+        clock["total"] += 10
+        clock["own"] += 10 if own_work else 0
+
+    monkeypatch.setattr(common, "_cpu_ticks", ticks)
+    monkeypatch.setattr(common, "_own_ticks", lambda: clock["own"])
+    monkeypatch.setattr(common.time, "sleep", sleep)
+    own_work = True
+    assert common.wait_for_idle(timeout=0.0)
+    own_work = False
+    assert not common.wait_for_idle(timeout=0.0)
+
+
+def test_quiet_timing_runs_an_untimed_call_right_before_each_timed_one(
+    import_benchmark, monkeypatch
+):
+    common = import_benchmark("_common")
+    monkeypatch.setattr(common, "wait_for_idle", lambda **_: True)
+    calls = []
+    timing = common.time_calls(lambda: calls.append(1), reps=4, warmup=2, quiet=True)
+    assert len(timing.times) == 4
+    assert len(calls) == 2 + 2 * 4
+    calls.clear()
+    common.time_calls(lambda: calls.append(1), reps=4, warmup=2, quiet=False)
+    assert len(calls) == 2 + 4
