@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import hashlib
+import json
 import math
 import os
 import shutil
@@ -44,7 +46,14 @@ from jaxbn.checkpoint import CheckpointError, load_checkpoint, read_metadata, sa
 from jaxbn.data import check_batch_size
 from jaxbn.parallel import check_mesh
 from jaxbn.stats import precise_stats_from_data
-from jaxbn.train import Model, TrainState, init_train_state, make_train_loop
+from jaxbn.train import (
+    Model,
+    TrainState,
+    check_labels,
+    init_train_state,
+    make_train_loop,
+    num_classes,
+)
 
 __all__ = ["TrainingDiverged", "fit", "run_config"]
 
@@ -74,28 +83,65 @@ class TrainingDiverged(ValueError):
 
 
 def _jsonable(value: Any) -> Any:
-    """A model field as JSON: tuples as lists, dtypes by name, anything else by repr."""
+    """A model field as JSON that is the same in every process that builds the same model.
+
+    Tuples as lists, dtypes by name, functions by their qualified name and a
+    digest of their code (a ``functools.partial`` with its arguments); anything
+    else by its ``repr``, unless that holds a memory address (the default
+    ``repr`` of an object), which differs from process to process and so could
+    never match on resume: such a field is refused.
+    """
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, (tuple, list)):
         return [_jsonable(v) for v in value]
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, functools.partial):
+        return {
+            "partial": _jsonable(value.func),
+            "args": _jsonable(value.args),
+            "keywords": _jsonable(value.keywords),
+        }
+    if callable(value) and hasattr(value, "__qualname__"):
+        fun = getattr(value, "fun", value)  # jax.custom_jvp / custom_vjp wrap a function
+        code = getattr(fun, "__code__", None)
+        name = f"{getattr(value, '__module__', '?')}.{value.__qualname__}"
+        return {"function": name, "code": None if code is None else _code_digest(code)}
     try:
         return np.dtype(value).name
     except TypeError:
-        return repr(value)
+        pass
+    text = repr(value)
+    if " at 0x" in text:
+        raise TypeError(
+            f"cannot record {text} in a checkpoint: its repr holds a memory address, so "
+            f"a resumed run could never match it; give its type a __repr__ of its "
+            f"settings, or hold its settings in the model's fields instead"
+        )
+    return text
+
+
+def _code_digest(code) -> str:
+    """A digest of a function's bytecode and constants (nested functions included)."""
+    digest = hashlib.sha256(code.co_code)
+    for const in code.co_consts:
+        digest.update((_code_digest(const) if hasattr(const, "co_code") else repr(const)).encode())
+    return digest.hexdigest()[:16]
 
 
 def _describe_model(model: Any) -> dict:
     kind = f"{type(model).__module__}.{type(model).__qualname__}"
     if not dataclasses.is_dataclass(model):
         return {"type": kind}
-    fields = {
-        f.name: _jsonable(getattr(model, f.name))
-        for f in dataclasses.fields(model)
-        if f.name != "axis_name"  # set by fit itself on a mesh
-    }
+    fields = {}
+    for f in dataclasses.fields(model):
+        if f.name == "axis_name":  # set by fit itself on a mesh
+            continue
+        try:
+            fields[f.name] = _jsonable(getattr(model, f.name))
+        except TypeError as err:
+            raise TypeError(f"model field {f.name!r}: {err}") from None
     return {"type": kind, "fields": fields}
 
 
@@ -219,10 +265,11 @@ def _check_counts(**counts: tuple[Any, int]) -> None:
 def _check_optimizer(optimizer: optax.GradientTransformation, ts: TrainState) -> None:
     """Refuses an optimizer that cannot train: non-finite or negative learning rate.
 
-    Two checks: every hyperparameter the state exposes
-    (:func:`optimizer_hyperparams`) is finite and a learning rate is not
-    negative; and the first update for a gradient of ones is finite (this finds
-    a NaN or inf learning rate hidden in a closure, as in ``optax.sgd(nan)``).
+    Every hyperparameter the state exposes (:func:`optimizer_hyperparams`) is
+    finite and a learning rate is not negative; and the first update for a
+    gradient of ones is finite and does not go uphill (this finds a NaN, inf or
+    negative learning rate hidden in a closure, as in ``optax.sgd(-0.1)``; a
+    schedule that starts at 0 makes a zero update, which passes).
     """
     for name, value in optimizer_hyperparams(ts.opt_state).items():
         if not math.isfinite(value):
@@ -236,6 +283,35 @@ def _check_optimizer(optimizer: optax.GradientTransformation, ts: TrainState) ->
             "the optimizer's first update is not finite for a gradient of ones: a "
             "hyperparameter (the learning rate?) is NaN or inf"
         )
+    uphill = sum(
+        float(jnp.vdot(u.astype(jnp.float32), g.astype(jnp.float32)))
+        for u, g in zip(jax.tree.leaves(updates), jax.tree.leaves(grads), strict=True)
+    )
+    if uphill > 0:
+        raise ValueError(
+            f"the optimizer's first update for a gradient of ones goes uphill (sum of "
+            f"update * gradient = {uphill:.3g} > 0): it would increase the loss; is "
+            f"its learning rate negative?"
+        )
+
+
+def _check_data(model: Model, ts: TrainState, x, labels) -> None:
+    """Refuses labels that are not one class index per example, and non-finite ``x``."""
+    check_labels(labels, np.shape(x)[0], num_classes=num_classes(model, ts.params, ts.state, x))
+    finite = np.isfinite(x).all() if isinstance(x, np.ndarray) else _all_finite(x)
+    if not finite:
+        raise ValueError("x must be finite: it holds NaN or infinity")
+
+
+def _check_json(name: str, value: Any) -> None:
+    """Refuses a value that cannot be written into a checkpoint (before training)."""
+    try:
+        json.dumps(value, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise TypeError(
+            f"{name} must be JSON-able (dicts, lists, str, int, float, bool, None; finite "
+            f"numbers; no NumPy or JAX scalars): {err}"
+        ) from None
 
 
 @jax.jit
@@ -457,8 +533,14 @@ def fit(
             ``config`` differ; the message names each difference).
         ValueError: for bad ``steps``, ``chunk_size``, ``checkpoint_every`` or
             ``batch_size`` (or one not divisible by ``mesh.size``), ``steps``
-            below a resumed checkpoint's step, or an optimizer whose learning
-            rate is non-finite or negative.
+            below a resumed checkpoint's step, an optimizer whose learning
+            rate is non-finite or negative (exposed, or found by its first
+            update going uphill), ``labels`` that are not ``[n]`` class indices
+            of the model (:func:`jaxbn.train.check_labels`), or non-finite ``x``.
+        TypeError: for integer-less ``labels``; a ``config`` or
+            ``checkpoint_metadata()`` that is not JSON-able, or a model field
+            that cannot be recorded in a checkpoint (a default ``repr`` with a
+            memory address), all found before training.
     """
     _check_counts(
         steps=(steps, 0),
@@ -483,7 +565,12 @@ def fit(
             x, labels = jax.device_put((x, labels), NamedSharding(mesh, P()))
 
     ts = init_train_state(model, optimizer, key)
+    _check_data(model, ts, x, labels)
     _check_optimizer(optimizer, ts)
+    if config is not None:
+        _check_json("config", config)
+    if checkpoint_path is not None and checkpoint_metadata is not None:
+        _check_json("checkpoint_metadata()", checkpoint_metadata())
     save = None
     if checkpoint_path is not None:
         path = os.fspath(checkpoint_path)

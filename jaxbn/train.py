@@ -67,6 +67,7 @@ __all__ = [
     "Model",
     "TrainState",
     "TrainingDiverged",
+    "check_labels",
     "cross_entropy",
     "data_mesh",
     "evaluate",
@@ -74,6 +75,7 @@ __all__ = [
     "init_train_state",
     "make_train_loop",
     "make_train_step",
+    "num_classes",
 ]
 
 #: With ``precompute_orders=None`` the scan loop draws the orders of the epochs
@@ -184,6 +186,72 @@ def cross_entropy(logits: ArrayLike, labels: ArrayLike) -> jax.Array:
         1.3863
     """
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def check_labels(labels: Any, num_examples: int, *, num_classes: int | None = None) -> None:
+    """Raises unless ``labels`` are ``num_examples`` integer class indices.
+
+    The shape and dtype are checked always (also while tracing); the values,
+    ``0 <= label < num_classes``, where ``labels`` is concrete and
+    ``num_classes`` is given. Batches index ``labels`` with the same indices as
+    ``x``, and JAX clamps an index out of range without a word: a shorter
+    ``labels`` would train on wrong pairs, a label out of range on a wrong class.
+
+    Args:
+        labels: the labels to check.
+        num_examples: the number of examples (``x.shape[0]``).
+        num_classes: the number of classes (the model's logits), or ``None``.
+
+    Raises:
+        TypeError: if ``labels`` are not integers.
+        ValueError: if ``labels`` is not ``[num_examples]`` or holds a value
+            outside ``[0, num_classes)``.
+
+    Examples:
+        >>> import numpy as np
+        >>> check_labels(np.array([0, 2, 1]), 3, num_classes=3)
+        >>> check_labels(np.array([0, 3, 1]), 3, num_classes=3)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: labels must be class indices in [0, 3) (the model has 3 classes), ...
+    """
+    shape, dtype = np.shape(labels), jnp.result_type(labels)
+    if shape != (num_examples,):
+        raise ValueError(
+            f"labels must have shape ({num_examples},), one label per example of x, got {shape}"
+        )
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise TypeError(f"labels must be integer class indices, got dtype {dtype}")
+    if num_classes is None or isinstance(labels, jax.core.Tracer) or num_examples == 0:
+        return
+    values = np.asarray(labels)
+    low, high = int(values.min()), int(values.max())
+    if low < 0 or high >= num_classes:
+        raise ValueError(
+            f"labels must be class indices in [0, {num_classes}) (the model has "
+            f"{num_classes} classes), got values from {low} to {high}"
+        )
+
+
+def num_classes(model: Model, params: Any, state: Any, x: Any) -> int:
+    """The size of the last axis of ``model``'s logits for examples shaped like ``x``'s.
+
+    Traced only (``jax.eval_shape``): nothing is computed.
+
+    Args:
+        model: the network config (see :class:`Model`).
+        params: its params.
+        state: its state.
+        x: ``[n, ...]`` examples (only the shape and dtype of one row are used).
+
+    Returns:
+        The number of classes.
+    """
+    row = jax.ShapeDtypeStruct((1, *np.shape(x)[1:]), jnp.result_type(x))
+    logits = jax.eval_shape(
+        lambda p, s, r: model.apply(p, s, r, training=False)[0], params, state, row
+    )
+    return int(logits.shape[-1])
 
 
 def _accuracy(logits, labels):
@@ -334,9 +402,15 @@ def evaluate(model: Model, params: Any, state: Any, x: ArrayLike, labels: ArrayL
 
     Returns:
         ``{"loss": scalar, "accuracy": scalar}`` (JAX arrays).
+
+    Raises:
+        TypeError, ValueError: if ``labels`` are not ``[n]`` integers in
+            ``[0, classes)`` (:func:`check_labels`).
     """
     _check_model(model)
-    return _evaluate(model, params, state, jnp.asarray(x), jnp.asarray(labels))
+    x = jnp.asarray(x)
+    check_labels(labels, x.shape[0], num_classes=num_classes(model, params, state, x))
+    return _evaluate(model, params, state, x, jnp.asarray(labels))
 
 
 class _LoopSpec(NamedTuple):
@@ -384,6 +458,7 @@ def _on_mesh(loop, spec: _LoopSpec, ts, x, labels):
 @functools.partial(jax.jit, static_argnames=("spec", "num_steps", "precompute"))
 def _scan_loop(ts, x, labels, *, spec: _LoopSpec, num_steps: int, precompute: bool):
     check_batch_size(spec.batch_size, x.shape[0])
+    check_labels(labels, x.shape[0])
     step = _indexed_step(spec)
     num_examples = x.shape[0]
     steps_per_epoch = num_examples // spec.batch_size
@@ -418,6 +493,7 @@ def _scan_loop(ts, x, labels, *, spec: _LoopSpec, num_steps: int, precompute: bo
 @functools.partial(jax.jit, static_argnames=("spec",))
 def _single_step(ts, x, labels, *, spec: _LoopSpec):
     check_batch_size(spec.batch_size, x.shape[0])
+    check_labels(labels, x.shape[0])
     step = _indexed_step(spec)
 
     def one(ts, x, labels):
@@ -465,6 +541,7 @@ def _process_fed(spec: _LoopSpec, ts: TrainState, x, labels, num_steps: int):
     """
     x, labels = np.asarray(x), np.asarray(labels)
     check_batch_size(spec.batch_size, x.shape[0])
+    check_labels(labels, x.shape[0])
     # The key and the step are replicated: every process reads them locally.
     key_data = np.asarray(jax.random.key_data(ts.key))
     key = jax.random.wrap_key_data(key_data, impl=jax.random.key_impl(ts.key))
