@@ -33,7 +33,13 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from jaxbn._checks import AxisName
-from jaxbn.act import ACTIVATIONS, check_activation, effective_scale
+from jaxbn._model import (
+    check_fuse_activation,
+    check_model_activation,
+    fold_model_batch_norm,
+    model_batch_norm,
+)
+from jaxbn.act import ACTIVATIONS
 from jaxbn.fold import fold_into_conv
 from jaxbn.layer import BatchNorm
 from jaxbn.ops import _varying
@@ -383,10 +389,7 @@ class CNN:
         _pairs("kernel_size", self.kernel_size, 2)
         self._block_strides()
         self._block_pooling()
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(
-                f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}"
-            )
+        check_model_activation(self)
         if self.data_format not in DATA_FORMATS:
             raise ValueError(f"data_format must be one of {DATA_FORMATS}, got {self.data_format!r}")
         if self.init_stddev is not None and not self.init_stddev > 0:
@@ -394,10 +397,7 @@ class CNN:
         for name in ("debias", "frozen", "fuse_activation"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        if self.fuse_activation:
-            if not self.use_batch_norm:
-                raise ValueError("fuse_activation=True needs use_batch_norm=True")
-            check_activation(self.activation, 0.01, name="activation (with fuse_activation=True)")
+        check_fuse_activation(self)
         if not self.use_batch_norm and (self.debias or self.frozen):
             raise ValueError("debias=True and frozen=True need use_batch_norm=True")
         # Checks momentum, eps, axis_name, debias and frozen once, with the layer's
@@ -432,17 +432,8 @@ class CNN:
         return -1 if self.data_format == "NHWC" else 1
 
     def _batch_norm(self, width: int) -> BatchNorm:
-        return BatchNorm(
-            width,
-            axis=self.channel_axis,
-            momentum=self.momentum,
-            eps=self.eps,
-            axis_name=self.axis_name,
-            param_dtype=self.param_dtype,
-            debias=self.debias,
-            frozen=self.frozen,
-            activation=self.activation if self.fuse_activation else None,
-        )
+        """The batch-norm layer after a convolution with ``width`` output channels."""
+        return model_batch_norm(self, width, axis=self.channel_axis)
 
     def init(self, key: jax.Array) -> tuple[Params, State]:
         """Returns fresh ``(params, state)`` in the layout of the class docstring.
@@ -616,11 +607,13 @@ class CNN:
         blocks = []
         for block, block_state in zip(params["blocks"], state["blocks"], strict=True):
             if "batch_norm" in block:
-                bn_params = dict(block["batch_norm"])
-                if self.fuse_activation:  # the scale batch_norm_act multiplies by
-                    bn_params["scale"] = effective_scale(bn_params["scale"], eps=self.eps)
-                folded = fold_into_conv(
-                    block["conv"], bn_params, block_state["batch_norm"], eps=self.eps
+                folded = fold_model_batch_norm(
+                    fold_into_conv,
+                    block["conv"],
+                    block["batch_norm"],
+                    block_state["batch_norm"],
+                    eps=self.eps,
+                    fused=self.fuse_activation,
                 )
                 block = {"conv": folded}
             blocks.append(block)

@@ -23,7 +23,13 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jaxbn._checks import AxisName
-from jaxbn.act import ACTIVATIONS, check_activation, effective_scale, invert_activation
+from jaxbn._model import (
+    check_fuse_activation,
+    check_model_activation,
+    fold_model_batch_norm,
+    model_batch_norm,
+)
+from jaxbn.act import ACTIVATIONS, invert_activation
 from jaxbn.fold import fold_into_dense
 from jaxbn.layer import BatchNorm
 
@@ -126,16 +132,10 @@ class MLP:
                 f"layer_sizes must hold at least two positive ints (inputs, ..., outputs), "
                 f"got {sizes!r}"
             )
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(
-                f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}"
-            )
+        check_model_activation(self)
         if self.init_stddev is not None and not self.init_stddev > 0:
             raise ValueError(f"init_stddev must be None or > 0, got {self.init_stddev!r}")
-        if self.fuse_activation:
-            if not self.use_batch_norm:
-                raise ValueError("fuse_activation=True needs use_batch_norm=True")
-            check_activation(self.activation, 0.01, name="activation (with fuse_activation=True)")
+        check_fuse_activation(self)
         # Checks momentum, eps and axis_name once, with the layer's own messages.
         if self.use_batch_norm:
             self._batch_norm(sizes[1] if len(sizes) > 2 else 1)
@@ -146,16 +146,8 @@ class MLP:
         return len(self.layer_sizes) - 2
 
     def _batch_norm(self, width: int) -> BatchNorm:
-        return BatchNorm(
-            width,
-            momentum=self.momentum,
-            eps=self.eps,
-            axis_name=self.axis_name,
-            param_dtype=self.param_dtype,
-            debias=self.debias,
-            frozen=self.frozen,
-            activation=self.activation if self.fuse_activation else None,
-        )
+        """The batch-norm layer after a hidden linear layer of ``width`` units."""
+        return model_batch_norm(self, width)
 
     def init(self, key: jax.Array) -> tuple[Params, State]:
         """Returns fresh ``(params, state)`` in the layout of the class docstring.
@@ -336,11 +328,13 @@ class MLP:
         layers = []
         for layer, layer_state in zip(params["layers"], state["layers"], strict=True):
             if "batch_norm" in layer:
-                bn_params = dict(layer["batch_norm"])
-                if self.fuse_activation:  # the scale batch_norm_act multiplies by
-                    bn_params["scale"] = effective_scale(bn_params["scale"], eps=self.eps)
-                dense = fold_into_dense(
-                    layer["dense"], bn_params, layer_state["batch_norm"], eps=self.eps
+                dense = fold_model_batch_norm(
+                    fold_into_dense,
+                    layer["dense"],
+                    layer["batch_norm"],
+                    layer_state["batch_norm"],
+                    eps=self.eps,
+                    fused=self.fuse_activation,
                 )
                 layer = {"dense": dense}
             layers.append(layer)
