@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import jax
@@ -436,16 +435,10 @@ class BatchNorm:
 
     def _count(self, x, feat, mask):
         """Values per feature in the batch statistics (over the named axes too)."""
-        if mask is None:
-            n = jnp.asarray(
-                math.prod(d for i, d in enumerate(x.shape) if i not in feat), jnp.float32
-            )
-        else:
-            # A count per feature where the mask varies along the feature axes.
-            m = _checks.check_mask(mask, x.shape, feat)
-            red = tuple(a for a in range(x.ndim) if a not in feat)
-            shape = tuple(m.shape[a] if a in feat else d for a, d in enumerate(x.shape))
-            n = jnp.sum(jnp.broadcast_to(m, shape), axis=red, dtype=jnp.float32)
+        m = _checks.check_mask(mask, x.shape, feat)
+        # A count per feature where the mask varies along the feature axes.
+        n = _checks.feature_counts(m, x.shape, feat, dtype=jnp.float32)
+        if m is not None:
             n = jnp.reshape(n, ()) if n.size == 1 else jnp.reshape(n, self.feature_shape)
         return n if self.axis_name is None else jax.lax.psum(n, self.axis_name)
 
@@ -505,9 +498,8 @@ class BatchNorm:
         else:
             # The mask with x's rank (size 1 or the feature's size on the feature
             # axes), split into groups like x: per-group (and per-feature) counts.
-            m = _checks.check_mask(mask, x.shape, feat)
-            shape = tuple(m.shape[a] if a in feat else d for a, d in enumerate(x.shape))
-            mg = jnp.broadcast_to(m, shape).reshape(g, k, *shape[1:])
+            m = _checks.mask_over_batch(_checks.check_mask(mask, x.shape, feat), x.shape, feat)
+            mg = m.reshape(g, k, *m.shape[1:])
             y, mean, var = jax.vmap(normalize)(xg, mg)
             red_g = (1, *(a + 1 for a in range(1, x.ndim) if a not in feat))
             weights = jnp.sum(mg, axis=red_g, dtype=jnp.float32)  # [g, *mask's features]
