@@ -466,7 +466,7 @@ class BatchNorm:
             out = {}
             keep, take = self.momentum, 1.0 - self.momentum
         for name, batch in (("mean", mean), ("var", var)):
-            out[name] = (keep * old[name] + take * batch).astype(old[name].dtype)
+            out[name] = _moving_average(old[name], batch, keep, take)
         return out
 
     def _ghost(self, x, scale, bias, feat, mask):
@@ -528,11 +528,17 @@ class BatchNorm:
         new_bias = s * d if bias is None else bias + s * d
         m = self.renorm_momentum
         renorm_state = {
-            "renorm_mean": m * old["renorm_mean"]
-            + (1 - m) * mean_b.astype(old["renorm_mean"].dtype),
-            "renorm_var": m * old["renorm_var"] + (1 - m) * var_b.astype(old["renorm_var"].dtype),
+            f"renorm_{name}": _moving_average(
+                old[f"renorm_{name}"], batch.astype(old[f"renorm_{name}"].dtype), m, 1 - m
+            )
+            for name, batch in (("mean", mean_b), ("var", var_b))
         }
         return new_scale, new_bias, renorm_state
+
+
+def _moving_average(old, batch, keep, take):
+    """One step of a running average, ``keep * old + take * batch``, in ``old``'s dtype."""
+    return (keep * old + take * batch).astype(old.dtype)
 
 
 def _check_clipping(clipping):
