@@ -23,6 +23,35 @@ AxisArg = int | Sequence[int]
 AxisName = str | tuple[str, ...] | None
 
 
+def is_int(value: Any) -> bool:
+    """Whether ``value`` is a Python or NumPy integer (a ``bool`` is not one)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    """Raises ``ValueError`` unless ``value`` is an int ``>= 1`` (see :func:`is_int`)."""
+    if not is_int(value) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_positive_or_none(name: str, value: Any) -> None:
+    """Raises ``ValueError`` unless ``value`` is ``None`` or a number ``> 0``."""
+    if value is not None and not value > 0:
+        raise ValueError(f"{name} must be None or > 0, got {value!r}")
+
+
+def check_bool(name: str, value: Any) -> None:
+    """Raises ``TypeError`` unless ``value`` is a Python or NumPy bool."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
+def check_training(training: Any) -> None:
+    """Raises ``TypeError`` unless ``training`` is a bool (a static mode, never traced)."""
+    if not isinstance(training, (bool, np.bool_)):
+        raise TypeError(f"training must be a Python bool (True or False), got {training!r}")
+
+
 def feature_axes(ndim: int, axis: AxisArg) -> tuple[int, ...]:
     """Normalizes ``axis`` (an int or a sequence; negative allowed) to sorted axes.
 
@@ -39,7 +68,7 @@ def feature_axes(ndim: int, axis: AxisArg) -> tuple[int, ...]:
         raise ValueError("axis must name at least one feature axis, got ()")
     out = []
     for a in raw:
-        if isinstance(a, bool) or not isinstance(a, (int, np.integer)):
+        if not is_int(a):
             raise TypeError(f"axis must be an int or a tuple of ints, got {axis!r}")
         if not -ndim <= a < ndim:
             raise ValueError(

@@ -32,6 +32,7 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
+from jaxbn import _checks
 from jaxbn._checks import AxisName
 from jaxbn._model import (
     check_fuse_activation,
@@ -170,7 +171,7 @@ def _pairs(name: str, value, nd: int) -> tuple[int, ...]:
     if (
         not isinstance(values, tuple)
         or len(values) != nd
-        or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 for v in values)
+        or any(not _checks.is_int(v) or v < 1 for v in values)
     ):
         raise ValueError(f"{name} must be a positive int or a tuple of {nd} of them, got {value!r}")
     return tuple(int(v) for v in values)
@@ -374,17 +375,13 @@ class CNN:
 
     def __post_init__(self):
         for name in ("in_channels", "num_classes"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+            _checks.check_positive_int(name, getattr(self, name))
         chans = self.channels
         if not isinstance(chans, tuple):
             raise TypeError(
                 f"channels must be a tuple of ints (hashable), got {type(chans).__name__} {chans!r}"
             )
-        if not chans or any(
-            isinstance(c, bool) or not isinstance(c, (int, np.integer)) or c < 1 for c in chans
-        ):
+        if not chans or any(not _checks.is_int(c) or c < 1 for c in chans):
             raise ValueError(f"channels must hold at least one positive int, got {chans!r}")
         _pairs("kernel_size", self.kernel_size, 2)
         self._block_strides()
@@ -392,11 +389,9 @@ class CNN:
         check_model_activation(self)
         if self.data_format not in DATA_FORMATS:
             raise ValueError(f"data_format must be one of {DATA_FORMATS}, got {self.data_format!r}")
-        if self.init_stddev is not None and not self.init_stddev > 0:
-            raise ValueError(f"init_stddev must be None or > 0, got {self.init_stddev!r}")
+        _checks.check_positive_or_none("init_stddev", self.init_stddev)
         for name in ("debias", "frozen", "fuse_activation"):
-            if not isinstance(getattr(self, name), (bool, np.bool_)):
-                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+            _checks.check_bool(name, getattr(self, name))
         check_fuse_activation(self)
         if not self.use_batch_norm and (self.debias or self.frozen):
             raise ValueError("debias=True and frozen=True need use_batch_norm=True")
@@ -563,8 +558,7 @@ class CNN:
             ValueError, TypeError: (while tracing) for ``x`` of the wrong rank,
                 layout or channel count, or params that do not match the config.
         """
-        if not isinstance(training, (bool, np.bool_)):
-            raise TypeError(f"training must be a Python bool (True or False), got {training!r}")
+        _checks.check_training(training)
         x = jnp.asarray(x)
         self._check(params, state, x)
         h, new_states = x, []

@@ -148,9 +148,7 @@ class BatchNorm:
 
     def __post_init__(self):
         shape = self.feature_shape
-        if not shape or any(
-            isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1 for d in shape
-        ):
+        if not shape or any(not _checks.is_int(d) or d < 1 for d in shape):
             raise ValueError(
                 f"num_features must be a positive int or a tuple of them, got {self.num_features!r}"
             )
@@ -177,7 +175,7 @@ class BatchNorm:
         if self.dtype is not None and not jnp.issubdtype(self.dtype, jnp.floating):
             raise TypeError(f"dtype must be floating or None, got {self.dtype!r}")
         k = self.virtual_batch_size
-        if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 2):
+        if k is not None and (not _checks.is_int(k) or k < 2):
             raise ValueError(f"virtual_batch_size must be an int >= 2 or None, got {k!r}")
         if k is not None and (self.renorm or self.axis_name is not None):
             raise ValueError(
@@ -190,8 +188,7 @@ class BatchNorm:
 
     def _check_debias_frozen(self):
         for name in ("debias", "frozen"):
-            if not isinstance(getattr(self, name), (bool, np.bool_)):
-                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+            _checks.check_bool(name, getattr(self, name))
         if self.debias and self.momentum is None:
             raise ValueError(
                 "debias=True needs a momentum: momentum=None is a cumulative average, "
@@ -326,8 +323,7 @@ class BatchNorm:
             ``(y, new_state)``: ``y`` like ``x`` (in ``dtype`` if set);
             ``new_state`` like ``state``. No gradient flows into ``new_state``.
         """
-        if not isinstance(training, (bool, np.bool_)):
-            raise TypeError(f"training must be a Python bool (True or False), got {training!r}")
+        _checks.check_training(training)
         _checks.check_x(x)
         x = jnp.asarray(x)
         feat = _checks.feature_axes(x.ndim, self.axis)

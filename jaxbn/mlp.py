@@ -19,9 +19,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.typing import ArrayLike
 
+from jaxbn import _checks
 from jaxbn._checks import AxisName
 from jaxbn._model import (
     check_fuse_activation,
@@ -125,16 +125,13 @@ class MLP:
                 f"layer_sizes must be a tuple of ints (hashable), got {type(sizes).__name__} "
                 f"{sizes!r}"
             )
-        if len(sizes) < 2 or any(
-            isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1 for d in sizes
-        ):
+        if len(sizes) < 2 or any(not _checks.is_int(d) or d < 1 for d in sizes):
             raise ValueError(
                 f"layer_sizes must hold at least two positive ints (inputs, ..., outputs), "
                 f"got {sizes!r}"
             )
         check_model_activation(self)
-        if self.init_stddev is not None and not self.init_stddev > 0:
-            raise ValueError(f"init_stddev must be None or > 0, got {self.init_stddev!r}")
+        _checks.check_positive_or_none("init_stddev", self.init_stddev)
         check_fuse_activation(self)
         # Checks momentum, eps and axis_name once, with the layer's own messages.
         if self.use_batch_norm:
@@ -178,8 +175,7 @@ class MLP:
 
     def _forward(self, params, state, x, training):
         """Returns ``(logits, new_state, pre_activations)``."""
-        if not isinstance(training, (bool, np.bool_)):
-            raise TypeError(f"training must be a Python bool (True or False), got {training!r}")
+        _checks.check_training(training)
         x = jnp.asarray(x)
         if x.ndim != 2 or x.shape[1] != self.layer_sizes[0]:
             raise ValueError(
