@@ -8,7 +8,7 @@ and folds its batch-norm layers with the same code.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from jaxbn.act import ACTIVATIONS, check_activation, effective_scale
@@ -46,21 +46,29 @@ def model_batch_norm(model: Any, width: int, *, axis: int = -1) -> BatchNorm:
     )
 
 
-def fold_model_batch_norm(
-    fold: Callable[..., dict[str, Any]],
-    linear_params: Mapping[str, Any],
-    bn_params: Mapping[str, Any],
-    bn_state: Mapping[str, Any],
+def fold_model_layers(
+    model: Any,
+    layers: Sequence[Mapping[str, Any]],
+    states: Sequence[Mapping[str, Any]],
     *,
-    eps: float,
-    fused: bool,
-) -> dict[str, Any]:
-    """``fold(linear_params, bn_params, bn_state, eps=eps)`` for one layer of a model.
+    linear: str,
+    fold: Callable[..., dict[str, Any]],
+) -> list[Mapping[str, Any]]:
+    """``model``'s layers with every batch norm folded into the linear map before it.
 
-    With ``fused`` (the model's ``fuse_activation``) the scale folded in is
-    ``|scale| + eps``, the one :func:`jaxbn.batch_norm_act` multiplies by.
+    A layer ``{linear: ..., "batch_norm": ...}`` becomes ``{linear: fold(...)}``
+    (:func:`jaxbn.fold_into_dense` or :func:`jaxbn.fold_into_conv`); one
+    without batch norm is kept as it is. With ``model.fuse_activation`` the
+    scale folded in is ``|scale| + eps``, the one :func:`jaxbn.batch_norm_act`
+    multiplies by.
     """
-    bn_params = dict(bn_params)
-    if fused:
-        bn_params["scale"] = effective_scale(bn_params["scale"], eps=eps)
-    return fold(linear_params, bn_params, bn_state, eps=eps)
+    out = []
+    for layer, layer_state in zip(layers, states, strict=True):
+        if "batch_norm" in layer:
+            bn_params = dict(layer["batch_norm"])
+            if model.fuse_activation:
+                bn_params["scale"] = effective_scale(bn_params["scale"], eps=model.eps)
+            folded = fold(layer[linear], bn_params, layer_state["batch_norm"], eps=model.eps)
+            layer = {linear: folded}
+        out.append(layer)
+    return out

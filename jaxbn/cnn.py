@@ -37,7 +37,7 @@ from jaxbn._checks import AxisName
 from jaxbn._model import (
     check_fuse_activation,
     check_model_activation,
-    fold_model_batch_norm,
+    fold_model_layers,
     model_batch_norm,
 )
 from jaxbn.act import ACTIVATIONS
@@ -598,19 +598,9 @@ class CNN:
             ``(model, params, state)`` of the folded network (``use_batch_norm``
             off; the state holds no statistics).
         """
-        blocks = []
-        for block, block_state in zip(params["blocks"], state["blocks"], strict=True):
-            if "batch_norm" in block:
-                folded = fold_model_batch_norm(
-                    fold_into_conv,
-                    block["conv"],
-                    block["batch_norm"],
-                    block_state["batch_norm"],
-                    eps=self.eps,
-                    fused=self.fuse_activation,
-                )
-                block = {"conv": folded}
-            blocks.append(block)
+        blocks = fold_model_layers(
+            self, params["blocks"], state["blocks"], linear="conv", fold=fold_into_conv
+        )
         model = dataclasses.replace(
             self, use_batch_norm=False, fuse_activation=False, debias=False, frozen=False
         )

@@ -26,7 +26,7 @@ from jaxbn._checks import AxisName
 from jaxbn._model import (
     check_fuse_activation,
     check_model_activation,
-    fold_model_batch_norm,
+    fold_model_layers,
     model_batch_norm,
 )
 from jaxbn.act import ACTIVATIONS, invert_activation
@@ -321,18 +321,8 @@ class MLP:
             ``(model, params, state)`` of the folded network (``use_batch_norm``
             off; the state holds no statistics).
         """
-        layers = []
-        for layer, layer_state in zip(params["layers"], state["layers"], strict=True):
-            if "batch_norm" in layer:
-                dense = fold_model_batch_norm(
-                    fold_into_dense,
-                    layer["dense"],
-                    layer["batch_norm"],
-                    layer_state["batch_norm"],
-                    eps=self.eps,
-                    fused=self.fuse_activation,
-                )
-                layer = {"dense": dense}
-            layers.append(layer)
+        layers = fold_model_layers(
+            self, params["layers"], state["layers"], linear="dense", fold=fold_into_dense
+        )
         folded = dataclasses.replace(self, use_batch_norm=False, fuse_activation=False)
         return folded, {"layers": layers}, {"layers": [{} for _ in layers]}
