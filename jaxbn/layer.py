@@ -523,12 +523,10 @@ class BatchNorm:
         new_scale = s * r
         new_bias = s * d if bias is None else bias + s * d
         m = self.renorm_momentum
-        renorm_state = {
-            f"renorm_{name}": _moving_average(
-                old[f"renorm_{name}"], batch.astype(old[f"renorm_{name}"].dtype), m, 1 - m
-            )
-            for name, batch in (("mean", mean_b), ("var", var_b))
-        }
+        renorm_state = {}
+        for name, batch in (("renorm_mean", mean_b), ("renorm_var", var_b)):
+            # The batch statistic is rounded to the state's dtype before averaging.
+            renorm_state[name] = _moving_average(old[name], batch.astype(old[name].dtype), m, 1 - m)
         return new_scale, new_bias, renorm_state
 
 
