@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import _figures
 import jax
 import optax
 from tqdm import tqdm
@@ -330,22 +331,18 @@ class Progress:
 
 def save_curve(history: list[dict], path: str, title: str) -> None:
     """The training curve (loss and accuracy, train and test) as a PNG."""
-    from matplotlib.figure import Figure
-
     steps = [h["step"] for h in history]
-    fig = Figure(figsize=(9, 3.5), layout="constrained")
-    ax_loss, ax_acc = fig.subplots(1, 2)
+    fig, axes = _figures.new_figure(2, figsize=(9, 3.5))
+    ax_loss, ax_acc = axes
     ax_loss.plot(steps, [h["train_loss"] for h in history], label="train (chunk mean)")
     ax_loss.plot(steps, [h["test_loss"] for h in history], label="test")
     ax_loss.set(xlabel="training step", ylabel="cross-entropy", yscale="log", title="loss")
     ax_acc.plot(steps, [h["train_accuracy"] for h in history], label="train (chunk mean)")
     ax_acc.plot(steps, [h["test_accuracy"] for h in history], label="test")
     ax_acc.set(xlabel="training step", ylabel="accuracy", title="accuracy")
-    for ax in (ax_loss, ax_acc):
-        ax.grid(alpha=0.3)
+    for ax in axes:
         ax.legend()
-    fig.suptitle(title)
-    fig.savefig(path, dpi=120)
+    _figures.save_figure(fig, axes, path, title=title, dpi=120)
 
 
 class _Clock:

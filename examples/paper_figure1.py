@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +34,12 @@ from tqdm import tqdm
 from jaxbn.data import load_digits
 from jaxbn.mlp import MLP
 from jaxbn.train import evaluate, fit, init_train_state
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:  # the shared helpers beside this script
+    sys.path.insert(0, _HERE)
+
+import _figures  # noqa: E402
 
 PERCENTILES = (15, 50, 85)
 
@@ -126,10 +132,8 @@ def table_steps(steps: list[int]) -> list[int]:
 
 
 def _plot(results: dict, path: str, args) -> None:
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(13, 3.8), layout="constrained")
-    ax_a, ax_b, ax_c = fig.subplots(1, 3)
+    fig, axes = _figures.new_figure(3, figsize=(13, 3.8))
+    ax_a, ax_b, ax_c = axes
     for name, style in (("without_batch_norm", "--"), ("with_batch_norm", "-")):
         r = results[name]
         label = name.replace("_", " ")
@@ -155,14 +159,12 @@ def _plot(results: dict, path: str, args) -> None:
         lims += [pct.min(), pct.max()]
     for ax in (ax_b, ax_c):
         ax.set_ylim(min(lims) - 0.2, max(lims) + 0.2)
-        ax.grid(alpha=0.3)
-    ax_a.grid(alpha=0.3)
     layers, width = args.hidden
-    fig.suptitle(
+    title = (
         f"Ioffe & Szegedy (2015) Figure 1 on the 8x8 digits: MLP {layers}x{width} sigmoid, "
         f"batch {args.batch_size}, SGD lr={args.lr}, seed {args.seed}"
     )
-    fig.savefig(path, dpi=120)
+    _figures.save_figure(fig, axes, path, title=title, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -215,14 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     results["png"] = os.path.join(args.out, "figure1.png")
     results["markdown"] = os.path.join(args.out, "figure1.md")
-    with open(results["markdown"], "w") as f:
-        f.write("\n".join(lines) + "\n")
-    _plot(results, results["png"], args)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    print("\n".join(lines))
-    print(f"figure: {results['png']}")
-    return results
+    return _figures.write_study(results, lines, lambda path: _plot(results, path, args), args.out)
 
 
 if __name__ == "__main__":

@@ -28,8 +28,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +42,12 @@ from jaxbn.data import batch_indices, load_digits
 from jaxbn.mlp import MLP
 from jaxbn.stats import precise_stats_from_data
 from jaxbn.train import evaluate, make_train_step
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:  # the shared helpers beside this script
+    sys.path.insert(0, _HERE)
+
+import _figures  # noqa: E402
 
 METHODS = ("running", "debiased", "precise")
 
@@ -197,35 +203,34 @@ def _table(steps: list[int], acc: dict[str, np.ndarray], seeds: int) -> list[str
     return lines
 
 
-def _plot(steps, acc, path, args) -> None:
-    from matplotlib.figure import Figure
+def _band(ax, steps, values: np.ndarray, j: int, label: str) -> None:
+    """Mean over seeds of ``values`` (``[seeds, steps]``) and a min-to-max band, colour ``j``."""
+    ax.plot(steps, values.mean(0), "o-", color=f"C{j}", label=label)
+    ax.fill_between(steps, values.min(0), values.max(0), color=f"C{j}", alpha=0.2)
 
-    fig = Figure(figsize=(11, 4), layout="constrained")
-    ax_a, ax_b = fig.subplots(1, 2)
+
+def _plot(steps, acc, path, args) -> None:
+    fig, axes = _figures.new_figure(2, figsize=(11, 4))
+    ax_a, ax_b = axes
     for j, name in enumerate(METHODS):
-        a = acc[name]
-        ax_a.plot(steps, a.mean(0), "o-", color=f"C{j}", label=name)
-        ax_a.fill_between(steps, a.min(0), a.max(0), color=f"C{j}", alpha=0.2)
+        _band(ax_a, steps, acc[name], j, name)
     ax_a.set(xscale="log", xlabel="training steps", ylabel="test accuracy", ylim=(0.0, 1.0))
     ax_a.set_title("test accuracy (mean over seeds; band: min to max)")
     ax_a.legend(loc="lower right")
     for j, name in enumerate(METHODS[:2]):
-        gap = acc["precise"] - acc[name]
-        ax_b.plot(steps, gap.mean(0), "o-", color=f"C{j}", label=f"precise - {name}")
-        ax_b.fill_between(steps, gap.min(0), gap.max(0), color=f"C{j}", alpha=0.2)
+        _band(ax_b, steps, acc["precise"] - acc[name], j, f"precise - {name}")
     ax_b.axhline(0.0, color="k", lw=0.8)
     ax_b.set(xscale="log", xlabel="training steps", ylabel="accuracy gap")
     ax_b.set_title("gap to precise statistics")
     ax_b.legend(loc="upper right")
-    for ax in (ax_a, ax_b):
-        ax.grid(alpha=0.3)
+    for ax in axes:
         ax.minorticks_off()  # the log axis' minor labels overlap
         ax.set_xticks(steps, [str(s) for s in steps])
-    fig.suptitle(
+    title = (
         f"digits, {network(args)}, batch norm momentum {args.momentum}, "
         f"batch {args.batch_size}, SGD+momentum lr={args.lr}, {args.seeds} seeds"
     )
-    fig.savefig(path, dpi=110)
+    _figures.save_figure(fig, axes, path, title=title, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -264,14 +269,9 @@ def main(argv: list[str] | None = None) -> dict:
         "png": os.path.join(args.out, "eval_stats.png"),
         "markdown": os.path.join(args.out, "eval_stats.md"),
     }
-    with open(results["markdown"], "w") as f:
-        f.write("\n".join(lines) + "\n")
-    _plot(steps, acc, results["png"], args)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    print("\n".join(lines))
-    print(f"figure: {results['png']}")
-    return results
+    return _figures.write_study(
+        results, lines, lambda path: _plot(steps, acc, path, args), args.out
+    )
 
 
 if __name__ == "__main__":

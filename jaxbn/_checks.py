@@ -3,7 +3,9 @@
 These functions only look at shapes, dtypes and Python values, so every error is
 raised while a function is traced, before anything runs. They hold no formula of
 batch normalization: the custom op and the reference both call them without
-sharing any of the arithmetic that the tests compare.
+sharing any of the arithmetic that the tests compare. The one count kept here,
+:func:`feature_counts` (the values a mask keeps per feature), serves the checks
+and the op and layer built on them; the reference counts on its own.
 """
 
 from __future__ import annotations
@@ -19,6 +21,35 @@ from jax.typing import ArrayLike
 
 AxisArg = int | Sequence[int]
 AxisName = str | tuple[str, ...] | None
+
+
+def is_int(value: Any) -> bool:
+    """Whether ``value`` is a Python or NumPy integer (a ``bool`` is not one)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    """Raises ``ValueError`` unless ``value`` is an int ``>= 1`` (see :func:`is_int`)."""
+    if not is_int(value) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_positive_or_none(name: str, value: Any) -> None:
+    """Raises ``ValueError`` unless ``value`` is ``None`` or a number ``> 0``."""
+    if value is not None and not value > 0:
+        raise ValueError(f"{name} must be None or > 0, got {value!r}")
+
+
+def check_bool(name: str, value: Any) -> None:
+    """Raises ``TypeError`` unless ``value`` is a Python or NumPy bool."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
+def check_training(training: Any) -> None:
+    """Raises ``TypeError`` unless ``training`` is a bool (a static mode, never traced)."""
+    if not isinstance(training, (bool, np.bool_)):
+        raise TypeError(f"training must be a Python bool (True or False), got {training!r}")
 
 
 def feature_axes(ndim: int, axis: AxisArg) -> tuple[int, ...]:
@@ -37,7 +68,7 @@ def feature_axes(ndim: int, axis: AxisArg) -> tuple[int, ...]:
         raise ValueError("axis must name at least one feature axis, got ()")
     out = []
     for a in raw:
-        if isinstance(a, bool) or not isinstance(a, (int, np.integer)):
+        if not is_int(a):
             raise TypeError(f"axis must be an int or a tuple of ints, got {axis!r}")
         if not -ndim <= a < ndim:
             raise ValueError(
@@ -151,6 +182,41 @@ def check_mask(mask: ArrayLike | None, x_shape: tuple[int, ...], feat: tuple[int
     return mask
 
 
+def mask_over_batch(mask: Any, x_shape: tuple[int, ...], feat: tuple[int, ...], xp: Any = jnp):
+    """``mask`` (as :func:`check_mask` returns it) broadcast to ``x``'s reduction axes.
+
+    The result has ``x``'s shape on the reduction axes and the mask's own size
+    (1, or the feature's size) on the feature axes ``feat``. ``xp`` is ``jnp``
+    or ``np`` (a concrete mask, counted while tracing).
+    """
+    shape = tuple(mask.shape[a] if a in feat else d for a, d in enumerate(x_shape))
+    return xp.broadcast_to(mask, shape)
+
+
+def feature_counts(
+    mask: Any,
+    x_shape: tuple[int, ...],
+    feat: tuple[int, ...],
+    *,
+    dtype: Any = None,
+    keepdims: bool = False,
+    xp: Any = jnp,
+):
+    """The number of values of each feature that enter the batch statistics (local, no named axis).
+
+    Without a mask: every value of the reduction axes, a scalar. With ``mask``
+    (as :func:`check_mask` returns it): the kept ones, summed over the
+    reduction axes, one count per feature where the mask varies along the
+    feature axes (size 1 there otherwise); ``keepdims`` keeps ``x``'s rank.
+    ``xp`` is ``jnp`` or ``np``.
+    """
+    red = tuple(a for a in range(len(x_shape)) if a not in feat)
+    if mask is None:
+        return xp.asarray(math.prod(x_shape[a] for a in red), dtype)
+    kept = mask_over_batch(mask, x_shape, feat, xp)
+    return xp.sum(kept, axis=red, keepdims=keepdims, dtype=dtype)
+
+
 def mask_counts(mask: Any, x_shape: tuple[int, ...], feat: tuple[int, ...]) -> np.ndarray | None:
     """The number of kept values per feature of a concrete mask, or ``None`` if traced.
 
@@ -158,10 +224,7 @@ def mask_counts(mask: Any, x_shape: tuple[int, ...], feat: tuple[int, ...]) -> n
     """
     if isinstance(mask, jax.core.Tracer):
         return None
-    m = np.asarray(mask)
-    red = tuple(a for a in range(len(x_shape)) if a not in feat)
-    shape = tuple(d if a in red else m.shape[a] for a, d in enumerate(x_shape))
-    return np.sum(np.broadcast_to(m, shape), axis=red)
+    return feature_counts(np.asarray(mask), x_shape, feat, xp=np)
 
 
 def check_batch(

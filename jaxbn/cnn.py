@@ -32,8 +32,15 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
+from jaxbn import _checks
 from jaxbn._checks import AxisName
-from jaxbn.act import ACTIVATIONS, check_activation, effective_scale
+from jaxbn._model import (
+    check_fuse_activation,
+    check_model_activation,
+    fold_model_layers,
+    model_batch_norm,
+)
+from jaxbn.act import ACTIVATIONS
 from jaxbn.fold import fold_into_conv
 from jaxbn.layer import BatchNorm
 from jaxbn.ops import _varying
@@ -164,7 +171,7 @@ def _pairs(name: str, value, nd: int) -> tuple[int, ...]:
     if (
         not isinstance(values, tuple)
         or len(values) != nd
-        or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 for v in values)
+        or any(not _checks.is_int(v) or v < 1 for v in values)
     ):
         raise ValueError(f"{name} must be a positive int or a tuple of {nd} of them, got {value!r}")
     return tuple(int(v) for v in values)
@@ -368,36 +375,24 @@ class CNN:
 
     def __post_init__(self):
         for name in ("in_channels", "num_classes"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+            _checks.check_positive_int(name, getattr(self, name))
         chans = self.channels
         if not isinstance(chans, tuple):
             raise TypeError(
                 f"channels must be a tuple of ints (hashable), got {type(chans).__name__} {chans!r}"
             )
-        if not chans or any(
-            isinstance(c, bool) or not isinstance(c, (int, np.integer)) or c < 1 for c in chans
-        ):
+        if not chans or any(not _checks.is_int(c) or c < 1 for c in chans):
             raise ValueError(f"channels must hold at least one positive int, got {chans!r}")
         _pairs("kernel_size", self.kernel_size, 2)
         self._block_strides()
         self._block_pooling()
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(
-                f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}"
-            )
+        check_model_activation(self)
         if self.data_format not in DATA_FORMATS:
             raise ValueError(f"data_format must be one of {DATA_FORMATS}, got {self.data_format!r}")
-        if self.init_stddev is not None and not self.init_stddev > 0:
-            raise ValueError(f"init_stddev must be None or > 0, got {self.init_stddev!r}")
+        _checks.check_positive_or_none("init_stddev", self.init_stddev)
         for name in ("debias", "frozen", "fuse_activation"):
-            if not isinstance(getattr(self, name), (bool, np.bool_)):
-                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        if self.fuse_activation:
-            if not self.use_batch_norm:
-                raise ValueError("fuse_activation=True needs use_batch_norm=True")
-            check_activation(self.activation, 0.01, name="activation (with fuse_activation=True)")
+            _checks.check_bool(name, getattr(self, name))
+        check_fuse_activation(self)
         if not self.use_batch_norm and (self.debias or self.frozen):
             raise ValueError("debias=True and frozen=True need use_batch_norm=True")
         # Checks momentum, eps, axis_name, debias and frozen once, with the layer's
@@ -432,17 +427,8 @@ class CNN:
         return -1 if self.data_format == "NHWC" else 1
 
     def _batch_norm(self, width: int) -> BatchNorm:
-        return BatchNorm(
-            width,
-            axis=self.channel_axis,
-            momentum=self.momentum,
-            eps=self.eps,
-            axis_name=self.axis_name,
-            param_dtype=self.param_dtype,
-            debias=self.debias,
-            frozen=self.frozen,
-            activation=self.activation if self.fuse_activation else None,
-        )
+        """The batch-norm layer after a convolution with ``width`` output channels."""
+        return model_batch_norm(self, width, axis=self.channel_axis)
 
     def init(self, key: jax.Array) -> tuple[Params, State]:
         """Returns fresh ``(params, state)`` in the layout of the class docstring.
@@ -572,8 +558,7 @@ class CNN:
             ValueError, TypeError: (while tracing) for ``x`` of the wrong rank,
                 layout or channel count, or params that do not match the config.
         """
-        if not isinstance(training, (bool, np.bool_)):
-            raise TypeError(f"training must be a Python bool (True or False), got {training!r}")
+        _checks.check_training(training)
         x = jnp.asarray(x)
         self._check(params, state, x)
         h, new_states = x, []
@@ -613,17 +598,9 @@ class CNN:
             ``(model, params, state)`` of the folded network (``use_batch_norm``
             off; the state holds no statistics).
         """
-        blocks = []
-        for block, block_state in zip(params["blocks"], state["blocks"], strict=True):
-            if "batch_norm" in block:
-                bn_params = dict(block["batch_norm"])
-                if self.fuse_activation:  # the scale batch_norm_act multiplies by
-                    bn_params["scale"] = effective_scale(bn_params["scale"], eps=self.eps)
-                folded = fold_into_conv(
-                    block["conv"], bn_params, block_state["batch_norm"], eps=self.eps
-                )
-                block = {"conv": folded}
-            blocks.append(block)
+        blocks = fold_model_layers(
+            self, params["blocks"], state["blocks"], linear="conv", fold=fold_into_conv
+        )
         model = dataclasses.replace(
             self, use_batch_norm=False, fuse_activation=False, debias=False, frozen=False
         )

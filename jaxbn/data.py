@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxbn import _checks
+
 __all__ = [
     "Dataset",
     "batch_indices",
@@ -166,8 +168,7 @@ def make_blobs(
         ("num_features", num_features),
         ("num_classes", num_classes),
     ):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        _checks.check_positive_int(name, value)
     rng = np.random.default_rng(seed)
     centres = separation * rng.standard_normal((num_classes, num_features))
     y = rng.integers(0, num_classes, num_examples)
@@ -182,7 +183,7 @@ def check_batch_size(batch_size: int, num_examples: int) -> None:
         batch_size: the requested number of examples per step.
         num_examples: the number of examples available.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
+    if not _checks.is_int(batch_size):
         raise TypeError(f"batch_size must be an int, got {type(batch_size).__name__}")
     if not 1 <= batch_size <= num_examples:
         raise ValueError(

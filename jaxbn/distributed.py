@@ -30,6 +30,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxbn import _checks
+
 __all__ = [
     "check_same_config",
     "global_batches",
@@ -40,7 +42,7 @@ __all__ = [
 
 
 def _check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    if not _checks.is_int(value):
         raise TypeError(f"{name} must be an int, got {value!r}")
     if value < low or (high is not None and value >= high):
         allowed = f">= {low}" if high is None else f"in [{low}, {high})"

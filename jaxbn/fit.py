@@ -41,7 +41,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
-from jaxbn import distributed
+from jaxbn import _checks, distributed
 from jaxbn.checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
 from jaxbn.data import check_batch_size
 from jaxbn.parallel import check_mesh
@@ -258,7 +258,7 @@ def run_config(
 
 def _check_counts(**counts: tuple[Any, int]) -> None:
     for name, (value, low) in counts.items():
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        if not _checks.is_int(value) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
 
 

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import jax
@@ -149,9 +148,7 @@ class BatchNorm:
 
     def __post_init__(self):
         shape = self.feature_shape
-        if not shape or any(
-            isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1 for d in shape
-        ):
+        if not shape or any(not _checks.is_int(d) or d < 1 for d in shape):
             raise ValueError(
                 f"num_features must be a positive int or a tuple of them, got {self.num_features!r}"
             )
@@ -178,7 +175,7 @@ class BatchNorm:
         if self.dtype is not None and not jnp.issubdtype(self.dtype, jnp.floating):
             raise TypeError(f"dtype must be floating or None, got {self.dtype!r}")
         k = self.virtual_batch_size
-        if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 2):
+        if k is not None and (not _checks.is_int(k) or k < 2):
             raise ValueError(f"virtual_batch_size must be an int >= 2 or None, got {k!r}")
         if k is not None and (self.renorm or self.axis_name is not None):
             raise ValueError(
@@ -191,8 +188,7 @@ class BatchNorm:
 
     def _check_debias_frozen(self):
         for name in ("debias", "frozen"):
-            if not isinstance(getattr(self, name), (bool, np.bool_)):
-                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+            _checks.check_bool(name, getattr(self, name))
         if self.debias and self.momentum is None:
             raise ValueError(
                 "debias=True needs a momentum: momentum=None is a cumulative average, "
@@ -327,8 +323,7 @@ class BatchNorm:
             ``(y, new_state)``: ``y`` like ``x`` (in ``dtype`` if set);
             ``new_state`` like ``state``. No gradient flows into ``new_state``.
         """
-        if not isinstance(training, (bool, np.bool_)):
-            raise TypeError(f"training must be a Python bool (True or False), got {training!r}")
+        _checks.check_training(training)
         _checks.check_x(x)
         x = jnp.asarray(x)
         feat = _checks.feature_axes(x.ndim, self.axis)
@@ -436,16 +431,10 @@ class BatchNorm:
 
     def _count(self, x, feat, mask):
         """Values per feature in the batch statistics (over the named axes too)."""
-        if mask is None:
-            n = jnp.asarray(
-                math.prod(d for i, d in enumerate(x.shape) if i not in feat), jnp.float32
-            )
-        else:
-            # A count per feature where the mask varies along the feature axes.
-            m = _checks.check_mask(mask, x.shape, feat)
-            red = tuple(a for a in range(x.ndim) if a not in feat)
-            shape = tuple(m.shape[a] if a in feat else d for a, d in enumerate(x.shape))
-            n = jnp.sum(jnp.broadcast_to(m, shape), axis=red, dtype=jnp.float32)
+        m = _checks.check_mask(mask, x.shape, feat)
+        # A count per feature where the mask varies along the feature axes.
+        n = _checks.feature_counts(m, x.shape, feat, dtype=jnp.float32)
+        if m is not None:
             n = jnp.reshape(n, ()) if n.size == 1 else jnp.reshape(n, self.feature_shape)
         return n if self.axis_name is None else jax.lax.psum(n, self.axis_name)
 
@@ -473,7 +462,7 @@ class BatchNorm:
             out = {}
             keep, take = self.momentum, 1.0 - self.momentum
         for name, batch in (("mean", mean), ("var", var)):
-            out[name] = (keep * old[name] + take * batch).astype(old[name].dtype)
+            out[name] = _moving_average(old[name], batch, keep, take)
         return out
 
     def _ghost(self, x, scale, bias, feat, mask):
@@ -505,9 +494,8 @@ class BatchNorm:
         else:
             # The mask with x's rank (size 1 or the feature's size on the feature
             # axes), split into groups like x: per-group (and per-feature) counts.
-            m = _checks.check_mask(mask, x.shape, feat)
-            shape = tuple(m.shape[a] if a in feat else d for a, d in enumerate(x.shape))
-            mg = jnp.broadcast_to(m, shape).reshape(g, k, *shape[1:])
+            m = _checks.mask_over_batch(_checks.check_mask(mask, x.shape, feat), x.shape, feat)
+            mg = m.reshape(g, k, *m.shape[1:])
             y, mean, var = jax.vmap(normalize)(xg, mg)
             red_g = (1, *(a + 1 for a in range(1, x.ndim) if a not in feat))
             weights = jnp.sum(mg, axis=red_g, dtype=jnp.float32)  # [g, *mask's features]
@@ -535,12 +523,16 @@ class BatchNorm:
         new_scale = s * r
         new_bias = s * d if bias is None else bias + s * d
         m = self.renorm_momentum
-        renorm_state = {
-            "renorm_mean": m * old["renorm_mean"]
-            + (1 - m) * mean_b.astype(old["renorm_mean"].dtype),
-            "renorm_var": m * old["renorm_var"] + (1 - m) * var_b.astype(old["renorm_var"].dtype),
-        }
+        renorm_state = {}
+        for name, batch in (("renorm_mean", mean_b), ("renorm_var", var_b)):
+            # The batch statistic is rounded to the state's dtype before averaging.
+            renorm_state[name] = _moving_average(old[name], batch.astype(old[name].dtype), m, 1 - m)
         return new_scale, new_bias, renorm_state
+
+
+def _moving_average(old, batch, keep, take):
+    """One step of a running average, ``keep * old + take * batch``, in ``old``'s dtype."""
+    return (keep * old + take * batch).astype(old.dtype)
 
 
 def _check_clipping(clipping):

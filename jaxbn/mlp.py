@@ -19,11 +19,17 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.typing import ArrayLike
 
+from jaxbn import _checks
 from jaxbn._checks import AxisName
-from jaxbn.act import ACTIVATIONS, check_activation, effective_scale, invert_activation
+from jaxbn._model import (
+    check_fuse_activation,
+    check_model_activation,
+    fold_model_layers,
+    model_batch_norm,
+)
+from jaxbn.act import ACTIVATIONS, invert_activation
 from jaxbn.fold import fold_into_dense
 from jaxbn.layer import BatchNorm
 
@@ -119,23 +125,14 @@ class MLP:
                 f"layer_sizes must be a tuple of ints (hashable), got {type(sizes).__name__} "
                 f"{sizes!r}"
             )
-        if len(sizes) < 2 or any(
-            isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1 for d in sizes
-        ):
+        if len(sizes) < 2 or any(not _checks.is_int(d) or d < 1 for d in sizes):
             raise ValueError(
                 f"layer_sizes must hold at least two positive ints (inputs, ..., outputs), "
                 f"got {sizes!r}"
             )
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(
-                f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}"
-            )
-        if self.init_stddev is not None and not self.init_stddev > 0:
-            raise ValueError(f"init_stddev must be None or > 0, got {self.init_stddev!r}")
-        if self.fuse_activation:
-            if not self.use_batch_norm:
-                raise ValueError("fuse_activation=True needs use_batch_norm=True")
-            check_activation(self.activation, 0.01, name="activation (with fuse_activation=True)")
+        check_model_activation(self)
+        _checks.check_positive_or_none("init_stddev", self.init_stddev)
+        check_fuse_activation(self)
         # Checks momentum, eps and axis_name once, with the layer's own messages.
         if self.use_batch_norm:
             self._batch_norm(sizes[1] if len(sizes) > 2 else 1)
@@ -146,16 +143,8 @@ class MLP:
         return len(self.layer_sizes) - 2
 
     def _batch_norm(self, width: int) -> BatchNorm:
-        return BatchNorm(
-            width,
-            momentum=self.momentum,
-            eps=self.eps,
-            axis_name=self.axis_name,
-            param_dtype=self.param_dtype,
-            debias=self.debias,
-            frozen=self.frozen,
-            activation=self.activation if self.fuse_activation else None,
-        )
+        """The batch-norm layer after a hidden linear layer of ``width`` units."""
+        return model_batch_norm(self, width)
 
     def init(self, key: jax.Array) -> tuple[Params, State]:
         """Returns fresh ``(params, state)`` in the layout of the class docstring.
@@ -186,8 +175,7 @@ class MLP:
 
     def _forward(self, params, state, x, training):
         """Returns ``(logits, new_state, pre_activations)``."""
-        if not isinstance(training, (bool, np.bool_)):
-            raise TypeError(f"training must be a Python bool (True or False), got {training!r}")
+        _checks.check_training(training)
         x = jnp.asarray(x)
         if x.ndim != 2 or x.shape[1] != self.layer_sizes[0]:
             raise ValueError(
@@ -333,16 +321,8 @@ class MLP:
             ``(model, params, state)`` of the folded network (``use_batch_norm``
             off; the state holds no statistics).
         """
-        layers = []
-        for layer, layer_state in zip(params["layers"], state["layers"], strict=True):
-            if "batch_norm" in layer:
-                bn_params = dict(layer["batch_norm"])
-                if self.fuse_activation:  # the scale batch_norm_act multiplies by
-                    bn_params["scale"] = effective_scale(bn_params["scale"], eps=self.eps)
-                dense = fold_into_dense(
-                    layer["dense"], bn_params, layer_state["batch_norm"], eps=self.eps
-                )
-                layer = {"dense": dense}
-            layers.append(layer)
+        layers = fold_model_layers(
+            self, params["layers"], state["layers"], linear="dense", fold=fold_into_dense
+        )
         folded = dataclasses.replace(self, use_batch_norm=False, fuse_activation=False)
         return folded, {"layers": layers}, {"layers": [{} for _ in layers]}

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any
 
 import jax
@@ -274,18 +273,11 @@ def _stats(x, red, mask, axis_name, cdt):
     xa, xb = (v.astype(cdt) for v in _handles(x, 2))
     axes = _axis_tuple(axis_name)
     shifted = mask is None and axis_name is None and not _sharded_along(x, red)
-    if mask is None:
-        count = jnp.asarray(math.prod(x.shape[a] for a in red), cdt)
-    else:
-        # A count per feature where the mask varies along the feature axes.
-        count = jnp.sum(
-            jnp.broadcast_to(mask, _reduced_shape(x.shape, red, mask.shape)),
-            axis=red,
-            keepdims=True,
-            dtype=cdt,
-        )
-        if all(mask.shape[a] == 1 for a in range(x.ndim) if a not in red):
-            count = jnp.reshape(count, ())
+    feat = tuple(a for a in range(x.ndim) if a not in red)
+    # A count per feature where the mask varies along the feature axes.
+    count = _checks.feature_counts(mask, x.shape, feat, dtype=cdt, keepdims=True)
+    if mask is not None and all(mask.shape[a] == 1 for a in feat):
+        count = jnp.reshape(count, ())
     count = _psum_over(count, axes)
     safe = jnp.maximum(count, 1.0)  # an all-masked batch: statistics of zero, not 0 / 0
     if shifted:
@@ -323,13 +315,6 @@ def _median_of_three_samples(x, red):
         if r != axis:
             median = lax.slice_in_dim(median, 0, 1, axis=r)
     return lax.stop_gradient(median)
-
-
-def _reduced_shape(shape, red, mask_shape=None):
-    """``shape`` with size 1 on the feature axes (or the mask's size there)."""
-    if mask_shape is None:
-        return tuple(d if i in red else 1 for i, d in enumerate(shape))
-    return tuple(d if i in red else mask_shape[i] for i, d in enumerate(shape))
 
 
 def _op_args(x, scale, bias, axis, eps, axis_name, mask):

@@ -17,10 +17,10 @@ import dataclasses
 from typing import Any
 
 import jax
-import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxbn import _checks
 from jaxbn._checks import AxisName
 
 __all__ = ["batch_spec", "check_mesh", "data_mesh", "mesh_axes", "place", "synchronized"]
@@ -48,7 +48,7 @@ def data_mesh(num_devices: int | None = None, *, axis_name: str = "data") -> Mes
     """
     devices = jax.devices()
     n = len(devices) if num_devices is None else num_devices
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+    if not _checks.is_int(n) or n < 1:
         raise ValueError(f"num_devices must be a positive int or None, got {num_devices!r}")
     if n > len(devices):
         raise ValueError(

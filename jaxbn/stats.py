@@ -171,11 +171,7 @@ def _step_stats(probe, params, state, acc, x, mask):
 
 def _collect(batches, max_batches, takes_mask):
     """The batches as a list of ``(x, mask or None)`` arrays, checked."""
-    if max_batches is not None and (
-        isinstance(max_batches, bool)
-        or not isinstance(max_batches, (int, np.integer))
-        or max_batches < 1
-    ):
+    if max_batches is not None and (not _checks.is_int(max_batches) or max_batches < 1):
         raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}")
     if isinstance(batches, (jax.Array, np.ndarray)):
         if batches.ndim < 2:
@@ -303,8 +299,7 @@ def precise_stats(
         >>> state["mean"], state["var"]
         (Array([3., 2.], dtype=float32), Array([5., 3.], dtype=float32))
     """
-    if not isinstance(stack, (bool, np.bool_)):
-        raise TypeError(f"stack must be a bool, got {stack!r}")
+    _checks.check_bool("stack", stack)
     probe = _probe(model)
     leaves, treedef, idx = _bn_leaves(state)
     if not idx:
@@ -390,7 +385,7 @@ def precise_stats_from_data(
         ValueError: for a bad ``batch_size`` or ``num_batches``, or what
             :func:`precise_stats` raises.
     """
-    if isinstance(num_batches, bool) or not isinstance(num_batches, (int, np.integer)):
+    if not _checks.is_int(num_batches):
         raise TypeError(f"num_batches must be an int, got {type(num_batches).__name__}")
     if num_batches < 1:
         raise ValueError(f"num_batches must be >= 1, got {num_batches}")

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxbn.layer import BatchNorm
+
 
 def require(module: str, *, adapter: str, extra: str) -> ModuleType:
     """Imports an optional framework, or raises an ``ImportError`` naming the extra."""
@@ -54,3 +56,34 @@ def flax_mask(mask: Any, x_shape: tuple[int, ...], feat: tuple[int, ...]) -> jax
 def as_axis(axis: Any) -> int | tuple[int, ...]:
     """Flax allows a list of feature axes; jaxbn's frozen configs take a tuple."""
     return tuple(axis) if isinstance(axis, list) else axis
+
+
+def check_axis_index_groups(axis_index_groups: Any) -> None:
+    """Refuses Flax's ``axis_index_groups``, which has no jaxbn counterpart."""
+    if axis_index_groups is not None:
+        raise ValueError(
+            f"axis_index_groups is not supported by jaxbn (statistics are averaged over the "
+            f"whole axis_name); expected None, got {axis_index_groups!r}"
+        )
+
+
+def flax_layer(module: Any, num_features: int | tuple[int, ...], /, *, dtype: Any, **options: Any):
+    """The :class:`jaxbn.BatchNorm` configured by a Flax batch norm's attributes.
+
+    Reads ``axis``, ``momentum``, ``epsilon`` (jaxbn's ``eps``), ``use_scale``,
+    ``use_bias``, ``axis_name`` and ``param_dtype`` of ``module`` (a
+    ``flax.linen`` or ``flax.nnx`` batch norm, Flax's or jaxbn's); ``dtype`` and
+    any jaxbn-only ``options`` are given.
+    """
+    return BatchNorm(
+        num_features,
+        axis=as_axis(module.axis),
+        momentum=module.momentum,
+        eps=module.epsilon,
+        use_scale=module.use_scale,
+        use_bias=module.use_bias,
+        axis_name=module.axis_name,
+        dtype=dtype,
+        param_dtype=module.param_dtype,
+        **options,
+    )

@@ -127,6 +127,18 @@ class BatchNorm(eqx.nn.StatefulLayer):
         self.momentum = momentum
         self.mode = mode
 
+    def _layer(self, dtype: Any, **options: Any) -> _Layer:
+        """The jaxbn layer over axis 0 of one example, with output ``dtype``."""
+        return _Layer(
+            self.input_size,
+            axis=0,
+            eps=self.eps,
+            use_scale=self.channelwise_affine,
+            use_bias=self.channelwise_affine,
+            dtype=dtype,
+            **options,
+        )
+
     def __call__(
         self,
         x: jax.Array,
@@ -174,25 +186,10 @@ class BatchNorm(eqx.nn.StatefulLayer):
                 "mean": jnp.where(counter > 0, hidden_mean / debias, 0.0),
                 "var": jnp.where(counter > 0, hidden_var / debias, 1.0),
             }
-            layer = _Layer(
-                self.input_size,
-                axis=0,
-                eps=self.eps,
-                use_scale=self.channelwise_affine,
-                use_bias=self.channelwise_affine,
-                dtype=dtype,
-            )
-            y, _ = layer.apply(params, stats, x, training=False)
+            y, _ = self._layer(dtype).apply(params, stats, x, training=False)
             return y, state
-        layer = _Layer(
-            self.input_size,
-            axis=0,
-            eps=self.eps,
-            momentum=self.momentum,
-            use_scale=self.channelwise_affine,
-            use_bias=self.channelwise_affine,
-            axis_name=axis_name,
-            dtype=jnp.result_type(x, *params.values()),
+        layer = self._layer(
+            jnp.result_type(x, *params.values()), momentum=self.momentum, axis_name=axis_name
         )
         hidden = {"mean": hidden_mean, "var": hidden_var}
         y, hidden = layer.apply(params, hidden, x, training=True)

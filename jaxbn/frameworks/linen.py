@@ -38,7 +38,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxbn import _checks
-from jaxbn.frameworks._common import as_axis, flax_mask, require
+from jaxbn.frameworks._common import (
+    as_axis,
+    check_axis_index_groups,
+    flax_layer,
+    flax_mask,
+    require,
+)
 from jaxbn.layer import BatchNorm as _Layer
 
 nn = require("flax.linen", adapter="jaxbn.linen", extra="flax")
@@ -49,14 +55,13 @@ Params = dict[str, jax.Array]
 State = dict[str, jax.Array]
 
 
-def _check_floating(named: dict[str, Any]) -> None:
+def _check_arrays(trees: dict[str, Mapping[str, Any]]) -> None:
+    """Checks that the arrays of ``trees`` (``{name: {key: array}}``) are floating, of one shape."""
+    named = {f'{name}["{k}"]': v for name, tree in trees.items() for k, v in tree.items()}
     for name, v in named.items():
         dtype = jnp.result_type(v)
         if not jnp.issubdtype(dtype, jnp.floating):
             raise TypeError(f"{name} must have a floating-point dtype, got {dtype}")
-
-
-def _check_same_shape(named: dict[str, Any]) -> None:
     shapes = {name: jnp.shape(v) for name, v in named.items()}
     if len(set(shapes.values())) > 1:
         got = ", ".join(f"{name}: {shape}" for name, shape in shapes.items())
@@ -97,11 +102,7 @@ def to_flax(params: Mapping[str, Any], state: Mapping[str, Any]) -> dict[str, di
     """
     _checks.check_keys("params", params, ("scale", "bias"), ())
     _checks.check_keys("state", state, ("mean", "var"), ("mean", "var"))
-    named = {f'params["{k}"]': v for k, v in params.items()} | {
-        f'state["{k}"]': v for k, v in state.items()
-    }
-    _check_floating(named)
-    _check_same_shape(named)
+    _check_arrays({"params": params, "state": state})
     out = {"batch_stats": {"mean": state["mean"], "var": state["var"]}}
     if params:
         out["params"] = {k: params[k] for k in ("scale", "bias") if k in params}
@@ -141,11 +142,7 @@ def from_flax(variables: Mapping[str, Any]) -> tuple[Params, State]:
     stats = variables["batch_stats"]
     _checks.check_keys('variables["params"]', params, ("scale", "bias"), ())
     _checks.check_keys('variables["batch_stats"]', stats, ("mean", "var"), ("mean", "var"))
-    named = {f'variables["params"]["{k}"]': v for k, v in params.items()} | {
-        f'variables["batch_stats"]["{k}"]': v for k, v in stats.items()
-    }
-    _check_floating(named)
-    _check_same_shape(named)
+    _check_arrays({'variables["params"]': params, 'variables["batch_stats"]': stats})
     return (
         {k: jnp.asarray(params[k]) for k in ("scale", "bias") if k in params},
         {"mean": jnp.asarray(stats["mean"]), "var": jnp.asarray(stats["var"])},
@@ -201,17 +198,7 @@ def batch_norm_from_flax(module: nn.BatchNorm, num_features: int | tuple[int, ..
     if not isinstance(module, nn.BatchNorm):
         raise TypeError(f"module must be a flax.linen.BatchNorm, got {type(module).__name__}")
     _check_flax_only_options(module)
-    bn = _Layer(
-        num_features,
-        axis=as_axis(module.axis),
-        momentum=module.momentum,
-        eps=module.epsilon,
-        use_scale=module.use_scale,
-        use_bias=module.use_bias,
-        axis_name=module.axis_name,
-        dtype=module.dtype,
-        param_dtype=module.param_dtype,
-    )
+    bn = flax_layer(module, num_features, dtype=module.dtype)
     for name, value in (("scale_init", 1.0), ("bias_init", 0.0)):
         if not _is_constant_init(getattr(module, name), value, bn.feature_shape, bn.param_dtype):
             raise ValueError(
@@ -223,11 +210,7 @@ def batch_norm_from_flax(module: nn.BatchNorm, num_features: int | tuple[int, ..
 
 def _check_flax_only_options(module) -> None:
     """Refuses the Flax options that have no jaxbn counterpart."""
-    if module.axis_index_groups is not None:
-        raise ValueError(
-            f"axis_index_groups is not supported by jaxbn (statistics are averaged over the "
-            f"whole axis_name); expected None, got {module.axis_index_groups!r}"
-        )
+    check_axis_index_groups(module.axis_index_groups)
     if not module.force_float32_reductions:
         raise ValueError(
             "force_float32_reductions=False is not supported: jaxbn always reduces in "
@@ -406,16 +389,8 @@ class BatchNorm(nn.Module):
         dtype = self.dtype
         if dtype is None:
             dtype = jnp.result_type(x, *params.values())
-        bn = _Layer(
-            fshape[0] if isinstance(axis, (int, np.integer)) else fshape,
-            axis=axis,
-            momentum=self.momentum,
-            eps=self.epsilon,
-            use_scale=self.use_scale,
-            use_bias=self.use_bias,
-            axis_name=self.axis_name,
-            dtype=dtype,
-            param_dtype=self.param_dtype,
+        bn = flax_layer(
+            self, fshape[0] if isinstance(axis, (int, np.integer)) else fshape, dtype=dtype
         )
 
         if use_running_average:

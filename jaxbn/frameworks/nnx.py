@@ -14,7 +14,13 @@ import jax
 import jax.numpy as jnp
 
 from jaxbn import _checks
-from jaxbn.frameworks._common import as_axis, flax_mask, require
+from jaxbn.frameworks._common import (
+    as_axis,
+    check_axis_index_groups,
+    flax_layer,
+    flax_mask,
+    require,
+)
 from jaxbn.layer import BatchNorm as _Layer
 
 nnx = require("flax.nnx", adapter="jaxbn.nnx", extra="flax")
@@ -127,11 +133,7 @@ class BatchNorm(nnx.Module):
         scale_metadata: Mapping[str, Any] = MappingProxyType({}),
         **options: Any,
     ):
-        if axis_index_groups is not None:
-            raise ValueError(
-                f"axis_index_groups is not supported by jaxbn (statistics are averaged over "
-                f"the whole axis_name); expected None, got {axis_index_groups!r}"
-            )
+        check_axis_index_groups(axis_index_groups)
         if promote_dtype is not _promote_dtype:
             raise ValueError(
                 "promote_dtype must be Flax's default: jaxbn computes in float32 or wider "
@@ -174,18 +176,8 @@ class BatchNorm(nnx.Module):
             self.bias = nnx.data(None)
 
     def _layer(self, dtype: Any) -> _Layer:
-        return _Layer(
-            self.num_features,
-            axis=self.axis,
-            momentum=self.momentum,
-            eps=self.epsilon,
-            use_scale=self.use_scale,
-            use_bias=self.use_bias,
-            axis_name=self.axis_name,
-            dtype=dtype,
-            param_dtype=self.param_dtype,
-            **dict(self.options),
-        )
+        """The jaxbn layer this module computes with, with output ``dtype``."""
+        return flax_layer(self, self.num_features, dtype=dtype, **dict(self.options))
 
     def _state_names(self) -> tuple[str, ...]:
         names = ("mean", "var", "count", "renorm_mean", "renorm_var")
@@ -228,13 +220,11 @@ class BatchNorm(nnx.Module):
         if dtype is None:
             dtype = jnp.result_type(x, state["mean"], state["var"], *params.values())
         layer = self._layer(dtype)
+        if mask is not None:  # checked also when unused, as Flax broadcasts it
+            mask = flax_mask(mask, x.shape, _checks.feature_axes(x.ndim, self.axis))
         if use_running_average:
-            if mask is not None:
-                flax_mask(mask, x.shape, _checks.feature_axes(x.ndim, self.axis))
             y, _ = layer.apply(params, state, x, training=False)
             return y
-        if mask is not None:
-            mask = flax_mask(mask, x.shape, _checks.feature_axes(x.ndim, self.axis))
         y, new_state = layer.apply(params, state, x, training=True, mask=mask)
         for name, value in new_state.items():
             getattr(self, name)[...] = value

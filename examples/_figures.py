@@ -1,0 +1,52 @@
+"""What the examples share to write their outputs: a figure of one row of plots, and
+the table, figure and results of a study (``paper_figure1.py``, ``study_eval_stats.py``).
+
+Figures are drawn on a bare ``matplotlib.figure.Figure`` (rendered by Agg when
+saved, never shown), imported only when a figure is made.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+
+def new_figure(ncols: int, *, figsize: tuple[float, float]) -> tuple[Any, Any]:
+    """A figure with one row of ``ncols`` plots; returns ``(figure, axes)``."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, layout="constrained")
+    return fig, fig.subplots(1, ncols)
+
+
+def save_figure(fig: Any, axes: Sequence[Any], path: str, *, title: str, dpi: int) -> None:
+    """Gives every plot of ``axes`` a light grid, titles ``fig`` and writes it to ``path``."""
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=dpi)
+
+
+def write_study(results: dict, lines: list[str], plot: Callable[[str], None], out: str) -> dict:
+    """Writes a study's outputs to ``out`` and prints its table; returns ``results``.
+
+    Args:
+        results: the results, JSON-able, with the paths ``"markdown"`` (the
+            table) and ``"png"`` (the figure); written to ``out/results.json``.
+        lines: the table, as Markdown lines.
+        plot: draws the figure to the path it is given.
+        out: the output directory.
+
+    Returns:
+        ``results``.
+    """
+    with open(results["markdown"], "w") as f:
+        f.write("\n".join(lines) + "\n")
+    plot(results["png"])
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print("\n".join(lines))
+    print(f"figure: {results['png']}")
+    return results
