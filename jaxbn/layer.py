@@ -435,7 +435,7 @@ class BatchNorm:
         # A count per feature where the mask varies along the feature axes.
         n = _checks.feature_counts(m, x.shape, feat, dtype=jnp.float32)
         if m is not None:
-            n = jnp.reshape(n, ()) if n.size == 1 else jnp.reshape(n, self.feature_shape)
+            n = jnp.reshape(n, ()) if n.size == 1 else jnp.broadcast_to(n, self.feature_shape)
         return n if self.axis_name is None else jax.lax.psum(n, self.axis_name)
 
     def _running_update(self, old, count, mean, var):
