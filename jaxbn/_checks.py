@@ -10,6 +10,7 @@ and the op and layer built on them; the reference counts on its own.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -109,6 +110,23 @@ def check_eps(eps: float, dtype: Any = jnp.float32) -> None:
             f"{jnp.dtype(jnp.promote_types(dtype, jnp.float32))} (>= {tiny:.4g}; smaller "
             f"values are flushed to zero), got {eps}"
         )
+
+
+def check_hashable_fields(config: Any) -> None:
+    """Refuses a field that makes a frozen config unhashable (a list, a dict, an array).
+
+    Configs are static arguments of ``jax.jit``, which hashes them; a list
+    would be accepted at construction and fail far from its cause.
+    """
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        try:
+            hash(value)
+        except TypeError:
+            raise TypeError(
+                f"{type(config).__name__}.{f.name} must be hashable (a tuple, not a list; "
+                f"Python scalars, not arrays), got {value!r}"
+            ) from None
 
 
 def check_axis_name(axis_name: Any) -> None:

@@ -395,6 +395,7 @@ class CNN:
         check_fuse_activation(self)
         if not self.use_batch_norm and (self.debias or self.frozen):
             raise ValueError("debias=True and frozen=True need use_batch_norm=True")
+        _checks.check_hashable_fields(self)
         # Checks momentum, eps, axis_name, debias and frozen once, with the layer's
         # own messages.
         if self.use_batch_norm:
@@ -509,12 +510,36 @@ class CNN:
                     f'params["blocks"][{i}] {"has" if "batch_norm" in block else "lacks"} '
                     f'"batch_norm" but use_batch_norm={self.use_batch_norm}'
                 )
+        self._check_spatial_size(x)
         head = params["head"]["kernel"]
         if jnp.shape(head) != (self.channels[-1], self.num_classes):
             raise ValueError(
                 f'params["head"]["kernel"] must have shape '
                 f"{(self.channels[-1], self.num_classes)}, got {jnp.shape(head)}"
             )
+
+    def _check_spatial_size(self, x):
+        """Refuses an image that the strides and pooling shrink to nothing.
+
+        A block's "SAME" convolution leaves ``ceil(size / stride)`` positions,
+        its 2x2 pooling ``size // 2``; at 0 the global average would be a mean
+        over nothing: NaN logits, without an error.
+        """
+        spatial = (1, 2) if self.data_format == "NHWC" else (2, 3)
+        size = tuple(x.shape[a] for a in spatial)
+        for i, (stride, pooling) in enumerate(
+            zip(self._block_strides(), self._block_pooling(), strict=True)
+        ):
+            size = tuple(-(-n // s) for n, s in zip(size, stride, strict=True))
+            if pooling is not None:
+                size = tuple(n // 2 for n in size)
+            if min(size) < 1:
+                raise ValueError(
+                    f"x's {x.shape[spatial[0]]}x{x.shape[spatial[1]]} images are too small "
+                    f"for this CNN: after block {i} (strides={self.strides!r}, "
+                    f"pooling={self.pooling!r}) nothing is left ({size[0]}x{size[1]}); use "
+                    f"fewer blocks, smaller strides or less pooling"
+                )
 
     def _block(self, block, block_state, h, training, strides, pooling):
         """One block: ``(output, new_block_state)``."""

@@ -58,7 +58,9 @@ class BatchNorm:
 
     Attributes:
         num_features: size of the feature axis (an int), or the sizes of the
-            feature axes (a tuple) when ``axis`` is a tuple.
+            feature axes (a tuple) when ``axis`` is a tuple, in the order of the
+            axes sorted (as Flax's params are laid out): ``axis=(3, 1)`` on
+            ``[N, C, H, W]`` takes ``(C, W)``.
         axis: feature axis or axes of the input (``-1`` for ``[N, C]`` and NHWC,
             ``1`` for NCHW).
         momentum: weight of the old running statistics, in ``[0, 1]``; ``None``
@@ -185,6 +187,7 @@ class BatchNorm:
         _check_clipping(self.renorm_clipping)
         self._check_debias_frozen()
         self._check_activation()
+        _checks.check_hashable_fields(self)
 
     def _check_debias_frozen(self):
         for name in ("debias", "frozen"):
@@ -253,7 +256,7 @@ class BatchNorm:
     def feature_shape(self) -> tuple[int, ...]:
         """The shape of every per-feature array: params and statistics."""
         n = self.num_features
-        return (n,) if isinstance(n, (int, np.integer)) else tuple(n)
+        return tuple(n) if isinstance(n, (tuple, list)) else (n,)
 
     def init(self, dtype: Any = None) -> tuple[Params, State]:
         """Returns ``(params, state)``: ``{"scale": 1, "bias": 0}``, ``{"mean": 0, "var": 1}``.
@@ -329,8 +332,9 @@ class BatchNorm:
         feat = _checks.feature_axes(x.ndim, self.axis)
         got = tuple(x.shape[a] for a in feat)
         if got != self.feature_shape:
+            order = "" if len(feat) == 1 else f" (the sizes of axes {feat}, in that order)"
             raise ValueError(
-                f"x has {got} features on axis {self.axis!r} (shape {x.shape}), "
+                f"x has {got} features on axis {self.axis!r}{order} (shape {x.shape}), "
                 f"but the layer was built with num_features={self.num_features!r}"
             )
         if renorm_clipping is not None and not self.renorm:

@@ -133,6 +133,7 @@ class MLP:
         check_model_activation(self)
         _checks.check_positive_or_none("init_stddev", self.init_stddev)
         check_fuse_activation(self)
+        _checks.check_hashable_fields(self)
         # Checks momentum, eps and axis_name once, with the layer's own messages.
         if self.use_batch_norm:
             self._batch_norm(sizes[1] if len(sizes) > 2 else 1)

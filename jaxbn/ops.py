@@ -685,8 +685,10 @@ def batch_norm_inference(
     feat, _ = _checks.check_op_args(x, scale, bias, axis, eps, None, training=False)
     x = jnp.asarray(x)
     fshape = tuple(x.shape[a] for a in feat)
-    _checks.check_feature_vector("mean", mean, fshape)
-    _checks.check_feature_vector("var", var, fshape)
+    for name, v in (("mean", mean), ("var", var)):
+        if v is None:
+            raise TypeError(f"{name} must be a {list(fshape)} array of statistics, got None")
+        _checks.check_feature_vector(name, v, fshape)
     cdt = _compute_dtype(x.dtype)
     a = lax.rsqrt(jnp.asarray(var).astype(cdt) + eps)
     if scale is not None:

@@ -769,3 +769,31 @@ CONFIG_BAD = [
 def test_config_errors(kwargs, error, match):
     with pytest.raises(error, match=match):
         CNN(**{"in_channels": 2, "channels": (4, 6), **kwargs})
+
+
+@pytest.mark.parametrize(
+    "model, small, large",
+    [
+        (CNN(1, (4, 4, 4, 4), 10, pooling="max"), 8, 16),  # 8 -> 4 -> 2 -> 1 -> 0
+        (CNN(1, (4, 4), 10, strides=2, pooling="avg"), 8, 16),  # 8 -> 4 -> 2 -> 1 -> 0
+        (CNN(1, (4, 4, 4), 10, pooling="max", data_format="NCHW"), 4, 8),
+    ],
+    ids=["max-pooling", "strides-and-pooling", "nchw"],
+)
+def test_images_shrunk_to_nothing_are_refused_while_tracing(model, small, large):
+    params, state = model.init(jax.random.key(0))
+
+    def shape(size):
+        return (2, size, size, 1) if model.data_format == "NHWC" else (2, 1, size, size)
+
+    for training in (True, False):
+        with pytest.raises(ValueError, match=r"too small for this CNN: after block \d+"):
+            jax.eval_shape(
+                lambda p, s, x, t=training: model.apply(p, s, x, training=t),
+                params,
+                state,
+                jax.ShapeDtypeStruct(shape(small), jnp.float32),
+            )
+    # Images just large enough keep one position, and give finite logits.
+    logits, _ = model.apply(params, state, jnp.ones(shape(large)), training=False)
+    assert bool(jnp.all(jnp.isfinite(logits)))

@@ -80,6 +80,8 @@ def test_op_errors(op, args, kwargs, error, match):
         ((x, v3, v3, v3, jnp.ones((3, 1))), ValueError, r"var must have shape \(3,\)"),
         ((x, v3, v3, v3, jnp.ones(3, jnp.int32)), TypeError, "var must have a floating"),
         ((x.astype(jnp.int8), v3, v3, v3, v3), TypeError, "x must have a floating"),
+        ((x, v3, v3, None, v3), TypeError, r"mean must be a \[3\] array of statistics, got None"),
+        ((x, v3, v3, v3, None), TypeError, r"var must be a \[3\] array of statistics, got None"),
     ],
 )
 def test_inference_errors(args, error, match):
@@ -107,6 +109,19 @@ def test_inference_accepts_a_single_example():
         ({"num_features": 3, "axis_name": 5}, TypeError, "axis_name must be None, a str"),
         ({"num_features": 3, "renorm_clipping": ("a", 1.0)}, TypeError, "two real numbers"),
         ({"num_features": 3, "renorm_clipping": (float("nan"), 1.0)}, ValueError, "rmax >= 1"),
+        ({"num_features": 1.5}, ValueError, "num_features must be a positive int"),
+        ({"num_features": None}, ValueError, "num_features must be a positive int"),
+        # A frozen config is hashed by jax.jit: a list would fail far from its cause.
+        (
+            {"num_features": 3, "axis_name": ["data"]},
+            TypeError,
+            r"BatchNorm.axis_name must be hashable",
+        ),
+        (
+            {"num_features": 3, "renorm": True, "renorm_clipping": [3.0, 5.0]},
+            TypeError,
+            r"BatchNorm.renorm_clipping must be hashable \(a tuple, not a list",
+        ),
     ],
 )
 def test_layer_config_errors(kwargs, error, match):
@@ -270,3 +285,27 @@ def test_bwd_checks_types_and_accepts_the_forward_axis():
         jaxbn.batch_norm_bwd(res, (cts[0], jnp.zeros(3, jnp.int32), cts[2]))
     for axis in (None, 1, -2, (1,)):
         assert jaxbn.batch_norm_bwd(res, cts, axis=axis)[0].shape == (4, 3, 5)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: jaxbn.MLP((4, 8, 2), axis_name=["data"]),
+        lambda: jaxbn.CNN(1, (4,), 2, axis_name=["data"]),
+    ],
+    ids=["MLP", "CNN"],
+)
+def test_model_configs_refuse_unhashable_fields(make):
+    with pytest.raises(TypeError, match=r"\.axis_name must be hashable \(a tuple, not a list"):
+        make()
+
+
+def test_a_tuple_of_features_is_read_in_the_order_of_the_sorted_axes():
+    x4 = jnp.ones((4, 3, 5, 6))
+    bn = jaxbn.BatchNorm((3, 6), axis=(3, 1))  # sizes of axes 1 and 3
+    params, state = bn.init()
+    assert bn.apply(params, state, x4, training=True)[0].shape == x4.shape
+    wrong = jaxbn.BatchNorm((6, 3), axis=(3, 1))  # sizes in the order of `axis`
+    params, state = wrong.init()
+    with pytest.raises(ValueError, match=r"the sizes of axes \(1, 3\), in that order"):
+        traced(lambda p, s, x: wrong.apply(p, s, x, training=True), params, state, x4)
