@@ -13,6 +13,36 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 
+def add_out_flags(parser: Any, *, default_help: str) -> None:
+    """Adds ``--out`` (default ``None``: the script's own folder) and ``--overwrite``."""
+    parser.add_argument("--out", default=None, help=f"output directory ({default_help})")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the outputs of a previous run in --out (without it they are kept "
+        "and the run is refused)",
+    )
+
+
+def check_out(parser: Any, out: str, outputs: Sequence[str], *, overwrite: bool) -> None:
+    """Refuses (``parser.error``) to write over a previous run's outputs without ``--overwrite``.
+
+    Args:
+        parser: the script's parser (its ``error`` names the flag and exits).
+        out: the output directory.
+        outputs: the file names the script writes there.
+        overwrite: whether ``--overwrite`` was given.
+    """
+    if os.path.exists(out) and not os.path.isdir(out):
+        parser.error(f"argument --out: {out!r} is a file, expected a directory")
+    found = [f for f in outputs if os.path.exists(os.path.join(out, f))]
+    if found and not overwrite:
+        parser.error(
+            f"argument --out: {out!r} holds a previous run ({', '.join(found)}); pass "
+            f"--overwrite to replace it, or another --out"
+        )
+
+
 def new_figure(ncols: int, *, figsize: tuple[float, float]) -> tuple[Any, Any]:
     """A figure with one row of ``ncols`` plots; returns ``(figure, axes)``."""
     from matplotlib.figure import Figure

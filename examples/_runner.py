@@ -449,8 +449,18 @@ def run(
             n, loss=f"{entry['train_loss']:.4f}", test_acc=f"{entry['test_accuracy']:.4f}"
         )
 
+    stale = [os.path.join(args.out, f) for f in OUTPUTS if f != "checkpoint.npz"]
+
     def on_checkpoint(step, seconds):
         clock.checkpoints += seconds
+        # --overwrite: this run's first checkpoint has replaced the previous run's;
+        # its metrics and curve go with it, so that the folder never holds one
+        # run's checkpoint beside another's metrics (an interrupted run leaves
+        # either the previous run whole or this run's checkpoint alone).
+        if args.overwrite and main_process:
+            for path in stale:
+                if os.path.exists(path):
+                    os.remove(path)
 
     created = not os.path.exists(args.out)
     os.makedirs(args.out, exist_ok=True)

@@ -13,7 +13,8 @@ the network computes it in training (batch statistics of the evaluation batch),
 which is the distribution the sigmoid sees while it learns.
 
 Writes ``figure1.png``, ``figure1.md`` (test accuracy at a few steps) and
-``results.json`` to ``--out``; ``main`` returns the results.
+``results.json`` to ``--out`` (a previous run's outputs there are kept: the run is refused unless
+``--overwrite`` is given); ``main`` returns the results.
 
     python examples/paper_figure1.py
 """
@@ -44,6 +45,10 @@ import _figures  # noqa: E402
 PERCENTILES = (15, 50, 85)
 
 
+#: What the script writes to --out (a previous run's are kept unless --overwrite).
+OUTPUTS = ("figure1.png", "figure1.md", "results.json")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface (every flag explained by ``--help``)."""
     p = argparse.ArgumentParser(
@@ -71,9 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--unit", type=int, default=0, help="index of the plotted unit of the last hidden layer"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the initialization and batches")
-    p.add_argument(
-        "--out", default=os.path.join("runs", "paper_figure1"), help="directory for the outputs"
-    )
+    _figures.add_out_flags(p, default_help="runs/paper_figure1")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
 
@@ -178,7 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
         "markdown"}``; each network's entry holds ``step``, ``test_accuracy`` and
         ``percentiles`` (one ``[p15, p50, p85]`` per recorded step).
     """
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     layers, width = args.hidden
     if args.steps < 1 or args.eval_every < 1:
         raise ValueError(
@@ -186,6 +190,9 @@ def main(argv: list[str] | None = None) -> dict:
         )
     if not 0 <= args.unit < width:
         raise ValueError(f"--unit must be in [0, {width}), got {args.unit}")
+    if args.out is None:
+        args.out = os.path.join("runs", "paper_figure1")
+    _figures.check_out(parser, args.out, OUTPUTS, overwrite=args.overwrite)
     os.makedirs(args.out, exist_ok=True)
     data = load_digits()
     sizes = (data.num_features, *([width] * layers), data.num_classes)

@@ -17,7 +17,8 @@ the test split with three sets of statistics:
 Training is the same for all three (training mode uses batch statistics, never
 the running ones): each step updates the plain and the debiased averages from the
 same batch with the same params. Writes ``eval_stats.png``, ``eval_stats.md`` (the
-table) and ``results.json`` to ``--out``; ``main`` returns the results.
+table) and ``results.json`` to ``--out`` (a previous run's outputs there are kept:
+the run is refused unless ``--overwrite`` is given); ``main`` returns the results.
 
     python examples/study_eval_stats.py
     python examples/study_eval_stats.py --model cnn --steps 400 --seeds 3
@@ -52,6 +53,10 @@ import _figures  # noqa: E402
 METHODS = ("running", "debiased", "precise")
 
 
+#: What the script writes to --out (a previous run's are kept unless --overwrite).
+OUTPUTS = ("eval_stats.png", "eval_stats.md", "results.json")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface (every flag explained by ``--help``)."""
     p = argparse.ArgumentParser(
@@ -84,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="C1,C2,...",
         help="--model cnn: channels of each block (3x3 conv, batch norm, ReLU, 2x2 max pool)",
     )
-    p.add_argument("--out", default="runs/study_eval_stats", help="output directory")
+    _figures.add_out_flags(
+        p, default_help="runs/study_eval_stats, with _cnn appended for --model cnn"
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
 
@@ -243,10 +250,14 @@ def main(argv: list[str] | None = None) -> dict:
         ``{"config", "steps", "accuracy", "table", "png", "markdown"}``;
         ``accuracy[method]`` is ``[seeds][len(steps)]`` test accuracies.
     """
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     for name in ("steps", "chunk", "seeds", "batch_size", "hidden"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.out is None:  # each model's study in a folder of its own
+        args.out = "runs/study_eval_stats" + ("_cnn" if args.model == "cnn" else "")
+    _figures.check_out(parser, args.out, OUTPUTS, overwrite=args.overwrite)
     os.makedirs(args.out, exist_ok=True)
     data = load_digits()
     steps = eval_steps(args.steps, args.chunk)

@@ -1,0 +1,118 @@
+"""The examples never write over a previous run's outputs without being told to.
+
+The studies (``paper_figure1.py``, ``study_eval_stats.py``) refuse an ``--out`` that
+holds a previous run unless ``--overwrite`` is given, and each study model has a
+default folder of its own; ``train_mlp.py --overwrite`` never leaves one run's
+checkpoint beside another run's metrics, however it is interrupted.
+"""
+
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+from jaxbn.checkpoint import read_metadata
+
+EXAMPLES = pathlib.Path(__file__).parents[1] / "examples"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def study():
+    return _load("study_eval_stats")
+
+
+@pytest.fixture(scope="module")
+def figure1():
+    return _load("paper_figure1")
+
+
+STUDY = ["--steps", "4", "--chunk", "2", "--seeds", "1", "--hidden", "8", "--batch-size", "64"]
+CNN_STUDY = [*STUDY, "--model", "cnn", "--channels", "4"]
+FIGURE1 = ["--steps", "4", "--eval-every", "2", "--hidden", "1", "8", "--unit", "0"]
+
+
+def _refused(capsys, main, argv):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("which", ["study", "figure1"])
+def test_a_previous_study_is_kept_unless_overwrite(which, study, figure1, tmp_path, capsys):
+    main, argv = (study.main, STUDY) if which == "study" else (figure1.main, FIGURE1)
+    argv = [*argv, "--out", str(tmp_path), "--no-progress"]
+    main(argv)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert "results.json" in before
+    err = _refused(capsys, main, [*argv, "--steps", "2"])
+    assert "holds a previous run" in err and "--overwrite" in err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # untouched
+    main([*argv, "--steps", "2", "--overwrite"])
+    config = json.loads((tmp_path / "results.json").read_text())["config"]
+    assert config["steps"] == 2
+
+
+def test_each_study_model_has_its_own_default_folder(study, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    study.main([*STUDY, "--no-progress"])
+    study.main([*CNN_STUDY, "--no-progress"])  # not refused: another folder
+    mlp = json.loads((tmp_path / "runs/study_eval_stats/results.json").read_text())
+    cnn = json.loads((tmp_path / "runs/study_eval_stats_cnn/results.json").read_text())
+    assert (mlp["config"]["model"], cnn["config"]["model"]) == ("mlp", "cnn")
+
+
+@pytest.fixture(scope="module")
+def train_mlp():
+    return _load("train_mlp")
+
+
+TINY = ["--hidden", "16", "--batch-size", "50", "--log-every", "10", "--no-progress"]
+
+
+def _interrupted(train_mlp, monkeypatch, argv, *, after_step):
+    """Runs ``train_mlp`` and stops it (as Ctrl-C would) after the chunk ending at a step."""
+    runner = train_mlp._runner
+    real_fit = runner.fit
+
+    def fit(*args, callback, **kwargs):
+        def stop(ts, chunk):
+            callback(ts, chunk)
+            if int(ts.step) > after_step:
+                raise KeyboardInterrupt
+
+        return real_fit(*args, callback=stop, **kwargs)
+
+    monkeypatch.setattr(runner, "fit", fit)
+    with pytest.raises(KeyboardInterrupt):
+        train_mlp.main(argv)
+    monkeypatch.setattr(runner, "fit", real_fit)
+
+
+def test_an_interrupted_overwrite_never_mixes_two_runs(train_mlp, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train_mlp.main([*TINY, "--steps", "20", "--lr", "0.01", "--out", str(out)])
+    first = json.loads((out / "metrics.json").read_text())
+    assert first["config"]["lr"] == 0.01
+    again = [*TINY, "--steps", "60", "--lr", "0.05", "--checkpoint-every", "20", "--out", str(out)]
+    # Stopped before its first checkpoint: the previous run is whole.
+    _interrupted(train_mlp, monkeypatch, [*again, "--overwrite"], after_step=10)
+    assert json.loads((out / "metrics.json").read_text()) == first
+    assert read_metadata(str(out / "checkpoint.npz"))["step"] == 20
+    assert read_metadata(str(out / "checkpoint.npz"))["config"]["config"]["lr"] == 0.01
+    # Stopped after it: its checkpoint alone, the previous metrics and curve gone.
+    _interrupted(train_mlp, monkeypatch, [*again, "--overwrite"], after_step=20)
+    assert read_metadata(str(out / "checkpoint.npz"))["config"]["config"]["lr"] == 0.05
+    assert not (out / "metrics.json").exists() and not (out / "training_curve.png").exists()
+    # That checkpoint resumes to a whole run of its own.
+    metrics = train_mlp.main([*again, "--resume"])
+    assert metrics["config"]["lr"] == 0.05 and metrics["steps"] == 60
+    assert json.loads((out / "metrics.json").read_text())["config"]["lr"] == 0.05
