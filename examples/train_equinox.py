@@ -11,6 +11,8 @@ Equinox's own in ``mode="batch"``)::
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 import equinox as eqx
 import jax
@@ -19,6 +21,12 @@ import optax
 
 import jaxbn.equinox
 from jaxbn.data import batch_indices, load_digits
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:  # the shared argument types beside this script
+    sys.path.insert(0, _HERE)
+
+import _runner  # noqa: E402
 
 
 def make_model(args, key):
@@ -34,14 +42,23 @@ def make_model(args, key):
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=500, help="training steps")
-    p.add_argument("--batch-size", type=int, default=64, help="examples per step")
-    p.add_argument("--hidden", type=int, default=64, help="hidden units")
-    p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (momentum 0.9)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the init and the batches")
+    p.add_argument("--steps", type=_runner.int_at_least(1), default=500, help="training steps")
+    p.add_argument(
+        "--batch-size", type=_runner.int_at_least(2), default=64, help="examples per step"
+    )
+    p.add_argument("--hidden", type=_runner.int_at_least(1), default=64, help="hidden units")
+    p.add_argument(
+        "--lr", type=_runner.positive_float, default=0.05, help="SGD learning rate (momentum 0.9)"
+    )
+    p.add_argument("--seed", type=_runner.seed, default=0, help="seed of the init and the batches")
     p.add_argument("--equinox", action="store_true", help="use eqx.nn.BatchNorm instead")
     args = p.parse_args(argv)
     data = load_digits()
+    if args.batch_size > len(data.x_train):
+        p.error(
+            f"argument --batch-size: expected at most the {len(data.x_train)} examples of "
+            f"the training split, got {args.batch_size}"
+        )
     model, state = eqx.nn.make_with_state(make_model)(args, jax.random.key(args.seed))
     optimizer = optax.sgd(args.lr, momentum=0.9)
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))

@@ -9,6 +9,8 @@ The model is plain NNX; the only jaxbn line is the batch-norm layer, which has
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +19,12 @@ from flax import nnx
 
 import jaxbn.nnx
 from jaxbn.data import batch_indices, load_digits
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:  # the shared argument types beside this script
+    sys.path.insert(0, _HERE)
+
+import _runner  # noqa: E402
 
 
 class Net(nnx.Module):
@@ -31,14 +39,23 @@ class Net(nnx.Module):
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=500, help="training steps")
-    p.add_argument("--batch-size", type=int, default=64, help="examples per step")
-    p.add_argument("--hidden", type=int, default=64, help="hidden units")
-    p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (momentum 0.9)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the init and the batches")
+    p.add_argument("--steps", type=_runner.int_at_least(1), default=500, help="training steps")
+    p.add_argument(
+        "--batch-size", type=_runner.int_at_least(2), default=64, help="examples per step"
+    )
+    p.add_argument("--hidden", type=_runner.int_at_least(1), default=64, help="hidden units")
+    p.add_argument(
+        "--lr", type=_runner.positive_float, default=0.05, help="SGD learning rate (momentum 0.9)"
+    )
+    p.add_argument("--seed", type=_runner.seed, default=0, help="seed of the init and the batches")
     p.add_argument("--flax", action="store_true", help="use flax.nnx.BatchNorm instead")
     args = p.parse_args(argv)
     data = load_digits()
+    if args.batch_size > len(data.x_train):
+        p.error(
+            f"argument --batch-size: expected at most the {len(data.x_train)} examples of "
+            f"the training split, got {args.batch_size}"
+        )
     model = Net(
         nnx.BatchNorm if args.flax else jaxbn.nnx.BatchNorm, args.hidden, rngs=nnx.Rngs(args.seed)
     )

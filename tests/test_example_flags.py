@@ -1,0 +1,36 @@
+"""The framework demos (train_nnx.py, train_equinox.py) refuse bad flags in one line.
+
+A NaN learning rate trained to a NaN loss without a word; a batch of one ended in a
+traceback from batch norm. Each is now an argparse error naming the flag, before
+anything is built.
+"""
+
+import importlib.util
+import pathlib
+
+import pytest
+
+EXAMPLES = pathlib.Path(__file__).parents[1] / "examples"
+BAD = [
+    (["--lr", "nan"], "--lr: expected a finite number > 0"),
+    (["--lr", "-0.1"], "--lr: expected a finite number > 0"),
+    (["--batch-size", "1"], "--batch-size: expected an int >= 2"),
+    (["--batch-size", "100000"], "--batch-size: expected at most the"),
+    (["--steps", "0"], "--steps: expected an int >= 1"),
+    (["--hidden", "0"], "--hidden: expected an int >= 1"),
+    (["--seed", "-1"], "--seed"),
+]
+
+
+@pytest.mark.parametrize("script, framework", [("train_nnx", "flax"), ("train_equinox", "equinox")])
+@pytest.mark.parametrize("argv, message", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_framework_demos_refuse_bad_flags(script, framework, argv, message, capsys):
+    pytest.importorskip(framework)
+    spec = importlib.util.spec_from_file_location(script, EXAMPLES / f"{script}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit) as info:
+        module.main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
