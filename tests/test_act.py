@@ -178,7 +178,12 @@ def test_grads_float64_finite_differences(activation, shape, axis):
     with jax.enable_x64(True):
         x, scale, bias, _ = make_inputs(shape, axis, dtype=jnp.float64, seed=4)
         check_grads(
-            fused(activation, axis), (x, scale, bias), order=2, modes=["rev"], atol=1e-5, rtol=1e-5
+            jax.jit(fused(activation, axis)),
+            (x, scale, bias),
+            order=2,
+            modes=["rev"],
+            atol=1e-5,
+            rtol=1e-5,
         )
 
 
@@ -270,7 +275,7 @@ def test_mask_varying_along_features_matches_the_reference():
     # ... and finite differences in float64, to second order.
     with jax.enable_x64(True):
         args = tuple(jnp.asarray(a, jnp.float64) for a in (x, scale, bias))
-        check_grads(fused, args, order=2, modes=["rev"])
+        check_grads(jax.jit(fused), args, order=2, modes=["rev"])
 
 
 def test_residuals_hold_z_and_feature_vectors_only(capsys):
