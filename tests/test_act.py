@@ -456,17 +456,20 @@ def test_composes_with_jit_vmap_scan_checkpoint_eval_shape():
 
         return f
 
-    want = jax.grad(loss(oracle("elu", axis)), argnums=(0, 1, 2))(x, scale, bias)
+    # Each transformation is also jitted (one compile each, not op-by-op dispatch).
+    want = jax.jit(jax.grad(loss(oracle("elu", axis)), argnums=(0, 1, 2)))(x, scale, bias)
     grad = jax.grad(loss(fused("elu", axis)), argnums=(0, 1, 2))
     assert_trees_close(jax.jit(grad)(x, scale, bias), want, jnp.float32)
     ckpt = jax.grad(jax.checkpoint(loss(fused("elu", axis))), argnums=(0, 1, 2))
-    assert_trees_close(ckpt(x, scale, bias), want, jnp.float32)
+    assert_trees_close(jax.jit(ckpt)(x, scale, bias), want, jnp.float32)
 
     # vmap over the leading axis: each slice is its own batch of shape (5, 4).
     def slice_grad(fn):
-        return jax.vmap(
-            jax.grad(lambda x, s, b, c: jnp.sum(fn(x, s, b)[0] * c), argnums=(0, 1, 2)),
-            (0, None, None, 0),
+        return jax.jit(
+            jax.vmap(
+                jax.grad(lambda x, s, b, c: jnp.sum(fn(x, s, b)[0] * c), argnums=(0, 1, 2)),
+                (0, None, None, 0),
+            )
         )
 
     got_v = slice_grad(fused("leaky_relu", axis))(x, scale, bias, cts[0])
