@@ -38,8 +38,8 @@ def random_params(bn, seed=1):
 
 
 def grads_of(apply, params, x, ct):
-    """Gradients of <y, ct> with respect to params and x."""
-    return jax.grad(lambda p, x: jnp.sum(apply(p, x) * ct), argnums=(0, 1))(params, x)
+    """Gradients of <y, ct> with respect to params and x (compiled: one program)."""
+    return jax.jit(jax.grad(lambda p, x: jnp.sum(apply(p, x) * ct), argnums=(0, 1)))(params, x)
 
 
 # --- precision policy -------------------------------------------------------------
