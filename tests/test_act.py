@@ -96,6 +96,11 @@ def vjp_of(fn, x, scale, bias, cts):
     return out, pull(cts)
 
 
+def jit_vjp_of(fn, x, scale, bias, cts):
+    """``vjp_of`` compiled as one program: one compile per case, not op by op."""
+    return jax.jit(functools.partial(vjp_of, fn))(x, scale, bias, cts)
+
+
 def assert_trees_close(a, b, dtype):
     rtol, atol = TOL[dtype]
     jax.tree.map(
@@ -117,8 +122,10 @@ OP_IDS = [f"{a}-{'x'.join(map(str, s))}-axis{ax}" for a, s, ax in OP_CASES]
 @pytest.mark.parametrize(("activation", "shape", "axis"), OP_CASES, ids=OP_IDS)
 def test_values_and_vjp_match_numpy_and_reference(activation, shape, axis):
     x, scale, bias, cts = make_inputs(shape, axis, seed=1)
-    (z, mean, var), grads = vjp_of(fused(activation, axis), x, scale, bias, cts)
-    assert_trees_close(grads, vjp_of(oracle(activation, axis), x, scale, bias, cts)[1], jnp.float32)
+    (z, mean, var), grads = jit_vjp_of(fused(activation, axis), x, scale, bias, cts)
+    assert_trees_close(
+        grads, jit_vjp_of(oracle(activation, axis), x, scale, bias, cts)[1], jnp.float32
+    )
     # Values against numpy in float64, from the definition.
     xn = np.asarray(x, np.float64)
     axes = (axis,) if isinstance(axis, int) else axis
@@ -140,8 +147,8 @@ def test_vjp_without_scale_or_bias(affine):
     x, scale, bias, cts = make_inputs(shape, axis, seed=2)
     scale = scale if affine == "scale" else None
     bias = bias if affine == "bias" else None
-    got = vjp_of(fused("leaky_relu", axis), x, scale, bias, cts)
-    want = vjp_of(oracle("leaky_relu", axis), x, scale, bias, cts)
+    got = jit_vjp_of(fused("leaky_relu", axis), x, scale, bias, cts)
+    want = jit_vjp_of(oracle("leaky_relu", axis), x, scale, bias, cts)
     assert_trees_close(got, want, jnp.float32)
     _, (_, dscale, dbias) = got
     assert (dscale is None) == (scale is None) and (dbias is None) == (bias is None)
@@ -153,8 +160,8 @@ def test_cotangent_on_each_output_alone(activation, which):
     shape, axis = (12, 4), -1
     x, scale, bias, cts = make_inputs(shape, axis, seed=3)
     cts = tuple(c if i == which else jnp.zeros_like(c) for i, c in enumerate(cts))
-    got = vjp_of(fused(activation, axis), x, scale, bias, cts)[1]
-    want = vjp_of(oracle(activation, axis), x, scale, bias, cts)[1]
+    got = jit_vjp_of(fused(activation, axis), x, scale, bias, cts)[1]
+    want = jit_vjp_of(oracle(activation, axis), x, scale, bias, cts)[1]
     assert_trees_close(got, want, jnp.float32)
     assert float(jnp.abs(got[0]).max()) > 1e-3  # not trivially zero
 
@@ -178,7 +185,12 @@ def test_grads_float64_finite_differences(activation, shape, axis):
     with jax.enable_x64(True):
         x, scale, bias, _ = make_inputs(shape, axis, dtype=jnp.float64, seed=4)
         check_grads(
-            fused(activation, axis), (x, scale, bias), order=2, modes=["rev"], atol=1e-5, rtol=1e-5
+            jax.jit(fused(activation, axis)),
+            (x, scale, bias),
+            order=2,
+            modes=["rev"],
+            atol=1e-5,
+            rtol=1e-5,
         )
 
 
@@ -201,8 +213,8 @@ def test_float64_gradients_and_hessian_vector_product_match_reference(activation
             g = jax.grad(loss, argnums=(0, 1, 2))
             return jax.grad(lambda x, s, b: jnp.vdot(g(x, s, b)[0], cts[0]), argnums=(0, 1, 2))
 
-        got = hvp(fused(activation, axis))(x, scale, bias)
-        want = hvp(oracle(activation, axis))(x, scale, bias)
+        got = jax.jit(hvp(fused(activation, axis)))(x, scale, bias)
+        want = jax.jit(hvp(oracle(activation, axis)))(x, scale, bias)
         assert_trees_close(got, want, jnp.float64)
 
 
@@ -270,7 +282,7 @@ def test_mask_varying_along_features_matches_the_reference():
     # ... and finite differences in float64, to second order.
     with jax.enable_x64(True):
         args = tuple(jnp.asarray(a, jnp.float64) for a in (x, scale, bias))
-        check_grads(fused, args, order=2, modes=["rev"])
+        check_grads(jax.jit(fused), args, order=2, modes=["rev"])
 
 
 def test_residuals_hold_z_and_feature_vectors_only(capsys):
@@ -427,8 +439,8 @@ def test_masks_match_reference(shape, axis, mask):
     x, scale, bias, cts = make_inputs(shape, axis, seed=11)
     mask = jnp.asarray(mask)
     activation = "elu" if mask.ndim == 2 else "leaky_relu"  # ELU on one case
-    got = vjp_of(fused(activation, axis, mask=mask), x, scale, bias, cts)
-    want = vjp_of(oracle(activation, axis, mask=mask), x, scale, bias, cts)
+    got = jit_vjp_of(fused(activation, axis, mask=mask), x, scale, bias, cts)
+    want = jit_vjp_of(oracle(activation, axis, mask=mask), x, scale, bias, cts)
     assert_trees_close(got, want, jnp.float32)
 
 
@@ -451,17 +463,20 @@ def test_composes_with_jit_vmap_scan_checkpoint_eval_shape():
 
         return f
 
-    want = jax.grad(loss(oracle("elu", axis)), argnums=(0, 1, 2))(x, scale, bias)
+    # Each transformation is also jitted (one compile each, not op-by-op dispatch).
+    want = jax.jit(jax.grad(loss(oracle("elu", axis)), argnums=(0, 1, 2)))(x, scale, bias)
     grad = jax.grad(loss(fused("elu", axis)), argnums=(0, 1, 2))
     assert_trees_close(jax.jit(grad)(x, scale, bias), want, jnp.float32)
     ckpt = jax.grad(jax.checkpoint(loss(fused("elu", axis))), argnums=(0, 1, 2))
-    assert_trees_close(ckpt(x, scale, bias), want, jnp.float32)
+    assert_trees_close(jax.jit(ckpt)(x, scale, bias), want, jnp.float32)
 
     # vmap over the leading axis: each slice is its own batch of shape (5, 4).
     def slice_grad(fn):
-        return jax.vmap(
-            jax.grad(lambda x, s, b, c: jnp.sum(fn(x, s, b)[0] * c), argnums=(0, 1, 2)),
-            (0, None, None, 0),
+        return jax.jit(
+            jax.vmap(
+                jax.grad(lambda x, s, b, c: jnp.sum(fn(x, s, b)[0] * c), argnums=(0, 1, 2)),
+                (0, None, None, 0),
+            )
         )
 
     got_v = slice_grad(fused("leaky_relu", axis))(x, scale, bias, cts[0])

@@ -97,13 +97,18 @@ def test_conv_values_and_vjp_match_lax(case, dtype, data_format):
         theirs = functools.partial(
             lax_conv, strides=strides, padding=padding, data_format=data_format
         )
-        y, vjp = jax.vjp(ours, x, kernel)
-        y_ref, vjp_ref = jax.vjp(theirs, x, kernel)
+        y_shape = jax.eval_shape(ours, x, kernel).shape
+        dy = jax.random.normal(jax.random.key(2), y_shape, jnp.float32).astype(dtype)
+
+        @functools.partial(jax.jit, static_argnums=0)  # one compile, not op by op
+        def values_and_vjp(fn, x, kernel, dy):
+            y, vjp = jax.vjp(fn, x, kernel)
+            return y, vjp(dy)
+
+        y, (dx, dkernel) = values_and_vjp(ours, x, kernel, dy)
+        y_ref, (dx_ref, dkernel_ref) = values_and_vjp(theirs, x, kernel, dy)
         assert y.dtype == y_ref.dtype == dtype
         close(y, y_ref, dtype)
-        dy = jax.random.normal(jax.random.key(2), y.shape, jnp.float32).astype(dtype)
-        dx, dkernel = vjp(dy)
-        dx_ref, dkernel_ref = vjp_ref(dy)
         assert dx.dtype == dkernel.dtype == dtype
         assert float(jnp.max(jnp.abs(dkernel))) > 0
         close(dx, dx_ref, dtype)
@@ -154,7 +159,7 @@ def test_conv_check_grads_order_2(case):
         x, kernel, strides, padding = conv_inputs(case, jnp.float64)
         x, kernel = x[:1, ..., :2], kernel[..., :2, :2]
         fn = functools.partial(conv, strides=strides, padding=padding)
-        check_grads(fn, (x, kernel), order=2, modes=["rev"])
+        check_grads(jax.jit(fn), (x, kernel), order=2, modes=["rev"])
 
 
 def test_conv_under_vmap():
@@ -317,8 +322,9 @@ MODELS = {
 
 def trained_state(model, params, state, key):
     """Running statistics moved away from their initial values by a few batches."""
+    step = jax.jit(functools.partial(model.apply, training=True))
     for k in jax.random.split(key, 3):
-        _, state = model.apply(params, state, images(k, model), training=True)
+        _, state = step(params, state, images(k, model))
     return state
 
 
@@ -424,15 +430,17 @@ def test_nchw_equals_nhwc_transposed():
     x = images(jax.random.key(1), nhwc)
     x_nchw = jnp.moveaxis(x, -1, 1)
     for training in (True, False):
-        got = nchw.apply(params, state, x_nchw, training=training)
-        want = nhwc.apply(params, state, x, training=training)
+        got = jax.jit(functools.partial(nchw.apply, training=training))(params, state, x_nchw)
+        want = jax.jit(functools.partial(nhwc.apply, training=training))(params, state, x)
         tree_close(got, want)
 
     def loss(model, params, x):
         return cross_entropy(model.apply(params, state, x, training=True)[0], jnp.arange(6) % 3)
 
-    g_nchw, dx_nchw = jax.grad(functools.partial(loss, nchw), argnums=(0, 1))(params, x_nchw)
-    g_nhwc, dx_nhwc = jax.grad(functools.partial(loss, nhwc), argnums=(0, 1))(params, x)
+    g_nchw, dx_nchw = jax.jit(jax.grad(functools.partial(loss, nchw), argnums=(0, 1)))(
+        params, x_nchw
+    )
+    g_nhwc, dx_nhwc = jax.jit(jax.grad(functools.partial(loss, nhwc), argnums=(0, 1)))(params, x)
     tree_close(g_nchw, g_nhwc)
     close(dx_nchw, jnp.moveaxis(dx_nhwc, -1, 1))
 
@@ -445,8 +453,8 @@ def test_remat_gives_the_same_gradients():
     def loss(model, params):
         return cross_entropy(model.apply(params, state, x, training=True)[0], jnp.arange(6) % 3)
 
-    got = jax.grad(functools.partial(loss, dataclasses.replace(model, remat=True)))(params)
-    tree_close(got, jax.grad(functools.partial(loss, model))(params))
+    got = jax.jit(jax.grad(functools.partial(loss, dataclasses.replace(model, remat=True))))(params)
+    tree_close(got, jax.jit(jax.grad(functools.partial(loss, model)))(params))
 
 
 @pytest.mark.parametrize("data_format", ["NHWC", "NCHW"])
@@ -519,8 +527,10 @@ def test_fused_equals_unfused_with_the_effective_scale(name, data_format):
     x = images(jax.random.key(3), fused)
     ct = jax.random.normal(jax.random.key(4), (x.shape[0], fused.num_classes))
     for training in (True, False):
-        got = fused.apply(params, state, x, training=training)
-        want = unfused.apply(_with_effective_scale(unfused, params), state, x, training=training)
+        got = jax.jit(functools.partial(fused.apply, training=training))(params, state, x)
+        want = jax.jit(functools.partial(unfused.apply, training=training))(
+            _with_effective_scale(unfused, params), state, x
+        )
         tree_close(got, want)
 
     def loss(model, params, x, effective=False):

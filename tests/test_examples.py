@@ -1,7 +1,9 @@
 """End-to-end runs of examples/train_mlp.py (and its shared _runner.py) and
 examples/paper_figure1.py, tiny settings."""
 
+import contextlib
 import importlib.util
+import io
 import json
 import os
 import pathlib
@@ -38,9 +40,20 @@ def _arrays(path):
         return {k: npz[k] for k in npz.files if k.startswith("tree/")}
 
 
-def test_train_mlp_runs_end_to_end(train_mlp, tmp_path, capsys):
-    out = tmp_path / "run"
-    metrics = train_mlp.main([*TINY, "--steps", "60", "--out", str(out)])
+@pytest.fixture(scope="module")
+def run_60(train_mlp, tmp_path_factory):
+    """``(metrics, out, stdout)`` of one 60-step run checkpointed every 20 steps,
+    shared by the tests that read such a run (it trains and compiles once)."""
+    out = tmp_path_factory.mktemp("run_60") / "run"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        argv = [*TINY, "--steps", "60", "--checkpoint-every", "20", "--out", str(out)]
+        metrics = train_mlp.main(argv)
+    return metrics, out, stdout.getvalue()
+
+
+def test_train_mlp_runs_end_to_end(run_60):
+    metrics, out, stdout = run_60
     assert metrics["steps"] == 60
     assert [h["step"] for h in metrics["history"]] == [20, 40, 60]
     # Sixty steps already beat chance (10%) by far on the digits.
@@ -49,13 +62,11 @@ def test_train_mlp_runs_end_to_end(train_mlp, tmp_path, capsys):
     assert json.loads((out / "metrics.json").read_text()) == metrics
     assert (out / "training_curve.png").stat().st_size > 1000
     assert (out / "checkpoint.npz").exists()
-    assert "final test accuracy" in capsys.readouterr().out
+    assert "final test accuracy" in stdout
 
 
-def test_train_mlp_times_training_apart_from_evaluation_and_checkpoints(train_mlp, tmp_path):
-    out = tmp_path / "run"
-    argv = [*TINY, "--steps", "60", "--checkpoint-every", "20", "--out", str(out)]
-    timing = train_mlp.main(argv)["timing"]
+def test_train_mlp_times_training_apart_from_evaluation_and_checkpoints(run_60):
+    timing = run_60[0]["timing"]
     named = (
         "train_seconds",
         "train_seconds_of_first_calls",
@@ -127,9 +138,8 @@ def test_train_mlp_never_overwrites_a_previous_run(train_mlp, tmp_path, capsys):
     assert metrics["steps"] == 20 and [h["step"] for h in metrics["history"]] == [20]
 
 
-def test_train_mlp_resume_matches_uninterrupted(train_mlp, tmp_path):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train_mlp.main([*TINY, "--steps", "60", "--checkpoint-every", "20", "--out", str(straight)])
+def test_train_mlp_resume_matches_uninterrupted(train_mlp, run_60, tmp_path):
+    straight, resumed = run_60[1], tmp_path / "resumed"
     train_mlp.main([*TINY, "--steps", "40", "--checkpoint-every", "20", "--out", str(resumed)])
     metrics = train_mlp.main(
         [*TINY, "--steps", "60", "--checkpoint-every", "20", "--out", str(resumed), "--resume"]

@@ -36,6 +36,7 @@ def make_batches(shape, steps, x_dtype, seed=0):
     return xs, cts
 
 
+@eqx.filter_jit  # compiled once per model and shape, not op by op at every step
 def step(model, state, x, ct, *, inference):
     """One vmapped call: ``(y, grads {x, weight, bias}, new_state)``."""
 

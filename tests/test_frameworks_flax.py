@@ -584,7 +584,7 @@ def test_axis_name_matches_flax_under_vmap(framework, assert_trees_close):
 
                 return jax.grad(loss, has_aux=True)(x)
 
-            return jax.vmap(f, axis_name="d")(xs, ct)
+            return jax.jit(jax.vmap(f, axis_name="d"))(xs, ct)  # compiled: one program
         graphdef, state = nnx.split(cls(3, axis_name="d", momentum=0.5, rngs=nnx.Rngs(0)))
         state = nnx.as_pure(state)  # arrays: merge makes the variables in each trace
 
@@ -596,7 +596,7 @@ def test_axis_name_matches_flax_under_vmap(framework, assert_trees_close):
 
             return jax.grad(loss, has_aux=True)(x, state)
 
-        return jax.vmap(g, (0, 0, None), axis_name="d")(xs, ct, state)
+        return jax.jit(jax.vmap(g, (0, 0, None), axis_name="d"))(xs, ct, state)
 
     (dx_o, (y_o, st_o)), (dx_t, (y_t, st_t)) = run(ours_cls), run(flax_cls)
     assert_trees_close((y_o, dx_o, st_o), (y_t, dx_t, dict(st_t)), tol=F32_TOL)

@@ -5,11 +5,13 @@ Each test starts two processes (two CPU devices each, four in all) that join thr
 collectives. Every run is bounded in time and its processes are killed at the end.
 """
 
+import functools
 import json
 import os
 import pathlib
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -83,11 +85,24 @@ def _result(output):
     return json.loads(lines[-1][len("RESULT ") :])
 
 
-def test_processes_join_and_see_every_device(tmp_path):
-    runs = run_processes("same_config", tmp_path)
+@pytest.fixture(scope="module")
+def trained_12(tmp_path_factory):
+    """``(out_dir, runs)``: two processes trained 12 steps (checkpoint at step 12).
+
+    Shared by the tests that need such a run (joining, training as one process,
+    resuming), so the two processes start and compile once for all of them.
+    """
+    out_dir = tmp_path_factory.mktemp("trained_12")
+    return out_dir, run_processes("train", out_dir, extra_args=("12",))
+
+
+def test_processes_join_and_see_every_device(trained_12):
+    # The training scenario first checks that every process has the same
+    # configuration (distributed.check_same_config), then trains.
+    _, runs = trained_12
     for rc, out in runs:
         assert rc == 0, out[-3000:]
-        assert _result(out) == {"process_count": 2, "device_count": 4}
+        assert _result(out) == {"process_count": 2, "device_count": 4, "step": 12}
 
 
 def test_processes_started_with_different_configurations_are_refused(tmp_path):
@@ -133,6 +148,7 @@ def test_unreachable_coordinator_is_a_clear_error_after_the_timeout():
     assert time.monotonic() - start < 30
 
 
+@functools.cache
 def _single_process_run(steps):
     """The same run as the workers', in this process on one device."""
     import jax
@@ -170,23 +186,23 @@ def _max_difference(a, b):
     return max(float(np.max(np.abs(u - v))) for u, v in zip(a, b, strict=True))
 
 
-def test_two_processes_train_as_one_process_on_the_same_global_batches(tmp_path):
-    runs = run_processes("train", tmp_path, extra_args=("24",))
+def test_two_processes_train_as_one_process_on_the_same_global_batches(trained_12):
+    out_dir, runs = trained_12
     for rc, out in runs:
         assert rc == 0, out[-3000:]
-        assert _result(out)["step"] == 24
-    expected = _single_process_run(24)
+        assert _result(out)["step"] == 12
+    # Two chunks of 6 steps, each ending with a checkpoint.
+    expected = _single_process_run(12)
     for process in (0, 1):
-        assert _max_difference(_worker_leaves(tmp_path, process), expected) < 2e-5
+        assert _max_difference(_worker_leaves(out_dir, process), expected) < 2e-5
     # Only process 0 wrote the checkpoint (one file, no stray temporaries).
-    assert sorted(p.name for p in tmp_path.iterdir() if "checkpoint" in p.name) == [
-        "checkpoint.npz"
-    ]
+    assert sorted(p.name for p in out_dir.iterdir() if "checkpoint" in p.name) == ["checkpoint.npz"]
 
 
-def test_two_processes_resume_after_a_restart(tmp_path):
-    first = run_processes("train", tmp_path, extra_args=("12",))
+def test_two_processes_resume_after_a_restart(trained_12, tmp_path):
+    first_dir, first = trained_12
     assert all(rc == 0 for rc, _ in first), first[0][1][-3000:]
+    shutil.copy(first_dir / "checkpoint.npz", tmp_path / "checkpoint.npz")
     resumed = run_processes("resume", tmp_path, extra_args=("24",))
     for rc, out in resumed:
         assert rc == 0, out[-3000:]

@@ -69,6 +69,11 @@ def vjp_of(fn, x, scale, bias, cts, axis):
     return out, pullback(cts)
 
 
+def jit_vjp_of(fn, x, scale, bias, cts, axis):
+    """``vjp_of`` compiled as one program: one compile per case, not op by op."""
+    return jax.jit(functools.partial(vjp_of, fn, axis=axis))(x, scale, bias, cts)
+
+
 @pytest.mark.parametrize(("shape", "axis"), CASES, ids=IDS)
 def test_values_match_reference_and_numpy(shape, axis):
     x, scale, bias, _ = make_inputs(shape, axis)
@@ -96,8 +101,8 @@ def test_vjp_matches_reference(shape, axis, affine):
     x, scale, bias, cts = make_inputs(shape, axis, seed=1)
     scale = scale if affine in ("both", "scale") else None
     bias = bias if affine in ("both", "bias") else None
-    got = vjp_of(jaxbn.batch_norm, x, scale, bias, cts, axis)
-    want = vjp_of(reference.batch_norm, x, scale, bias, cts, axis)
+    got = jit_vjp_of(jaxbn.batch_norm, x, scale, bias, cts, axis)
+    want = jit_vjp_of(reference.batch_norm, x, scale, bias, cts, axis)
     assert_trees_close(got, want, jnp.float32)
     dx, dscale, dbias = got[1]
     assert dx.shape == x.shape
@@ -111,8 +116,8 @@ def test_cotangent_on_each_output_alone(which):
     shape, axis = (9, 4), -1
     x, scale, bias, cts = make_inputs(shape, axis, seed=2)
     cts = tuple(c if i == which else jnp.zeros_like(c) for i, c in enumerate(cts))
-    got = vjp_of(jaxbn.batch_norm, x, scale, bias, cts, axis)[1]
-    want = vjp_of(reference.batch_norm, x, scale, bias, cts, axis)[1]
+    got = jit_vjp_of(jaxbn.batch_norm, x, scale, bias, cts, axis)[1]
+    want = jit_vjp_of(reference.batch_norm, x, scale, bias, cts, axis)[1]
     assert_trees_close(got, want, jnp.float32)
     # The gradient is not trivially zero (a test that cannot fail proves nothing).
     assert float(jnp.abs(got[0]).max()) > 1e-3
@@ -124,14 +129,18 @@ def test_grads_float64_finite_differences(shape, axis):
         x, scale, bias, _ = make_inputs(shape, axis, dtype=jnp.float64, seed=3)
         scale, bias = scale.astype(jnp.float64), bias.astype(jnp.float64)
         f = functools.partial(jaxbn.batch_norm, axis=axis)
-        check_grads(f, (x, scale, bias), order=2, modes=["rev"], atol=1e-5, rtol=1e-5)
+        check_grads(jax.jit(f), (x, scale, bias), order=2, modes=["rev"], atol=1e-5, rtol=1e-5)
 
 
 def test_grads_float64_finite_differences_no_affine():
     with jax.enable_x64(True):
         x = make_inputs((8, 3), -1, dtype=jnp.float64)[0]
         check_grads(
-            lambda x: jaxbn.batch_norm(x, None, None), (x,), order=2, modes=["rev"], rtol=1e-5
+            jax.jit(lambda x: jaxbn.batch_norm(x, None, None)),
+            (x,),
+            order=2,
+            modes=["rev"],
+            rtol=1e-5,
         )
 
 
@@ -165,8 +174,8 @@ def test_second_derivatives_match_reference(shape, axis):
             g = jax.grad(loss(fn), argnums=(0, 1, 2))
             return jax.grad(lambda x, s, b: jnp.vdot(g(x, s, b)[0], cts[0]), argnums=(0, 1, 2))
 
-        got = hvp(jaxbn.batch_norm)(x, scale, bias)
-        want = hvp(reference.batch_norm)(x, scale, bias)
+        got = jax.jit(hvp(jaxbn.batch_norm))(x, scale, bias)
+        want = jax.jit(hvp(reference.batch_norm))(x, scale, bias)
         assert_trees_close(got, want, jnp.float64)
 
 
@@ -190,8 +199,9 @@ def test_property_random_shapes_and_axes(data, ndim, with_scale, with_bias):
     x, scale, bias, cts = make_inputs(shape, axis, seed=len(shape))
     scale = scale if with_scale else None
     bias = bias if with_bias else None
-    got = vjp_of(jaxbn.batch_norm, x, scale, bias, cts, axis)
-    want = vjp_of(reference.batch_norm, x, scale, bias, cts, axis)
+    # Jitted: one compile per drawn shape instead of op-by-op dispatch.
+    got = jax.jit(functools.partial(vjp_of, jaxbn.batch_norm, axis=axis))(x, scale, bias, cts)
+    want = jax.jit(functools.partial(vjp_of, reference.batch_norm, axis=axis))(x, scale, bias, cts)
     # Tiny batches amplify rounding (1 / std of two values): looser atol here.
     rtol, _ = TOL[jnp.float32]
     jax.tree.map(
@@ -365,19 +375,27 @@ def test_composes_with_jit_vmap_checkpoint_scan_eval_shape():
     shape, axis = (6, 5, 4), -1
     x, scale, bias, cts = make_inputs(shape, axis, seed=10)
     grad = jax.grad(loss_fn(jaxbn.batch_norm, cts, axis), argnums=(0, 1, 2))
-    want = jax.grad(loss_fn(reference.batch_norm, cts, axis), argnums=(0, 1, 2))(x, scale, bias)
+    # Each transformation is also jitted (one compile each, not op-by-op dispatch).
+    want = jax.jit(jax.grad(loss_fn(reference.batch_norm, cts, axis), argnums=(0, 1, 2)))(
+        x, scale, bias
+    )
 
     assert_trees_close(jax.jit(grad)(x, scale, bias), want, jnp.float32)
     ckpt = jax.grad(jax.checkpoint(loss_fn(jaxbn.batch_norm, cts, axis)), argnums=(0, 1, 2))
-    assert_trees_close(ckpt(x, scale, bias), want, jnp.float32)
+    assert_trees_close(jax.jit(ckpt)(x, scale, bias), want, jnp.float32)
 
     # vmap over a leading axis: each slice is its own batch of shape (5, 4).
-    bgrad = jax.vmap(
-        jax.grad(lambda x, s, b, c: jnp.sum(jaxbn.batch_norm(x, s, b)[0] * c)), (0, None, None, 0)
+    bgrad = jax.jit(
+        jax.vmap(
+            jax.grad(lambda x, s, b, c: jnp.sum(jaxbn.batch_norm(x, s, b)[0] * c)),
+            (0, None, None, 0),
+        )
     )
-    rgrad = jax.vmap(
-        jax.grad(lambda x, s, b, c: jnp.sum(reference.batch_norm(x, s, b)[0] * c)),
-        (0, None, None, 0),
+    rgrad = jax.jit(
+        jax.vmap(
+            jax.grad(lambda x, s, b, c: jnp.sum(reference.batch_norm(x, s, b)[0] * c)),
+            (0, None, None, 0),
+        )
     )
     assert_trees_close(bgrad(x, scale, bias, cts[0]), rgrad(x, scale, bias, cts[0]), jnp.float32)
     stats = jax.vmap(lambda x: jaxbn.batch_norm(x, None, None)[1])(x)

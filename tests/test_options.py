@@ -38,8 +38,8 @@ def random_params(bn, seed=1):
 
 
 def grads_of(apply, params, x, ct):
-    """Gradients of <y, ct> with respect to params and x."""
-    return jax.grad(lambda p, x: jnp.sum(apply(p, x) * ct), argnums=(0, 1))(params, x)
+    """Gradients of <y, ct> with respect to params and x (compiled: one program)."""
+    return jax.jit(jax.grad(lambda p, x: jnp.sum(apply(p, x) * ct), argnums=(0, 1)))(params, x)
 
 
 # --- precision policy -------------------------------------------------------------
@@ -152,7 +152,7 @@ def test_ghost_batch_norm_finite_differences():
         def f(p, x):
             return jnp.sum(bn.apply(p, state, x, training=True)[0] * c64)
 
-        check_grads(f, (p64, x64), order=2, modes=["rev"], atol=1e-5, rtol=1e-5)
+        check_grads(jax.jit(f), (p64, x64), order=2, modes=["rev"], atol=1e-5, rtol=1e-5)
 
 
 def test_ghost_batch_norm_with_mask_equals_kept_rows_per_group():
@@ -255,7 +255,7 @@ def test_batch_renorm_finite_differences():
         def f(p, x):
             return jnp.sum(bn.apply(p, s64, x, training=True)[0] * c64)
 
-        check_grads(f, (p64, x64), order=2, modes=["rev"], atol=1e-5, rtol=1e-5)
+        check_grads(jax.jit(f), (p64, x64), order=2, modes=["rev"], atol=1e-5, rtol=1e-5)
 
 
 # --- PyTorch-compatible running statistics ----------------------------------------

@@ -74,7 +74,7 @@ def test_cnn_batch_norm_is_synchronized():
         (ts.params, ts.state, ts.opt_state, (jnp.asarray(X[:BATCH]), jnp.asarray(Y[:BATCH]))),
         tuple(jax.NamedSharding(mesh, s) for s in specs),
     )
-    synced = make_train_step(MODEL, OPT, mesh=mesh)(*args)
+    synced = jax.jit(make_train_step(MODEL, OPT, mesh=mesh))(*args)
     local = make_train_step(MODEL, OPT, axis_name="data")
     out_specs = (P(), P("data"), P(), P())
     unsynced = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=out_specs))(*args)

@@ -99,7 +99,7 @@ def test_gradient_is_the_global_batch_gradient():
         logits, _ = MODEL.apply(params, ts.state, x, training=True)
         return cross_entropy(logits, labels)
 
-    want = jax.grad(global_loss)(ts.params)
+    want = jax.jit(jax.grad(global_loss))(ts.params)
     step = jax.jit(make_train_step(MODEL, sgd, mesh=data_mesh(8)))
     new_params, _, _, _ = step(ts.params, ts.state, sgd.init(ts.params), (x, labels))
     got = jax.tree.map(lambda old, new: old - new, ts.params, new_params)
@@ -116,7 +116,7 @@ def test_synchronization_matters():
         (ts.params, ts.state, ts.opt_state, batch),
         tuple(jax.NamedSharding(mesh, s) for s in specs),
     )
-    synced = make_train_step(MODEL, OPT, mesh=mesh)(*args)
+    synced = jax.jit(make_train_step(MODEL, OPT, mesh=mesh))(*args)
     body = make_train_step(dataclasses.replace(MODEL, axis_name="data"), OPT, axis_name="data")
     by_hand = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=P()))(*args)
     _close(by_hand, synced)
