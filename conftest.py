@@ -40,6 +40,22 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 collect_ignore += ["tests/multiprocess", *glob.glob("docs/*.py", root_dir=ROOT)]
 
 BENCH_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks")
+EXAMPLES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "examples")
+
+
+@pytest.fixture(scope="session")
+def load_example():
+    """Returns ``load(name)``, which imports ``examples/<name>.py`` as a fresh module."""
+
+    def load(name):
+        spec = importlib.util.spec_from_file_location(
+            name, os.path.join(EXAMPLES_DIR, f"{name}.py")
+        )
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
 
 
 @pytest.fixture(scope="session")

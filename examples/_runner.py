@@ -90,6 +90,28 @@ def seed(text: str) -> int:
     return value
 
 
+def demo_parser(description: str) -> argparse.ArgumentParser:
+    """The flags of the framework demos (``train_nnx.py``, ``train_equinox.py``)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--steps", type=int_at_least(1), default=500, help="training steps")
+    p.add_argument("--batch-size", type=int_at_least(2), default=64, help="examples per step")
+    p.add_argument("--hidden", type=int_at_least(1), default=64, help="hidden units")
+    p.add_argument(
+        "--lr", type=positive_float, default=0.05, help="SGD learning rate (momentum 0.9)"
+    )
+    p.add_argument("--seed", type=seed, default=0, help="seed of the init and the batches")
+    return p
+
+
+def check_demo_batch_size(parser: argparse.ArgumentParser, batch_size: int, num_train: int):
+    """``parser.error`` unless ``batch_size`` fits in the training split."""
+    if batch_size > num_train:
+        parser.error(
+            f"argument --batch-size: expected at most the {num_train} examples of "
+            f"the training split, got {batch_size}"
+        )
+
+
 def int_tuple(text: str) -> tuple[int, ...]:
     """An argparse ``type``: comma-separated positive ints such as ``100,100``."""
     try:

@@ -8,7 +8,6 @@ The model is plain NNX; the only jaxbn line is the batch-norm layer, which has
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -38,24 +37,11 @@ class Net(nnx.Module):
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=_runner.int_at_least(1), default=500, help="training steps")
-    p.add_argument(
-        "--batch-size", type=_runner.int_at_least(2), default=64, help="examples per step"
-    )
-    p.add_argument("--hidden", type=_runner.int_at_least(1), default=64, help="hidden units")
-    p.add_argument(
-        "--lr", type=_runner.positive_float, default=0.05, help="SGD learning rate (momentum 0.9)"
-    )
-    p.add_argument("--seed", type=_runner.seed, default=0, help="seed of the init and the batches")
+    p = _runner.demo_parser(__doc__.splitlines()[0])
     p.add_argument("--flax", action="store_true", help="use flax.nnx.BatchNorm instead")
     args = p.parse_args(argv)
     data = load_digits()
-    if args.batch_size > len(data.x_train):
-        p.error(
-            f"argument --batch-size: expected at most the {len(data.x_train)} examples of "
-            f"the training split, got {args.batch_size}"
-        )
+    _runner.check_demo_batch_size(p, args.batch_size, len(data.x_train))
     model = Net(
         nnx.BatchNorm if args.flax else jaxbn.nnx.BatchNorm, args.hidden, rngs=nnx.Rngs(args.seed)
     )

@@ -5,12 +5,8 @@ traceback from batch norm. Each is now an argparse error naming the flag, before
 anything is built.
 """
 
-import importlib.util
-import pathlib
-
 import pytest
 
-EXAMPLES = pathlib.Path(__file__).parents[1] / "examples"
 BAD = [
     (["--lr", "nan"], "--lr: expected a finite number > 0"),
     (["--lr", "-0.1"], "--lr: expected a finite number > 0"),
@@ -24,11 +20,9 @@ BAD = [
 
 @pytest.mark.parametrize("script, framework", [("train_nnx", "flax"), ("train_equinox", "equinox")])
 @pytest.mark.parametrize("argv, message", BAD, ids=[" ".join(a) for a, _ in BAD])
-def test_framework_demos_refuse_bad_flags(script, framework, argv, message, capsys):
+def test_framework_demos_refuse_bad_flags(script, framework, argv, message, capsys, load_example):
     pytest.importorskip(framework)
-    spec = importlib.util.spec_from_file_location(script, EXAMPLES / f"{script}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_example(script)
     with pytest.raises(SystemExit) as info:
         module.main(argv)
     assert info.value.code == 2

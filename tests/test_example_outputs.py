@@ -6,32 +6,21 @@ default folder of its own; ``train_mlp.py --overwrite`` never leaves one run's
 checkpoint beside another run's metrics, however it is interrupted.
 """
 
-import importlib.util
 import json
-import pathlib
 
 import pytest
 
 from jaxbn.checkpoint import read_metadata
 
-EXAMPLES = pathlib.Path(__file__).parents[1] / "examples"
 
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture(scope="module")
+def study(load_example):
+    return load_example("study_eval_stats")
 
 
 @pytest.fixture(scope="module")
-def study():
-    return _load("study_eval_stats")
-
-
-@pytest.fixture(scope="module")
-def figure1():
-    return _load("paper_figure1")
+def figure1(load_example):
+    return load_example("paper_figure1")
 
 
 STUDY = ["--steps", "4", "--chunk", "2", "--seeds", "1", "--hidden", "8", "--batch-size", "64"]
@@ -71,8 +60,8 @@ def test_each_study_model_has_its_own_default_folder(study, tmp_path, monkeypatc
 
 
 @pytest.fixture(scope="module")
-def train_mlp():
-    return _load("train_mlp")
+def train_mlp(load_example):
+    return load_example("train_mlp")
 
 
 TINY = ["--hidden", "16", "--batch-size", "50", "--log-every", "10", "--no-progress"]

@@ -2,7 +2,6 @@
 examples/paper_figure1.py, tiny settings."""
 
 import contextlib
-import importlib.util
 import io
 import json
 import os
@@ -20,16 +19,9 @@ from jaxbn.fit import TrainingDiverged
 EXAMPLES = pathlib.Path(__file__).parents[1] / "examples"
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def train_mlp():
-    return _load("train_mlp")
+def train_mlp(load_example):
+    return load_example("train_mlp")
 
 
 TINY = ["--hidden", "32,32", "--batch-size", "50", "--log-every", "20", "--no-progress"]
@@ -264,8 +256,8 @@ def test_train_mlp_rejects_bad_hidden(train_mlp, capsys):
 
 
 @pytest.fixture(scope="module")
-def paper_figure1():
-    return _load("paper_figure1")
+def paper_figure1(load_example):
+    return load_example("paper_figure1")
 
 
 def test_paper_figure1_runs_end_to_end(paper_figure1, tmp_path, capsys):
