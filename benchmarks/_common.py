@@ -258,6 +258,7 @@ def time_calls(
     warmup: int = 3,
     sync: Callable[[Any], Any] = block,
     quiet: bool = False,
+    warm: Callable[[], Any] | None = None,
 ) -> Timing:
     """Times ``reps`` calls of ``fn`` after ``warmup`` untimed ones.
 
@@ -275,6 +276,8 @@ def time_calls(
             at once, as in a training loop: a thread pool that went to sleep
             during the wait (XLA's, PyTorch's OpenMP threads) is awake again,
             so its wake-up is not what is measured.
+        warm: the untimed call of a quiet repetition (default ``fn``; a
+            shorter one where ``fn`` is long, e.g. one step of a training run).
 
     Returns:
         A :class:`Timing` with one wall-clock time per repetition.
@@ -286,7 +289,7 @@ def time_calls(
         if quiet:
             if not wait_for_idle(timeout=3.0):
                 timing.busy_starts += 1
-            sync(fn())
+            sync((fn if warm is None else warm)())
         t0 = time.perf_counter()
         sync(fn())
         timing.times.append(time.perf_counter() - t0)
@@ -481,7 +484,9 @@ def time_steps(
         elapsed = _timed_run(c, _steps_for(rate, min_time, g))
         rate = max(rate, _steps_for(rate, min_time, g) / max(elapsed, 1e-9))
     steps = _steps_for(rate, min_time, g)
-    timing = time_calls(lambda: c.run(steps), reps=reps, warmup=0, quiet=quiet)
+    timing = time_calls(
+        lambda: c.run(steps), reps=reps, warmup=0, quiet=quiet, warm=lambda: c.run(g)
+    )
     out = {"steps_per_s": steps / timing.median, "steps_per_run": steps}
     out.update(timing.summary())
     return out

@@ -11,7 +11,8 @@ Nothing is lost or silently wrong:
 
 - an existing checkpoint is never replaced by a new run unless ``overwrite=True``;
 - a resumed run must be the same run (:func:`run_config` says what is compared);
-- a bad optimizer (a NaN or negative learning rate) is refused before training;
+- a bad optimizer (a NaN learning rate, a negative one the optimizer state exposes) is
+  refused before training, one whose first update goes uphill gets a warning;
 - a checkpoint that cannot be written (missing or unwritable directory, too
   little free space) is refused before training where that can be known, and a
   write that fails later (a full disk) leaves the previous checkpoint intact.
@@ -29,6 +30,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -82,36 +84,45 @@ class TrainingDiverged(ValueError):
 # --- what a resumed run must share with the run it continues -------------------
 
 
-def _jsonable(value: Any) -> Any:
+def _jsonable(value: Any, _seen: frozenset = frozenset()) -> Any:
     """A model field as JSON that is the same in every process that builds the same model.
 
-    Tuples as lists, dtypes by name, functions by their qualified name and a
-    digest of their code (a ``functools.partial`` with its arguments); anything
+    Tuples as lists, dtypes by name (``jnp.float32``, ``np.float32`` and
+    ``"float32"`` alike), arrays by shape, dtype and a digest of their bytes,
+    functions by their qualified name, a digest of their code and what they
+    capture (defaults, closure cells, the object of a bound method; a
+    ``functools.partial`` with its arguments; jitted and custom-derivative
+    functions by the function they wrap), classes by qualified name; anything
     else by its ``repr``, unless that holds a memory address (the default
     ``repr`` of an object), which differs from process to process and so could
     never match on resume: such a field is refused.
     """
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    if id(value) in _seen:  # a function that refers to itself
+        return "<recursive>"
+    seen = _seen | {id(value)}
     if isinstance(value, (tuple, list)):
-        return [_jsonable(v) for v in value]
+        return [_jsonable(v, seen) for v in value]
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): _jsonable(v, seen) for k, v in value.items()}
+    if isinstance(value, (np.ndarray, np.generic, jax.Array)):
+        a = np.ascontiguousarray(np.asarray(value))
+        digest = hashlib.sha256(a.tobytes()).hexdigest()[:16]
+        return {"array": [list(a.shape), a.dtype.name, digest]}
+    dtype = _as_dtype(value)
+    if dtype is not None:
+        return dtype
     if isinstance(value, functools.partial):
         return {
-            "partial": _jsonable(value.func),
-            "args": _jsonable(value.args),
-            "keywords": _jsonable(value.keywords),
+            "partial": _jsonable(value.func, seen),
+            "args": _jsonable(value.args, seen),
+            "keywords": _jsonable(value.keywords, seen),
         }
+    if isinstance(value, type):
+        return {"class": f"{value.__module__}.{value.__qualname__}"}
     if callable(value) and hasattr(value, "__qualname__"):
-        fun = getattr(value, "fun", value)  # jax.custom_jvp / custom_vjp wrap a function
-        code = getattr(fun, "__code__", None)
-        name = f"{getattr(value, '__module__', '?')}.{value.__qualname__}"
-        return {"function": name, "code": None if code is None else _code_digest(code)}
-    try:
-        return np.dtype(value).name
-    except TypeError:
-        pass
+        return _describe_function(value, seen)
     text = repr(value)
     if " at 0x" in text:
         raise TypeError(
@@ -122,12 +133,52 @@ def _jsonable(value: Any) -> Any:
     return text
 
 
+def _as_dtype(value: Any) -> str | None:
+    """The name of the dtype ``value`` denotes (a dtype or a scalar type), else ``None``."""
+    if not isinstance(value, (np.dtype, type)) and not hasattr(value, "dtype"):
+        return None
+    try:
+        dtype = np.dtype(value)
+    except TypeError:
+        return None
+    # A class NumPy does not know becomes the object dtype: not a dtype it names.
+    return None if dtype == np.dtype(object) and value is not object else dtype.name
+
+
+def _describe_function(fun: Any, seen: frozenset) -> dict:
+    name = f"{getattr(fun, '__module__', '?')}.{fun.__qualname__}"
+    out: dict[str, Any] = {"function": name}
+    bound = getattr(fun, "__self__", None)
+    if bound is not None and not isinstance(bound, type(functools)):  # a bound method
+        out["self"] = _jsonable(bound, seen)
+    inner = getattr(fun, "__func__", None) or getattr(fun, "fun", None)  # method, custom_jvp
+    inner = inner or getattr(fun, "__wrapped__", None)  # jax.jit, functools.wraps
+    if inner is not None and inner is not fun:
+        out["wraps"] = _jsonable(inner, seen)
+        return out
+    code = getattr(fun, "__code__", None)
+    if code is not None:
+        out["code"] = _code_digest(code)
+        out["defaults"] = _jsonable(getattr(fun, "__defaults__", None), seen)
+        out["kwdefaults"] = _jsonable(getattr(fun, "__kwdefaults__", None), seen)
+        cells = getattr(fun, "__closure__", None) or ()
+        out["closure"] = [_jsonable(_cell_contents(c), seen) for c in cells]
+    return out
+
+
 def _code_digest(code) -> str:
     """A digest of a function's bytecode and constants (nested functions included)."""
     digest = hashlib.sha256(code.co_code)
     for const in code.co_consts:
         digest.update((_code_digest(const) if hasattr(const, "co_code") else repr(const)).encode())
     return digest.hexdigest()[:16]
+
+
+def _cell_contents(cell) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # a cell not yet filled
+        return None
 
 
 def _describe_model(model: Any) -> dict:
@@ -267,9 +318,12 @@ def _check_optimizer(optimizer: optax.GradientTransformation, ts: TrainState) ->
 
     Every hyperparameter the state exposes (:func:`optimizer_hyperparams`) is
     finite and a learning rate is not negative; and the first update for a
-    gradient of ones is finite and does not go uphill (this finds a NaN, inf or
-    negative learning rate hidden in a closure, as in ``optax.sgd(-0.1)``; a
-    schedule that starts at 0 makes a zero update, which passes).
+    gradient of ones is finite (this finds a NaN or inf learning rate hidden in
+    a closure, as in ``optax.sgd(nan)``). An update that goes uphill (a negative
+    learning rate hidden in a closure, as in ``optax.sgd(-0.1)``) gets a
+    warning, not an error: some optimizers ascend by design (the first step of
+    sharpness-aware minimization). A schedule that starts at 0 makes a zero
+    update, which passes.
     """
     for name, value in optimizer_hyperparams(ts.opt_state).items():
         if not math.isfinite(value):
@@ -288,10 +342,13 @@ def _check_optimizer(optimizer: optax.GradientTransformation, ts: TrainState) ->
         for u, g in zip(jax.tree.leaves(updates), jax.tree.leaves(grads), strict=True)
     )
     if uphill > 0:
-        raise ValueError(
+        warnings.warn(
             f"the optimizer's first update for a gradient of ones goes uphill (sum of "
-            f"update * gradient = {uphill:.3g} > 0): it would increase the loss; is "
-            f"its learning rate negative?"
+            f"update * gradient = {uphill:.3g} > 0): it increases the loss. Is its "
+            f"learning rate negative? (An optimizer that ascends by design, as "
+            f"sharpness-aware minimization's first step does, can ignore this.)",
+            UserWarning,
+            stacklevel=3,
         )
 
 
@@ -306,11 +363,11 @@ def _check_data(model: Model, ts: TrainState, x, labels) -> None:
 def _check_json(name: str, value: Any) -> None:
     """Refuses a value that cannot be written into a checkpoint (before training)."""
     try:
-        json.dumps(value, sort_keys=True, allow_nan=False)
+        json.dumps(value, sort_keys=True)
     except (TypeError, ValueError) as err:
         raise TypeError(
-            f"{name} must be JSON-able (dicts, lists, str, int, float, bool, None; finite "
-            f"numbers; no NumPy or JAX scalars): {err}"
+            f"{name} must be JSON-able (dicts, lists, str, int, float, bool, None; no "
+            f"NumPy or JAX scalars): {err}"
         ) from None
 
 
@@ -534,8 +591,9 @@ def fit(
         ValueError: for bad ``steps``, ``chunk_size``, ``checkpoint_every`` or
             ``batch_size`` (or one not divisible by ``mesh.size``), ``steps``
             below a resumed checkpoint's step, an optimizer whose learning
-            rate is non-finite or negative (exposed, or found by its first
-            update going uphill), ``labels`` that are not ``[n]`` class indices
+            rate is non-finite, or negative where the optimizer state exposes
+            it (an update that goes uphill gets a warning), ``labels`` that are
+            not ``[n]`` class indices
             of the model (:func:`jaxbn.train.check_labels`), or non-finite ``x``.
         TypeError: for integer-less ``labels``; a ``config`` or
             ``checkpoint_metadata()`` that is not JSON-able, or a model field

@@ -242,12 +242,13 @@ def num_classes(model: Model, params: Any, state: Any, x: Any) -> int:
         model: the network config (see :class:`Model`).
         params: its params.
         state: its state.
-        x: ``[n, ...]`` examples (only the shape and dtype of one row are used).
+        x: ``[n, ...]`` examples (only their shape and dtype are used).
 
     Returns:
         The number of classes.
     """
-    row = jax.ShapeDtypeStruct((1, *np.shape(x)[1:]), jnp.result_type(x))
+    # The whole of x's shape: tracing costs nothing, and a model may need its batch.
+    row = jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x))
     logits = jax.eval_shape(
         lambda p, s, r: model.apply(p, s, r, training=False)[0], params, state, row
     )

@@ -178,11 +178,28 @@ def test_quiet_timing_runs_an_untimed_call_right_before_each_timed_one(
     import_benchmark, monkeypatch
 ):
     common = import_benchmark("_common")
-    monkeypatch.setattr(common, "wait_for_idle", lambda **_: True)
-    calls = []
-    timing = common.time_calls(lambda: calls.append(1), reps=4, warmup=2, quiet=True)
-    assert len(timing.times) == 4
-    assert len(calls) == 2 + 2 * 4
-    calls.clear()
-    common.time_calls(lambda: calls.append(1), reps=4, warmup=2, quiet=False)
-    assert len(calls) == 2 + 4
+    log = []
+
+    def wait(**_):
+        log.append("wait")
+        return True
+
+    monkeypatch.setattr(common, "wait_for_idle", wait)
+    clock = iter(range(1000))
+    monkeypatch.setattr(common.time, "perf_counter", lambda: next(clock))
+
+    def fn():
+        log.append("call")
+
+    timing = common.time_calls(fn, reps=3, warmup=2, quiet=True)
+    assert len(timing.times) == 3
+    # Warm-up calls, then per repetition: wait, an untimed call, the timed call.
+    assert log == ["call"] * 2 + ["wait", "call", "call"] * 3
+    # The timed call is the one between the clock's two reads: one call per window.
+    assert timing.times == [1, 1, 1]
+    log.clear()
+    common.time_calls(fn, reps=3, warmup=2, quiet=True, warm=lambda: log.append("warm"))
+    assert log == ["call"] * 2 + ["wait", "warm", "call"] * 3
+    log.clear()
+    common.time_calls(fn, reps=3, warmup=2, quiet=False)
+    assert log == ["call"] * 5

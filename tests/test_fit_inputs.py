@@ -6,6 +6,7 @@ an index out of range), or train to the end and then fail to write its checkpoin
 
 import dataclasses
 import functools
+import warnings
 from collections.abc import Callable
 
 import jax
@@ -102,9 +103,18 @@ def test_check_labels_of_traced_labels_checks_shape_and_dtype_only():
     [optax.sgd(-0.1), optax.adam(-1e-3), optax.chain(optax.clip(1.0), optax.sgd(-0.5))],
     ids=["sgd", "adam", "chain"],
 )
-def test_a_negative_learning_rate_hidden_in_the_optimizer_is_refused(optimizer):
-    with pytest.raises(ValueError, match="goes uphill"):
-        _fit(optimizer=optimizer)
+def test_a_negative_learning_rate_hidden_in_the_optimizer_gets_a_warning(optimizer):
+    # A warning, not an error: sharpness-aware minimization's first step ascends by design.
+    with pytest.warns(UserWarning, match="goes uphill"):
+        ts = _fit(optimizer=optimizer, callback=None)
+    assert int(ts.step) == 4
+
+
+def test_an_optimizer_that_ascends_by_design_still_trains():
+    sam = optax.contrib.sam(optax.sgd(0.1), optax.sgd(0.05))
+    with pytest.warns(UserWarning, match="sharpness-aware"):
+        ts = _fit(optimizer=sam, callback=None)
+    assert int(ts.step) == 4
 
 
 @pytest.mark.parametrize(
@@ -116,8 +126,10 @@ def test_a_negative_learning_rate_hidden_in_the_optimizer_is_refused(optimizer):
     ],
     ids=["warm-up-from-zero", "adamw", "nesterov"],
 )
-def test_optimizers_that_descend_are_accepted(optimizer):
-    ts = _fit(optimizer=optimizer, callback=None)
+def test_optimizers_that_descend_are_accepted_without_a_warning(optimizer):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ts = _fit(optimizer=optimizer, callback=None)
     assert int(ts.step) == 4
 
 
@@ -131,8 +143,14 @@ def test_a_config_that_is_not_json_is_refused_before_training(tmp_path):
     with pytest.raises(TypeError, match=r"checkpoint_metadata\(\) must be JSON-able"):
         _fit(checkpoint_path=path, checkpoint_metadata=lambda: {"when": jnp.float32(1)})
     assert not path.exists()
-    _fit(checkpoint_path=path, config={"lr": 0.1}, callback=None)
+    # Infinity is fine: JSON as the checkpoint writes it, and it reads back.
+    _fit(checkpoint_path=path, config={"lr": 0.1, "max_norm": float("inf")}, callback=None)
     assert path.exists()
+    ts = fit(
+        MODEL, SGD, X, Y, steps=6, batch_size=16, key=jax.random.key(0), checkpoint_path=path,
+        resume=True, config={"lr": 0.1, "max_norm": float("inf")},
+    )  # fmt: skip
+    assert int(ts.step) == 6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +170,51 @@ class WithActivation:
 def _function_copies():
     """Two distinct function objects with the same code, as two processes would build."""
     return [(lambda v: jnp.tanh(v) * 2) for _ in range(2)]
+
+
+def test_dtypes_are_described_by_name_whatever_their_spelling():
+    # Checkpoints written before functions got their own description hold "float32".
+    names = {fit_module._jsonable(d) for d in (jnp.float32, np.float32, np.dtype("float32"))}
+    assert names == {"float32"}
+    assert fit_module._jsonable(jnp.bfloat16) == "bfloat16"
+    assert fit_module._describe_model(MLP((8, 8, 3)))["fields"]["param_dtype"] == "float32"
+
+
+def test_what_a_function_captures_is_part_of_its_description():
+    def scaled(a):
+        return lambda v: v * a
+
+    class Act:
+        def __init__(self, slope):
+            self.slope = slope
+
+        def __repr__(self):
+            return f"Act({self.slope})"
+
+        def f(self, v):
+            return v * self.slope
+
+    def with_default(v, slope=0.1):
+        return v * slope
+
+    def with_other_default(v, slope=0.2):
+        return v * slope
+
+    describe = fit_module._jsonable
+    assert describe(scaled(0.1)) == describe(scaled(0.1))
+    assert describe(scaled(0.1)) != describe(scaled(0.2))  # the closure cell
+    assert describe(Act(1).f) == describe(Act(1).f)
+    assert describe(Act(1).f) != describe(Act(2).f)  # the bound object
+    with_other_default.__name__ = with_other_default.__qualname__ = "with_default"
+    with_other_default.__code__ = with_default.__code__
+    with_other_default.__defaults__ = (0.2,)
+    assert describe(with_default) != describe(with_other_default)  # the defaults
+    assert describe(np.arange(3.0)) == describe(np.arange(3.0))
+    assert describe(np.arange(3.0)) != describe(np.arange(3.0) + 1)
+    # Jitted and custom-derivative functions by what they wrap.
+    assert "code" in str(describe(jax.nn.relu)["wraps"])  # a custom_jvp of a jitted function
+    assert describe(jax.nn.relu) != describe(jax.nn.gelu)
+    assert describe(jax.jit(with_default))["wraps"] == describe(with_default)
 
 
 def test_function_fields_are_described_without_memory_addresses():
