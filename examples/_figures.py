@@ -24,7 +24,14 @@ def add_out_flags(parser: Any, *, default_help: str) -> None:
     )
 
 
-def check_out(parser: Any, out: str, outputs: Sequence[str], *, overwrite: bool) -> None:
+def check_out(
+    parser: Any,
+    out: str,
+    outputs: Sequence[str],
+    *,
+    overwrite: bool,
+    remedy: str = "pass --overwrite to replace it, or another --out",
+) -> None:
     """Refuses (``parser.error``) to write over a previous run's outputs without ``--overwrite``.
 
     Args:
@@ -32,15 +39,13 @@ def check_out(parser: Any, out: str, outputs: Sequence[str], *, overwrite: bool)
         out: the output directory.
         outputs: the file names the script writes there.
         overwrite: whether ``--overwrite`` was given.
+        remedy: what the error tells the user to do.
     """
     if os.path.exists(out) and not os.path.isdir(out):
         parser.error(f"argument --out: {out!r} is a file, expected a directory")
     found = [f for f in outputs if os.path.exists(os.path.join(out, f))]
     if found and not overwrite:
-        parser.error(
-            f"argument --out: {out!r} holds a previous run ({', '.join(found)}); pass "
-            f"--overwrite to replace it, or another --out"
-        )
+        parser.error(f"argument --out: {out!r} holds a previous run ({', '.join(found)}); {remedy}")
 
 
 def new_figure(ncols: int, *, figsize: tuple[float, float]) -> tuple[Any, Any]:

@@ -103,7 +103,7 @@ def demo_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def check_demo_batch_size(parser: argparse.ArgumentParser, batch_size: int, num_train: int):
+def check_batch_size_fits(parser: argparse.ArgumentParser, batch_size: int, num_train: int):
     """``parser.error`` unless ``batch_size`` fits in the training split."""
     if batch_size > num_train:
         parser.error(
@@ -277,11 +277,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace, *, num
     Returns:
         The mesh for ``--devices`` (``None`` for one device).
     """
-    if args.batch_size > num_train:
-        parser.error(
-            f"argument --batch-size: expected at most the {num_train} examples of the "
-            f"training split, got {args.batch_size}"
-        )
+    check_batch_size_fits(parser, args.batch_size, num_train)
     if args.resume and args.overwrite:
         parser.error("argument --overwrite: not allowed with --resume (continue or replace)")
     _check_out(parser, args.out)
@@ -295,13 +291,14 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace, *, num
                 f"argument --steps: the checkpoint {ckpt!r} is at step {done}; expected "
                 f"--steps >= {done}, got {args.steps}"
             )
-    elif not args.overwrite:
-        found = [f for f in OUTPUTS if os.path.exists(os.path.join(args.out, f))]
-        if found:
-            parser.error(
-                f"argument --out: {args.out!r} holds a previous run ({', '.join(found)}); "
-                f"pass --resume to continue it or --overwrite to replace it"
-            )
+    else:
+        _figures.check_out(
+            parser,
+            args.out,
+            OUTPUTS,
+            overwrite=args.overwrite,
+            remedy="pass --resume to continue it or --overwrite to replace it",
+        )
     if args.coordinator is not None:  # several processes: every device of every process
         if args.batch_size % jax.device_count():
             parser.error(

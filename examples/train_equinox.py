@@ -44,7 +44,7 @@ def main(argv=None) -> dict:
     p.add_argument("--equinox", action="store_true", help="use eqx.nn.BatchNorm instead")
     args = p.parse_args(argv)
     data = load_digits()
-    _runner.check_demo_batch_size(p, args.batch_size, len(data.x_train))
+    _runner.check_batch_size_fits(p, args.batch_size, len(data.x_train))
     model, state = eqx.nn.make_with_state(make_model)(args, jax.random.key(args.seed))
     optimizer = optax.sgd(args.lr, momentum=0.9)
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))

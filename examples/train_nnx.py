@@ -41,7 +41,7 @@ def main(argv=None) -> dict:
     p.add_argument("--flax", action="store_true", help="use flax.nnx.BatchNorm instead")
     args = p.parse_args(argv)
     data = load_digits()
-    _runner.check_demo_batch_size(p, args.batch_size, len(data.x_train))
+    _runner.check_batch_size_fits(p, args.batch_size, len(data.x_train))
     model = Net(
         nnx.BatchNorm if args.flax else jaxbn.nnx.BatchNorm, args.hidden, rngs=nnx.Rngs(args.seed)
     )

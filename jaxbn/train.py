@@ -459,7 +459,6 @@ def _on_mesh(loop, spec: _LoopSpec, ts, x, labels):
 @functools.partial(jax.jit, static_argnames=("spec", "num_steps", "precompute"))
 def _scan_loop(ts, x, labels, *, spec: _LoopSpec, num_steps: int, precompute: bool):
     check_batch_size(spec.batch_size, x.shape[0])
-    check_labels(labels, x.shape[0])
     step = _indexed_step(spec)
     num_examples = x.shape[0]
     steps_per_epoch = num_examples // spec.batch_size
@@ -494,7 +493,6 @@ def _scan_loop(ts, x, labels, *, spec: _LoopSpec, num_steps: int, precompute: bo
 @functools.partial(jax.jit, static_argnames=("spec",))
 def _single_step(ts, x, labels, *, spec: _LoopSpec):
     check_batch_size(spec.batch_size, x.shape[0])
-    check_labels(labels, x.shape[0])
     step = _indexed_step(spec)
 
     def one(ts, x, labels):
@@ -542,7 +540,6 @@ def _process_fed(spec: _LoopSpec, ts: TrainState, x, labels, num_steps: int):
     """
     x, labels = np.asarray(x), np.asarray(labels)
     check_batch_size(spec.batch_size, x.shape[0])
-    check_labels(labels, x.shape[0])
     # The key and the step are replicated: every process reads them locally.
     key_data = np.asarray(jax.random.key_data(ts.key))
     key = jax.random.wrap_key_data(key_data, impl=jax.random.key_impl(ts.key))
@@ -652,6 +649,7 @@ def make_train_loop(
     def run(ts: TrainState, x: ArrayLike, labels: ArrayLike, num_steps: int):
         """Takes ``num_steps`` steps from ``ts`` on ``(x, labels)``."""
         _check_num_steps(num_steps)
+        check_labels(labels, np.shape(x)[0])  # shape and dtype: every path below
         if mesh is not None and mesh.is_multi_process:
             return _process_fed(spec, ts, x, labels, num_steps)
         args = (ts, jnp.asarray(x), jnp.asarray(labels))
