@@ -236,7 +236,8 @@ def check_labels(labels: Any, num_examples: int, *, num_classes: int | None = No
 def num_classes(model: Model, params: Any, state: Any, x: Any) -> int:
     """The size of the last axis of ``model``'s logits for examples shaped like ``x``'s.
 
-    Traced only (``jax.eval_shape``): nothing is computed.
+    Traced only (``jax.eval_shape``), once per model and shapes (it is cached:
+    :func:`evaluate` asks on every call).
 
     Args:
         model: the network config (see :class:`Model`).
@@ -248,9 +249,16 @@ def num_classes(model: Model, params: Any, state: Any, x: Any) -> int:
         The number of classes.
     """
     # The whole of x's shape: tracing costs nothing, and a model may need its batch.
-    row = jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x))
+    leaves, tree = jax.tree.flatten((params, state, x))
+    specs = tuple((np.shape(a), jnp.result_type(a)) for a in leaves)
+    return _num_classes(model, tree, specs)
+
+
+@functools.lru_cache(maxsize=64)
+def _num_classes(model: Model, tree: Any, specs: tuple) -> int:
+    params, state, x = jax.tree.unflatten(tree, [jax.ShapeDtypeStruct(*s) for s in specs])
     logits = jax.eval_shape(
-        lambda p, s, r: model.apply(p, s, r, training=False)[0], params, state, row
+        lambda p, s, r: model.apply(p, s, r, training=False)[0], params, state, x
     )
     return int(logits.shape[-1])
 
