@@ -6,6 +6,8 @@ import pathlib
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -93,3 +95,91 @@ def test_bench_frameworks_smoke(import_benchmark, tmp_path):
         assert case["jaxbn_over_peer"] > 0
         assert case["max_param_difference_after_one_step"] < 1e-5
     assert path.stat().st_size > 100
+
+
+def _nnx_run(x, dtype):
+    from flax import nnx
+
+    from jaxbn import nnx as bn_nnx
+
+    model = bn_nnx.BatchNorm(x.shape[-1], momentum=0.9, dtype=dtype, rngs=nnx.Rngs(0))
+    ct = jax.random.normal(jax.random.key(1), x.shape)
+
+    def loss(model, x, mask):
+        y = model(x, use_running_average=False, mask=mask)
+        return jnp.sum(y.astype(jnp.float32) * ct), y
+
+    mask = jnp.arange(x.shape[0])[:, None] > 0
+    dx, y = nnx.grad(loss, argnums=1, has_aux=True)(model, x, mask)
+    return y, dx, model(x, use_running_average=True), nnx.state(model, nnx.BatchStat)
+
+
+def _linen_run(x, dtype):
+    from jaxbn import linen as bn_linen
+
+    module = bn_linen.BatchNorm(momentum=0.9, dtype=dtype)
+    variables = module.init(jax.random.key(0), x, use_running_average=False)
+    ct = jax.random.normal(jax.random.key(1), x.shape)
+
+    def loss(x, mask):
+        y, updates = module.apply(
+            variables, x, use_running_average=False, mask=mask, mutable=["batch_stats"]
+        )
+        return jnp.sum(y.astype(jnp.float32) * ct), (y, updates)
+
+    mask = jnp.arange(x.shape[0])[:, None] > 0
+    dx, (y, updates) = jax.grad(loss, has_aux=True)(x, mask)
+    y_eval = module.apply({**variables, **updates}, x, use_running_average=True)
+    return y, dx, y_eval, updates
+
+
+def _equinox_run(x, dtype):
+    import equinox as eqx
+
+    from jaxbn import equinox as bn_eqx
+
+    model, state = eqx.nn.make_with_state(bn_eqx.BatchNorm)(
+        x.shape[-1], "batch", momentum=0.9, dtype=dtype
+    )
+    ct = jax.random.normal(jax.random.key(1), x.shape)
+
+    def run(model, x, state):
+        return jax.vmap(model, (0, None), (0, None), axis_name="batch")(x, state)
+
+    def loss(x):
+        y, new_state = run(model, x, state)
+        return jnp.sum(y.astype(jnp.float32) * ct), (y, new_state)
+
+    dx, (y, state) = jax.grad(loss, has_aux=True)(x)
+    return y, dx, run(eqx.nn.inference_mode(model), x, state)[0], state
+
+
+STRICT_RUNS = {
+    "nnx": ("flax", _nnx_run),
+    "linen": ("flax", _linen_run),
+    "equinox": ("equinox", _equinox_run),
+}
+
+
+@pytest.mark.parametrize(
+    ("x_dtype", "dtype"),
+    [(jnp.bfloat16, None), (jnp.float32, jnp.bfloat16)],
+    ids=["x_bf16", "dtype_bf16"],
+)
+@pytest.mark.parametrize("framework", list(STRICT_RUNS))
+def test_adapters_work_under_strict_promotion(framework, x_dtype, dtype, assert_trees_close):
+    """Strict dtype promotion and rank promotion "raise": the same results as without.
+
+    The adapters promote on purpose (their framework's output dtype; a bfloat16
+    input, float32 params or statistics), so nothing is left to implicit promotion.
+    For Equinox ``dtype`` is the weights' and the statistics' dtype.
+    """
+    package, run = STRICT_RUNS[framework]
+    pytest.importorskip(package)
+    x = (2.0 * jax.random.normal(jax.random.key(0), (8, 3)) + 1.0).astype(x_dtype)
+    expected = run(x, dtype)
+    with jax.numpy_dtype_promotion("strict"), jax.numpy_rank_promotion("raise"):
+        got = run(x, dtype)
+    dtypes = [[jnp.result_type(v) for v in jax.tree.leaves(t)] for t in (got, expected)]
+    assert dtypes[0] == dtypes[1]
+    assert_trees_close(got, expected, tol=0.0)

@@ -226,17 +226,65 @@ def test_without_affine_trains_and_evaluates_as_equinox(assert_trees_close):
     assert_trees_close(outs[1], outs[0], tol=1e-5)
 
 
+def test_numpy_scalars_are_numbers(assert_trees_close):
+    """NumPy reals are taken where Python numbers are, and give the same layer."""
+    x = 2.0 * jax.random.normal(jax.random.key(2), (8, 3)) + 1.0
+    results = []
+    for input_size, eps, momentum in (
+        (3, 1e-3, 0.5),
+        (np.int64(3), np.float64(1e-3), np.float32(0.5)),
+    ):
+        model, state = eqx.nn.make_with_state(bn_eqx.BatchNorm)(
+            input_size, "batch", eps=eps, momentum=momentum
+        )
+        assert type(model.momentum) is float and type(model.input_size) is int
+        y, _, state = step(model, state, x, jnp.zeros_like(x), inference=False)
+        y_eval = step(model, state, x, jnp.zeros_like(x), inference=True)[0]
+        results.append((y, y_eval, hidden(model, state)))
+    assert_trees_close(results[1], results[0], tol=F32_TOL)
+
+
+def test_is_an_equinox_batch_norm_with_its_fields():
+    """Selecting layers by type finds it; the leaves are those of Equinox's layer."""
+    ours, s_ours = eqx.nn.make_with_state(bn_eqx.BatchNorm)(4, "batch")
+    theirs, s_theirs = eqx.nn.make_with_state(eqx.nn.BatchNorm)(4, "batch", mode="batch")
+    assert isinstance(ours, eqx.nn.BatchNorm)
+    model = eqx.nn.Sequential([eqx.nn.Linear(3, 4, key=jax.random.key(0)), ours])
+    assert [m for m in model.layers if isinstance(m, eqx.nn.BatchNorm)] == [ours]
+    assert ours.ema_state_index is None and ours.ema_first_time_index is None
+
+    def specs(tree):
+        return [(v.shape, v.dtype) if eqx.is_array(v) else v for v in jax.tree.leaves(tree)]
+
+    assert specs((ours, s_ours)) == specs((theirs, s_theirs))
+
+
 @pytest.mark.parametrize(
     ("kwargs", "err", "match"),
     [
         (dict(mode="ema"), ValueError, 'mode must be "batch"'),
         (dict(momentum=1.0), ValueError, r"momentum must be in \[0, 1\)"),
         (dict(momentum=-0.1), ValueError, r"momentum must be in \[0, 1\)"),
+        (dict(momentum=False), ValueError, r"momentum must be in \[0, 1\), got False"),
+        (dict(momentum=np.bool_(False)), ValueError, r"momentum must be in \[0, 1\)"),
+        (dict(eps=True), TypeError, "eps must be a Python float, got bool"),
         (dict(eps=0.0), ValueError, "eps must be > 0"),
         (dict(input_size=0), ValueError, "num_features must be a positive int"),
+        (dict(input_size=True), ValueError, "num_features must be a positive int"),
         (dict(dtype=jnp.int32), TypeError, "param_dtype must be floating"),
     ],
-    ids=["ema", "momentum_one", "momentum_negative", "eps", "input_size", "dtype"],
+    ids=[
+        "ema",
+        "momentum_one",
+        "momentum_negative",
+        "momentum_bool",
+        "momentum_numpy_bool",
+        "eps_bool",
+        "eps",
+        "input_size",
+        "input_size_bool",
+        "dtype",
+    ],
 )
 def test_bad_arguments(kwargs, err, match):
     kwargs = {"input_size": 3, "axis_name": "batch", **kwargs}

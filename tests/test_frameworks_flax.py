@@ -153,17 +153,20 @@ FRAMEWORKS = {
 }
 
 
-def run_side_by_side(framework, case, precision, *, use_mask, steps=3, momentum=0.8):
+def run_side_by_side(framework, case, precision, *, use_mask, steps=3, momentum=0.8, **options):
     """Trains Flax's module and jaxbn's on the same batches, then evaluates both.
 
-    Returns the list of ``(what, jaxbn's, Flax's)`` results to compare, and the
-    final running statistics of both.
+    ``options`` are more arguments of both modules (an ``axis`` there replaces
+    the case's, which must be the same axis). Returns the list of ``(what,
+    jaxbn's, Flax's)`` results to compare, and the final running statistics of
+    both.
     """
     driver_cls, flax_cls, jaxbn_cls = FRAMEWORKS[framework]
     shape, axis, mask_shape = CASES[case]
     xs, cts, masks, params = make_inputs(shape, axis, mask_shape, steps + 1, precision)
-    ours = driver_cls(jaxbn_cls, axis, shape[axis], precision, momentum)
-    theirs = driver_cls(flax_cls, axis, shape[axis], precision, momentum)
+    args = (options.pop("axis", axis), shape[axis], precision, momentum)
+    ours = driver_cls(jaxbn_cls, *args, **options)
+    theirs = driver_cls(flax_cls, *args, **options)
     v_ours, v_theirs = ours.init(xs[0], params), theirs.init(xs[0], params)
     pairs = []
     for i in range(steps + 1):
@@ -198,6 +201,38 @@ def test_equals_flax(framework, case, precision, use_mask, assert_trees_close):
     for label, what, _, want in pairs:
         if what == "dparams":
             assert float(np.max(np.abs(want["scale"]))) > 1e-2, label
+
+
+@pytest.mark.parametrize("framework", list(FRAMEWORKS))
+def test_numpy_scalars_are_numbers(framework, assert_trees_close):
+    """NumPy reals work where Python numbers do (and give the same results)."""
+    case, prec = "NCHW", PRECISIONS["f32"]
+    numpy = dict(momentum=np.float32(0.75), epsilon=np.float64(1e-3), axis=np.int64(1))
+    python = dict(momentum=0.75, epsilon=1e-3, axis=1)
+    pairs_np, _, _ = run_side_by_side(framework, case, prec, use_mask=True, **numpy)
+    pairs_py, _, _ = run_side_by_side(framework, case, prec, use_mask=True, **python)
+    for (label, what, ours, theirs), (_, _, want, _) in zip(pairs_np, pairs_py, strict=True):
+        assert_trees_close(ours, want, tol=0.0, err_msg=label)
+        assert_trees_close(ours, theirs, tol=prec.tol(what), err_msg=label)  # and Flax's
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs"),
+    [(bn_nnx.BatchNorm, nnx.BatchNorm), (bn_linen.BatchNorm, nn.BatchNorm)],
+    ids=["nnx", "linen"],
+)
+def test_is_a_flax_batch_norm(ours, theirs):
+    """Code that selects batch norms by type (to freeze them, say) finds jaxbn's."""
+    assert issubclass(ours, theirs)
+    if ours is bn_linen.BatchNorm:
+        assert isinstance(ours(True), theirs)  # Flax's positional attribute
+        assert [f.name for f in dataclasses.fields(ours)] == [
+            f.name for f in dataclasses.fields(theirs)
+        ]
+        return
+    model = NNXMLP(ours, rngs=nnx.Rngs(0))
+    found = [path for path, m in nnx.iter_graph(model) if isinstance(m, theirs)]
+    assert found == [("bn",)]
 
 
 # --- the op underneath ----------------------------------------------------------
@@ -472,14 +507,26 @@ def test_nnx_jaxbn_options_equal_the_layer(assert_trees_close):
     ("kwargs", "err", "match"),
     [
         (dict(axis_index_groups=[[0, 1]]), ValueError, r"axis_index_groups.*got \[\[0, 1\]\]"),
-        (dict(promote_dtype=lambda a, dtype: a), ValueError, "promote_dtype must be Flax's"),
+        (dict(promote_dtype="float32"), TypeError, "promote_dtype must be callable"),
         (dict(epsilon=0.0), ValueError, "eps must be > 0, got 0.0"),
+        (dict(epsilon=True), TypeError, "eps must be a Python float, got bool"),
         (dict(momentum=1.5), ValueError, r"momentum must be in \[0, 1\], got 1.5"),
+        (dict(momentum=True), ValueError, r"momentum must be in \[0, 1\], got True"),
         (dict(dtype=jnp.int32), TypeError, "dtype must be floating or None"),
         (dict(param_dtype=jnp.int32), TypeError, "param_dtype must be floating"),
         (dict(virtual_batch_size=1), ValueError, "virtual_batch_size must be an int >= 2"),
     ],
-    ids=["axis_index_groups", "promote_dtype", "eps", "momentum", "dtype", "param_dtype", "vbs"],
+    ids=[
+        "axis_index_groups",
+        "promote_dtype",
+        "eps",
+        "eps_bool",
+        "momentum",
+        "momentum_bool",
+        "dtype",
+        "param_dtype",
+        "vbs",
+    ],
 )
 def test_nnx_bad_arguments(kwargs, err, match):
     with pytest.raises(err, match=match):
@@ -498,6 +545,49 @@ def test_nnx_bad_input_raises_while_tracing():
     graphdef, state = nnx.split(bn_nnx.BatchNorm(4, axis=2, rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="axis 2 is out of range for x of rank 2"):
         jax.eval_shape(functools.partial(nnx_call(graphdef), state), jnp.ones((8, 4)))
+
+
+# Custom promote_dtype functions, with Flax's signature ``(args, *, dtype) -> args``.
+PROMOTIONS = {
+    "identity": lambda args, **kwargs: args,  # Flax's own tests pass it, to compute as Linen
+    "float16": lambda args, **kwargs: tuple(
+        None if a is None else jnp.asarray(a, jnp.float16) for a in args
+    ),
+}
+
+
+@pytest.mark.parametrize("promotion", list(PROMOTIONS))
+def test_nnx_custom_promote_dtype_is_applied_as_flax(promotion, assert_trees_close):
+    """A custom promote_dtype sees x and the variables; the statistics update as Flax's."""
+    # float16: Flax normalizes and differentiates in float16, jaxbn in float32.
+    tol = 4 * float(jnp.finfo(jnp.float16).eps) if promotion == "float16" else F32_TOL
+    # identity: float16 params with float32 x, as in Flax's test; float16: all cast.
+    param_dtype = jnp.float16 if promotion == "identity" else jnp.float32
+    keys = jax.random.split(jax.random.key(0), 2)
+    x = 2.0 * jax.random.normal(keys[0], (16, 5)) + 0.5
+    ct = jax.random.normal(keys[1], (16, 5))
+
+    def loss(model, x):
+        y = model(x, use_running_average=False)
+        return jnp.sum(y.astype(jnp.float32) * ct), y
+
+    results = []
+    for cls in (bn_nnx.BatchNorm, nnx.BatchNorm):
+        model = cls(
+            5,
+            momentum=0.8,
+            param_dtype=param_dtype,
+            promote_dtype=PROMOTIONS[promotion],
+            rngs=nnx.Rngs(0),
+        )
+        model.scale[...] = (1.0 + 0.5 * jax.random.normal(keys[1], (5,))).astype(param_dtype)
+        (_, dx), y = nnx.grad(loss, argnums=(0, 1), has_aux=True)(model, x)
+        y_eval = model(x + 1.0, use_running_average=True)
+        results.append((y, dx, model.mean[...], model.var[...], y_eval))
+    ours, theirs = results
+    assert [v.dtype for v in ours] == [v.dtype for v in theirs]
+    assert_trees_close(ours, theirs, tol=tol)
+    assert float(jnp.max(jnp.abs(theirs[2]))) > 0.05  # the statistics moved
 
 
 # --- Linen: the module in a model, init, axis_name ----------------------------------
@@ -624,9 +714,10 @@ def test_linen_use_running_average_set_once():
         (dict(force_float32_reductions=False), "force_float32_reductions.*expected True"),
         (dict(epsilon=-1.0), "eps must be > 0"),
         (dict(momentum=2.0), r"momentum must be in \[0, 1\]"),
+        (dict(momentum=True), r"momentum must be in \[0, 1\], got True"),
         (dict(axis=3), "axis 3 is out of range for x of rank 2"),
     ],
-    ids=["axis_index_groups", "float32_reductions", "eps", "momentum", "axis"],
+    ids=["axis_index_groups", "float32_reductions", "eps", "momentum", "momentum_bool", "axis"],
 )
 def test_linen_bad_attributes_raise_while_tracing(kwargs, match):
     m = bn_linen.BatchNorm(use_running_average=False, **kwargs)

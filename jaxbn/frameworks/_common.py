@@ -53,6 +53,29 @@ def flax_mask(mask: Any, x_shape: tuple[int, ...], feat: tuple[int, ...]) -> jax
     return jnp.broadcast_to(mask, x_shape)
 
 
+def as_number(value: Any) -> Any:
+    """A NumPy real scalar as the Python number it holds; anything else unchanged.
+
+    ``np.float32(0.9)`` is a number to the frameworks, so the adapters take it
+    where they take ``0.9``; jaxbn's configs compute with Python numbers, which
+    stay weakly typed (a ``np.float32`` momentum times a float64 statistic is
+    refused under ``jax_numpy_dtype_promotion="strict"``). A ``np.bool_`` is not
+    a NumPy integer and stays as it is, for the checks to refuse.
+    """
+    return value.item() if isinstance(value, (np.integer, np.floating)) else value
+
+
+def promote(*args: Any) -> np.dtype:
+    """The standard promotion of the dtypes of ``args``, also under strict promotion.
+
+    The adapters' output dtype is their framework's rule (the promotion of the
+    input's and the variables' dtypes): a rule applied on purpose, computed
+    here, so it holds with ``jax_numpy_dtype_promotion="strict"`` too.
+    """
+    with jax.numpy_dtype_promotion("standard"):
+        return jnp.result_type(*args)
+
+
 def as_axis(axis: Any) -> int | tuple[int, ...]:
     """Flax allows a list of feature axes; jaxbn's frozen configs take a tuple."""
     return tuple(axis) if isinstance(axis, list) else axis
@@ -70,20 +93,20 @@ def check_axis_index_groups(axis_index_groups: Any) -> None:
 def flax_layer(module: Any, num_features: int | tuple[int, ...], /, *, dtype: Any, **options: Any):
     """The :class:`jaxbn.BatchNorm` configured by a Flax batch norm's attributes.
 
-    Reads ``axis``, ``momentum``, ``epsilon`` (jaxbn's ``eps``), ``use_scale``,
-    ``use_bias``, ``axis_name`` and ``param_dtype`` of ``module`` (a
-    ``flax.linen`` or ``flax.nnx`` batch norm, Flax's or jaxbn's); ``dtype`` and
-    any jaxbn-only ``options`` are given.
+    Reads ``axis``, ``momentum``, ``epsilon`` (jaxbn's ``eps``; both may be
+    NumPy scalars), ``use_scale``, ``use_bias``, ``axis_name`` and
+    ``param_dtype`` of ``module`` (a ``flax.linen`` or ``flax.nnx`` batch norm,
+    Flax's or jaxbn's); ``dtype`` and any jaxbn-only ``options`` are given.
     """
     return BatchNorm(
         num_features,
         axis=as_axis(module.axis),
-        momentum=module.momentum,
-        eps=module.epsilon,
+        momentum=as_number(module.momentum),
+        eps=as_number(module.epsilon),
         use_scale=module.use_scale,
         use_bias=module.use_bias,
         axis_name=module.axis_name,
         dtype=dtype,
         param_dtype=module.param_dtype,
-        **options,
+        **{name: as_number(value) for name, value in options.items()},
     )

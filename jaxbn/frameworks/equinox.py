@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxbn import _checks
-from jaxbn.frameworks._common import require
+from jaxbn.frameworks._common import as_number, promote, require
 from jaxbn.layer import BatchNorm as _Layer
 
 eqx = require("equinox", adapter="jaxbn.equinox", extra="equinox")
@@ -21,7 +21,7 @@ eqx = require("equinox", adapter="jaxbn.equinox", extra="equinox")
 __all__ = ["BatchNorm"]
 
 
-class BatchNorm(eqx.nn.StatefulLayer):
+class BatchNorm(eqx.nn.BatchNorm):
     """``eqx.nn.BatchNorm(mode="batch")`` computed by jaxbn, with correct debiasing.
 
     Same constructor, call and use as Equinox's: build it with
@@ -33,7 +33,21 @@ class BatchNorm(eqx.nn.StatefulLayer):
     ``batch_state_index`` (``(hidden_mean, hidden_var)`` in ``dtype``). Training
     normalizes with :func:`jaxbn.batch_norm` (the hand-written backward) over
     the spatial axes and the named axis, through :meth:`jaxbn.BatchNorm.apply`;
-    the output dtype is Equinox's (the promotion of ``x``'s and the weights').
+    the output dtype is Equinox's (the promotion of ``x``'s and the weights',
+    computed explicitly: it holds under ``jax_numpy_dtype_promotion="strict"``
+    too).
+
+    A subclass of ``eqx.nn.BatchNorm``, so code that selects batch norms by type
+    (``isinstance``, a type predicate in ``eqx.filter``) finds it; its fields
+    are Equinox's, with ``ema_first_time_index`` and ``ema_state_index``
+    ``None`` as in Equinox's batch mode, so the leaves of a model are those of
+    the same model with Equinox's layer. Equinox's abstract/final pattern
+    advises against subclassing a concrete module, but enforces it only for
+    classes declared ``strict=True``, which ``eqx.nn.BatchNorm`` is not
+    (equinox 0.13): this class inherits the type and the field declarations
+    and replaces ``__init__`` and ``__call__`` whole, inheriting no behaviour.
+    Code that reads the hidden statistics of a layer selected by type reads
+    jaxbn's hidden variance, Equinox's minus ``momentum**t`` (below).
 
     Running statistics: both keep zero-debiased averages, ``hidden = momentum *
     hidden + (1 - momentum) * batch``, with a batch counter ``t``, and evaluate
@@ -50,9 +64,10 @@ class BatchNorm(eqx.nn.StatefulLayer):
         input_size: number of channels (axis 0 of each example).
         axis_name: the ``vmap`` (or ``pmap``/``shard_map``) axis name, or a
             sequence of names, to compute the statistics over.
-        eps: positive constant added to the variance.
+        eps: positive constant added to the variance (a Python or NumPy real).
         channelwise_affine: learn ``weight`` and ``bias``.
-        momentum: weight of the old running statistics, in ``[0, 1)``.
+        momentum: weight of the old running statistics, in ``[0, 1)`` (a
+            Python or NumPy real; not a bool).
         inference: ``True``: normalize with the running statistics.
         dtype: dtype of the weights and the running statistics; default float32
             (float64 with ``jax_enable_x64``).
@@ -73,18 +88,6 @@ class BatchNorm(eqx.nn.StatefulLayer):
         Array([0.2, 2. ], dtype=float32)
     """
 
-    weight: jax.Array | None
-    bias: jax.Array | None
-    batch_counter: Any
-    batch_state_index: Any
-    axis_name: Hashable | Sequence[Hashable]
-    inference: bool
-    input_size: int = eqx.field(static=True)
-    eps: float = eqx.field(static=True)
-    channelwise_affine: bool = eqx.field(static=True)
-    momentum: float = eqx.field(static=True)
-    mode: str = eqx.field(static=True)
-
     def __init__(
         self,
         input_size: int,
@@ -101,6 +104,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
                 f'mode must be "batch" (jaxbn keeps correctly debiased batch statistics); '
                 f"got {mode!r}"
             )
+        input_size, eps, momentum = as_number(input_size), as_number(eps), as_number(momentum)
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
             raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
         if not 0.0 <= momentum < 1.0:
@@ -119,6 +123,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
         self.batch_counter = eqx.nn.StateIndex(jnp.array(0))  # as Equinox's
         zeros = jnp.zeros((input_size,), dtype)
         self.batch_state_index = eqx.nn.StateIndex((zeros, zeros))
+        self.ema_first_time_index = self.ema_state_index = None  # Equinox's "ema" mode
         self.axis_name = axis_name
         self.inference = inference
         self.input_size = input_size
@@ -177,9 +182,9 @@ class BatchNorm(eqx.nn.StatefulLayer):
         counter = state.get(self.batch_counter)
         hidden_mean, hidden_var = state.get(self.batch_state_index)
         if inference:
-            dtype = jnp.result_type(x, hidden_mean, *params.values())
+            dtype = promote(x, hidden_mean, *params.values())
             # The debiasing in float32 at least, whatever the state's dtype.
-            sdtype = jnp.promote_types(hidden_mean.dtype, jnp.float32)
+            sdtype = promote(hidden_mean, jnp.float32)
             hidden_mean, hidden_var = hidden_mean.astype(sdtype), hidden_var.astype(sdtype)
             debias = 1.0 - self.momentum ** counter.astype(sdtype)
             stats = {
@@ -189,7 +194,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
             y, _ = self._layer(dtype).apply(params, stats, x, training=False)
             return y, state
         layer = self._layer(
-            jnp.result_type(x, *params.values()), momentum=self.momentum, axis_name=axis_name
+            promote(x, *params.values()), momentum=self.momentum, axis_name=axis_name
         )
         hidden = {"mean": hidden_mean, "var": hidden_var}
         y, hidden = layer.apply(params, hidden, x, training=True)

@@ -43,6 +43,7 @@ from jaxbn.frameworks._common import (
     check_axis_index_groups,
     flax_layer,
     flax_mask,
+    promote,
     require,
 )
 from jaxbn.layer import BatchNorm as _Layer
@@ -278,16 +279,20 @@ def to_flax_module(bn: _Layer) -> nn.BatchNorm:
     )
 
 
-class BatchNorm(nn.Module):
+class BatchNorm(nn.BatchNorm):
     """``flax.linen.BatchNorm`` computed by jaxbn: swap the import, keep the model.
 
-    Holds the same variables (``"params"``: ``scale``, ``bias``;
-    ``"batch_stats"``: ``mean``, ``var``) under the same names and dtypes,
-    takes the same attributes and call arguments, and follows Flax's dtype
-    rule (``dtype``, or the promotion of the input's and the params' dtypes).
-    Training normalizes with :func:`jaxbn.batch_norm` (the hand-written
-    backward) and evaluation with :func:`jaxbn.batch_norm_inference`, both
-    through :meth:`jaxbn.BatchNorm.apply`. Existing variables load unchanged.
+    A subclass of ``flax.linen.BatchNorm`` that inherits its attributes (so
+    positional and keyword arguments are Flax's), so code that selects
+    batch-norm layers by type finds it. Holds the same variables
+    (``"params"``: ``scale``, ``bias``; ``"batch_stats"``: ``mean``, ``var``)
+    under the same names and dtypes, takes the same call arguments, and
+    follows Flax's dtype rule (``dtype``, or the promotion of the input's and
+    the params' dtypes, computed explicitly: it holds under
+    ``jax_numpy_dtype_promotion="strict"`` too). Training normalizes with
+    :func:`jaxbn.batch_norm` (the hand-written backward) and evaluation with
+    :func:`jaxbn.batch_norm_inference`, both through
+    :meth:`jaxbn.BatchNorm.apply`. Existing variables load unchanged.
 
     Where it deliberately differs from ``flax.linen.BatchNorm``:
 
@@ -305,8 +310,8 @@ class BatchNorm(nn.Module):
             ``False``: with the batch's, updating the running ones (call with
             ``mutable=["batch_stats"]``). Set here or at call time, not both.
         axis: feature axis or tuple of axes.
-        momentum: weight of the old running statistics.
-        epsilon: positive constant added to the variance.
+        momentum: weight of the old running statistics (Python or NumPy real).
+        epsilon: positive constant added to the variance (Python or NumPy real).
         dtype: output dtype; ``None`` promotes the input's and the params'.
         param_dtype: dtype of ``scale`` and ``bias``; the statistics are float32.
         use_bias: learn ``bias`` (``beta``).
@@ -329,21 +334,6 @@ class BatchNorm(nn.Module):
         >>> updates["batch_stats"]["mean"]
         Array([0.2, 2. ], dtype=float32)
     """
-
-    use_running_average: bool | None = None
-    axis: int | tuple[int, ...] = -1
-    momentum: float = 0.99
-    epsilon: float = 1e-5
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    use_bias: bool = True
-    use_scale: bool = True
-    bias_init: Any = nn.initializers.zeros
-    scale_init: Any = nn.initializers.ones
-    axis_name: str | tuple[str, ...] | None = None
-    axis_index_groups: Any = None
-    use_fast_variance: bool = True
-    force_float32_reductions: bool = True
 
     @nn.compact
     def __call__(
@@ -388,7 +378,7 @@ class BatchNorm(nn.Module):
         # Flax's output dtype: the one given, or the promotion of x's and the params'.
         dtype = self.dtype
         if dtype is None:
-            dtype = jnp.result_type(x, *params.values())
+            dtype = promote(x, *params.values())
         bn = flax_layer(
             self, fshape[0] if isinstance(axis, (int, np.integer)) else fshape, dtype=dtype
         )

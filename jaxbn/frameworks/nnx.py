@@ -19,6 +19,7 @@ from jaxbn.frameworks._common import (
     check_axis_index_groups,
     flax_layer,
     flax_mask,
+    promote,
     require,
 )
 from jaxbn.layer import BatchNorm as _Layer
@@ -33,11 +34,14 @@ _ZEROS = nnx.initializers.zeros_init()
 _ONES = nnx.initializers.ones_init()
 
 
-class BatchNorm(nnx.Module):
+class BatchNorm(nnx.BatchNorm):
     """``flax.nnx.BatchNorm`` computed by jaxbn: swap the import, keep the model.
 
-    Same constructor, call, attributes (``scale``, ``bias``: ``nnx.Param``;
-    ``mean``, ``var``: ``nnx.BatchStat``, float32) and random-key use as
+    A subclass of ``flax.nnx.BatchNorm``, so code that selects batch-norm
+    layers by type (``isinstance`` over ``nnx.iter_graph(model)``, to freeze
+    them, say) finds it. Same constructor, call, attributes (``scale``,
+    ``bias``: ``nnx.Param``; ``mean``, ``var``: ``nnx.BatchStat``, float32),
+    ``set_view`` (inherited) and random-key use as
     ``flax.nnx.BatchNorm``, so ``nnx.state(model, nnx.BatchStat)``,
     ``nnx.Optimizer``, ``nnx.jit``, ``nnx.grad``, ``model.train()`` /
     ``model.eval()``, ``nnx.view`` and ``nnx.split`` / ``nnx.merge`` work as
@@ -46,7 +50,13 @@ class BatchNorm(nnx.Module):
     backward), evaluation with :func:`jaxbn.batch_norm_inference`, through
     :meth:`jaxbn.BatchNorm.apply`. Flax's dtype rule is kept: the output is
     ``dtype``, or with ``dtype=None`` the promotion of the input's, the params'
-    and the statistics' dtypes (bfloat16 ``x`` gives float32 ``y``).
+    and the statistics' dtypes (bfloat16 ``x`` gives float32 ``y``); the
+    promotion is computed explicitly, so the module also works under
+    ``jax_numpy_dtype_promotion="strict"``. A custom ``promote_dtype`` is
+    applied as Flax applies it, to ``x`` and the four variables before
+    normalizing (the running statistics are updated from the variables
+    themselves, as Flax does); the output dtype is then ``dtype`` or the
+    promotion of the promoted ``x``, ``scale`` and ``bias``.
 
     jaxbn's options come as extra keyword arguments: ``momentum=None``
     (cumulative average; adds a ``count`` batch statistic),
@@ -62,7 +72,7 @@ class BatchNorm(nnx.Module):
     - with ``dtype`` set, the statistics, scale and bias stay in float32
       (Flax casts them to ``dtype`` first, so with ``dtype=bfloat16`` it
       subtracts a running mean rounded to bfloat16);
-    - ``axis_index_groups`` and a custom ``promote_dtype`` are refused;
+    - ``axis_index_groups`` is refused;
     - training on a single value per feature raises (Flax returns ``bias``);
       a mask that keeps nothing leaves the running statistics unchanged (Flax
       writes NaN); a non-boolean mask is refused.
@@ -74,8 +84,9 @@ class BatchNorm(nnx.Module):
             ``False``: with the batch's, updating the running ones. The call
             argument, when given, takes precedence.
         axis: feature axis (or tuple of axes).
-        momentum: weight of the old running statistics (``None``: cumulative).
-        epsilon: positive constant added to the variance.
+        momentum: weight of the old running statistics (``None``: cumulative);
+            a Python or NumPy real number.
+        epsilon: positive constant added to the variance (Python or NumPy).
         dtype: output dtype; ``None`` promotes as Flax does.
         param_dtype: dtype of ``scale`` and ``bias``.
         use_bias: learn ``bias``.
@@ -85,7 +96,8 @@ class BatchNorm(nnx.Module):
         axis_name: named axis (or tuple) to average the statistics over.
         axis_index_groups: must be ``None``.
         use_fast_variance: accepted for compatibility; no effect.
-        promote_dtype: must be Flax's default.
+        promote_dtype: Flax's ``promote_dtype(args, *, dtype)``; with Flax's
+            default, jaxbn's rule above.
         rngs: ``nnx.Rngs``; one ``params`` key is drawn for each of ``scale``
             and ``bias``, as Flax does.
         bias_metadata: metadata of the ``bias`` ``nnx.Param``.
@@ -134,11 +146,8 @@ class BatchNorm(nnx.Module):
         **options: Any,
     ):
         check_axis_index_groups(axis_index_groups)
-        if promote_dtype is not _promote_dtype:
-            raise ValueError(
-                "promote_dtype must be Flax's default: jaxbn computes in float32 or wider "
-                f"and returns Flax's promoted dtype; got {promote_dtype!r}"
-            )
+        if not callable(promote_dtype):
+            raise TypeError(f"promote_dtype must be callable, got {promote_dtype!r}")
         if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
             raise TypeError(f"dtype must be floating or None, got {dtype!r}")
         self.num_features = num_features
@@ -210,31 +219,33 @@ class BatchNorm(nnx.Module):
             )
         _checks.check_x(x)
         x = jnp.asarray(x)
-        params = {}
-        if self.scale is not None:
-            params["scale"] = self.scale[...]
-        if self.bias is not None:
-            params["bias"] = self.bias[...]
+        scale = None if self.scale is None else self.scale[...]
+        bias = None if self.bias is None else self.bias[...]
         state = {name: getattr(self, name)[...] for name in self._state_names()}
+        mean, var = state["mean"], state["var"]
+        if self.promote_dtype is _promote_dtype:
+            # Flax casts x and the four variables to their promotion (or to dtype)
+            # before normalizing. jaxbn computes in float32 or wider whatever they
+            # are and takes only the output dtype from it: nothing is rounded to
+            # dtype first.
+            promoted = (x, mean, var, scale, bias)
+        else:
+            x, mean, var, scale, bias = self.promote_dtype(
+                (x, mean, var, scale, bias), dtype=self.dtype
+            )
+            _checks.check_x(x)
+            promoted = (x, scale, bias)  # as Flax's output dtype, the statistics left out
         dtype = self.dtype
         if dtype is None:
-            dtype = jnp.result_type(x, state["mean"], state["var"], *params.values())
+            dtype = promote(*(v for v in promoted if v is not None))
+        params = {k: v for k, v in (("scale", scale), ("bias", bias)) if v is not None}
         layer = self._layer(dtype)
         if mask is not None:  # checked also when unused, as Flax broadcasts it
             mask = flax_mask(mask, x.shape, _checks.feature_axes(x.ndim, self.axis))
         if use_running_average:
-            y, _ = layer.apply(params, state, x, training=False)
+            y, _ = layer.apply(params, {**state, "mean": mean, "var": var}, x, training=False)
             return y
         y, new_state = layer.apply(params, state, x, training=True, mask=mask)
         for name, value in new_state.items():
             getattr(self, name)[...] = value
         return y
-
-    def set_view(self, use_running_average: bool | None = None):
-        """Used by ``nnx.view``, as Flax's.
-
-        Args:
-            use_running_average: the new attribute value, if not ``None``.
-        """
-        if use_running_average is not None:
-            self.use_running_average = use_running_average
