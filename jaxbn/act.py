@@ -50,19 +50,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from jaxbn import _checks
+from jaxbn import _checks, _core
 from jaxbn._checks import AxisArg, AxisName
-from jaxbn.ops import (
-    _axis_tuple,
-    _compute_dtype,
-    _expand,
-    _expand_mask,
-    _handles,
-    _moments,
-    _psum_over,
-    _replicated_axes,
-    _varying,
-)
 
 __all__ = [
     "ACTIVATIONS",
@@ -260,7 +249,7 @@ class BatchNormActResiduals:
             ``axis_name``): a scalar, or ``[features]`` when the mask varies along
             the feature axes.
         axes: the forward's feature axes (sorted, non-negative): static.
-        axis_name: the forward's named axis or axes: static.
+        axis_name: the forward's named axes, a tuple (``()`` for none): static.
         activation: the forward's activation: static.
         negative_slope: the forward's slope of leaky ReLU: static.
     """
@@ -283,26 +272,19 @@ def _op_args(x, scale, bias, activation, negative_slope, axis, eps, axis_name, m
     check_activation(activation, negative_slope)
     feat, mask = _checks.check_op_args(x, scale, bias, axis, eps, mask, axis_name=axis_name)
     scale, bias = (None if v is None else jnp.asarray(v) for v in (scale, bias))
-    statics = (feat, float(eps), axis_name, activation, float(negative_slope))
+    statics = (feat, float(eps), _core.axis_tuple(axis_name), activation, float(negative_slope))
     return (jnp.asarray(x), scale, bias, mask), statics
 
 
-def _fwd(x, scale, bias, mask, feat, eps, axis_name, activation, negative_slope):
-    ndim = x.ndim
-    red = tuple(a for a in range(ndim) if a not in feat)
-    cdt = _compute_dtype(x.dtype)
-    emask = None if mask is None else _expand_mask(mask, ndim, feat)
-    count, mean_k, var_k = _moments(x, red, emask, axis_name, cdt)
-    if jnp.ndim(count):  # a mask varying along the features: one count per feature
-        count = jnp.squeeze(count, red)
-    mean, var = jnp.squeeze(mean_k, red), jnp.squeeze(var_k, red)
+def _fwd(x, scale, bias, mask, feat, eps, axes, activation, negative_slope):
+    red = tuple(a for a in range(x.ndim) if a not in feat)
+    cdt = _core.compute_dtype(x.dtype)
+    count, mean, var, resid = _core.statistics(x, red, mask, axes, cdt)
     inv_std = lax.rsqrt(var + eps)
     s = None if scale is None else effective_scale(scale.astype(cdt), eps=eps)
-    # z = f((x - mean) * (s * inv_std) + bias): one pass over x, y never written.
-    a = inv_std if s is None else inv_std * s
-    y = (x.astype(cdt) - mean_k) * _expand(a, ndim, feat)
-    if bias is not None:
-        y = y + _expand(bias.astype(cdt), ndim, feat)
+    # z = f(y), y computed as by batch_norm with the scale s: one pass over x,
+    # y never written.
+    y = _core.normalize(x, mean, resid, inv_std, s, bias, feat, cdt)
     z = activate(y, activation, negative_slope=negative_slope).astype(x.dtype)
     res = BatchNormActResiduals(
         z,
@@ -310,10 +292,10 @@ def _fwd(x, scale, bias, mask, feat, eps, axis_name, activation, negative_slope)
         s,
         scale,
         bias,
-        emask,
+        mask,
         count,
         axes=feat,
-        axis_name=axis_name,
+        axis_name=axes,
         activation=activation,
         negative_slope=negative_slope,
     )
@@ -357,16 +339,16 @@ def _bwd(feat, axis_name, activation, negative_slope, res, cotangents):
     # y from z + 0 * dz, exact for finite dz and fused into the pass that reads both.
     #
     # Each of the three passes (the two sums, then dx) gets its own handles
-    # (ops._handles) on z, dz, the per-feature vectors and even the scalar
+    # (_core.handles) on z, dz, the per-feature vectors and even the scalar
     # constants: XLA on CPU fuses a broadcast or an elementwise producer into a
     # reduction only when the reduction is its single user; a shared one is
     # written out as an x-sized temporary.
-    passes = _handles(
+    passes = _core.handles(
         (
             z,
             jnp.asarray(dz),
-            None if s is None else _expand(1.0 / s, ndim, feat),
-            None if bias is None else _expand(bias.astype(cdt), ndim, feat),
+            None if s is None else _core.expand(1.0 / s, ndim, feat),
+            None if bias is None else _core.expand(bias.astype(cdt), ndim, feat),
             _constants(activation, negative_slope, cdt),
         ),
         3,
@@ -394,33 +376,30 @@ def _bwd(feat, axis_name, activation, negative_slope, res, cotangents):
         sum_dy_xh = sum_dyy if bias is None else sum_dyy - bias.astype(cdt) * sum_dy
         if s is not None:
             sum_dy_xh = sum_dy_xh / s
-    # Named axes, as in ops._bwd: the sums for dx run over the global batch, each
-    # device's contribution scaled by its own s; dscale and dbias are reduced
-    # over the axes where the parameters are replicated. Each sum is all-reduced once.
-    axes = _axis_tuple(axis_name)
-    s_rep = _replicated_axes(gamma, axes)
-    b_rep = _replicated_axes(bias, axes)
-    r_sum_dy, r_sum_dy_xh = _psum_over((sum_dy, sum_dy_xh), s_rep)
-    sv = 1.0 if s is None else s
-    t_sum_dy, t_sum_dy_xh = _psum_over(
-        (sv * r_sum_dy, sv * r_sum_dy_xh), tuple(n for n in axes if n not in s_rep)
+    # Over several devices, as in ops._bwd (_core.reduce_sums).
+    mean_term, var_term, dscale, dbias = _core.reduce_sums(
+        (sum_dy, sum_dy_xh),
+        (g_mean, g_var),
+        s,
+        inv_std,
+        gamma,
+        bias,
+        axis_name,
+        _core.varying(z) | _core.varying(dz),
     )
     n = jnp.maximum(count, 1.0)  # an all-masked batch: every correction is masked out
-    p = (2.0 * g_var / inv_std - inv_std * t_sum_dy_xh) / n
-    q = (g_mean - inv_std * t_sum_dy) / n
+    p = var_term / (n * inv_std)
+    q = mean_term / n
     dy2, x_hat2 = recover(2)
-    corr = _expand(p, ndim, feat) * x_hat2 + _expand(q, ndim, feat)
+    corr = _core.expand(p, ndim, feat) * x_hat2 + _core.expand(q, ndim, feat)
     if mask is not None:
         corr = jnp.where(mask, corr, 0)
-    dx = _expand(sv * inv_std, ndim, feat) * dy2 + corr
-    local = tuple(sorted((_varying(z) | _varying(dz)) - set(axes)))
-    dscale = dbias = None
+    sv = 1.0 if s is None else s
+    dx = _core.expand(sv * inv_std, ndim, feat) * dy2 + corr
     if gamma is not None:
-        ds = _psum_over(r_sum_dy_xh, _replicated_axes(gamma, local))
-        dscale = jnp.where(gamma >= 0, ds, -ds).astype(gamma.dtype)
+        dscale = jnp.where(gamma >= 0, dscale, -dscale).astype(gamma.dtype)
     if bias is not None:
-        dbias = r_sum_dy if b_rep == s_rep else _psum_over(sum_dy, b_rep)
-        dbias = _psum_over(dbias, _replicated_axes(bias, local)).astype(bias.dtype)
+        dbias = dbias.astype(bias.dtype)
     return dx.astype(z.dtype), dscale, dbias
 
 
@@ -494,8 +473,8 @@ def batch_norm_act(
         >>> import jaxbn
         >>> x = jnp.array([[1.0], [3.0]])
         >>> z, mean, var = jaxbn.batch_norm_act(x, None, None, negative_slope=0.5)
-        >>> z.ravel()
-        Array([-0.4999975,  0.999995 ], dtype=float32)
+        >>> z.ravel().round(4)  # x_hat = [-1, 1] (to eps), leaky ReLU with slope 0.5
+        Array([-0.5,  1. ], dtype=float32)
     """
     args, statics = _op_args(x, scale, bias, activation, negative_slope, axis, eps, axis_name, mask)
     return _batch_norm_act(*args, *statics)
@@ -579,16 +558,15 @@ def batch_norm_act_bwd(
             f"axis={axis!r} differs from the forward's feature axes {feat} (z of shape "
             f"{shape}): pass the forward's axis, or None"
         )
-    names = tuple(axis_name) if isinstance(axis_name, list) else axis_name
-    for name, given, forward in (
-        ("activation", activation, res.activation),
-        ("negative_slope", negative_slope, res.negative_slope),
-        ("axis_name", names, res.axis_name),
+    for name, given, same in (
+        ("activation", activation, activation == res.activation),
+        ("negative_slope", negative_slope, negative_slope == res.negative_slope),
+        ("axis_name", axis_name, _core.axis_tuple(axis_name) == res.axis_name),
     ):
-        if given is not None and given != forward:
+        if given is not None and not same:
             raise ValueError(
-                f"{name}={given!r} differs from the forward's {name}={forward!r}: pass the "
-                f"forward's, or None"
+                f"{name}={given!r} differs from the forward's {name}="
+                f"{getattr(res, name)!r}: pass the forward's, or None"
             )
     cotangents = _checks.check_cotangents(
         cotangents, shape, feat, ("dz", "dmean", "dvar"), shape_name="z's shape"

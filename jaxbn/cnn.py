@@ -32,7 +32,7 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
-from jaxbn import _checks
+from jaxbn import _checks, _core
 from jaxbn._checks import AxisName
 from jaxbn._model import (
     check_fuse_activation,
@@ -43,7 +43,6 @@ from jaxbn._model import (
 from jaxbn.act import ACTIVATIONS
 from jaxbn.fold import fold_into_conv
 from jaxbn.layer import BatchNorm
-from jaxbn.ops import _varying
 
 __all__ = ["CNN", "DATA_FORMATS", "POOLINGS", "conv"]
 
@@ -156,7 +155,7 @@ def _like(cotangent, primal):
     device's contribution (what JAX's own transpose of the implicit broadcast
     gives).
     """
-    extra = tuple(sorted(_varying(cotangent) - _varying(primal)))
+    extra = tuple(sorted(_core.varying(cotangent) - _core.varying(primal)))
     if extra:
         cotangent = lax.psum(cotangent, extra)
     return cotangent.astype(primal.dtype)

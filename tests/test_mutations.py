@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxbn import ops, reference
+from jaxbn import _core, ops, reference
 
 CASES = [((16, 5), (1,)), ((4, 3, 5, 6), (1,))]
 
@@ -25,9 +25,9 @@ def _output(res, inv_std, bias):
     """``y`` recomputed from the residuals with another ``inv_std`` (a mutated forward)."""
     x, feat = res.x, res.axes
     a = inv_std if res.scale is None else inv_std * res.scale
-    centred = x - ops._expand(res.mean + res.mean_residue, x.ndim, feat)
-    y = centred * ops._expand(a, x.ndim, feat)
-    return y if bias is None else y + ops._expand(bias, x.ndim, feat)
+    centred = x - _core.expand(res.mean + res.mean_residue, x.ndim, feat)
+    y = centred * _core.expand(a, x.ndim, feat)
+    return y if bias is None else y + _core.expand(bias, x.ndim, feat)
 
 
 def mutated(mistake):
@@ -38,7 +38,7 @@ def mutated(mistake):
         return fwd(x, scale, bias, feat)[0]
 
     def fwd(x, scale, bias, feat):
-        (y, mean, var), res = ops._fwd(x, scale, bias, None, feat, 1e-5, None)
+        (y, mean, var), res = ops._fwd(x, scale, bias, None, feat, 1e-5, ())
         if mistake == "scalar-variance":  # the seed notebook's single variance
             var = jnp.broadcast_to(jnp.mean(var), var.shape)
         if mistake in ("scalar-variance", "unbiased-in-normalization"):
@@ -57,7 +57,7 @@ def mutated(mistake):
             g_var = jnp.zeros_like(g_var)
         elif mistake == "output-for-dy":  # the seed notebook multiplies Z_out here
             dy = y
-        return ops._bwd(feat, None, res, (dy, g_mean, g_var))
+        return ops._bwd(feat, (), res, (dy, g_mean, g_var))
 
     op.defvjp(fwd, bwd)
     return op

@@ -225,7 +225,7 @@ def test_residuals_hold_x_and_feature_vectors_only():
     assert res.x is x
     for name in ("mean", "mean_residue", "inv_std", "scale"):
         assert getattr(res, name).shape == (8,)
-    assert (res.axes, res.axis_name) == ((1,), None)  # static: the forward's axes
+    assert (res.axes, res.axis_name) == ((1,), ())  # static: the forward's axes, no names
     assert res.bias.size == 0 and res.mask is None and res.count.shape == ()
     # Nothing of x's size but x itself.
     big = [leaf for leaf in jax.tree.leaves(res) if leaf.size >= x.size]
@@ -472,7 +472,7 @@ def test_seed_notebook_mistakes_fail_the_gradient_check(mistake):
     assert close == (not mistake)
 
 
-# XLA:CPU's fusion workaround (ops._handles) applies only where the op is lowered for
+# XLA:CPU's fusion workaround (_core.handles) applies only where the op is lowered for
 # the CPU; the other branch (GPU, TPU) is tested here on the CPU for its numbers.
 
 
@@ -496,12 +496,12 @@ def test_cpu_fusion_workaround_only_where_lowered_for_the_cpu():
 
 @pytest.mark.parametrize(("shape", "axis"), CASES[:4], ids=IDS[:4])
 def test_accelerator_branch_gives_the_same_numbers_on_the_cpu(shape, axis, monkeypatch):
-    from jaxbn import ops
+    from jaxbn import _core
 
     x, scale, bias, cts = make_inputs(shape, axis, seed=14, offset=100.0)
     want = vjp_of(jaxbn.batch_norm, x, scale, bias, cts, axis)
-    monkeypatch.setattr(ops, "_handles", ops._plain_handles)
-    monkeypatch.setattr(ops, "_computed_once", lambda vectors: ops._plain_vectors(*vectors))
+    monkeypatch.setattr(_core, "handles", lambda v, n: (v,) * n)
+    monkeypatch.setattr(_core, "computed_once", lambda vectors: vectors)
     got = vjp_of(jaxbn.batch_norm, x, scale, bias, cts, axis)
     assert_trees_close(got, want, jnp.float32)
     assert_trees_close(got, vjp_of(reference.batch_norm, x, scale, bias, cts, axis), jnp.float32)
