@@ -53,6 +53,15 @@ def check_training(training: Any) -> None:
         raise TypeError(f"training must be a Python bool (True or False), got {training!r}")
 
 
+def compute_dtype(dtype: Any) -> np.dtype:
+    """The dtype batch norm computes in: float32 for low-precision inputs, else the input's.
+
+    NumPy's promotion, which does not depend on JAX's promotion mode (under
+    ``jax_numpy_dtype_promotion="strict"`` JAX refuses to mix float widths).
+    """
+    return np.promote_types(dtype, np.float32)
+
+
 def feature_axes(ndim: int, axis: AxisArg) -> tuple[int, ...]:
     """Normalizes ``axis`` (an int or a sequence; negative allowed) to sorted axes.
 
@@ -103,11 +112,11 @@ def check_eps(eps: float, dtype: Any = jnp.float32) -> None:
         raise ValueError(f"eps must be > 0, got {eps}")
     if not math.isfinite(eps):
         raise ValueError(f"eps must be finite, got {eps}")
-    tiny = float(jnp.finfo(jnp.promote_types(dtype, jnp.float32)).tiny)
+    tiny = float(jnp.finfo(compute_dtype(dtype)).tiny)
     if eps < tiny:
         raise ValueError(
             f"eps must be a normal number in the compute dtype "
-            f"{jnp.dtype(jnp.promote_types(dtype, jnp.float32))} (>= {tiny:.4g}; smaller "
+            f"{compute_dtype(dtype)} (>= {tiny:.4g}; smaller "
             f"values are flushed to zero), got {eps}"
         )
 

@@ -20,11 +20,6 @@ from jax import lax
 from jaxbn import _checks
 
 
-def compute_dtype(dtype) -> jnp.dtype:
-    """float32 for low-precision inputs, the input's own dtype when wider."""
-    return jnp.promote_types(dtype, jnp.float32)
-
-
 def axis_tuple(axis_name) -> tuple[str, ...]:
     """``axis_name`` as a tuple of names (``()`` for ``None``)."""
     if axis_name is None:

@@ -276,7 +276,7 @@ class BatchNorm:
         dtype = self.param_dtype if dtype is None else dtype
         if not jnp.issubdtype(dtype, jnp.floating):
             raise TypeError(f"dtype must be floating (the params' dtype), got {dtype!r}")
-        state_dtype = jnp.promote_types(dtype, jnp.float32)
+        state_dtype = _checks.compute_dtype(dtype)
         shape = self.feature_shape
         params = {}
         if self.use_scale:
@@ -348,7 +348,7 @@ class BatchNorm:
         self._check_variables(params, state)
         out_dtype = x.dtype if self.dtype is None else jnp.dtype(self.dtype)
         # A wider output dtype than the input: convert first (exact), normalize there.
-        x = x.astype(jnp.promote_types(x.dtype, out_dtype))
+        x = x.astype(np.promote_types(x.dtype, out_dtype))
         scale, bias = params.get("scale"), params.get("bias")
         if training and mask is not None:
             checked = _checks.check_mask(mask, x.shape, feat)  # also when frozen: no statistic
@@ -447,17 +447,19 @@ class BatchNorm:
         mean, var = jax.lax.stop_gradient((mean, var))
         if self.unbiased_running_var:
             var = var * count / jnp.maximum(count - 1.0, 1.0)
+        if self.momentum is None or self.debias:
+            # The update count saturates at the largest int32 rather than wrapping
+            # to a negative one (m^t would overflow); there 1 / t and m^t are 0 to
+            # float32 precision anyway.
+            t = jnp.minimum(old["count"], jnp.iinfo(old["count"].dtype).max - 1) + 1
+            out = {"count": t}
         if self.momentum is None:
             # Cumulative average: the t-th batch has weight 1 / t.
-            t = old["count"] + 1
-            out = {"count": t}
             keep, take = 1.0 - 1.0 / t.astype(jnp.float32), 1.0 / t.astype(jnp.float32)
         elif self.debias:
             # With hidden h_t = m h_{t-1} + (1 - m) b_t from h_0 = 0, the debiased
             # average a_t = h_t / (1 - m^t) obeys a_t = keep a_{t-1} + take b_t with
             # keep = m (1 - m^(t-1)) / (1 - m^t): 0 exactly at t = 1, so a_1 = b_1.
-            t = old["count"] + 1
-            out = {"count": t}
             m = jnp.float32(self.momentum)
             tf = t.astype(jnp.float32)
             keep = m * (1.0 - m ** (tf - 1.0)) / (1.0 - m**tf)
@@ -535,8 +537,13 @@ class BatchNorm:
 
 
 def _moving_average(old, batch, keep, take):
-    """One step of a running average, ``keep * old + take * batch``, in ``old``'s dtype."""
-    return (keep * old + take * batch).astype(old.dtype)
+    """One step of a running average, ``keep * old + take * batch``, in ``old``'s dtype.
+
+    Computed in the wider of the two dtypes (a bfloat16 state, float32 batch
+    statistics), promoted explicitly so that it holds under strict promotion.
+    """
+    dtype = np.promote_types(old.dtype, batch.dtype)
+    return (keep * old.astype(dtype) + take * batch.astype(dtype)).astype(old.dtype)
 
 
 def _check_clipping(clipping):

@@ -134,7 +134,7 @@ def batch_norm_fwd(
 
 def _fwd(x, scale, bias, mask, feat, eps, axes):
     red = tuple(a for a in range(x.ndim) if a not in feat)
-    cdt = _core.compute_dtype(x.dtype)
+    cdt = _checks.compute_dtype(x.dtype)
     count, mean, var, resid = _core.statistics(x, red, mask, axes, cdt)
     inv_std = lax.rsqrt(var + eps)
     y = _core.normalize(x, mean, resid, inv_std, scale, bias, feat, cdt)
@@ -396,7 +396,7 @@ def batch_stats(
     )
     x = jnp.asarray(x)
     red = tuple(a for a in range(x.ndim) if a not in feat)
-    cdt = _core.compute_dtype(x.dtype)
+    cdt = _checks.compute_dtype(x.dtype)
     count, mean, var, _ = _core.statistics(x, red, mask, _core.axis_tuple(axis_name), cdt)
     return count, mean, var
 
@@ -439,7 +439,7 @@ def batch_norm_inference(
         if v is None:
             raise TypeError(f"{name} must be a {list(fshape)} array of statistics, got None")
         _checks.check_feature_vector(name, v, fshape)
-    cdt = _core.compute_dtype(x.dtype)
+    cdt = _checks.compute_dtype(x.dtype)
     a = lax.rsqrt(jnp.asarray(var).astype(cdt) + eps)
     if scale is not None:
         a = a * jnp.asarray(scale).astype(cdt)

@@ -56,7 +56,7 @@ def batch_norm(
     x = jnp.asarray(x)
     red = tuple(a for a in range(x.ndim) if a not in feat)
     keep = [1 if a in red else x.shape[a] for a in range(x.ndim)]
-    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    xf = x.astype(_checks.compute_dtype(x.dtype))
 
     def total(v):
         s = jnp.sum(v, axis=red, keepdims=True)

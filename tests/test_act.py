@@ -536,6 +536,8 @@ x0, v0 = jnp.ones((4, 3)), jnp.ones(3)
         ({"negative_slope": float("nan")}, ValueError, r"negative_slope must be .*nan"),
         ({"negative_slope": True}, TypeError, "negative_slope must be a Python float, got bool"),
         ({"negative_slope": jnp.float32(0.1)}, TypeError, "negative_slope must be a Python float"),
+        ({"negative_slope": 1e-39}, ValueError, r"negative_slope=1e-39 is too small .*float32"),
+        ({"negative_slope": 5e-324}, ValueError, r"negative_slope=5e-324 is too small"),
         ({"eps": 0.0}, ValueError, "eps must be > 0"),
         ({"axis": 2}, ValueError, "axis 2 is out of range"),
     ],
@@ -698,3 +700,88 @@ def test_fused_mlp_trains_to_the_unfused_accuracy():
         accuracy[fuse] = float(metrics["accuracy"])
     assert accuracy[False] >= 0.93, accuracy
     assert accuracy[True] >= accuracy[False] - 0.015, accuracy
+
+
+def test_numpy_scalar_slope_is_a_number():
+    got = jaxbn.batch_norm_act(
+        x0 * jnp.arange(4.0)[:, None], None, None, negative_slope=np.float32(0.5)
+    )
+    want = jaxbn.batch_norm_act(x0 * jnp.arange(4.0)[:, None], None, None, negative_slope=0.5)
+    np.testing.assert_array_equal(got[0], want[0])
+
+
+def test_slope_that_underflows_in_float16_is_refused():
+    x = jnp.ones((4, 3), jnp.float16)
+    with pytest.raises(ValueError, match=r"negative_slope=1e-08 is too small .*float16"):
+        traced(jaxbn.batch_norm_act, x, v0, v0, negative_slope=1e-8)
+    traced(jaxbn.batch_norm_act, x, v0, v0, negative_slope=0.01)  # the default is fine
+
+
+PRECISION_CASES = [(1.0, 0.0), (1.0, 3.0), (0.1, 1.0), (0.01, 1.0), (0.0, 0.0), (1e-3, 0.0)]
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
+@pytest.mark.parametrize(("gamma", "beta"), PRECISION_CASES, ids=str)
+def test_recovery_within_the_documented_bound(dtype, gamma, beta):
+    """Every gradient within 4 eps (|beta| + 3 s) / s of the exact one (module docstring)."""
+    ks = jax.random.split(jax.random.key(21), 4)
+    x = (2.0 * jax.random.normal(ks[0], (512, 4)) + 1.0).astype(dtype)
+    cts = (jax.random.normal(ks[1], (512, 4)).astype(dtype), *jax.random.normal(ks[2], (2, 4)))
+    scale, bias = jnp.full(4, gamma), jnp.full(4, beta)
+    got = jit_vjp_of(fused("leaky_relu", -1), x, scale, bias, cts)[1]
+    with jax.enable_x64(True):
+        args = [jnp.asarray(np.asarray(v, np.float32), jnp.float64) for v in (x, scale, bias)]
+        c64 = tuple(jnp.asarray(np.asarray(c, np.float32), jnp.float64) for c in cts)
+        want = jax.tree.map(np.asarray, vjp_of(oracle("leaky_relu", -1), *args, c64)[1])
+    s = abs(gamma) + EPS
+    bound = 4 * float(jnp.finfo(dtype).eps) * (abs(beta) + 3 * s) / s
+    for g, w in zip(got, want, strict=True):
+        err = np.abs(np.asarray(g, np.float64) - w).max() / np.abs(w).max()
+        assert err <= bound, (err, bound)
+
+
+def test_recovery_is_lost_where_the_bound_says_so():
+    """bfloat16, gamma = 0, beta = 0.5: y rounds to beta and dgamma is lost (documented)."""
+    x = jax.random.normal(jax.random.key(22), (64, 4)).astype(jnp.bfloat16)
+    dz = jax.random.normal(jax.random.key(23), (64, 4)).astype(jnp.bfloat16)
+    _, pull = jax.vjp(lambda s: jaxbn.batch_norm_act(x, s, jnp.full(4, 0.5))[0], jnp.zeros(4))
+    _, pull_f32 = jax.vjp(
+        lambda s: jaxbn.batch_norm_act(x.astype(jnp.float32), s, jnp.full(4, 0.5))[0], jnp.zeros(4)
+    )
+    (dgamma,), (dgamma_f32,) = pull(dz), pull_f32(dz.astype(jnp.float32))
+    assert np.abs(np.asarray(dgamma_f32)).min() > 0.1
+    assert (
+        np.abs(np.asarray(dgamma) - np.asarray(dgamma_f32)).max() > 0.5 * np.abs(dgamma_f32).max()
+    )
+
+
+def test_grad_of_grad_with_a_feature_that_keeps_nothing():
+    """A feature whose mask keeps nothing: finite second derivatives (max(count, 1))."""
+    x, scale, bias, cts = make_inputs((8, 3), -1, seed=24)
+    mask = jnp.ones((8, 3), bool).at[:, 1].set(False)
+
+    def loss(x, scale, bias):
+        z, mean, var = jaxbn.batch_norm_act(x, scale, bias, mask=mask)
+        return jnp.sum(z * cts[0]) + jnp.sum(mean * cts[1]) + jnp.sum(var * cts[2])
+
+    hessian_diag = jax.jit(jax.grad(lambda x: jnp.sum(jax.grad(loss)(x, scale, bias) ** 2)))(x)
+    assert np.isfinite(np.asarray(hessian_diag)).all()
+    assert np.abs(np.asarray(hessian_diag)[:, 0]).max() > 0  # not trivially zero
+
+
+@pytest.mark.parametrize("mode", ["eval", "frozen"])
+def test_effective_scale_gradient_at_signed_zero_is_plus_one(mode):
+    """In evaluation and frozen mode too, d|gamma|/dgamma = +1 at +0 and -0."""
+    bn = jaxbn.BatchNorm(2, activation="leaky_relu", frozen=mode == "frozen")
+    params, state = bn.init()
+    params = {**params, "scale": jnp.array([0.0, -0.0])}
+    x = jnp.array([[1.0, 2.0], [3.0, -1.0], [0.5, 0.5]])
+
+    def out(scale):
+        y, _ = bn.apply({**params, "scale": scale}, state, x, training=mode == "frozen")
+        return jnp.sum(y)
+
+    # y = (|gamma| + eps) * x_hat + beta with running mean 0, var 1: dy/dgamma = +x_hat.
+    x_hat = np.asarray(x) / np.sqrt(1.0 + bn.eps)
+    want = np.where(x_hat * 1e-5 >= 0, 1.0, 0.01) * x_hat
+    np.testing.assert_allclose(jax.grad(out)(params["scale"]), want.sum(0), rtol=1e-5)

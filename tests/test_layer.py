@@ -168,3 +168,21 @@ def test_layer_under_vmap_and_scan():
     y_v, s_v = jax.vmap(lambda x: bn.apply(params, state, x, training=True))(xs)
     np.testing.assert_allclose(y_v, ys, rtol=1e-5, atol=1e-6)
     assert s_v["mean"].shape == (3, 5)
+
+
+@pytest.mark.parametrize(
+    "options", [{"debias": True}, {"momentum": None}], ids=["debias", "cumulative"]
+)
+def test_update_count_saturates_instead_of_overflowing(options):
+    bn = jaxbn.BatchNorm(3, **options)
+    params, state = bn.init()
+    state = {**state, "count": jnp.asarray(np.iinfo(np.int32).max, jnp.int32)}
+    x = jax.random.normal(jax.random.key(0), (8, 3)) + 2.0
+    _, new = bn.apply(params, state, x, training=True)
+    assert int(new["count"]) == np.iinfo(np.int32).max
+    assert np.isfinite(np.asarray(new["mean"])).all() and np.isfinite(np.asarray(new["var"])).all()
+    # There the debiased average is the plain moving average (m^t = 0), and the
+    # cumulative one hardly moves (a weight of 2^-31).
+    take = 0.0 if bn.momentum is None else 1.0 - bn.momentum
+    want = (1.0 - take) * state["mean"] + take * np.mean(np.asarray(x), axis=0)
+    np.testing.assert_allclose(new["mean"], want, rtol=1e-6, atol=1e-6)
