@@ -1,5 +1,6 @@
-"""What the examples share to write their outputs: a figure of one row of plots, and
-the table, figure and results of a study (``paper_figure1.py``, ``study_eval_stats.py``).
+"""What the examples share: a parser whose errors are one line, and to write their
+outputs, a figure of one row of plots, and the table, figure and results of a study
+(``paper_figure1.py``, ``study_eval_stats.py``).
 
 Figures are drawn on a bare ``matplotlib.figure.Figure`` (rendered by Agg when
 saved, never shown), imported only when a figure is made.
@@ -7,10 +8,22 @@ saved, never shown), imported only when a figure is made.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, whose errors are one line: ``prog: error: message``, exit 2.
+
+    argparse prints its usage block first; the flag and what it accepts is the one
+    line a user needs (``--help`` lists the flags).
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def add_out_flags(parser: Any, *, default_help: str) -> None:

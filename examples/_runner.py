@@ -23,10 +23,12 @@ which
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import math
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -92,7 +94,7 @@ def seed(text: str) -> int:
 
 def demo_parser(description: str) -> argparse.ArgumentParser:
     """The flags of the framework demos (``train_nnx.py``, ``train_equinox.py``)."""
-    p = argparse.ArgumentParser(description=description)
+    p = _figures.ArgumentParser(description=description)
     p.add_argument("--steps", type=int_at_least(1), default=500, help="training steps")
     p.add_argument("--batch-size", type=int_at_least(2), default=64, help="examples per step")
     p.add_argument("--hidden", type=int_at_least(1), default=64, help="hidden units")
@@ -114,8 +116,8 @@ def check_batch_size_fits(parser: argparse.ArgumentParser, batch_size: int, num_
 
 def int_tuple(text: str) -> tuple[int, ...]:
     """An argparse ``type``: comma-separated positive ints such as ``100,100``."""
-    try:
-        sizes = tuple(int(s) for s in text.split(",") if s.strip())
+    try:  # every entry an int: "100,,100" is a typo, not two layers
+        sizes = tuple(int(s) for s in text.split(","))
     except ValueError:
         sizes = ()
     if not sizes or min(sizes) < 1:
@@ -138,7 +140,7 @@ def build_parser(description: str, *, out_help: str, steps: int, batch_size: int
         lr: the default ``--lr``.
         optimizer: the default ``--optimizer``.
     """
-    p = argparse.ArgumentParser(
+    p = _figures.ArgumentParser(
         description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     p.add_argument("--steps", type=int_at_least(0), default=steps, help="total training steps")
@@ -198,7 +200,9 @@ def build_parser(description: str, *, out_help: str, steps: int, batch_size: int
         default=None,
         metavar="HOST:PORT",
         help="several processes: the address of process 0, the same in every process "
-        "(e.g. 127.0.0.1:1234 on one machine); the run then spans every process's devices",
+        "(e.g. 127.0.0.1:1234 on one machine); the run then spans every process's devices. "
+        "On one machine: a correctness demonstration, slow by design (the collectives "
+        "cross between processes through gloo over TCP); --devices N is the fast way",
     )
     p.add_argument(
         "--num-processes",
@@ -220,6 +224,45 @@ def build_parser(description: str, *, out_help: str, steps: int, batch_size: int
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
+
+
+#: Printed by process 0 of a run over several processes (and in ``--help``).
+MULTI_PROCESS_NOTE = (
+    "several processes: every batch-norm statistic and gradient crosses between the "
+    "processes through gloo over TCP, so on one machine this run is a demonstration of "
+    "correctness, hundreds of times slower than one process by design (use --devices "
+    "for speed on one machine)"
+)
+
+
+def _drop_gloo_lines() -> None:
+    """Keeps gloo's "[Gloo] Rank i is connected to j peer ranks" lines off the output.
+
+    Gloo (C++) writes one to file descriptor 1 for every connection it makes, with
+    no setting to turn them off. Descriptor 1 becomes a pipe whose lines are copied
+    to the real output, but gloo's; at exit the pipe is drained before Python ends.
+    """
+    sys.stdout.flush()
+    read, write = os.pipe()
+    real = os.dup(1)
+    os.dup2(write, 1)
+    os.close(write)
+
+    def copy() -> None:
+        with os.fdopen(read, "rb") as src, os.fdopen(os.dup(real), "wb", buffering=0) as dst:
+            for line in src:
+                if not line.startswith(b"[Gloo] "):
+                    dst.write(line)
+
+    thread = threading.Thread(target=copy, daemon=True)
+    thread.start()
+
+    def restore() -> None:
+        sys.stdout.flush()
+        os.dup2(real, 1)  # closes the pipe's last writer: copy() drains it and ends
+        thread.join(timeout=5)
+
+    atexit.register(restore)
 
 
 def join_processes(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -250,8 +293,25 @@ def join_processes(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         )
     except (TypeError, ValueError) as err:
         parser.error(f"argument --coordinator: {err}")
+    _drop_gloo_lines()  # before the first collective, which connects the processes
+    if args.process_id == 0:
+        print(MULTI_PROCESS_NOTE, flush=True)
     shared = {k: v for k, v in sorted(vars(args).items()) if k != "process_id"}
     distributed.check_same_config(shared)
+
+
+def default_out(args: argparse.Namespace, name: str) -> str:
+    """``runs/NAME``, with ``_N_devices`` or ``_N_processes`` for a data-parallel run.
+
+    A run over several devices is a run of its own (its timing differs, and its
+    checkpoint would make the one-device run refuse to start): in a folder of its
+    own, the README's commands run one after another.
+    """
+    if args.coordinator is not None:
+        name += f"_{args.num_processes}_processes"
+    elif args.devices > 1:
+        name += f"_{args.devices}_devices"
+    return os.path.join("runs", name)
 
 
 def _check_out(parser: argparse.ArgumentParser, out: str) -> None:
@@ -364,31 +424,62 @@ def save_curve(history: list[dict], path: str, title: str) -> None:
     _figures.save_figure(fig, axes, path, title=title, dpi=120)
 
 
+#: The events in which JAX reports the time it spends compiling (tracing, lowering, XLA).
+COMPILE_EVENTS = frozenset(
+    {
+        "/jax/core/compile/jaxpr_trace_duration",
+        "/jax/core/compile/jaxpr_to_mlir_module_duration",
+        "/jax/core/compile/backend_compile_duration",
+    }
+)
+
+
 class _Clock:
-    """Seconds spent training, evaluating and checkpointing, each apart."""
+    """Seconds spent training, evaluating and checkpointing, each apart.
+
+    The throughput comes from the chunks whose length was compiled already; a run
+    with none (a single chunk) gets it from its first calls less the compilation
+    JAX reports in them (:meth:`on_event`, a ``jax.monitoring`` listener).
+    """
 
     def __init__(self):
         self.seen_lengths: set[int] = set()
         self.train = self.first_calls = self.evaluation = self.checkpoints = 0.0
-        self.steady_steps = 0
-        self.steady_seconds = 0.0
+        self.steady_steps = self.first_steps = 0
+        self.steady_seconds = self.compile = 0.0
+        self.compiles: list[tuple[float, float]] = []  # (when it ended, seconds)
+
+    def on_event(self, event: str, seconds: float, **kwargs: Any) -> None:
+        if event in COMPILE_EVENTS:
+            self.compiles.append((time.perf_counter(), seconds))
 
     def chunk(self, n: int, seconds: float) -> None:
+        now = time.perf_counter()
+        compiled = sum(s for t, s in self.compiles if t >= now - seconds)
+        self.compiles.clear()
         self.train += seconds
         if n in self.seen_lengths:  # compiled already: a steady-state figure
             self.steady_steps += n
             self.steady_seconds += seconds
         else:
             self.first_calls += seconds
+            self.first_steps += n
+            self.compile += compiled
             self.seen_lengths.add(n)
+
+    def steps_per_second(self) -> float | None:
+        if self.steady_steps:
+            return self.steady_steps / self.steady_seconds
+        if self.first_steps and self.first_calls > self.compile:
+            return self.first_steps / (self.first_calls - self.compile)
+        return None  # nothing trained
 
     def report(self, total: float) -> dict[str, Any]:
         return {
-            "train_steps_per_second": (
-                self.steady_steps / self.steady_seconds if self.steady_steps else None
-            ),
+            "train_steps_per_second": self.steps_per_second(),
             "train_seconds": self.train,
             "train_seconds_of_first_calls": self.first_calls,
+            "compile_seconds_of_first_calls": self.compile,
             "evaluation_seconds": self.evaluation,
             "checkpoint_seconds": self.checkpoints,
             "total_seconds": total,
@@ -434,6 +525,9 @@ def run(
     if args.resume:
         meta = read_metadata(ckpt)
         history, start = list(meta["metadata"].get("history", [])), meta["step"]
+        finished = _finished_run(args, start)
+        if finished is not None:
+            return finished
 
     clock = _Clock()
     main_process = distributed.is_main_process()
@@ -483,6 +577,7 @@ def run(
 
     created = not os.path.exists(args.out)
     os.makedirs(args.out, exist_ok=True)
+    jax.monitoring.register_event_duration_secs_listener(clock.on_event)
     began = time.perf_counter()
     try:
         ts = fit(
@@ -511,6 +606,7 @@ def run(
         raise
     finally:
         progress.close()
+        jax.monitoring.unregister_event_duration_listener(clock.on_event)
     total = time.perf_counter() - began
 
     test = score(ts)
@@ -536,6 +632,24 @@ def run(
         f"{devices} device{'s' if devices > 1 else ''}); outputs in {args.out}"
     )
     return metrics
+
+
+def _finished_run(args: argparse.Namespace, step: int) -> dict | None:
+    """The metrics of a ``--resume`` that has nothing left to train, said in one line.
+
+    Its ``metrics.json`` (the figures of the run that trained) is kept as it is;
+    ``None`` if there are steps to train, or no metrics to keep.
+    """
+    path = os.path.join(args.out, "metrics.json")
+    if step < args.steps or not os.path.isfile(path):
+        return None
+    if distributed.is_main_process():
+        print(
+            f"the run in {args.out} is already finished (step {step} of --steps "
+            f"{args.steps}); its metrics.json is kept. Pass a larger --steps to train on."
+        )
+    with open(path) as f:
+        return json.load(f)
 
 
 def command_line(main: Callable[[], Any]) -> None:

@@ -15,6 +15,8 @@ Run: ``python examples/from_scratch.py [--batch 8] [--features 4] [--seed 0]``.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -23,10 +25,16 @@ import numpy as np
 import jaxbn
 from jaxbn import reference
 
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:  # the shared helpers beside this script
+    sys.path.insert(0, _HERE)
+
+import _figures  # noqa: E402
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     """Parses the command line."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = _figures.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=8, help="examples in the batch (>= 2)")
     p.add_argument("--features", type=int, default=4, help="features per example")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")

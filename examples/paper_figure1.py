@@ -51,7 +51,7 @@ OUTPUTS = ("figure1.png", "figure1.md", "results.json")
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface (every flag explained by ``--help``)."""
-    p = argparse.ArgumentParser(
+    p = _figures.ArgumentParser(
         description="Reproduce Ioffe & Szegedy (2015) Figure 1 on the bundled 8x8 digits.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

@@ -59,7 +59,7 @@ OUTPUTS = ("eval_stats.png", "eval_stats.md", "results.json")
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface (every flag explained by ``--help``)."""
-    p = argparse.ArgumentParser(
+    p = _figures.ArgumentParser(
         description="Evaluate a batch-norm MLP or CNN with running, debiased and precise "
         "statistics.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

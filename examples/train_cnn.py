@@ -17,8 +17,8 @@ a custom VJP that XLA compiles as fast inside a loop as in a single step, see
 ``jaxbn.cnn.conv``); ``--loop steps`` runs one jitted step per call instead (the
 same batches and results). Outputs, checkpoints, ``--resume``,
 ``--overwrite`` and ``--devices`` work as in ``train_mlp.py`` (the two share
-``_runner.py``); the default ``--out`` is ``runs/train_cnn``, with ``_no_bn``
-and ``_nchw`` appended for those variants.
+``_runner.py``); the default ``--out`` is ``runs/train_cnn``, with ``_no_bn``,
+``_nchw`` and ``_N_devices`` appended for those variants.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ def build_parser():
     """The command-line interface (every flag explained by ``--help``)."""
     p = _runner.build_parser(
         "Train a CNN with batch norm on scikit-learn's bundled 8x8 digits (as images).",
-        out_help="default: runs/train_cnn, with _no_bn and _nchw appended for those variants",
+        out_help="default: runs/train_cnn, with _no_bn, _nchw and _N_devices appended for "
+        "those variants",
         steps=600,
         batch_size=64,
         lr=0.01,
@@ -104,10 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     _runner.join_processes(parser, args)
     if args.out is None:
-        suffix = ("_no_bn" if args.no_batch_norm else "") + (
-            "_nchw" if args.data_format == "NCHW" else ""
-        )
-        args.out = os.path.join("runs", "train_cnn" + suffix)
+        suffix = "_no_bn" * args.no_batch_norm + "_nchw" * (args.data_format == "NCHW")
+        args.out = _runner.default_out(args, "train_cnn" + suffix)
     data = load_digits()
     try:
         model = jaxbn.CNN(

@@ -13,7 +13,8 @@ Training runs in chunks of ``--log-every`` steps, each compiled into one
 ``lax.scan`` dispatch with the batches drawn on the device; between chunks the
 losses are read once (a device sync), checked for divergence, and the network is
 evaluated on the test split. Written to ``--out`` (by default
-``runs/train_mlp``, or ``runs/train_mlp_no_bn`` with ``--no-batch-norm``):
+``runs/train_mlp``, with ``_no_bn`` for ``--no-batch-norm`` and ``_4_devices``
+for ``--devices 4``, so that each command above has a folder of its own):
 ``metrics.json`` (the returned metrics), ``training_curve.png`` and
 ``checkpoint.npz`` (every ``--checkpoint-every`` steps and at the end;
 ``--resume`` continues from it and ends with the same parameters as an
@@ -48,7 +49,8 @@ def build_parser():
     """The command-line interface (every flag explained by ``--help``)."""
     p = _runner.build_parser(
         "Train an MLP with batch norm on scikit-learn's bundled 8x8 digits.",
-        out_help="default: runs/train_mlp, or runs/train_mlp_no_bn with --no-batch-norm",
+        out_help="default: runs/train_mlp, with _no_bn for --no-batch-norm and _N_devices "
+        "for --devices N",
         steps=2000,
         batch_size=60,
         lr=0.01,
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     _runner.join_processes(parser, args)
     if args.out is None:
-        args.out = os.path.join("runs", "train_mlp_no_bn" if args.no_batch_norm else "train_mlp")
+        args.out = _runner.default_out(args, "train_mlp" + "_no_bn" * args.no_batch_norm)
     data = load_digits()
     model = MLP(
         (data.num_features, *args.hidden, data.num_classes),

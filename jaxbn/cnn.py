@@ -43,6 +43,7 @@ from jaxbn._model import (
 from jaxbn.act import ACTIVATIONS
 from jaxbn.fold import fold_into_conv
 from jaxbn.layer import BatchNorm
+from jaxbn.mlp import BATCH_NORM_OPTIONS, check_batch_norm_options
 
 __all__ = ["CNN", "DATA_FORMATS", "POOLINGS", "conv"]
 
@@ -216,7 +217,8 @@ def conv(
         ``"NCHW"``), in the dtype of ``x`` and ``kernel``.
 
     Raises:
-        ValueError, TypeError: on mismatched shapes or bad options.
+        ValueError, TypeError: on mismatched shapes or bad options, or a kernel
+            larger than the (padded) image.
 
     Examples:
         >>> import jax.numpy as jnp
@@ -260,6 +262,14 @@ def conv(
             ) from None
         if len(padding) != nd:
             raise ValueError(f"padding must give {nd} (low, high) pairs, got {padding!r}")
+    size, ksize = x.shape[1:-1], kernel.shape[:nd]
+    if any(n + lo + hi < k for n, k, (lo, hi) in zip(size, ksize, padding, strict=True)):
+        # No output position: an empty forward, and a backward that fails.
+        raise ValueError(
+            f"the kernel's spatial size {ksize} exceeds the image's {size} padded by "
+            f"{padding}: the convolution has no output (pad the image, or use a smaller "
+            f"kernel or padding='SAME')"
+        )
     dtype = jnp.promote_types(x.dtype, kernel.dtype)
     y = _conv_channels_last(x.astype(dtype), kernel.astype(dtype), strides, padding)
     return jnp.moveaxis(y, -1, 1) if data_format == "NCHW" else y
@@ -389,11 +399,8 @@ class CNN:
         if self.data_format not in DATA_FORMATS:
             raise ValueError(f"data_format must be one of {DATA_FORMATS}, got {self.data_format!r}")
         _checks.check_positive_or_none("init_stddev", self.init_stddev)
-        for name in ("debias", "frozen", "fuse_activation"):
-            _checks.check_bool(name, getattr(self, name))
+        check_batch_norm_options(self)
         check_fuse_activation(self)
-        if not self.use_batch_norm and (self.debias or self.frozen):
-            raise ValueError("debias=True and frozen=True need use_batch_norm=True")
         _checks.check_hashable_fields(self)
         # Checks momentum, eps, axis_name, debias and frozen once, with the layer's
         # own messages.
@@ -626,7 +633,7 @@ class CNN:
             self, params["blocks"], state["blocks"], linear="conv", fold=fold_into_conv
         )
         model = dataclasses.replace(
-            self, use_batch_norm=False, fuse_activation=False, debias=False, frozen=False
+            self, use_batch_norm=False, **dict.fromkeys(BATCH_NORM_OPTIONS, False)
         )
         return (
             model,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import socket
 import time
 from collections.abc import Mapping
@@ -50,17 +51,37 @@ def _check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
     return int(value)
 
 
+def _check_seconds(name: str, value: Any) -> float:
+    """A positive, finite number of seconds (not a bool, not a string)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number of seconds, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
 def _parse_address(address: Any) -> tuple[str, int]:
-    if not isinstance(address, str) or address.count(":") != 1:
-        raise ValueError(f"coordinator_address must be 'host:port', got {address!r}")
-    host, port = address.rsplit(":", 1)
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"coordinator_address must be 'host:port', got {address!r}")
+    """``(host, port)`` of ``"host:port"``, or ``"[ipv6]:port"`` (the host without brackets)."""
+    bad = ValueError(
+        f"coordinator_address must be 'host:port' (an IPv6 host in brackets: "
+        f"'[::1]:port'), got {address!r}"
+    )
+    if not isinstance(address, str):
+        raise bad
+    host, sep, port = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if ":" not in host:
+            raise bad
+    elif ":" in host:  # an IPv6 host needs brackets to be told from its port
+        raise bad
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise bad
     return host, int(port)
 
 
-def _wait_for_coordinator(host: str, port: int, timeout_s: float) -> None:
-    """Returns once ``host:port`` accepts a connection; ``ConnectionError`` after ``timeout_s``."""
+def _wait_for_coordinator(address: str, host: str, port: int, timeout_s: float) -> None:
+    """Returns once ``address`` accepts a connection; ``ConnectionError`` after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -69,7 +90,7 @@ def _wait_for_coordinator(host: str, port: int, timeout_s: float) -> None:
         except OSError as err:
             if time.monotonic() >= deadline:
                 raise ConnectionError(
-                    f"no coordinator answered at {host}:{port} within {timeout_s:g} s: start "
+                    f"no coordinator answered at {address} within {timeout_s:g} s: start "
                     f"process 0 (which runs the coordinator) with the same "
                     f"coordinator_address, or check the address ({err})"
                 ) from None
@@ -96,13 +117,14 @@ def initialize(
 
     Args:
         coordinator_address: ``"host:port"`` of process 0, reachable from every
-            process (``"127.0.0.1:PORT"`` for processes on one machine).
+            process (``"127.0.0.1:PORT"`` for processes on one machine; an IPv6
+            host in brackets, ``"[::1]:PORT"``).
         num_processes: the number of processes, ``>= 1``.
         process_id: this process's number, in ``[0, num_processes)``.
         local_device_count: CPU only: the number of devices to split this process's
             CPU into (``None``: leave the platform's default).
         timeout_s: how long to wait for the coordinator and for every process to
-            join.
+            join, a positive number of seconds.
         heartbeat_timeout_s: how long a process may stay silent before the others
             are stopped (so a dead process ends the run instead of hanging it).
 
@@ -117,8 +139,7 @@ def initialize(
     process_id = _check_int("process_id", process_id, 0, num_processes)
     if local_device_count is not None:
         _check_int("local_device_count", local_device_count, 1)
-    if not np.isfinite(timeout_s) or timeout_s <= 0:
-        raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+    timeout_s = _check_seconds("timeout_s", timeout_s)
     _check_int("heartbeat_timeout_s", heartbeat_timeout_s, 1)
     if jax.distributed.is_initialized():
         raise RuntimeError("jax.distributed is already initialized in this process")
@@ -132,7 +153,7 @@ def initialize(
             f"array is created or jax.devices() is called): {err}"
         ) from None
     if process_id != 0:
-        _wait_for_coordinator(host, port, timeout_s)
+        _wait_for_coordinator(coordinator_address, host, port, timeout_s)
     jax.distributed.initialize(
         coordinator_address=coordinator_address,
         num_processes=num_processes,

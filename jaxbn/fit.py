@@ -47,7 +47,7 @@ from jaxbn import _checks, distributed
 from jaxbn.checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
 from jaxbn.data import check_batch_size
 from jaxbn.parallel import check_mesh
-from jaxbn.stats import precise_stats_from_data
+from jaxbn.stats import check_model, precise_stats_from_data
 from jaxbn.train import (
     Model,
     TrainState,
@@ -360,6 +360,14 @@ def _check_data(model: Model, ts: TrainState, x, labels) -> None:
         raise ValueError("x must be finite: it holds NaN or infinity")
 
 
+def _check_precise_stats(model: Model, state: Any, batches: int) -> None:
+    """Refuses ``precise_stats_batches`` for a model it cannot update (no batch norm)."""
+    try:
+        check_model(model, state)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"precise_stats_batches={batches}: {err}") from None
+
+
 def _check_json(name: str, value: Any) -> None:
     """Refuses a value that cannot be written into a checkpoint (before training)."""
     try:
@@ -594,7 +602,8 @@ def fit(
             rate is non-finite, or negative where the optimizer state exposes
             it (an update that goes uphill gets a warning), ``labels`` that are
             not ``[n]`` class indices
-            of the model (:func:`jaxbn.train.check_labels`), or non-finite ``x``.
+            of the model (:func:`jaxbn.train.check_labels`), non-finite ``x``,
+            or ``precise_stats_batches`` for a model without batch norm.
         TypeError: for integer-less ``labels``; a ``config`` or
             ``checkpoint_metadata()`` that is not JSON-able, or a model field
             that cannot be recorded in a checkpoint (a default ``repr`` with a
@@ -623,6 +632,8 @@ def fit(
             x, labels = jax.device_put((x, labels), NamedSharding(mesh, P()))
 
     ts = init_train_state(model, optimizer, key)
+    if precise_stats_batches:
+        _check_precise_stats(model, ts.state, precise_stats_batches)
     _check_data(model, ts, x, labels)
     _check_optimizer(optimizer, ts)
     if config is not None:

@@ -38,6 +38,23 @@ __all__ = ["ACTIVATIONS", "MLP"]
 Params = dict[str, Any]
 State = dict[str, Any]
 
+#: The model options that configure its batch-norm layers and mean nothing without.
+BATCH_NORM_OPTIONS = ("debias", "frozen", "fuse_activation")
+
+
+def check_batch_norm_options(model: Any) -> None:
+    """Refuses a batch-norm-only option (:data:`BATCH_NORM_OPTIONS`) without batch norm.
+
+    Shared by :class:`MLP` and :class:`jaxbn.CNN`: an option that would be ignored
+    is a mistake the user should hear of.
+    """
+    for name in ("use_batch_norm", *BATCH_NORM_OPTIONS):
+        _checks.check_bool(name, getattr(model, name))
+    if not model.use_batch_norm:
+        for name in BATCH_NORM_OPTIONS:
+            if getattr(model, name):
+                raise ValueError(f"{name}=True needs use_batch_norm=True")
+
 
 @dataclasses.dataclass(frozen=True)
 class MLP:
@@ -132,6 +149,7 @@ class MLP:
             )
         check_model_activation(self)
         _checks.check_positive_or_none("init_stddev", self.init_stddev)
+        check_batch_norm_options(self)
         check_fuse_activation(self)
         _checks.check_hashable_fields(self)
         # Checks momentum, eps and axis_name once, with the layer's own messages.
@@ -325,5 +343,7 @@ class MLP:
         layers = fold_model_layers(
             self, params["layers"], state["layers"], linear="dense", fold=fold_into_dense
         )
-        folded = dataclasses.replace(self, use_batch_norm=False, fuse_activation=False)
+        folded = dataclasses.replace(
+            self, use_batch_norm=False, **dict.fromkeys(BATCH_NORM_OPTIONS, False)
+        )
         return folded, {"layers": layers}, {"layers": [{} for _ in layers]}

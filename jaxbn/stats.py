@@ -106,6 +106,20 @@ def _probe(model):
     return dataclasses.replace(model, **changes)
 
 
+def check_model(model: Any, state: Any) -> Any:
+    """Refuses a model or state :func:`precise_stats` cannot update; else its probe.
+
+    Needs no data, so :func:`jaxbn.fit` calls it before training.
+    """
+    probe = _probe(model)
+    if not _bn_leaves(state)[2]:
+        raise ValueError(
+            "state holds no batch-norm statistics (no dict with 'mean' and 'var'); "
+            "nothing to recompute"
+        )
+    return probe
+
+
 def _probe_state(state):
     """``state`` with every batch-norm count at 0 (a cumulative average's first step)."""
     leaves, treedef, idx = _bn_leaves(state)
@@ -147,26 +161,66 @@ def _zero_acc(state):
     return acc
 
 
-def _weight(x, mask):
+def _weight(x, mask, copies):
     """A batch's weight: its number of examples (kept ones, under a mask)."""
     if mask is None:
-        return jnp.float32(x.shape[0])
-    return jnp.sum(mask, dtype=jnp.float32)  # per example (checked in _collect)
+        return jnp.float32(x.shape[0] // copies)
+    return jnp.sum(mask, dtype=jnp.float32) / copies  # per example (checked in _collect)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _scan_stats(probe, params, state, xs, masks):
+def _as_run(x, mask, rows):
+    """``(x, mask, copies)``: a one-row batch among others runs as two copies of its row.
+
+    A layer refuses to compute the statistics of a single value per feature (the
+    variance is 0 whatever the input: alone, always a bug); pooled with other
+    batches, a one-row batch is as good as any. Its statistics are those of its
+    row twice, which weighs once (``copies``). A single row in all is run as it
+    is, and refused by the layers that see one value per feature.
+    """
+    if x.shape[0] != 1 or rows == 1:
+        return x, mask, 1
+    return jnp.repeat(x, 2, axis=0), None if mask is None else jnp.repeat(mask, 2, axis=0), 2
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _scan_stats(probe, params, state, xs, masks, copies):
     def body(acc, batch):
         x, mask = batch
-        return _combine(acc, _weight(x, mask), _batch_stats(probe, params, state, x, mask)), None
+        stats = _batch_stats(probe, params, state, x, mask)
+        return _combine(acc, _weight(x, mask, copies), stats), None
 
     acc, _ = lax.scan(body, _zero_acc(state), (xs, masks))
     return acc
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _step_stats(probe, params, state, acc, x, mask):
-    return _combine(acc, _weight(x, mask), _batch_stats(probe, params, state, x, mask))
+@functools.partial(jax.jit, static_argnums=(0, 6))
+def _step_stats(probe, params, state, acc, x, mask, copies):
+    stats = _batch_stats(probe, params, state, x, mask)
+    return _combine(acc, _weight(x, mask, copies), stats)
+
+
+def _finite(x, mask) -> jax.Array:
+    """Whether every kept example of ``x`` is finite (masked ones may hold anything)."""
+    ok = jnp.isfinite(x)
+    if mask is not None:
+        ok = ok | ~jnp.reshape(mask, mask.shape[:1] + (1,) * (x.ndim - 1))
+    return jnp.all(ok)
+
+
+def _check_finite(index: list[int], finite: jax.Array) -> None:
+    """Refuses a batch that is not finite: ``finite[k]`` is for ``batches[index[k]]``.
+
+    A NaN or infinity would turn the statistics of its layer, and of every layer
+    after it, into NaN. Traced batches (under ``jit``) cannot be checked.
+    """
+    if isinstance(finite, jax.core.Tracer):
+        return
+    finite = np.asarray(finite)  # one device sync for all the batches
+    if not finite.all():
+        raise ValueError(
+            f"batches must be finite: batches[{index[int(np.argmin(finite))]}] holds NaN "
+            f"or infinity"
+        )
 
 
 def _collect(batches, max_batches, takes_mask):
@@ -176,12 +230,15 @@ def _collect(batches, max_batches, takes_mask):
     if isinstance(batches, (jax.Array, np.ndarray)):
         if batches.ndim < 2:
             raise ValueError(f"{_HINT}; got an array of shape {batches.shape}")
-        return [(batches[:max_batches], None)], True
+        batches = batches[:max_batches]
+        finite = jnp.isfinite(batches).all(axis=tuple(range(1, batches.ndim)))
+        _check_finite(list(range(len(batches))), finite)
+        return [(batches, None)], True
     try:
         it = iter(batches)
     except TypeError:
         raise TypeError(f"{_HINT}; got {type(batches).__name__}") from None
-    out = []
+    out, index = [], []  # index: each batch's position in batches
     for i, batch in enumerate(it):
         if max_batches is not None and i >= max_batches:
             break
@@ -224,11 +281,13 @@ def _collect(batches, max_batches, takes_mask):
                 f"shape {out[0][0].shape[1:]}"
             )
         out.append((x, mask))
+        index.append(i)
     if not out:
         raise ValueError(
             "batches is empty (or every example is masked): precise_stats needs at least "
             "one batch of inputs"
         )
+    _check_finite(index, jnp.stack([_finite(x, m) for x, m in out]))
     return out, False
 
 
@@ -237,7 +296,9 @@ def _check_fits(i, probe, params, state, x, mask):
     try:
         jax.eval_shape(functools.partial(_batch_stats, probe), params, state, x, mask)
     except (ValueError, TypeError) as e:
-        raise type(e)(f"batches[{i}] (shape {x.shape}) does not fit the model: {e}") from e
+        # A one-row batch reaches here only as the single example of all the batches.
+        alone = " (the batches hold one example in all)" if x.shape[0] == 1 else ""
+        raise type(e)(f"batches[{i}] (shape {x.shape}) does not fit the model{alone}: {e}") from e
 
 
 def precise_stats(
@@ -273,7 +334,8 @@ def precise_stats(
             ``apply`` takes a ``mask`` gets it, otherwise the masked examples are
             dropped, which is the same for a model whose examples meet only in
             batch statistics), or one array ``[num_batches, batch, ...]`` of
-            stacked batches. Pass inputs only, not labels.
+            stacked batches. Pass inputs only, not labels. A batch may hold a
+            single example: only the total must exceed one.
         max_batches: use at most this many batches (``None``: all).
         stack: stack equal-shaped batches into one ``lax.scan`` (one dispatch);
             ``False`` runs one step per batch and makes no stacked copy.
@@ -283,7 +345,9 @@ def precise_stats(
         least one example (dtypes kept); every other entry as it was.
 
     Raises:
-        ValueError: if ``batches`` is empty, a batch does not fit the model
+        ValueError: if ``batches`` is empty or holds a single example in all
+            (where a layer sees one value per feature), a kept example is not
+            finite (concrete batches only), a batch does not fit the model
             (feature size, rank), batches' example shapes differ, a mask's batch
             size differs from its batch's, or ``state`` holds no batch norm.
         TypeError: if ``model`` has no ``momentum`` field, ``batches`` is not
@@ -300,13 +364,8 @@ def precise_stats(
         (Array([3., 2.], dtype=float32), Array([5., 3.], dtype=float32))
     """
     _checks.check_bool("stack", stack)
-    probe = _probe(model)
+    probe = check_model(model, state)
     leaves, treedef, idx = _bn_leaves(state)
-    if not idx:
-        raise ValueError(
-            "state holds no batch-norm statistics (no dict with 'mean' and 'var'); "
-            "nothing to recompute"
-        )
     takes_mask = "mask" in inspect.signature(model.apply).parameters
     collected, stacked = _collect(batches, max_batches, takes_mask)
     if stacked and not stack:
@@ -314,24 +373,30 @@ def precise_stats(
     pstate = _probe_state(state)
     if stacked:
         xs = collected[0][0]
+        copies = 2 if xs.shape[1] == 1 and xs.shape[0] > 1 else 1  # see _as_run
+        if copies == 2:
+            xs = jnp.repeat(xs, 2, axis=1)
         _check_fits(0, probe, params, pstate, xs[0], None)
-        acc = _scan_stats(probe, params, pstate, xs, None)
-    elif stack and len({(x.shape, None if m is None else m.shape) for x, m in collected}) == 1:
-        x0, m0 = collected[0]
-        _check_fits(0, probe, params, pstate, x0, m0)
-        xs = jnp.stack([x for x, _ in collected])
-        ms = jnp.stack([m for _, m in collected]) if m0 is not None else None
-        acc = _scan_stats(probe, params, pstate, xs, ms)
+        acc = _scan_stats(probe, params, pstate, xs, None, copies)
     else:
-        seen = set()
-        for i, (x, m) in enumerate(collected):
-            key = (x.shape, x.dtype, None if m is None else m.shape)
-            if key not in seen:
-                seen.add(key)
-                _check_fits(i, probe, params, pstate, x, m)
-        acc = _zero_acc(state)
-        for x, m in collected:
-            acc = _step_stats(probe, params, pstate, acc, x, m)
+        rows = sum(x.shape[0] for x, _ in collected)
+        runs = [_as_run(x, m, rows) for x, m in collected]
+        if stack and len({(x.shape, None if m is None else m.shape) for x, m, _ in runs}) == 1:
+            x0, m0, copies = runs[0]
+            _check_fits(0, probe, params, pstate, x0, m0)
+            xs = jnp.stack([x for x, _, _ in runs])
+            ms = jnp.stack([m for _, m, _ in runs]) if m0 is not None else None
+            acc = _scan_stats(probe, params, pstate, xs, ms, copies)
+        else:
+            seen = set()
+            for i, (x, m, _) in enumerate(runs):
+                key = (x.shape, x.dtype, None if m is None else m.shape)
+                if key not in seen:
+                    seen.add(key)
+                    _check_fits(i, probe, params, pstate, x, m)
+            acc = _zero_acc(state)
+            for x, m, copies in runs:
+                acc = _step_stats(probe, params, pstate, acc, x, m, copies)
 
     unbiased = getattr(model, "unbiased_running_var", False)  # a BatchNorm: see _probe
     if unbiased:

@@ -230,6 +230,21 @@ CONV_BAD = [
         ValueError,
         r"3 input channels.*has 8 \(NHWC\)",
     ),
+    (  # no output position: an empty forward and a failing backward
+        dict(x=jnp.ones((2, 4, 8, 3)), kernel=jnp.ones((5, 3, 3, 2)), padding="VALID"),
+        ValueError,
+        r"kernel's spatial size \(5, 3\) exceeds the image's \(4, 8\)",
+    ),
+    (
+        dict(
+            x=jnp.ones((2, 3, 4, 8)),
+            kernel=jnp.ones((3, 9, 3, 2)),
+            padding=((0, 0), (0, 0)),
+            data_format="NCHW",
+        ),
+        ValueError,
+        r"\(3, 9\) exceeds the image's \(4, 8\)",
+    ),
 ]
 
 

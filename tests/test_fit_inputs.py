@@ -258,3 +258,18 @@ def test_a_field_that_cannot_be_recorded_is_refused_before_training(tmp_path):
     assert not (tmp_path / "run.npz").exists()
     # Without a checkpoint nothing is recorded, and nothing is refused.
     assert int(_fit(model=WithActivation(_Opaque()), callback=None).step) == 4
+
+
+@pytest.mark.parametrize(
+    "model, error, match",
+    [
+        (MLP((8, 8, 3), use_batch_norm=False), ValueError, "no batch-norm statistics"),
+        (WithActivation(), TypeError, "momentum"),
+    ],
+    ids=["no-batch-norm", "no-momentum"],
+)
+def test_precise_stats_batches_for_a_model_it_cannot_update_is_refused_before_training(
+    model, error, match
+):
+    with pytest.raises(error, match=f"precise_stats_batches=2: .*{match}"):
+        _fit(model=model, precise_stats_batches=2)

@@ -7,6 +7,7 @@ import optax
 import pytest
 
 from jaxbn import reference
+from jaxbn.cnn import CNN
 from jaxbn.mlp import ACTIVATIONS, MLP
 
 SIZES = (5, 7, 6, 3)
@@ -158,6 +159,37 @@ def test_model_is_hashable_and_jittable():
 def test_bad_config(kwargs, error, match):
     with pytest.raises(error, match=match):
         MLP(**kwargs)
+
+
+NO_BN = {
+    "mlp": lambda **kw: MLP(SIZES, use_batch_norm=False, **kw),
+    "cnn": lambda **kw: CNN(2, (4, 6), 3, use_batch_norm=False, **kw),
+}
+BN_ONLY = [
+    ({"debias": True}, ValueError, "debias=True needs use_batch_norm=True"),
+    ({"frozen": True}, ValueError, "frozen=True needs use_batch_norm=True"),
+    (
+        {"fuse_activation": True, "activation": "leaky_relu"},
+        ValueError,
+        "fuse_activation=True needs use_batch_norm=True",
+    ),
+    ({"frozen": 1}, TypeError, "frozen must be a bool"),
+]
+
+
+@pytest.mark.parametrize("kwargs, error, match", BN_ONLY, ids=["debias", "frozen", "fuse", "type"])
+@pytest.mark.parametrize("model", NO_BN.values(), ids=NO_BN.keys())
+def test_a_batch_norm_option_without_batch_norm_is_refused_by_both_models(
+    model, kwargs, error, match
+):
+    with pytest.raises(error, match=match):
+        model(**kwargs)
+
+
+def test_fold_of_a_debiased_frozen_model_drops_the_batch_norm_options():
+    model = MLP(SIZES, debias=True, frozen=True)
+    folded, _, _ = model.fold(*_params_of(model))
+    assert not (folded.use_batch_norm or folded.debias or folded.frozen)
 
 
 def test_bad_input_shape():

@@ -90,6 +90,39 @@ def test_unequal_batch_sizes_weigh_every_example_equally():
     assert np.abs(per_batch - mean).max() > 1e-2
 
 
+ONE_ROW = {  # the 9 rows of x as batches whose last (or every) batch holds one row
+    "last": (lambda x: [x[:4], x[4:8], x[8:]], True),
+    "first": (lambda x: [x[:1], x[1:]], True),
+    "masked": (lambda x: [(x[:8], np.ones(8, bool)), (x[8:], np.ones(1, bool))], True),
+    "rows stacked": (lambda x: x[:, None], True),
+    "rows listed": (lambda x: list(x[:, None]), True),
+    "rows one step each": (lambda x: list(x[:, None]), False),
+}
+
+
+@pytest.mark.parametrize("layout,stack", ONE_ROW.values(), ids=ONE_ROW.keys())
+def test_a_one_row_batch_among_others_is_pooled_with_them(layout, stack):
+    model = jaxbn.MLP((4, 6, 6, 3), momentum=0.9)
+    params, state = model.init(jax.random.key(0))
+    x = np.asarray(data((9, 4)))
+    got = bn_layers(jaxbn.precise_stats(model, params, state, layout(x), stack=stack))
+    # The first layer's statistics are those of all 9 rows at once.
+    kernel = np.asarray(params["layers"][0]["dense"]["kernel"], np.float64)
+    mean, var = population(x.astype(np.float64) @ kernel, (1,))
+    np.testing.assert_allclose(got[0]["mean"], mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[0]["var"], var, rtol=1e-5)
+    assert all(np.isfinite(layer["var"]).all() for layer in got)
+
+
+@pytest.mark.parametrize(
+    "batches", [[np.ones((1, 4))], np.ones((1, 1, 4))], ids=["list", "stacked"]
+)
+def test_one_row_in_all_is_refused(batches):
+    params, state = MLP.init(jax.random.key(0))
+    with pytest.raises(ValueError, match=r"one example in all.*more than 1 value per feature"):
+        jaxbn.precise_stats(MLP, params, state, batches)
+
+
 def test_scan_path_equals_loop_path():
     model = jaxbn.MLP((4, 8, 8, 3), momentum=0.9)
     params, state = model.init(jax.random.key(1))
@@ -264,6 +297,15 @@ BAD_INPUTS = [
     ),
     ("triple", MLP, [(GOOD, GOOD, GOOD)], ValueError, r"batches\[0\] must be x or a pair"),
     ("not iterable", MLP, 3, TypeError, "iterable"),
+    ("nan", MLP, [GOOD, GOOD.at[2, 1].set(jnp.nan)], ValueError, r"finite: batches\[1\]"),
+    ("inf stacked", MLP, jnp.stack([GOOD, GOOD.at[0, 0].set(jnp.inf)]), ValueError, "finite"),
+    (
+        "nan kept by a mask",
+        MLP,
+        [(GOOD.at[3, 0].set(jnp.nan), jnp.arange(8) != 2)],
+        ValueError,
+        r"finite: batches\[0\]",
+    ),
     ("no momentum", _NoMomentum(), [GOOD], TypeError, "momentum"),
     ("unbiased", _UnbiasedModel(), [GOOD], ValueError, "unbiased_running_var"),
 ]
@@ -278,6 +320,14 @@ def test_bad_input(model, batches, error, match):
         params, state = jaxbn.BatchNorm(4).init()
     with pytest.raises(error, match=match):
         jaxbn.precise_stats(model, params, state, batches)
+
+
+def test_a_masked_example_need_not_be_finite():
+    params, state = MLP.init(jax.random.key(0))
+    keep = jnp.arange(8) != 3
+    got = jaxbn.precise_stats(MLP, params, state, [(GOOD.at[3].set(jnp.nan), keep)])
+    want = jaxbn.precise_stats(MLP, params, state, [GOOD[keep]])
+    jax.tree.map(np.testing.assert_array_equal, got, want)
 
 
 def test_bad_input_raises_while_tracing():
