@@ -553,7 +553,7 @@ class CNN:
         z = conv(h, conv_params["kernel"], strides=strides, data_format=self.data_format)
         if "bias" in conv_params:
             bias = conv_params["bias"]
-            z = z + (bias if self.data_format == "NHWC" else bias[:, None, None])
+            z = z + _core.expand(bias, z.ndim, (self.channel_axis % z.ndim,))
         new_block_state = {}
         bn = None
         if "batch_norm" in block:
@@ -608,7 +608,7 @@ class CNN:
         spatial = (1, 2) if self.data_format == "NHWC" else (2, 3)
         features = jnp.mean(h, axis=spatial)
         head = params["head"]
-        logits = features @ head["kernel"] + head["bias"]
+        logits = features @ head["kernel"] + _core.expand(head["bias"], 2, (1,))
         return logits, {"blocks": new_states}
 
     def fold(self, params: Params, state: State) -> tuple[CNN, Params, State]:

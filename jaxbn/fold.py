@@ -14,10 +14,11 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
-from jaxbn import _checks
+from jaxbn import _checks, _core
 
 __all__ = ["fold_into_conv", "fold_into_dense"]
 
@@ -191,9 +192,9 @@ def _fold(layer_params, bn_params, bn_state, *, eps, name, spatial):
         _check_vector(vname, v, out, f"{name}['kernel'] is {layout} = {kernel.shape}")
 
     cdt = functools.reduce(
-        jnp.promote_types,
-        [jnp.float32, kernel.dtype, *(jnp.result_type(v) for v in vectors.values())],
+        np.promote_types, [kernel.dtype, *(jnp.result_type(v) for v in vectors.values())]
     )
+    cdt = _checks.compute_dtype(cdt)
 
     def get(tree, key, default):
         return jnp.asarray(tree[key]).astype(cdt) if key in tree else default
@@ -204,6 +205,8 @@ def _fold(layer_params, bn_params, bn_state, *, eps, name, spatial):
     bias = (layer_bias - get(bn_state, "mean", None)) * a + get(bn_params, "bias", 0.0)
     bias_dtype = jnp.result_type(layer_params["bias"]) if "bias" in layer_params else kernel.dtype
     return {
-        "kernel": (kernel.astype(cdt) * a).astype(kernel.dtype),
+        "kernel": (kernel.astype(cdt) * _core.expand(a, kernel.ndim, (kernel.ndim - 1,))).astype(
+            kernel.dtype
+        ),
         "bias": bias.astype(bias_dtype),
     }

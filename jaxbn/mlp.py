@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxbn import _checks
+from jaxbn import _checks, _core
 from jaxbn._checks import AxisName
 from jaxbn._model import (
     check_fuse_activation,
@@ -266,7 +266,7 @@ class MLP:
         dense = layer["dense"]
         u = h @ dense["kernel"]
         if "bias" in dense:
-            u = u + dense["bias"]
+            u = u + _core.expand(dense["bias"], u.ndim, (u.ndim - 1,))
         new_layer_state = {}
         if "batch_norm" in layer:
             bn = self._batch_norm(u.shape[-1])
