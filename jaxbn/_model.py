@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from jaxbn import _checks
 from jaxbn.act import ACTIVATIONS, check_activation, effective_scale
 from jaxbn.layer import BatchNorm
 
@@ -23,11 +24,23 @@ def check_model_activation(model: Any) -> None:
         )
 
 
-def check_fuse_activation(model: Any) -> None:
-    """With ``model.fuse_activation``: needs batch norm and an invertible activation."""
+#: The model options that configure its batch-norm layers and mean nothing without.
+BATCH_NORM_OPTIONS = ("debias", "frozen", "fuse_activation")
+
+
+def check_batch_norm_options(model: Any) -> None:
+    """Refuses a batch-norm-only option (:data:`BATCH_NORM_OPTIONS`) without batch norm.
+
+    An option that would be ignored is a mistake the user should hear of; a
+    fused activation must also be invertible.
+    """
+    for name in ("use_batch_norm", *BATCH_NORM_OPTIONS):
+        _checks.check_bool(name, getattr(model, name))
+    if not model.use_batch_norm:
+        for name in BATCH_NORM_OPTIONS:
+            if getattr(model, name):
+                raise ValueError(f"{name}=True needs use_batch_norm=True")
     if model.fuse_activation:
-        if not model.use_batch_norm:
-            raise ValueError("fuse_activation=True needs use_batch_norm=True")
         check_activation(model.activation, 0.01, name="activation (with fuse_activation=True)")
 
 

@@ -35,7 +35,8 @@ from jax.typing import ArrayLike
 from jaxbn import _checks, _core
 from jaxbn._checks import AxisName
 from jaxbn._model import (
-    check_fuse_activation,
+    BATCH_NORM_OPTIONS,
+    check_batch_norm_options,
     check_model_activation,
     fold_model_layers,
     model_batch_norm,
@@ -43,7 +44,6 @@ from jaxbn._model import (
 from jaxbn.act import ACTIVATIONS
 from jaxbn.fold import fold_into_conv
 from jaxbn.layer import BatchNorm
-from jaxbn.mlp import BATCH_NORM_OPTIONS, check_batch_norm_options
 
 __all__ = ["CNN", "DATA_FORMATS", "POOLINGS", "conv"]
 
@@ -400,7 +400,6 @@ class CNN:
             raise ValueError(f"data_format must be one of {DATA_FORMATS}, got {self.data_format!r}")
         _checks.check_positive_or_none("init_stddev", self.init_stddev)
         check_batch_norm_options(self)
-        check_fuse_activation(self)
         _checks.check_hashable_fields(self)
         # Checks momentum, eps, axis_name, debias and frozen once, with the layer's
         # own messages.

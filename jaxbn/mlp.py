@@ -24,7 +24,8 @@ from jax.typing import ArrayLike
 from jaxbn import _checks, _core
 from jaxbn._checks import AxisName
 from jaxbn._model import (
-    check_fuse_activation,
+    BATCH_NORM_OPTIONS,
+    check_batch_norm_options,
     check_model_activation,
     fold_model_layers,
     model_batch_norm,
@@ -37,23 +38,6 @@ __all__ = ["ACTIVATIONS", "MLP"]
 
 Params = dict[str, Any]
 State = dict[str, Any]
-
-#: The model options that configure its batch-norm layers and mean nothing without.
-BATCH_NORM_OPTIONS = ("debias", "frozen", "fuse_activation")
-
-
-def check_batch_norm_options(model: Any) -> None:
-    """Refuses a batch-norm-only option (:data:`BATCH_NORM_OPTIONS`) without batch norm.
-
-    Shared by :class:`MLP` and :class:`jaxbn.CNN`: an option that would be ignored
-    is a mistake the user should hear of.
-    """
-    for name in ("use_batch_norm", *BATCH_NORM_OPTIONS):
-        _checks.check_bool(name, getattr(model, name))
-    if not model.use_batch_norm:
-        for name in BATCH_NORM_OPTIONS:
-            if getattr(model, name):
-                raise ValueError(f"{name}=True needs use_batch_norm=True")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +134,6 @@ class MLP:
         check_model_activation(self)
         _checks.check_positive_or_none("init_stddev", self.init_stddev)
         check_batch_norm_options(self)
-        check_fuse_activation(self)
         _checks.check_hashable_fields(self)
         # Checks momentum, eps and axis_name once, with the layer's own messages.
         if self.use_batch_norm:
