@@ -609,6 +609,80 @@ def fit(
             that cannot be recorded in a checkpoint (a default ``repr`` with a
             memory address), all found before training.
     """
+    x, labels = _checked_data(
+        x,
+        labels,
+        steps=steps,
+        chunk_size=chunk_size,
+        checkpoint_every=checkpoint_every,
+        precise_stats_batches=precise_stats_batches,
+        checkpoint_path=checkpoint_path,
+        resume=resume,
+        overwrite=overwrite,
+        batch_size=batch_size,
+        mesh=mesh,
+    )
+    ts = init_train_state(model, optimizer, key)
+    if precise_stats_batches:
+        _check_precise_stats(model, ts.state, precise_stats_batches)
+    _check_data(model, ts, x, labels)
+    _check_optimizer(optimizer, ts)
+    if config is not None:
+        _check_json("config", config)
+    if checkpoint_path is not None and checkpoint_metadata is not None:
+        _check_json("checkpoint_metadata()", checkpoint_metadata())
+    ts, save = _checkpointing(
+        model,
+        ts,
+        x,
+        labels,
+        checkpoint_path,
+        resume=resume,
+        overwrite=overwrite,
+        steps=steps,
+        batch_size=batch_size,
+        key=key,
+        config=config,
+        checkpoint_metadata=checkpoint_metadata,
+        on_checkpoint=on_checkpoint,
+    )
+    run = make_train_loop(
+        model,
+        optimizer,
+        batch_size=batch_size,
+        mesh=mesh,
+        scan=scan,
+        precompute_orders=precompute_orders,
+    )
+    for n in _chunk_lengths(int(ts.step), steps, chunk_size, checkpoint_every):
+        ts, chunk = _run_chunk(run, ts, x, labels, n)
+        if callback is not None:
+            callback(ts, chunk)
+        step = int(ts.step)
+        if save is not None and (
+            step == steps or (checkpoint_every and step % checkpoint_every == 0)
+        ):
+            save(ts)
+    if precise_stats_batches:
+        ts = _with_precise_stats(model, ts, x, mesh, batch_size, precise_stats_batches)
+    return ts
+
+
+def _checked_data(
+    x,
+    labels,
+    *,
+    steps,
+    chunk_size,
+    checkpoint_every,
+    precise_stats_batches,
+    checkpoint_path,
+    resume,
+    overwrite,
+    batch_size,
+    mesh,
+):
+    """Checks ``fit``'s counts and flags; returns the data where the loop reads it."""
     _check_counts(
         steps=(steps, 0),
         chunk_size=(chunk_size, 1),
@@ -630,68 +704,61 @@ def fit(
         x, labels = jnp.asarray(x), jnp.asarray(labels)
         if mesh is not None:
             x, labels = jax.device_put((x, labels), NamedSharding(mesh, P()))
+    return x, labels
 
-    ts = init_train_state(model, optimizer, key)
-    if precise_stats_batches:
-        _check_precise_stats(model, ts.state, precise_stats_batches)
-    _check_data(model, ts, x, labels)
-    _check_optimizer(optimizer, ts)
-    if config is not None:
-        _check_json("config", config)
-    if checkpoint_path is not None and checkpoint_metadata is not None:
-        _check_json("checkpoint_metadata()", checkpoint_metadata())
-    save = None
-    if checkpoint_path is not None:
-        path = os.fspath(checkpoint_path)
-        _check_checkpoint_path(path, ts, resume=resume, overwrite=overwrite)
-        expected = run_config(
-            model, ts.opt_state, x, labels, batch_size=batch_size, key=key, config=config
-        )
-        if resume:
-            ts = _restore(path, ts, expected, steps)
 
-        def save(ts: TrainState) -> None:
-            began = time.perf_counter()
-            metadata = None if checkpoint_metadata is None else checkpoint_metadata()
-            if distributed.is_main_process():  # one writer; every process can resume
-                save_checkpoint(path, ts, step=int(ts.step), config=expected, metadata=metadata)
-            if jax.process_count() > 1:  # nobody runs ahead of a checkpoint being written
-                multihost_utils.sync_global_devices(f"jaxbn checkpoint {int(ts.step)}")
-            if on_checkpoint is not None:
-                on_checkpoint(int(ts.step), time.perf_counter() - began)
+def _checkpointing(
+    model,
+    ts,
+    x,
+    labels,
+    checkpoint_path,
+    *,
+    resume,
+    overwrite,
+    steps,
+    batch_size,
+    key,
+    config,
+    checkpoint_metadata,
+    on_checkpoint,
+):
+    """``(ts, save)``: the state to start from (restored on ``resume``) and the saver.
 
-    run = make_train_loop(
-        model,
-        optimizer,
-        batch_size=batch_size,
-        mesh=mesh,
-        scan=scan,
-        precompute_orders=precompute_orders,
+    ``save`` is ``None`` without a ``checkpoint_path``.
+    """
+    if checkpoint_path is None:
+        return ts, None
+    path = os.fspath(checkpoint_path)
+    _check_checkpoint_path(path, ts, resume=resume, overwrite=overwrite)
+    expected = run_config(
+        model, ts.opt_state, x, labels, batch_size=batch_size, key=key, config=config
     )
-    for n in _chunk_lengths(int(ts.step), steps, chunk_size, checkpoint_every):
-        ts, chunk = _run_chunk(run, ts, x, labels, n)
-        if callback is not None:
-            callback(ts, chunk)
-        step = int(ts.step)
-        if save is not None and (
-            step == steps or (checkpoint_every and step % checkpoint_every == 0)
-        ):
-            save(ts)
-    if precise_stats_batches:
-        params, state, data_key = ts.params, ts.state, ts.key
-        if mesh is not None and mesh.is_multi_process:  # replicated: each process's copy
-            params, state = jax.device_get((params, state))
-            data_key = jax.random.wrap_key_data(
-                np.asarray(jax.random.key_data(data_key)), impl=jax.random.key_impl(data_key)
-            )
-        state = precise_stats_from_data(
-            model,
-            params,
-            state,
-            x,
-            batch_size=batch_size,
-            num_batches=precise_stats_batches,
-            key=data_key,
+    if resume:
+        ts = _restore(path, ts, expected, steps)
+
+    def save(ts: TrainState) -> None:
+        began = time.perf_counter()
+        metadata = None if checkpoint_metadata is None else checkpoint_metadata()
+        if distributed.is_main_process():  # one writer; every process can resume
+            save_checkpoint(path, ts, step=int(ts.step), config=expected, metadata=metadata)
+        if jax.process_count() > 1:  # nobody runs ahead of a checkpoint being written
+            multihost_utils.sync_global_devices(f"jaxbn checkpoint {int(ts.step)}")
+        if on_checkpoint is not None:
+            on_checkpoint(int(ts.step), time.perf_counter() - began)
+
+    return ts, save
+
+
+def _with_precise_stats(model, ts, x, mesh, batch_size, num_batches):
+    """``ts`` with population statistics over ``num_batches`` training batches."""
+    params, state, data_key = ts.params, ts.state, ts.key
+    if mesh is not None and mesh.is_multi_process:  # replicated: each process's copy
+        params, state = jax.device_get((params, state))
+        data_key = jax.random.wrap_key_data(
+            np.asarray(jax.random.key_data(data_key)), impl=jax.random.key_impl(data_key)
         )
-        ts = ts._replace(state=state)
-    return ts
+    state = precise_stats_from_data(
+        model, params, state, x, batch_size=batch_size, num_batches=num_batches, key=data_key
+    )
+    return ts._replace(state=state)

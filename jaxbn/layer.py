@@ -326,39 +326,11 @@ class BatchNorm:
             ``(y, new_state)``: ``y`` like ``x`` (in ``dtype`` if set);
             ``new_state`` like ``state``. No gradient flows into ``new_state``.
         """
-        _checks.check_training(training)
-        _checks.check_x(x)
-        x = jnp.asarray(x)
-        feat = _checks.feature_axes(x.ndim, self.axis)
-        got = tuple(x.shape[a] for a in feat)
-        if got != self.feature_shape:
-            order = "" if len(feat) == 1 else f" (the sizes of axes {feat}, in that order)"
-            raise ValueError(
-                f"x has {got} features on axis {self.axis!r}{order} (shape {x.shape}), "
-                f"but the layer was built with num_features={self.num_features!r}"
-            )
-        if renorm_clipping is not None and not self.renorm:
-            raise ValueError("renorm_clipping was given, but the layer has renorm=False")
-        if renorm_clipping is not None:
-            _check_clipping(renorm_clipping)
-        if mask is not None and not training:
-            raise ValueError(
-                "mask is only used in training (batch statistics); got a mask with training=False"
-            )
-        self._check_variables(params, state)
+        x, feat = self._check_apply(params, state, x, training, mask, renorm_clipping)
         out_dtype = x.dtype if self.dtype is None else jnp.dtype(self.dtype)
         # A wider output dtype than the input: convert first (exact), normalize there.
         x = x.astype(np.promote_types(x.dtype, out_dtype))
         scale, bias = params.get("scale"), params.get("bias")
-        if training and mask is not None:
-            checked = _checks.check_mask(mask, x.shape, feat)  # also when frozen: no statistic
-            if (self.debias or self.momentum is None) and any(checked.shape[a] > 1 for a in feat):
-                raise ValueError(
-                    f"mask of shape {jnp.shape(mask)} varies along the feature axes {feat}, "
-                    f"which gives each feature its own count of updates; with "
-                    f"{'debias=True' if self.debias else 'momentum=None'} the state counts "
-                    f"updates per layer: use a mask over the batch axes only"
-                )
         if not training or self.frozen:
             # The state is returned unchanged, as a constant: no gradient into it.
             state = jax.lax.stop_gradient(state)
@@ -392,6 +364,39 @@ class BatchNorm:
                 for k, v in new_state.items()
             }
         return y.astype(out_dtype), new_state
+
+    def _check_apply(self, params, state, x, training, mask, renorm_clipping):
+        """Checks :meth:`apply`'s arguments while tracing; returns ``(x, feature_axes)``."""
+        _checks.check_training(training)
+        _checks.check_x(x)
+        x = jnp.asarray(x)
+        feat = _checks.feature_axes(x.ndim, self.axis)
+        got = tuple(x.shape[a] for a in feat)
+        if got != self.feature_shape:
+            order = "" if len(feat) == 1 else f" (the sizes of axes {feat}, in that order)"
+            raise ValueError(
+                f"x has {got} features on axis {self.axis!r}{order} (shape {x.shape}), "
+                f"but the layer was built with num_features={self.num_features!r}"
+            )
+        if renorm_clipping is not None and not self.renorm:
+            raise ValueError("renorm_clipping was given, but the layer has renorm=False")
+        if renorm_clipping is not None:
+            _check_clipping(renorm_clipping)
+        if mask is not None and not training:
+            raise ValueError(
+                "mask is only used in training (batch statistics); got a mask with training=False"
+            )
+        self._check_variables(params, state)
+        if training and mask is not None:
+            checked = _checks.check_mask(mask, x.shape, feat)  # also when frozen: no statistic
+            if (self.debias or self.momentum is None) and any(checked.shape[a] > 1 for a in feat):
+                raise ValueError(
+                    f"mask of shape {jnp.shape(mask)} varies along the feature axes {feat}, "
+                    f"which gives each feature its own count of updates; with "
+                    f"{'debias=True' if self.debias else 'momentum=None'} the state counts "
+                    f"updates per layer: use a mask over the batch axes only"
+                )
+        return x, feat
 
     def _normalize(self, x, scale, bias, *, mask, axis_name):
         """The training op: :func:`batch_norm_act` when fused, else :func:`batch_norm`."""
