@@ -32,6 +32,16 @@ def expand(v: jax.Array, ndim: int, feat: tuple[int, ...]) -> jax.Array:
     return jnp.expand_dims(v, tuple(a for a in range(ndim) if a not in feat))
 
 
+def next_count(count: jax.Array) -> jax.Array:
+    """``count + 1`` for a count of updates, saturating at its dtype's largest value.
+
+    A wrapped (negative) count would turn ``momentum ** count`` into infinity;
+    at 2**31 - 1 updates ``1 / count`` and ``momentum ** count`` are 0 in
+    float32 anyway, so holding the count there changes nothing else.
+    """
+    return jnp.minimum(count, jnp.iinfo(count.dtype).max - 1) + 1
+
+
 def psum_over(v, axes: tuple[str, ...]):
     """``lax.psum`` over ``axes``; ``v`` itself when there are none."""
     return lax.psum(v, axes) if axes else v

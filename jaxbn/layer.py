@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jaxbn import _checks
+from jaxbn import _checks, _core
 from jaxbn._checks import AxisName
 from jaxbn.act import (
     ACTIVATIONS,
@@ -453,10 +453,7 @@ class BatchNorm:
         if self.unbiased_running_var:
             var = var * count / jnp.maximum(count - 1.0, 1.0)
         if self.momentum is None or self.debias:
-            # The update count saturates at the largest int32 rather than wrapping
-            # to a negative one (m^t would overflow); there 1 / t and m^t are 0 to
-            # float32 precision anyway.
-            t = jnp.minimum(old["count"], jnp.iinfo(old["count"].dtype).max - 1) + 1
+            t = _core.next_count(old["count"])
             out = {"count": t}
         if self.momentum is None:
             # Cumulative average: the t-th batch has weight 1 / t.

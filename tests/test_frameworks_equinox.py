@@ -301,3 +301,14 @@ def test_bad_input_raises_while_tracing():
         jax.eval_shape(f, jnp.ones((8, 3), jnp.int32), state)
     with pytest.raises(NameError):  # outside a vmap with its axis name, as Equinox
         jax.eval_shape(lambda x: model(x, state), jnp.ones((3,)))
+
+
+def test_update_counter_saturates_instead_of_overflowing():
+    """At 2**31 - 1 updates the counter stays there; the statistics stay finite."""
+    x = jax.random.normal(jax.random.key(3), (8, 3)) + 2.0
+    model, state = eqx.nn.make_with_state(bn_eqx.BatchNorm)(3, "batch", momentum=0.9)
+    state = state.set(model.batch_counter, jnp.asarray(int(np.iinfo(np.int32).max)))
+    state = step(model, state, x, jnp.zeros_like(x), inference=False)[2]
+    assert int(state.get(model.batch_counter)) == np.iinfo(np.int32).max
+    y = step(model, state, x, jnp.zeros_like(x), inference=True)[0]
+    assert np.isfinite(np.asarray(y)).all()

@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxbn import _checks
+from jaxbn import _checks, _core
 from jaxbn.frameworks._common import as_number, promote, require
 from jaxbn.layer import BatchNorm as _Layer
 
@@ -198,6 +198,6 @@ class BatchNorm(eqx.nn.BatchNorm):
         )
         hidden = {"mean": hidden_mean, "var": hidden_var}
         y, hidden = layer.apply(params, hidden, x, training=True)
-        state = state.set(self.batch_counter, counter + 1)
+        state = state.set(self.batch_counter, _core.next_count(counter))
         state = state.set(self.batch_state_index, (hidden["mean"], hidden["var"]))
         return y, state
