@@ -15,6 +15,9 @@ which
   ``--process-id``): every process runs the same command but its process id, feeds
   its own rows of every batch, and only process 0 writes outputs;
 - shows a progress bar that says "compiling" until the first chunk is done;
+- with ``--diagnose``, prints :func:`jaxbn.diagnose`'s report on the trained
+  model for the test split (why evaluation may be worse than training, and the
+  fix);
 - writes ``metrics.json`` (with training throughput, evaluation time and
   checkpoint time named apart) and ``training_curve.png`` to ``--out``, and
   removes ``--out`` again if it created it and a failed run left it empty.
@@ -38,7 +41,7 @@ import jax
 import optax
 from tqdm import tqdm
 
-from jaxbn import distributed
+from jaxbn import diagnose, distributed
 from jaxbn.checkpoint import CheckpointError, read_metadata
 from jaxbn.fit import TrainingDiverged, fit
 from jaxbn.parallel import data_mesh
@@ -222,6 +225,12 @@ def build_parser(description: str, *, out_help: str, steps: int, batch_size: int
         default=None,
         help="several processes on a CPU: split each process's CPU into this many devices",
     )
+    p.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="after training, print jaxbn.diagnose's report on the trained model's batch "
+        "norm for the test split (needs batch norm)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
 
@@ -331,13 +340,22 @@ def _check_out(parser: argparse.ArgumentParser, out: str) -> None:
         parser.error(f"argument --out: cannot create {out!r}: {parent!r} is not writable")
 
 
-def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace, *, num_train: int):
+def check_args(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, *, num_train: int, num_test: int
+):
     """Every check that needs more than one flag or the data; ``parser.error`` on failure.
 
     Returns:
         The mesh for ``--devices`` (``None`` for one device).
     """
     check_batch_size_fits(parser, args.batch_size, num_train)
+    if args.diagnose and args.no_batch_norm:
+        parser.error("argument --diagnose: not with --no-batch-norm (there is no batch norm)")
+    if args.diagnose and args.batch_size > num_test:
+        parser.error(
+            f"argument --diagnose: measures batch statistics at --batch-size {args.batch_size}, "
+            f"more than the {num_test} examples of the test split"
+        )
     if args.resume and args.overwrite:
         parser.error("argument --overwrite: not allowed with --resume (continue or replace)")
     _check_out(parser, args.out)
@@ -518,7 +536,7 @@ def run(
         without compilation, and the seconds spent training, evaluating and
         writing checkpoints, each named), ``history`` (one entry per chunk).
     """
-    mesh = check_args(parser, args, num_train=len(data.y_train))
+    mesh = check_args(parser, args, num_train=len(data.y_train), num_test=len(data.y_test))
     ckpt = os.path.join(args.out, "checkpoint.npz")
     history: list[dict] = []
     start = 0
@@ -610,6 +628,12 @@ def run(
     total = time.perf_counter() - began
 
     test = score(ts)
+    if args.diagnose and main_process:
+        params, state = jax.device_get((ts.params, ts.state))
+        report = diagnose(
+            model, params, state, x_test, batch_size=args.batch_size, labels=data.y_test
+        )
+        print(report)
     metrics = {
         "config": config,
         "steps": int(ts.step),

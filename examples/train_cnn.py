@@ -6,6 +6,7 @@ Run with no arguments::
     python examples/train_cnn.py --no-batch-norm      # the same network without it
     python examples/train_cnn.py --data-format NCHW   # channels first (batch norm on axis 1)
     python examples/train_cnn.py --steps 3000 --resume    # continue a finished run
+    python examples/train_cnn.py --diagnose           # then jaxbn.diagnose's report (test split)
 
     # data-parallel over 4 devices with synchronized batch norm
     XLA_FLAGS=--xla_force_host_platform_device_count=4 python examples/train_cnn.py --devices 4

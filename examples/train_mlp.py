@@ -5,6 +5,7 @@ Run with no arguments::
     python examples/train_mlp.py                  # batch norm, 3 x 100 ReLU units
     python examples/train_mlp.py --no-batch-norm  # the same network without it
     python examples/train_mlp.py --steps 4000 --resume   # continue a finished run
+    python examples/train_mlp.py --diagnose       # then jaxbn.diagnose's report on the test split
 
     # data-parallel over 4 devices (on CPU, ask XLA for 4 host devices first)
     XLA_FLAGS=--xla_force_host_platform_device_count=4 python examples/train_mlp.py --devices 4

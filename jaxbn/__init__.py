@@ -24,6 +24,8 @@ Public names:
 - :mod:`jaxbn.distributed`: several processes, one run (``jax.distributed``);
 - :func:`precise_stats`: population statistics recomputed after training
   (:mod:`jaxbn.stats`);
+- :func:`diagnose` (its result: :class:`Diagnosis`): why a batch-norm network
+  evaluates worse than it trains, and the fix (:mod:`jaxbn.diagnosis`);
 - :func:`fold_into_dense`, :func:`fold_into_conv`: fold an evaluation-mode batch
   norm into the preceding dense layer or convolution;
 - :mod:`jaxbn.nnx`, :mod:`jaxbn.linen`, :mod:`jaxbn.equinox` (each needs its
@@ -42,6 +44,7 @@ from jaxbn.act import (
     batch_norm_act_fwd,
 )
 from jaxbn.cnn import CNN
+from jaxbn.diagnosis import Diagnosis, diagnose
 from jaxbn.fold import fold_into_conv, fold_into_dense
 from jaxbn.layer import BatchNorm
 from jaxbn.mlp import MLP
@@ -66,6 +69,7 @@ __all__ = [
     "BatchNorm",
     "BatchNormActResiduals",
     "BatchNormResiduals",
+    "Diagnosis",
     "act",
     "batch_norm",
     "batch_norm_act",
@@ -77,6 +81,7 @@ __all__ = [
     "batch_stats",
     "checkpoint",
     "data",
+    "diagnose",
     "distributed",
     "fit",
     "fold_into_conv",

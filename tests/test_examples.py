@@ -107,6 +107,32 @@ def test_train_mlp_without_batch_norm(train_mlp, tmp_path):
     assert not any("batch_norm" in k for k in names)
 
 
+DIAGNOSE_TINY = {
+    "train_mlp": TINY,
+    "train_cnn": ["--channels", "4,8", "--batch-size", "50", "--log-every", "20", "--no-progress"],
+}
+
+
+@pytest.mark.parametrize("script", DIAGNOSE_TINY)
+def test_diagnose_prints_the_report_after_training(load_example, tmp_path, capsys, script):
+    example = load_example(script)
+    example.main([*DIAGNOSE_TINY[script], "--steps", "20", "--diagnose", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    model = "MLP" if script == "train_mlp" else "CNN"
+    n_test = len(load_digits().y_test)
+    assert f"batch-norm diagnosis: {model} on {n_test} examples, batch size 50" in out
+    assert "verdict: " in out and out.index("verdict: ") < out.index("final test accuracy")
+
+
+def test_diagnose_without_batch_norm_is_refused_first(train_mlp, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train_mlp._runner, "fit", None)  # nothing trains or compiles
+    with pytest.raises(SystemExit) as info:
+        train_mlp.main([*TINY, "--no-batch-norm", "--diagnose", "--out", str(tmp_path / "out")])
+    assert info.value.code == 2
+    assert "error: argument --diagnose: not with --no-batch-norm" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_each_variant_has_its_own_default_folder(train_mlp, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     train_mlp.main([*TINY, "--steps", "0"])
