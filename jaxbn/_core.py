@@ -140,9 +140,18 @@ def _reduced_vectors(*vectors) -> tuple:
 
 
 def _sharded_along(x: jax.Array, axes: tuple[int, ...]) -> bool:
-    """Whether ``x``'s type says it is sharded along any of ``axes`` (explicit mesh)."""
-    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
-    return spec is not None and any(a < len(spec) and spec[a] is not None for a in axes)
+    """Whether ``x``'s type says it is sharded along any of ``axes`` over an explicit mesh axis."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh, spec = getattr(sharding, "mesh", None), getattr(sharding, "spec", None)
+    if mesh is None or spec is None:
+        return False
+    explicit = {
+        n
+        for n, t in zip(mesh.axis_names, mesh.axis_types, strict=True)
+        if t == jax.sharding.AxisType.Explicit
+    }
+    names = [spec[a] for a in axes if a < len(spec) and spec[a] is not None]
+    return any(set((n,) if isinstance(n, str) else n) & explicit for n in names)
 
 
 def statistics(x, red, mask, axes, cdt):
@@ -172,9 +181,7 @@ def statistics(x, red, mask, axes, cdt):
     count = _checks.feature_counts(mask, x.shape, feat, dtype=cdt, keepdims=True)
     if mask is not None and all(mask.shape[a] == 1 for a in feat):
         count = jnp.reshape(count, ())
-    # A batch sharded over an explicit mesh is one array: its samples cannot be
-    # picked per shard, and a shift of 0 is what such a batch gets.
-    shift = jnp.zeros((), cdt) if _sharded_along(x, red) else _shift(x, red, mask).astype(cdt)
+    shift = _shift(x, red, mask).astype(cdt)
     if axes:
         # One shift for all devices, exactly the same value on each (the two-sum
         # below needs it exact): the first device that keeps something sends its
@@ -225,10 +232,12 @@ def _shift(x, red, mask):
         mred = [mask.shape[a] for a in red]
         mfeat = [mask.shape[a] for a in feat]
         flat = jnp.reshape(jnp.transpose(mask, red + feat), (int(np.prod(mred)), -1))
-        first = jnp.argmax(flat, axis=0)
-        last = flat.shape[0] - 1 - jnp.argmax(flat[::-1], axis=0)
+        # Reductions over the mask, not slices (a slice of a sharded axis has no sharding).
+        position = jnp.arange(flat.shape[0])[:, None]
+        first = jnp.min(jnp.where(flat, position, flat.shape[0] - 1), axis=0)
+        last = jnp.max(jnp.where(flat, position, 0), axis=0)
         middle = flat.shape[0] // 2
-        middle = jnp.where(flat[middle], middle, first)
+        middle = jnp.where(jnp.any(flat & (position == middle), axis=0), middle, first)
         kept = jnp.reshape(jnp.any(flat, axis=0), mfeat)
         picks = []
         for i in (first, middle, last):
@@ -249,23 +258,30 @@ def _sample(x, red, index):
     """``x`` at one position of the reduction axes per feature: shape of the feature axes.
 
     ``index`` holds one entry per reduction axis: an int, or an array that
-    broadcasts against the feature axes (a position per feature).
+    broadcasts against the feature axes (a position per feature). A batch
+    sharded over an explicit mesh gives its samples replicated (a one-row slice
+    of a sharded axis has no sharding of its own).
     """
-    if all(isinstance(i, (int, np.integer)) for i in index):
-        at = dict(zip(red, index, strict=True))
-        return x[tuple(int(at[a]) if a in at else slice(None) for a in range(x.ndim))]
-    feat = tuple(a for a in range(x.ndim) if a not in red)
     at = dict(zip(red, index, strict=True))
-    full = []
+    sharded = _sharded_along(x, red)
+    if not sharded and all(isinstance(i, (int, np.integer)) for i in index):
+        return x[tuple(int(at[a]) if a in at else slice(None) for a in range(x.ndim))]
+    # A gather: every axis indexed by an array that broadcasts to the feature shape.
+    feat = tuple(a for a in range(x.ndim) if a not in red)
+    where = []
     for a in range(x.ndim):
         if a in at:
-            full.append(jnp.asarray(at[a]))
+            where.append(jnp.asarray(at[a]))
         else:
-            k = feat.index(a)
             shape = [1] * len(feat)
-            shape[k] = x.shape[a]
-            full.append(jnp.reshape(jnp.arange(x.shape[a]), shape))
-    return x[tuple(full)]
+            shape[feat.index(a)] = x.shape[a]
+            where.append(jnp.reshape(jnp.arange(x.shape[a]), shape))
+    if not sharded:
+        return x[tuple(where)]
+    replicated = jax.sharding.NamedSharding(
+        jax.typeof(x).sharding.mesh, jax.sharding.PartitionSpec()
+    )
+    return x.at[tuple(where)].get(out_sharding=replicated)
 
 
 def normalize(x, mean, residue, inv_std, scale, bias, feat, cdt):

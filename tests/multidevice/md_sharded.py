@@ -287,3 +287,26 @@ def test_groups_of_devices_through_a_two_axis_mesh():
     close(dx, np.concatenate([h[1][0] for h in halves]))
     close(dscale, halves[0][1][1] + halves[1][1][1])
     close(dbias, halves[0][1][2] + halves[1][1][2])
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["plain", "mask"])
+def test_explicitly_sharded_batch_at_a_large_offset(masked):
+    """A batch sharded over an explicit mesh keeps the float32 accuracy at mean 1e6:
+    the shift is a sample gathered from the sharded batch (replicated)."""
+    from jax.sharding import AxisType
+
+    mesh = jax.make_mesh(
+        (4,), ("data",), axis_types=(AxisType.Explicit,), devices=jax.devices()[:4]
+    )
+    x64 = np.asarray(jax.random.normal(jax.random.key(9), (1024, 3)), np.float64) + 1e6
+    x32 = x64.astype(np.float32)
+    mask = (np.arange(1024) % 7 != 3)[:, None] if masked else None
+    kept = np.ones(1024, bool) if mask is None else mask[:, 0]
+    with jax.set_mesh(mesh):
+        x = jax.device_put(x32, NamedSharding(mesh, P("data")))
+        m = None if mask is None else jax.device_put(mask, NamedSharding(mesh, P("data")))
+        y, _, var = jax.jit(lambda x, m: jaxbn.batch_norm(x, None, None, mask=m))(x, m)
+    truth = x32.astype(np.float64)[kept]
+    np.testing.assert_allclose(np.asarray(var, np.float64), truth.var(0), rtol=1e-5)
+    y_t = (truth - truth.mean(0)) / np.sqrt(truth.var(0) + 1e-5)
+    np.testing.assert_allclose(np.asarray(y, np.float64)[kept], y_t, rtol=0, atol=1e-4)
