@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax
+
 from jaxbn import _checks
 from jaxbn.act import ACTIVATIONS, check_activation, effective_scale
 from jaxbn.layer import BatchNorm
@@ -85,3 +87,21 @@ def fold_model_layers(
             layer = {linear: folded}
         out.append(layer)
     return out
+
+
+def is_batch_norm_state(node: Any) -> bool:
+    """Whether ``node`` is a batch-norm layer's state: a dict with ``mean`` and ``var``."""
+    return isinstance(node, dict) and "mean" in node and "var" in node
+
+
+def batch_norm_layers(state: Any) -> tuple[list, list, Any, list[int]]:
+    """``(paths, leaves, treedef, idx)``: ``state`` flattened with each batch-norm
+    state dict kept whole (a leaf), and the indices of those leaves.
+
+    How :func:`jaxbn.precise_stats` and :func:`jaxbn.diagnose` find the batch-norm
+    layers of any model of the training protocol.
+    """
+    flat, treedef = jax.tree_util.tree_flatten_with_path(state, is_leaf=is_batch_norm_state)
+    leaves = [leaf for _, leaf in flat]
+    idx = [i for i, leaf in enumerate(leaves) if is_batch_norm_state(leaf)]
+    return [path for path, _ in flat], leaves, treedef, idx

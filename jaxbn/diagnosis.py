@@ -42,6 +42,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jaxbn import _checks
+from jaxbn._model import batch_norm_layers
 from jaxbn.stats import check_model, precise_stats
 from jaxbn.train import check_labels
 
@@ -163,7 +164,7 @@ class Diagnosis:
 
     @property
     def stale(self) -> bool:
-        """Whether the running statistics cost a material score (:data:`MATERIAL_GAP`)."""
+        """Whether the running statistics cost a material score (at least 1 point)."""
         return self.gap >= MATERIAL_GAP
 
     @property
@@ -362,8 +363,8 @@ def diagnose(
     x = x[order]
     labels = None if labels is None else labels[np.asarray(order)]
     population = precise_stats(model, params, state, _split(x, batch_size))
-    paths, leaves, treedef, idx = _bn_layers(state)
-    pop = _bn_layers(population)[1]
+    paths, leaves, treedef, idx = batch_norm_layers(state)
+    pop = batch_norm_layers(population)[1]
     alone = [
         jax.tree_util.tree_unflatten(treedef, [*leaves[:i], pop[i], *leaves[i + 1 :]]) for i in idx
     ]
@@ -372,7 +373,7 @@ def diagnose(
     ]
     scores = _scores(outputs, labels)
     per_batch = _batch_stats(model, params, state, x, batch_size)
-    batches = None if per_batch is None else _bn_layers(per_batch)[1]
+    batches = None if per_batch is None else batch_norm_layers(per_batch)[1]
     layers = tuple(
         _measure(
             paths[i],
@@ -401,7 +402,7 @@ def diagnose(
 
 def _check_inputs(model, params, state, x, batch_size, labels):
     """Refuses what :func:`diagnose` cannot diagnose, before any work; ``(x, labels)``."""
-    if not _bn_layers(state)[3]:
+    if not batch_norm_layers(state)[3]:
         raise ValueError(
             "state holds no batch-norm layer (no dict with 'mean' and 'var'), so there is "
             "nothing to diagnose: is the model built with use_batch_norm=False?"
@@ -440,22 +441,6 @@ def _check_inputs(model, params, state, x, batch_size, labels):
 def _outputs(model, params, state, x):
     """The model's evaluation-mode outputs."""
     return model.apply(params, state, x, training=False)[0]
-
-
-def _is_bn(node) -> bool:
-    return isinstance(node, dict) and "mean" in node and "var" in node
-
-
-def _bn_layers(state):
-    """``(paths, leaves, treedef, idx)``: ``state`` flattened, batch-norm dicts whole."""
-    flat, treedef = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_bn)
-    leaves = [leaf for _, leaf in flat]
-    return (
-        [path for path, _ in flat],
-        leaves,
-        treedef,
-        [i for i, leaf in enumerate(leaves) if _is_bn(leaf)],
-    )
 
 
 def _key(entry):

@@ -60,6 +60,7 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from jaxbn import _checks
+from jaxbn._model import batch_norm_layers
 from jaxbn.data import batch_indices, check_batch_size
 from jaxbn.layer import BatchNorm
 
@@ -71,14 +72,9 @@ _HINT = (
 )
 
 
-def _is_bn_state(node) -> bool:
-    return isinstance(node, dict) and "mean" in node and "var" in node
-
-
 def _bn_leaves(state) -> tuple[list, Any, list[int]]:
     """Flattens ``state`` keeping batch-norm state dicts whole; their leaf indices."""
-    leaves, treedef = jax.tree_util.tree_flatten(state, is_leaf=_is_bn_state)
-    return leaves, treedef, [i for i, leaf in enumerate(leaves) if _is_bn_state(leaf)]
+    return batch_norm_layers(state)[1:]
 
 
 def _probe(model):
