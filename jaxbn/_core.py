@@ -311,7 +311,8 @@ def reduce_sums(sums, cotangents, s, inv_std, scale, bias, axes, data_axes):
         cotangents: ``(g_mean, g_var)``, this device's cotangents of the statistics.
         s: the multiplier of ``x_hat`` in ``y`` (``[features]``, or ``None`` for 1).
         inv_std: ``[features]``, the same on every device.
-        scale, bias: the parameters (or ``None``): their types decide the rule.
+        scale: the scale parameter (or ``None``): its type decides the rule.
+        bias: the bias parameter (or ``None``): its type decides the rule.
         axes: the op's named axes.
         data_axes: the named axes over which the data (``x``, ``dy``) varies.
 

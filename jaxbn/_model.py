@@ -95,10 +95,10 @@ def is_batch_norm_state(node: Any) -> bool:
 
 
 def batch_norm_layers(state: Any) -> tuple[list, list, Any, list[int]]:
-    """``(paths, leaves, treedef, idx)``: ``state`` flattened with each batch-norm
-    state dict kept whole (a leaf), and the indices of those leaves.
+    """``state`` flattened with each batch-norm state dict kept whole.
 
-    How :func:`jaxbn.precise_stats` and :func:`jaxbn.diagnose` find the batch-norm
+    Returns ``(paths, leaves, treedef, idx)``, ``idx`` the indices of those
+    leaves. How :func:`jaxbn.precise_stats` and :func:`jaxbn.diagnose` find the batch-norm
     layers of any model of the training protocol.
     """
     flat, treedef = jax.tree_util.tree_flatten_with_path(state, is_leaf=is_batch_norm_state)

@@ -1,4 +1,4 @@
-"""Batch normalization fused with an invertible activation (In-Place ABN).
+r"""Batch normalization fused with an invertible activation (In-Place ABN).
 
 Rota Bulò, Porzi and Kontschieder, *In-Place Activated BatchNorm for
 Memory-Optimized Training of DNNs* (CVPR 2018): batch norm followed by an
@@ -10,8 +10,8 @@ and its normalized copy are never kept, so a network whose hidden layers are
 
 .. math::
 
-    \\hat x = \\frac{x - \\mu_B}{\\sqrt{\\sigma_B^2 + \\epsilon}}, \\qquad
-    y = (|\\gamma| + \\epsilon) \\hat x + \\beta, \\qquad z = f(y)
+    \hat x = \frac{x - \mu_B}{\sqrt{\sigma_B^2 + \epsilon}}, \qquad
+    y = (|\gamma| + \epsilon) \hat x + \beta, \qquad z = f(y)
 
 ``f`` is one of :data:`INVERTIBLE_ACTIVATIONS`: ``"leaky_relu"`` (slope
 ``negative_slope`` below 0), ``"elu"`` (alpha 1, as :func:`jax.nn.elu`) or
@@ -33,7 +33,7 @@ residual can restore. The rule, measured by the tests: each gradient is within
 
 .. math::
 
-    4 \\, \\epsilon_{\\text{dtype}} \\, \\frac{|\\beta| + 3 s}{s}
+    4 \, \epsilon_{\text{dtype}} \, \frac{|\beta| + 3 s}{s}
 
 of the exact ones, relative to the largest entry (``epsilon`` of ``x``'s dtype:
 ``2^-7`` in bfloat16, ``2^-23`` in float32). In float32 that is 1e-5 at
@@ -471,12 +471,12 @@ def batch_norm_act(
     axis_name: AxisName = None,
     mask: ArrayLike | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Training-mode batch norm fused with an invertible activation (In-Place ABN).
+    r"""Training-mode batch norm fused with an invertible activation (In-Place ABN).
 
     .. math::
 
-        z = f\\left((|\\gamma| + \\epsilon)
-            \\frac{x - \\mu_B}{\\sqrt{\\sigma_B^2 + \\epsilon}} + \\beta\\right)
+        z = f\left((|\gamma| + \epsilon)
+            \frac{x - \mu_B}{\sqrt{\sigma_B^2 + \epsilon}} + \beta\right)
 
     The backward keeps only ``z`` and per-feature vectors (see the module
     docstring), and gives the gradients of

@@ -452,8 +452,10 @@ def _step_of(path: str) -> str:
 
 
 def _chunk_lengths(start: int, steps: int, chunk_size: int, checkpoint_every: int) -> Iterator[int]:
-    """The lengths of the chunks from ``start`` to ``steps``: every ``chunk_size``
-    steps, and ending at each multiple of ``checkpoint_every``."""
+    """The lengths of the chunks from ``start`` to ``steps``.
+
+    Every ``chunk_size`` steps, and ending at each multiple of ``checkpoint_every``.
+    """
     step = start
     while step < steps:
         n = min(chunk_size, steps - step)

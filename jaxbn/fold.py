@@ -41,7 +41,7 @@ def fold_into_dense(
     *,
     eps: float,
 ) -> dict[str, jax.Array]:
-    """Folds an evaluation-mode batch norm into the preceding dense layer.
+    r"""Folds an evaluation-mode batch norm into the preceding dense layer.
 
     With the dense layer ``z = x W + b`` followed by
     :func:`jaxbn.batch_norm_inference` with ``scale`` ``gamma``, ``bias``
@@ -49,9 +49,9 @@ def fold_into_dense(
 
     .. math::
 
-        a = \\frac{\\gamma}{\\sqrt{\\sigma^2 + \\epsilon}}, \\qquad
-        W' = W \\operatorname{diag}(a), \\qquad
-        b' = a \\odot (b - \\mu) + \\beta
+        a = \frac{\gamma}{\sqrt{\sigma^2 + \epsilon}}, \qquad
+        W' = W \operatorname{diag}(a), \qquad
+        b' = a \odot (b - \mu) + \beta
 
     so that ``x @ W' + b'`` equals the two layers in evaluation mode. A missing
     ``b``, ``gamma`` or ``beta`` counts as 0, 1 and 0. The fold is computed in
@@ -98,7 +98,7 @@ def fold_into_conv(
     *,
     eps: float,
 ) -> dict[str, jax.Array]:
-    """Folds an evaluation-mode batch norm into the preceding convolution.
+    r"""Folds an evaluation-mode batch norm into the preceding convolution.
 
     A convolution is linear in its kernel and acts on each output channel
     through that channel's slice ``W[..., j]`` alone, so scaling the slice
@@ -108,9 +108,9 @@ def fold_into_conv(
 
     .. math::
 
-        a_j = \\frac{\\gamma_j}{\\sqrt{\\sigma_j^2 + \\epsilon}}, \\qquad
-        W'[\\ldots, j] = a_j W[\\ldots, j], \\qquad
-        b'_j = a_j (b_j - \\mu_j) + \\beta_j
+        a_j = \frac{\gamma_j}{\sqrt{\sigma_j^2 + \epsilon}}, \qquad
+        W'[\ldots, j] = a_j W[\ldots, j], \qquad
+        b'_j = a_j (b_j - \mu_j) + \beta_j
 
     the formula of :func:`fold_into_dense`, with the output channel on the
     kernel's last axis (HWIO, as Flax's ``nn.Conv`` and :class:`jaxbn.CNN`).

@@ -42,14 +42,14 @@ State = dict[str, jax.Array]
 
 @dataclasses.dataclass(frozen=True)
 class BatchNorm:
-    """Batch normalization layer (Ioffe & Szegedy, 2015) as a hashable config.
+    r"""Batch normalization layer (Ioffe & Szegedy, 2015) as a hashable config.
 
     Training normalizes with the batch statistics and updates the running ones:
 
     .. math::
 
-        \\hat\\mu \\leftarrow m \\hat\\mu + (1 - m) \\mu_B, \\qquad
-        \\hat\\sigma^2 \\leftarrow m \\hat\\sigma^2 + (1 - m) \\sigma_B^2
+        \hat\mu \leftarrow m \hat\mu + (1 - m) \mu_B, \qquad
+        \hat\sigma^2 \leftarrow m \hat\sigma^2 + (1 - m) \sigma_B^2
 
     (Flax's convention, with ``m = momentum``). PyTorch's ``momentum`` weighs the
     new value instead: PyTorch's ``momentum=0.1`` is ``momentum=0.9`` here

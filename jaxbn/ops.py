@@ -1,12 +1,12 @@
-"""Batch normalization as a ``jax.custom_vjp`` with a hand-derived backward pass.
+r"""Batch normalization as a ``jax.custom_vjp`` with a hand-derived backward pass.
 
 The training-mode op normalizes every feature with the statistics of the batch:
 
 .. math::
 
-    \\mu = \\frac{1}{n} \\sum_i x_i, \\qquad
-    \\sigma^2 = \\frac{1}{n} \\sum_i (x_i - \\mu)^2, \\qquad
-    y_i = \\gamma \\frac{x_i - \\mu}{\\sqrt{\\sigma^2 + \\epsilon}} + \\beta
+    \mu = \frac{1}{n} \sum_i x_i, \qquad
+    \sigma^2 = \frac{1}{n} \sum_i (x_i - \mu)^2, \qquad
+    y_i = \gamma \frac{x_i - \mu}{\sqrt{\sigma^2 + \epsilon}} + \beta
 
 where the sums run over every axis of ``x`` except the feature axes. The forward
 (``batch_norm_fwd``) and the backward (``batch_norm_bwd``) are public functions:
@@ -311,11 +311,11 @@ def batch_norm(
     axis_name: AxisName = None,
     mask: ArrayLike | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Training-mode batch normalization with a hand-written backward pass.
+    r"""Training-mode batch normalization with a hand-written backward pass.
 
     .. math::
 
-        y = \\gamma \\frac{x - \\mu_B}{\\sqrt{\\sigma_B^2 + \\epsilon}} + \\beta
+        y = \gamma \frac{x - \mu_B}{\sqrt{\sigma_B^2 + \epsilon}} + \beta
 
     with the per-feature mean ``mu_B`` and biased variance ``sigma_B^2`` over
     every axis of ``x`` but ``axis``. Inputs in bfloat16 or float16 are reduced
@@ -411,11 +411,11 @@ def batch_norm_inference(
     axis: AxisArg = -1,
     eps: float = 1e-5,
 ) -> jax.Array:
-    """Evaluation-mode batch normalization with given (running) statistics.
+    r"""Evaluation-mode batch normalization with given (running) statistics.
 
     .. math::
 
-        y = \\gamma \\frac{x - \\mu}{\\sqrt{\\sigma^2 + \\epsilon}} + \\beta
+        y = \gamma \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} + \beta
 
     A per-feature affine map, differentiated by JAX itself (no custom rule is
     needed: nothing is reduced over the batch).

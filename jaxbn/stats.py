@@ -1,4 +1,4 @@
-"""Population statistics for evaluation, recomputed after training ("precise" batch norm).
+r"""Population statistics for evaluation, recomputed after training ("precise" batch norm).
 
 The running averages a batch-norm layer evaluates with are an exponential average of
 batch statistics taken while the weights kept changing; with a large momentum or a
@@ -11,10 +11,10 @@ combined batch by batch with the parallel update of Chan, Golub & LeVeque (1979)
 
 .. math::
 
-    n' = n + w, \\quad \\delta = \\mu_B - \\mu, \\quad
-    \\mu' = \\mu + \\frac{w}{n'} \\delta, \\quad
-    S' = S + w \\sigma_B^2 + \\frac{n w}{n'} \\delta^2, \\qquad
-    \\sigma^2 = S / n.
+    n' = n + w, \quad \delta = \mu_B - \mu, \quad
+    \mu' = \mu + \frac{w}{n'} \delta, \quad
+    S' = S + w \sigma_B^2 + \frac{n w}{n'} \delta^2, \qquad
+    \sigma^2 = S / n.
 
 For the first layer the result is exactly the mean and (biased) variance over all
 the examples at once. This is "PreciseBN" (Wu & Johnson, "Rethinking 'Batch' in
