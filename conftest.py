@@ -19,13 +19,11 @@ collect_ignore = []
 # adapter's doctests are not collected and its tests skip (pytest.importorskip).
 _ADAPTERS = {
     "flax": [
-        "jaxbn/frameworks/nnx.py",
-        "jaxbn/frameworks/linen.py",
         "jaxbn/nnx.py",
         "jaxbn/linen.py",
         "jaxbn/interop.py",
     ],
-    "equinox": ["jaxbn/frameworks/equinox.py", "jaxbn/equinox.py"],
+    "equinox": ["jaxbn/equinox.py"],
 }
 for _framework, _paths in _ADAPTERS.items():
     if importlib.util.find_spec(_framework) is None:

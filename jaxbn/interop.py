@@ -7,6 +7,6 @@ follows Flax's output dtype rule, so the old name was dropped rather than kept
 with a changed behaviour. Needs flax (``pip install "jaxbn[flax]"``).
 """
 
-from jaxbn.frameworks.linen import batch_norm_from_flax, from_flax, to_flax, to_flax_module
+from jaxbn.linen import batch_norm_from_flax, from_flax, to_flax, to_flax_module
 
 __all__ = ["batch_norm_from_flax", "from_flax", "to_flax", "to_flax_module"]

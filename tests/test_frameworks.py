@@ -25,7 +25,7 @@ def run_python(code):
 
 def test_import_jaxbn_imports_no_framework():
     code = (
-        "import sys, jaxbn, jaxbn.frameworks\n"
+        "import sys, jaxbn, jaxbn._frameworks\n"
         "loaded = sorted({'flax', 'equinox'} & set(sys.modules))\n"
         "sys.exit(f'imported {loaded}' if loaded else 0)"
     )
