@@ -184,11 +184,11 @@ def statistics(x, red, mask, axes, cdt):
     shift = _shift(x, red, mask).astype(cdt)
     if axes:
         # One shift for all devices, exactly the same value on each (the two-sum
-        # below needs it exact): the first device that keeps something sends its
-        # own, the others add zeros.
-        index = lax.axis_index(axes)
-        first = lax.pmin(jnp.where(count > 0, index, jnp.iinfo(index.dtype).max), axes)
-        count, shift = lax.psum((count, jnp.where(index == first, shift, 0.0)), axes)
+        # below needs it exact, and a maximum is exact in any order): the largest
+        # of the devices' own, among those that keep something.
+        shift = lax.pmax(jnp.where(count > 0, shift, -jnp.inf), axes)
+        shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
+        count = lax.psum(count, axes)
     safe = jnp.maximum(count, 1.0)
     d = xa - shift
     mean_s = psum_over(

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from jax.test_util import check_grads
 
 import jaxbn
 from jaxbn import reference
@@ -205,3 +206,18 @@ def test_grad_outside_an_unjitted_vmap_with_a_shared_parameter(name):
     got = jax.grad(functools.partial(loss, op), argnums=(0, 1, 2))(x, scale, bias)
     want = jax.grad(functools.partial(loss, ref), argnums=(0, 1, 2))(x, scale, bias)
     assert_close(got, want)
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_finite_differences_of_a_jitted_vmap_with_per_device_parameters(name):
+    """float64 finite differences of the whole mapped, jitted function (its output y)."""
+    op = OPS[name][0]
+    with jax.enable_x64(True):
+        x, scale, bias = (jnp.asarray(np.asarray(a), jnp.float64) for a in inputs(seed=6)[:3])
+
+        def mapped(x, scale, bias):
+            return jax.vmap(lambda x, s, b: op(x, s, b, axis_name="i")[0], axis_name="i")(
+                x, scale, bias
+            )
+
+        check_grads(jax.jit(mapped), (x, scale, bias), order=2, modes=["rev"])
