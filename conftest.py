@@ -30,9 +30,11 @@ for _framework, _paths in _ADAPTERS.items():
         collect_ignore.extend(_paths)
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    # These need several devices, set up before JAX is imported: tests/test_multidevice.py
-    # runs them in a subprocess of their own.
-    collect_ignore.append("tests/multidevice")
+    # Eight CPU devices for the multi-device tests (tests/multidevice), set before JAX
+    # creates its backend; computations without a mesh still run on the first device.
+    # A config option rather than XLA_FLAGS: the scripts the tests start as processes
+    # see the machine as it is.
+    jax.config.update("jax_num_cpu_devices", 8)
 # Scripts run as separate processes by tests/test_multiprocess.py, not imported here;
 # the docs' build scripts and hooks are not modules with doctests either.
 collect_ignore += ["tests/multiprocess", *glob.glob("docs/*.py", root_dir=ROOT)]
