@@ -42,15 +42,6 @@ __all__ = [
 ]
 
 
-def _check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
-    if not _checks.is_int(value):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < low or (high is not None and value >= high):
-        allowed = f">= {low}" if high is None else f"in [{low}, {high})"
-        raise ValueError(f"{name} must be {allowed}, got {value}")
-    return int(value)
-
-
 def _check_seconds(name: str, value: Any) -> float:
     """A positive, finite number of seconds (not a bool, not a string)."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
@@ -135,12 +126,15 @@ def initialize(
         RuntimeError: if JAX's backend was already started in this process.
     """
     host, port = _parse_address(coordinator_address)
-    num_processes = _check_int("num_processes", num_processes, 1)
-    process_id = _check_int("process_id", process_id, 0, num_processes)
+    _checks.check_positive_int("num_processes", num_processes)
+    if not _checks.is_int(process_id):
+        raise TypeError(f"process_id must be an int, got {process_id!r}")
+    if not 0 <= process_id < num_processes:
+        raise ValueError(f"process_id must be in [0, {num_processes}), got {process_id}")
     if local_device_count is not None:
-        _check_int("local_device_count", local_device_count, 1)
+        _checks.check_positive_int("local_device_count", local_device_count)
     timeout_s = _check_seconds("timeout_s", timeout_s)
-    _check_int("heartbeat_timeout_s", heartbeat_timeout_s, 1)
+    _checks.check_positive_int("heartbeat_timeout_s", heartbeat_timeout_s)
     if jax.distributed.is_initialized():
         raise RuntimeError("jax.distributed is already initialized in this process")
     try:
@@ -156,8 +150,8 @@ def initialize(
         _wait_for_coordinator(coordinator_address, host, port, timeout_s)
     jax.distributed.initialize(
         coordinator_address=coordinator_address,
-        num_processes=num_processes,
-        process_id=process_id,
+        num_processes=int(num_processes),
+        process_id=int(process_id),
         initialization_timeout=max(1, int(np.ceil(timeout_s))),
         heartbeat_timeout_seconds=int(heartbeat_timeout_s),
     )

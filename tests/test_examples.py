@@ -14,7 +14,7 @@ import pytest
 
 from jaxbn.checkpoint import CheckpointError
 from jaxbn.data import load_digits
-from jaxbn.fit import TrainingDiverged
+from jaxbn.train import TrainingDiverged
 
 EXAMPLES = pathlib.Path(__file__).parents[1] / "examples"
 

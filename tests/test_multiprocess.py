@@ -117,7 +117,7 @@ def test_processes_started_with_different_configurations_are_refused(tmp_path):
     [
         ({"process_id": 2}, ValueError, r"process_id must be in \[0, 2\), got 2"),
         ({"process_id": -1}, ValueError, r"process_id must be in \[0, 2\), got -1"),
-        ({"num_processes": 0}, ValueError, "num_processes must be >= 1"),
+        ({"num_processes": 0}, ValueError, "num_processes must be a positive int, got 0"),
         ({"process_id": 1.0}, TypeError, "process_id must be an int"),
         ({"coordinator_address": "localhost"}, ValueError, "'host:port'"),
         ({"coordinator_address": "localhost:99999"}, ValueError, "'host:port'"),
@@ -128,7 +128,7 @@ def test_processes_started_with_different_configurations_are_refused(tmp_path):
         ({"timeout_s": float("nan")}, ValueError, "timeout_s must be a positive"),
         ({"coordinator_address": "::1:1234"}, ValueError, r"IPv6 host in brackets"),
         ({"coordinator_address": "[]:1234"}, ValueError, "'host:port'"),
-        ({"local_device_count": 0}, ValueError, "local_device_count must be >= 1"),
+        ({"local_device_count": 0}, ValueError, "local_device_count must be a positive int, got 0"),
     ],
     ids=lambda v: str(v)[:40],
 )

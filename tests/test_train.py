@@ -1,4 +1,4 @@
-"""Tests of jaxbn.train and jaxbn.fit: learning, the loop, any model, resume, nothing lost."""
+"""Tests of jaxbn.train: learning, the loop, any model, resume, nothing lost."""
 
 import dataclasses
 import errno
@@ -13,7 +13,7 @@ import optax
 import pytest
 from jax import lax
 
-import jaxbn.fit as fit_module
+import jaxbn.train as train_module
 from jaxbn.checkpoint import CheckpointError, load_checkpoint, read_metadata
 from jaxbn.data import batch_indices, load_digits, make_blobs
 from jaxbn.mlp import MLP
@@ -493,7 +493,7 @@ def test_full_disk_during_training_keeps_the_last_checkpoint(tmp_path, monkeypat
     "kwargs, match",
     [
         ({"steps": -1}, "steps must be an int >= 0, got -1"),
-        ({"steps": 5, "chunk_size": 0}, "chunk_size must be an int >= 1, got 0"),
+        ({"steps": 5, "chunk_size": 0}, "chunk_size must be a positive int, got 0"),
         ({"steps": 5, "checkpoint_every": -2}, "checkpoint_every must be an int >= 0, got -2"),
         ({"steps": 5, "batch_size": 10_000}, r"batch_size must be between 1 .*got 10000"),
         ({"steps": 5, "resume": True}, "resume=True needs a checkpoint_path"),
@@ -521,7 +521,7 @@ def test_chunks_end_at_checkpoints_and_report_their_time(tmp_path):
     assert all(c["seconds"] > 0 for c in chunks)
     assert [s for s, _ in saves] == [10, 20, 25] and all(t > 0 for _, t in saves)
     # From a resumed step 3: to 10, 17, 20 (a checkpoint), 25.
-    assert list(fit_module._chunk_lengths(3, 25, 7, 10)) == [7, 7, 3, 5]
+    assert list(train_module._chunk_lengths(3, 25, 7, 10)) == [7, 7, 3, 5]
 
 
 def test_runs_are_deterministic_for_a_seed():
