@@ -12,11 +12,18 @@ Format (version 2): an uncompressed NumPy ``.npz`` archive with
 - ``__meta__``: a JSON string with ``format_version``, ``step``, the caller's
   ``config`` (a JSON-able dict, e.g. the architecture and the optimizer's
   hyperparameters), the structure (tree definition and every leaf's path, shape
-  and dtype), free ``metadata``, and ``content_sha256``: a SHA-256 of every array (name, dtype,
-  shape, bytes) and of the rest of the metadata, so that values edited after
-  the save are detected at load even where the zip's CRC-32 was rewritten.
+  and dtype), free ``metadata``, and ``content_sha256``: a SHA-256 of every
+  array (name, dtype, shape, bytes) and of the rest of the metadata, so that
+  values edited after the save are detected at load even where the zip's CRC-32
+  was rewritten.
 
-Version-1 checkpoints (without the content hash) still load.
+Version-1 checkpoints (without the content hash) load too. A ``fingerprint``
+entry (a hash of the config and the structure, which are compared themselves)
+is read but not checked.
+
+The second part of the module serves :func:`jaxbn.train.fit`: what a run's
+checkpoint records and resuming compares (:func:`run_config`), and the checks of
+a checkpoint path made before training (:func:`start_run`).
 
 Why not a checkpointing library: the state of a training run here is a few small
 dicts of arrays on one host; a plain ``.npz`` needs nothing beyond NumPy, can be
@@ -404,11 +411,8 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (tuple, list)):
         return [_plain(v) for v in value]
     if isinstance(value, functools.partial):
-        return {
-            "partial": _plain(value.func),
-            "args": _plain(value.args),
-            "keywords": _plain(sorted(value.keywords.items())),
-        }
+        keywords = {k: _plain(v) for k, v in value.keywords.items()}
+        return {"partial": _plain(value.func), "args": _plain(value.args), "keywords": keywords}
     if isinstance(value, (np.dtype, type)):
         with contextlib.suppress(TypeError):
             dtype = np.dtype(value)
@@ -499,7 +503,9 @@ def run_config(
     Compared, each by equality:
 
     - ``model``: the model's type and, for a dataclass, every field except
-      ``axis_name`` (e.g. ``MLP``'s sizes, activation, momentum, eps, dtype);
+      ``axis_name`` (e.g. ``MLP``'s sizes, activation, momentum, eps, dtype), as
+      plain data: a dtype by its name, a function by its qualified name (two
+      functions of one name are not told apart: name them apart);
     - ``batch_size``;
     - ``key``: the run's PRNG key (its implementation and bits);
     - ``data``: the training set's shapes, dtypes and a SHA-256 of its values;

@@ -329,8 +329,17 @@ def _replicated(mesh: Mesh, a: Any) -> jax.Array:
 # --- the step and evaluation ------------------------------------------------------
 
 
-def _local_train_step(model: Model, optimizer, axis_name: AxisName):
-    """The per-device step: ``model`` as given, loss and metrics averaged over ``axis_name``."""
+def _local_train_step(
+    model: Model, optimizer, axis_name: AxisName = None, mesh: Mesh | None = None
+):
+    """The per-device step: loss and metrics averaged over ``axis_name``.
+
+    With a ``mesh``, ``axis_name`` is the mesh's axes and ``model`` is used with its
+    ``axis_name`` set to them (batch norm synchronized); else ``model`` is used as given.
+    """
+    if mesh is not None:
+        axis_name = mesh_axes(mesh)
+        model = _synchronized(model, axis_name)
 
     def mean(v):
         return v if axis_name is None else lax.pmean(v, axis_name)
@@ -421,8 +430,7 @@ def make_train_step(
             f"your own shard_map), not both; got axis_name={axis_name!r}"
         )
     _check_mesh(mesh, 0)
-    axes = mesh_axes(mesh)
-    local = _local_train_step(_synchronized(model, axes), optimizer, axes)
+    local = _local_train_step(model, optimizer, mesh=mesh)
     spec = P(tuple(mesh.axis_names))
     mapped = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(), spec), out_specs=P())
 
@@ -501,8 +509,7 @@ def _run_loop(ts: TrainState, x, labels, *, loop: _Loop) -> tuple[TrainState, Me
     batch arrives split that way.
     """
     axes = None if loop.mesh is None else mesh_axes(loop.mesh)
-    model = loop.model if axes is None else _synchronized(loop.model, axes)
-    train_step = _local_train_step(model, loop.optimizer, axes)
+    train_step = _local_train_step(loop.model, loop.optimizer, mesh=loop.mesh)
     local_size = loop.batch_size if axes is None else loop.batch_size // loop.mesh.size
 
     def step(ts, batch):
@@ -637,8 +644,8 @@ def make_train_loop(
         (20, (20,))
     """
     _check_model(model)
-    if precompute_orders not in (None, True, False):
-        raise TypeError(f"precompute_orders must be a bool or None, got {precompute_orders!r}")
+    if precompute_orders is not None:
+        _checks.check_bool("precompute_orders", precompute_orders)
     if mesh is not None:
         _check_mesh(mesh, batch_size)
     loop = _Loop(model, optimizer, batch_size, mesh)
@@ -812,15 +819,15 @@ def fit(
     for flag, given in (("resume", resume), ("overwrite", overwrite)):
         if given and checkpoint_path is None:
             raise ValueError(f"{flag}=True needs a checkpoint_path, got None")
+    if config is not None:
+        checkpoint.check_json("config", config)
     ts = init_train_state(model, optimizer, key)
     _check_run(model, optimizer, ts, x, labels, precise_stats_batches)
     save = None
     if checkpoint_path is not None:
         path = os.fspath(checkpoint_path)
-        for name, value in (("config", config), ("checkpoint_metadata()", checkpoint_metadata)):
-            value = value() if callable(value) else value
-            if value is not None:
-                checkpoint.check_json(name, value)
+        if checkpoint_metadata is not None:
+            checkpoint.check_json("checkpoint_metadata()", checkpoint_metadata())
         expected = checkpoint.run_config(
             model, ts.opt_state, x, labels, batch_size=batch_size, key=key, config=config
         )
