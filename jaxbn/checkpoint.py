@@ -551,6 +551,10 @@ def run_config(
 def check_json(name: str, value: Any) -> None:
     """Refuses a value that cannot be written into a checkpoint (before training).
 
+    Args:
+        name: what the value is, for the message (e.g. ``"config"``).
+        value: the value to check.
+
     Raises:
         TypeError: naming ``name``, if ``value`` is not JSON-able.
     """
