@@ -808,19 +808,13 @@ def fit(
             that cannot be recorded in a checkpoint (a default ``repr`` with a
             memory address), all found before training.
     """
+    counts = {
+        "steps": steps,
+        "checkpoint_every": checkpoint_every,
+        "precise_stats_batches": precise_stats_batches,
+    }
+    _check_fit_args(counts, chunk_size, checkpoint_path, resume, overwrite, config)
     x, labels = _checked_data(x, labels, batch_size=batch_size, mesh=mesh)
-    for name, count in (
-        ("steps", steps),
-        ("checkpoint_every", checkpoint_every),
-        ("precise_stats_batches", precise_stats_batches),
-    ):
-        _check_non_negative_int(name, count)
-    _checks.check_positive_int("chunk_size", chunk_size)
-    for flag, given in (("resume", resume), ("overwrite", overwrite)):
-        if given and checkpoint_path is None:
-            raise ValueError(f"{flag}=True needs a checkpoint_path, got None")
-    if config is not None:
-        checkpoint.check_json("config", config)
     ts = init_train_state(model, optimizer, key)
     _check_run(model, optimizer, ts, x, labels, precise_stats_batches)
     save = None
@@ -838,9 +832,13 @@ def fit(
             _save, path, expected, metadata=checkpoint_metadata, on_checkpoint=on_checkpoint
         )
     run = make_train_loop(
-        model, optimizer, batch_size=batch_size, mesh=mesh, scan=scan,
+        model,
+        optimizer,
+        batch_size=batch_size,
+        mesh=mesh,
+        scan=scan,
         precompute_orders=precompute_orders,
-    )  # fmt: skip
+    )
     for n in _chunk_lengths(int(ts.step), steps, chunk_size, checkpoint_every):
         ts, chunk = _run_chunk(run, ts, x, labels, n)
         if callback is not None:
@@ -853,6 +851,18 @@ def fit(
     if precise_stats_batches:
         ts = _with_precise_stats(model, ts, x, mesh, batch_size, precise_stats_batches)
     return ts
+
+
+def _check_fit_args(counts: dict, chunk_size, checkpoint_path, resume, overwrite, config):
+    """Checks ``fit``'s counts (``counts``: name to value, each an int >= 0) and flags."""
+    for name, count in counts.items():
+        _check_non_negative_int(name, count)
+    _checks.check_positive_int("chunk_size", chunk_size)
+    for flag, given in (("resume", resume), ("overwrite", overwrite)):
+        if given and checkpoint_path is None:
+            raise ValueError(f"{flag}=True needs a checkpoint_path, got None")
+    if config is not None:
+        checkpoint.check_json("config", config)
 
 
 def _checked_data(x, labels, *, batch_size: int, mesh: Mesh | None):
