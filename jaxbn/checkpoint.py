@@ -148,24 +148,16 @@ def _canonical(config: dict | None) -> dict:
     return json.loads(json.dumps(config, sort_keys=True))
 
 
-def _temp_prefix(path: str) -> str:
-    """Temporary files of saves to ``path`` are ``.<name>.<random>.tmp`` beside it."""
-    return f".{os.path.basename(path)}."
-
-
-def _remove_stale_temp_files(path: str) -> None:
-    """Removes what a killed save to ``path`` left behind (nothing else)."""
-    directory, prefix = os.path.dirname(os.path.abspath(path)), _temp_prefix(path)
+def _write_atomically(path: str, arrays: dict[str, np.ndarray]) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    # Temporary files of saves to ``path`` are ``.<name>.<random>.tmp`` beside it; what a
+    # killed save left behind is removed (nothing else).
+    prefix = f".{os.path.basename(path)}."
     for name in os.listdir(directory):
         if name.startswith(prefix) and name.endswith(_TMP_SUFFIX):
             with contextlib.suppress(FileNotFoundError):  # removed meanwhile
                 os.unlink(os.path.join(directory, name))
-
-
-def _write_atomically(path: str, arrays: dict[str, np.ndarray]) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    _remove_stale_temp_files(path)
-    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=_TMP_SUFFIX, dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=_TMP_SUFFIX, dir=directory)
     try:
         # mkstemp makes the file private (0600); give it the usual mode instead.
         os.chmod(tmp, 0o644)
@@ -175,7 +167,7 @@ def _write_atomically(path: str, arrays: dict[str, np.ndarray]) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
     # Make the rename itself durable, where the platform lets a directory be opened.
@@ -370,15 +362,13 @@ def load_checkpoint(
         )
     leaves = []
     for name, template in named:
+        # The structure matched; this finds an archive edited around it (version 1 has
+        # no content hash).
         arr = stored.get(_PREFIX + name)
         want = np.asarray(jax.random.key_data(template) if _is_key(template) else template)
-        stored_dtype = _as_bits(want.dtype) or want.dtype
-        if arr is None or arr.shape != want.shape or arr.dtype != stored_dtype:
-            got = "nothing" if arr is None else f"{arr.shape}/{arr.dtype}"
-            raise CheckpointError(
-                f"checkpoint {path!r}: leaf {name!r} has {got}, "
-                f"expected {want.shape}/{stored_dtype}"
-            )
+        stored_as = (want.shape, _as_bits(want.dtype) or want.dtype)
+        if arr is None or (arr.shape, arr.dtype) != stored_as:
+            raise CheckpointError(f"checkpoint {path!r}: leaf {name!r} is missing or malformed")
         arr = arr.view(want.dtype)
         if _non_finite(arr):
             raise CheckpointError(
@@ -598,8 +588,6 @@ def start_run(path: str, like: Any, expected: dict, *, steps: int, resume: bool,
         )
     if os.path.isdir(path):
         raise IsADirectoryError(f"checkpoint_path {path!r} is a directory, expected a file")
-    if resume and not os.path.exists(path):
-        raise FileNotFoundError(f"resume requested but there is no checkpoint at {path!r}")
     if not resume and os.path.exists(path) and not overwrite:
         raise FileExistsError(
             f"{path!r} already holds a checkpoint{_step_of(path)}; pass resume=True to "

@@ -22,6 +22,7 @@ import json
 import math
 import socket
 import time
+import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
@@ -53,22 +54,17 @@ def _check_seconds(name: str, value: Any) -> float:
 
 def _parse_address(address: Any) -> tuple[str, int]:
     """``(host, port)`` of ``"host:port"``, or ``"[ipv6]:port"`` (the host without brackets)."""
-    bad = ValueError(
-        f"coordinator_address must be 'host:port' (an IPv6 host in brackets: "
-        f"'[::1]:port'), got {address!r}"
-    )
-    if not isinstance(address, str):
-        raise bad
-    host, sep, port = address.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-        if ":" not in host:
-            raise bad
-    elif ":" in host:  # an IPv6 host needs brackets to be told from its port
-        raise bad
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise bad
-    return host, int(port)
+    try:  # a URL's authority: an IPv6 host needs brackets to be told from its port
+        parts = urllib.parse.urlsplit(f"//{address}")
+        host, port = parts.hostname, parts.port
+    except ValueError:  # a port out of range or not a number, a malformed IPv6 host
+        host = port = None
+    if not isinstance(address, str) or not host or not port:
+        raise ValueError(
+            f"coordinator_address must be 'host:port' (an IPv6 host in brackets: "
+            f"'[::1]:port'), got {address!r}"
+        )
+    return host, port
 
 
 def _wait_for_coordinator(address: str, host: str, port: int, timeout_s: float) -> None:
@@ -166,11 +162,6 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
-def _digest(config: Mapping[str, Any]) -> np.ndarray:
-    text = json.dumps(config, sort_keys=True, default=repr)
-    return np.frombuffer(hashlib.sha256(text.encode()).digest(), np.uint32)
-
-
 def check_same_config(config: Mapping[str, Any]) -> None:
     """Refuses a run whose processes were started with different configurations.
 
@@ -184,13 +175,13 @@ def check_same_config(config: Mapping[str, Any]) -> None:
     Raises:
         ValueError: naming the processes whose configuration differs from process 0's.
     """
-    digest = _digest(config)
+    mine = json.dumps(config, sort_keys=True, default=repr)
     if jax.process_count() == 1:
         return
+    digest = np.frombuffer(hashlib.sha256(mine.encode()).digest(), np.uint32)
     digests = np.asarray(multihost_utils.process_allgather(digest))
     differ = [p for p in range(digests.shape[0]) if not np.array_equal(digests[p], digests[0])]
     if differ:
-        mine = json.dumps(config, sort_keys=True, default=repr)
         raise ValueError(
             f"processes {differ} were started with a configuration different from process "
             f"0's (this process, {jax.process_index()}, has {mine}); start every process "

@@ -527,11 +527,13 @@ def _run_loop(ts: TrainState, x, labels, *, loop: _Loop) -> tuple[TrainState, Me
             orders = jax.vmap(lambda e: epoch_order(ts.key, e, num_examples=num_examples))(epochs)
 
         def drawn_step(ts, _):
+            # The batch of jaxbn.data.batch_indices, from the epoch's order.
+            epoch, within = jnp.divmod(ts.step, steps_per_epoch)
             if loop.batches == "orders":
-                epoch, within = jnp.divmod(ts.step, steps_per_epoch)
-                idx = lax.dynamic_slice_in_dim(orders[epoch - first_epoch], within * size, size)
+                order = orders[epoch - first_epoch]
             else:
-                idx = batch_indices(ts.key, ts.step, num_examples=num_examples, batch_size=size)
+                order = epoch_order(ts.key, epoch, num_examples=num_examples)
+            idx = lax.dynamic_slice_in_dim(order, within * size, size)
             if axes is not None:
                 start = lax.axis_index(axes) * local_size
                 idx = lax.dynamic_slice_in_dim(idx, start, local_size)
