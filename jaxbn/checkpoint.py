@@ -288,12 +288,13 @@ def _read(path: str) -> tuple[dict[str, np.ndarray], dict]:
             f"checkpoint {path!r} is corrupt or truncated and cannot be read "
             f"({type(err).__name__}: {err})"
         ) from err
-    if not isinstance(meta, dict) or meta.get("format_version") not in _READABLE_VERSIONS:
-        got = meta.get("format_version") if isinstance(meta, dict) else meta
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if version not in _READABLE_VERSIONS:
         raise CheckpointError(
-            f"checkpoint {path!r} has format_version {got!r}, expected one of {_READABLE_VERSIONS}"
+            f"checkpoint {path!r} has format_version {version!r}, expected one of "
+            f"{_READABLE_VERSIONS}"
         )
-    if meta["format_version"] >= 2 and meta.get(_HASH) != _content_hash(stored, meta):
+    if version >= 2 and meta.get(_HASH) != _content_hash(stored, meta):
         raise CheckpointError(
             f"checkpoint {path!r} was modified after it was saved: its arrays or metadata "
             f"do not match the content hash ({_HASH}) recorded when it was written"

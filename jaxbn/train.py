@@ -35,8 +35,8 @@ and optimizer state are replicated, batch norm's statistics are all-reduced (the
 model is used with ``axis_name`` set to the mesh's axes), and the loss is the mean
 over the global batch (``lax.pmean`` of the per-device means), so its gradient,
 and the whole step, is that of single-device training on the same global batch.
-The loop draws the same global batches as without a mesh; each device gathers
-only its own rows.
+The loop draws the same global batches as without a mesh and runs this step on
+them.
 """
 
 from __future__ import annotations
@@ -329,17 +329,8 @@ def _replicated(mesh: Mesh, a: Any) -> jax.Array:
 # --- the step and evaluation ------------------------------------------------------
 
 
-def _local_train_step(
-    model: Model, optimizer, axis_name: AxisName = None, mesh: Mesh | None = None
-):
-    """The per-device step: loss and metrics averaged over ``axis_name``.
-
-    With a ``mesh``, ``axis_name`` is the mesh's axes and ``model`` is used with its
-    ``axis_name`` set to them (batch norm synchronized); else ``model`` is used as given.
-    """
-    if mesh is not None:
-        axis_name = mesh_axes(mesh)
-        model = _synchronized(model, axis_name)
+def _local_train_step(model: Model, optimizer, axis_name: AxisName = None):
+    """The per-device step: loss and metrics averaged over ``axis_name``."""
 
     def mean(v):
         return v if axis_name is None else lax.pmean(v, axis_name)
@@ -430,7 +421,8 @@ def make_train_step(
             f"your own shard_map), not both; got axis_name={axis_name!r}"
         )
     _check_mesh(mesh, 0)
-    local = _local_train_step(model, optimizer, mesh=mesh)
+    axes = mesh_axes(mesh)  # batch norm synchronized over them too
+    local = _local_train_step(_synchronized(model, axes), optimizer, axes)
     spec = P(tuple(mesh.axis_names))
     mapped = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(), spec), out_specs=P())
 
@@ -504,51 +496,42 @@ def _run_loop(ts: TrainState, x, labels, *, loop: _Loop) -> tuple[TrainState, Me
 
     ``x, labels`` are the examples the global batches are drawn from on the device
     (``batches="fed"``: the stacked batches ``[steps, batch, ...]`` themselves). On a
-    mesh the loop runs per device under ``shard_map``: each device gathers its own
-    contiguous slice of a drawn batch (the slice ``P(axes)`` would give it); a fed
-    batch arrives split that way.
+    mesh each step is :func:`make_train_step`'s data-parallel step on the global batch,
+    which splits the batch over the devices.
     """
-    axes = None if loop.mesh is None else mesh_axes(loop.mesh)
-    train_step = _local_train_step(loop.model, loop.optimizer, mesh=loop.mesh)
-    local_size = loop.batch_size if axes is None else loop.batch_size // loop.mesh.size
+    if loop.mesh is None:
+        train_step = _local_train_step(loop.model, loop.optimizer)
+    else:
+        train_step = make_train_step(loop.model, loop.optimizer, mesh=loop.mesh)
+        ts = _place(ts, loop.mesh, P())
 
     def step(ts, batch):
         params, state, opt_state, metrics = train_step(ts.params, ts.state, ts.opt_state, batch)
         return TrainState(params, state, opt_state, ts.key, ts.step + 1), metrics
 
-    def run(ts, x, labels):
-        if loop.batches == "fed":
-            return lax.scan(step, ts, (x, labels))
-        num_examples, size = x.shape[0], loop.batch_size
-        steps_per_epoch = num_examples // size
-        if loop.batches == "orders":  # one permutation per epoch, not one per step
-            first_epoch = ts.step // steps_per_epoch
-            epochs = first_epoch + jnp.arange(loop.num_steps // steps_per_epoch + 2)
-            orders = jax.vmap(lambda e: epoch_order(ts.key, e, num_examples=num_examples))(epochs)
+    if loop.batches == "fed":
+        return lax.scan(step, ts, (x, labels))
+    num_examples, size = x.shape[0], loop.batch_size
+    steps_per_epoch = num_examples // size
+    if loop.batches == "orders":  # one permutation per epoch, not one per step
+        first_epoch = ts.step // steps_per_epoch
+        epochs = first_epoch + jnp.arange(loop.num_steps // steps_per_epoch + 2)
+        orders = jax.vmap(lambda e: epoch_order(ts.key, e, num_examples=num_examples))(epochs)
 
-        def drawn_step(ts, _):
-            # The batch of jaxbn.data.batch_indices, from the epoch's order.
-            epoch, within = jnp.divmod(ts.step, steps_per_epoch)
-            if loop.batches == "orders":
-                order = orders[epoch - first_epoch]
-            else:
-                order = epoch_order(ts.key, epoch, num_examples=num_examples)
-            idx = lax.dynamic_slice_in_dim(order, within * size, size)
-            if axes is not None:
-                start = lax.axis_index(axes) * local_size
-                idx = lax.dynamic_slice_in_dim(idx, start, local_size)
-            return step(ts, (x[idx], labels[idx]))
+    def drawn_step(ts, _):
+        # The batch of jaxbn.data.batch_indices, from the epoch's order.
+        epoch, within = jnp.divmod(ts.step, steps_per_epoch)
+        if loop.batches == "orders":
+            order = orders[epoch - first_epoch]
+        else:
+            order = epoch_order(ts.key, epoch, num_examples=num_examples)
+        idx = lax.dynamic_slice_in_dim(order, within * size, size)
+        return step(ts, (x[idx], labels[idx]))
 
-        if loop.num_steps is None:
-            ts, metrics = drawn_step(ts, None)
-            return ts, jax.tree.map(lambda m: m[None], metrics)
-        return lax.scan(drawn_step, ts, None, length=loop.num_steps)
-
-    if loop.mesh is None:
-        return run(ts, x, labels)
-    data = P(None, tuple(loop.mesh.axis_names)) if loop.batches == "fed" else P()
-    mapped = jax.shard_map(run, mesh=loop.mesh, in_specs=(P(), data, data), out_specs=P())
-    return mapped(*_place((ts,), loop.mesh, P()), *_place((x, labels), loop.mesh, data))
+    if loop.num_steps is None:
+        ts, metrics = drawn_step(ts, None)
+        return ts, jax.tree.map(lambda m: m[None], metrics)
+    return lax.scan(drawn_step, ts, None, length=loop.num_steps)
 
 
 @functools.partial(jax.jit, static_argnames=("num_examples", "batch_size"))
@@ -918,10 +901,7 @@ def _check_optimizer(optimizer: optax.GradientTransformation, ts: TrainState) ->
             "the optimizer's first update is not finite for a gradient of ones: a "
             "hyperparameter (the learning rate?) is NaN or inf"
         )
-    uphill = sum(
-        float(jnp.vdot(u.astype(jnp.float32), g.astype(jnp.float32)))
-        for u, g in zip(jax.tree.leaves(updates), jax.tree.leaves(grads), strict=True)
-    )
+    uphill = float(optax.tree_utils.tree_vdot(updates, grads))
     if uphill > 0:
         warnings.warn(
             f"the optimizer's first update for a gradient of ones goes uphill (sum of "
@@ -934,18 +914,14 @@ def _check_optimizer(optimizer: optax.GradientTransformation, ts: TrainState) ->
 
 
 @jax.jit
-def _finite(tree) -> jax.Array:
+def _all_finite(tree) -> jax.Array:
+    """Every floating leaf of ``tree`` finite (a bool scalar: one device sync to read)."""
     leaves = [
         jnp.all(jnp.isfinite(leaf))
         for leaf in jax.tree.leaves(tree)
         if jnp.issubdtype(leaf.dtype, jnp.inexact)
     ]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
-
-
-def _all_finite(tree) -> bool:
-    """Every floating leaf of ``tree`` finite (one device sync)."""
-    return bool(_finite(tree))
 
 
 def _chunk_lengths(start: int, steps: int, chunk_size: int, checkpoint_every: int) -> Iterator[int]:
