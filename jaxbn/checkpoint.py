@@ -438,14 +438,12 @@ def _describe_model(model: Any) -> dict:
 
 
 def _describe_data(x: Any, labels: Any) -> dict:
-    digest, described = hashlib.sha256(), {}
+    arrays = {}
     for name, a in (("x", x), ("labels", labels)):
         a = np.asarray(a)
-        a = np.ascontiguousarray(a, dtype=jax.dtypes.canonicalize_dtype(a.dtype))
-        digest.update(f"{a.dtype.str}{a.shape}".encode())
-        digest.update(a.tobytes())
-        described[name] = [list(a.shape), str(a.dtype)]
-    return {**described, "sha256": digest.hexdigest()}
+        arrays[name] = a.astype(jax.dtypes.canonicalize_dtype(a.dtype), copy=False)
+    described = {name: [list(a.shape), str(a.dtype)] for name, a in arrays.items()}
+    return {**described, "sha256": _content_hash(arrays, {})}
 
 
 def _is_injected(node: Any) -> bool:
