@@ -8,7 +8,7 @@ which
   stderr naming the flag and what it accepts, exit status 2, no traceback);
 - refuses to write over a previous run's outputs unless ``--resume`` (continue
   it) or ``--overwrite`` (replace it) is given;
-- trains with :func:`jaxbn.fit.fit` (checkpoints every ``--checkpoint-every``
+- trains with :func:`jaxbn.train.fit` (checkpoints every ``--checkpoint-every``
   steps, exact ``--resume``, data-parallel ``--devices``), evaluating the test
   split after every chunk of ``--log-every`` steps;
 - runs across several processes (``--coordinator``, ``--num-processes``,
@@ -43,9 +43,8 @@ from tqdm import tqdm
 
 from jaxbn import diagnose, distributed
 from jaxbn.checkpoint import CheckpointError, read_metadata
-from jaxbn.fit import TrainingDiverged, fit
 from jaxbn.parallel import data_mesh
-from jaxbn.train import evaluate
+from jaxbn.train import TrainingDiverged, evaluate, fit
 
 OPTIMIZERS: dict[str, Callable[[float], optax.GradientTransformation]] = {
     "sgd": lambda lr: optax.sgd(lr),

@@ -16,8 +16,8 @@ Public names:
   activation);
 - :class:`MLP`: the network (batch norm before each hidden nonlinearity);
 - :mod:`jaxbn.train` (the model protocol ``Model``, train step, evaluate, the
-  loop), :mod:`jaxbn.fit` (``fit``: chunks, checkpoints, resume, the divergence
-  guard; also ``jaxbn.train.fit``), :mod:`jaxbn.parallel` (``data_mesh``),
+  loop, and ``fit``: chunks, checkpoints, resume, the divergence guard),
+  :mod:`jaxbn.parallel` (``data_mesh``),
   :mod:`jaxbn.checkpoint` and :mod:`jaxbn.data` (bundled digits, synthetic blobs);
 - :class:`CNN`: a convolutional network (convolution, batch norm, activation per
   block; NHWC or NCHW), trained by the same :mod:`jaxbn.train`;
@@ -36,7 +36,7 @@ Public names:
 
 from importlib import metadata as _metadata
 
-from jaxbn import act, checkpoint, data, distributed, fit, parallel, reference, train
+from jaxbn import act, checkpoint, data, distributed, parallel, reference, train
 from jaxbn.act import (
     BatchNormActResiduals,
     batch_norm_act,
@@ -83,7 +83,6 @@ __all__ = [
     "data",
     "diagnose",
     "distributed",
-    "fit",
     "fold_into_conv",
     "fold_into_dense",
     "parallel",

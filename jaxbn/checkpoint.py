@@ -12,12 +12,18 @@ Format (version 2): an uncompressed NumPy ``.npz`` archive with
 - ``__meta__``: a JSON string with ``format_version``, ``step``, the caller's
   ``config`` (a JSON-able dict, e.g. the architecture and the optimizer's
   hyperparameters), the structure (tree definition and every leaf's path, shape
-  and dtype), a ``fingerprint`` (SHA-256 of config and structure), free
-  ``metadata``, and ``content_sha256``: a SHA-256 of every array (name, dtype,
-  shape, bytes) and of the rest of the metadata, so that values edited after
-  the save are detected at load even where the zip's CRC-32 was rewritten.
+  and dtype), free ``metadata``, and ``content_sha256``: a SHA-256 of every
+  array (name, dtype, shape, bytes) and of the rest of the metadata, so that
+  values edited after the save are detected at load even where the zip's CRC-32
+  was rewritten.
 
-Version-1 checkpoints (without the content hash) still load.
+Version-1 checkpoints (without the content hash) load too. A ``fingerprint``
+entry (a hash of the config and the structure, which are compared themselves)
+is read but not checked.
+
+The second part of the module serves :func:`jaxbn.train.fit`: what a run's
+checkpoint records and resuming compares (:func:`run_config`), and the checks of
+a checkpoint path made before training (:func:`start_run`).
 
 Why not a checkpointing library: the state of a training run here is a few small
 dicts of arrays on one host; a plain ``.npz`` needs nothing beyond NumPy, can be
@@ -40,9 +46,13 @@ nor silently ignored.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import errno
+import functools
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import zipfile
 from typing import Any
@@ -54,8 +64,11 @@ __all__ = [
     "FORMAT_VERSION",
     "CheckpointError",
     "load_checkpoint",
+    "optimizer_hyperparams",
     "read_metadata",
+    "run_config",
     "save_checkpoint",
+    "start_run",
 ]
 
 #: Version of the on-disk format written by :func:`save_checkpoint`.
@@ -135,29 +148,16 @@ def _canonical(config: dict | None) -> dict:
     return json.loads(json.dumps(config, sort_keys=True))
 
 
-def _fingerprint(config: dict, structure: dict) -> str:
-    blob = json.dumps({"config": config, "structure": structure}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def _temp_prefix(path: str) -> str:
-    """Temporary files of saves to ``path`` are ``.<name>.<random>.tmp`` beside it."""
-    return f".{os.path.basename(path)}."
-
-
-def _remove_stale_temp_files(path: str) -> None:
-    """Removes what a killed save to ``path`` left behind (nothing else)."""
-    directory, prefix = os.path.dirname(os.path.abspath(path)), _temp_prefix(path)
+def _write_atomically(path: str, arrays: dict[str, np.ndarray]) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    # Temporary files of saves to ``path`` are ``.<name>.<random>.tmp`` beside it; what a
+    # killed save left behind is removed (nothing else).
+    prefix = f".{os.path.basename(path)}."
     for name in os.listdir(directory):
         if name.startswith(prefix) and name.endswith(_TMP_SUFFIX):
             with contextlib.suppress(FileNotFoundError):  # removed meanwhile
                 os.unlink(os.path.join(directory, name))
-
-
-def _write_atomically(path: str, arrays: dict[str, np.ndarray]) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    _remove_stale_temp_files(path)
-    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=_TMP_SUFFIX, dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=_TMP_SUFFIX, dir=directory)
     try:
         # mkstemp makes the file private (0600); give it the usual mode instead.
         os.chmod(tmp, 0o644)
@@ -167,7 +167,7 @@ def _write_atomically(path: str, arrays: dict[str, np.ndarray]) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
     # Make the rename itself durable, where the platform lets a directory be opened.
@@ -233,7 +233,6 @@ def save_checkpoint(
         "step": int(step),
         "config": config,
         "structure": structure,
-        "fingerprint": _fingerprint(config, structure),
         "metadata": {} if metadata is None else metadata,
     }
     meta = json.loads(json.dumps(meta, sort_keys=True))  # as it will read back
@@ -266,15 +265,9 @@ def _describe_config_difference(saved: Any, expected: Any, prefix: str = "") -> 
 def _describe_structure_difference(saved: dict, expected: dict) -> str:
     s = {p: (shape, dt) for p, shape, dt in saved["leaves"]}
     e = {p: (shape, dt) for p, shape, dt in expected["leaves"]}
-    for p in e:
-        if p not in s:
-            return f"leaf {p!r} is missing from the checkpoint"
-    for p in s:
-        if p not in e:
-            return f"the checkpoint has an unexpected leaf {p!r}"
-    for p in e:
-        if s[p] != e[p]:
-            return f"leaf {p!r}: checkpoint has shape/dtype {s[p]}, expected {e[p]}"
+    for p in sorted(set(s) | set(e)):
+        if s.get(p) != e.get(p):
+            return f"leaf {p!r}: checkpoint has {s.get(p, 'no such leaf')}, expected {e.get(p)}"
     return f"tree structure differs: checkpoint {saved['treedef']}, expected {expected['treedef']}"
 
 
@@ -295,12 +288,13 @@ def _read(path: str) -> tuple[dict[str, np.ndarray], dict]:
             f"checkpoint {path!r} is corrupt or truncated and cannot be read "
             f"({type(err).__name__}: {err})"
         ) from err
-    if not isinstance(meta, dict) or meta.get("format_version") not in _READABLE_VERSIONS:
-        got = meta.get("format_version") if isinstance(meta, dict) else meta
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if version not in _READABLE_VERSIONS:
         raise CheckpointError(
-            f"checkpoint {path!r} has format_version {got!r}, expected one of {_READABLE_VERSIONS}"
+            f"checkpoint {path!r} has format_version {version!r}, expected one of "
+            f"{_READABLE_VERSIONS}"
         )
-    if meta["format_version"] >= 2 and meta.get(_HASH) != _content_hash(stored, meta):
+    if version >= 2 and meta.get(_HASH) != _content_hash(stored, meta):
         raise CheckpointError(
             f"checkpoint {path!r} was modified after it was saved: its arrays or metadata "
             f"do not match the content hash ({_HASH}) recorded when it was written"
@@ -367,34 +361,275 @@ def load_checkpoint(
             f"checkpoint {path!r} does not match the expected model/optimizer state: "
             f"{_describe_structure_difference(meta['structure'], expected)}"
         )
-    if meta["fingerprint"] != _fingerprint(config, expected):
-        raise CheckpointError(f"checkpoint {path!r} has a fingerprint that does not match")
     leaves = []
     for name, template in named:
+        # The structure matched; this finds an archive edited around it (version 1 has
+        # no content hash).
         arr = stored.get(_PREFIX + name)
-        if arr is None:
-            raise CheckpointError(f"checkpoint {path!r} lacks the array for leaf {name!r}")
-        if _is_key(template):
-            want = jax.random.key_data(template)
-            if arr.shape != want.shape or arr.dtype != want.dtype:
-                raise CheckpointError(
-                    f"checkpoint {path!r}: key {name!r} has bits {arr.shape}/{arr.dtype}, "
-                    f"expected {want.shape}/{want.dtype}"
-                )
-            leaves.append(jax.random.wrap_key_data(arr, impl=jax.random.key_impl(template)))
-        else:
-            shape, dtype = np.shape(template), np.asarray(template).dtype
-            stored_dtype = _as_bits(dtype) or dtype
-            if arr.shape != shape or arr.dtype != stored_dtype:
-                raise CheckpointError(
-                    f"checkpoint {path!r}: leaf {name!r} has {arr.shape}/{arr.dtype}, "
-                    f"expected {shape}/{stored_dtype}"
-                )
-            arr = arr.view(dtype)
-            if _non_finite(arr):
-                raise CheckpointError(
-                    f"checkpoint {path!r}: leaf {name!r} holds non-finite values (NaN or "
-                    f"inf); a diverged state is never restored"
-                )
-            leaves.append(jax.numpy.asarray(arr))
+        want = np.asarray(jax.random.key_data(template) if _is_key(template) else template)
+        stored_as = (want.shape, _as_bits(want.dtype) or want.dtype)
+        if arr is None or (arr.shape, arr.dtype) != stored_as:
+            raise CheckpointError(f"checkpoint {path!r}: leaf {name!r} is missing or malformed")
+        arr = arr.view(want.dtype)
+        if _non_finite(arr):
+            raise CheckpointError(
+                f"checkpoint {path!r}: leaf {name!r} holds non-finite values (NaN or "
+                f"inf); a diverged state is never restored"
+            )
+        leaves.append(
+            jax.random.wrap_key_data(arr, impl=jax.random.key_impl(template))
+            if _is_key(template)
+            else jax.numpy.asarray(arr)
+        )
     return jax.tree_util.tree_unflatten(treedef, leaves), meta
+
+
+# --- a training run's checkpoints: what resuming compares, where they can be written ---
+
+
+def _plain(value: Any) -> Any:
+    """A model field as plain JSON data, the same in every process that builds the model.
+
+    Tuples as lists, dtypes and scalar types by name (``jnp.float32``,
+    ``np.float32`` and ``"float32"`` alike), functions and classes by their
+    qualified name, a ``functools.partial`` by its function and arguments;
+    anything else by its ``repr``, unless that holds a memory address (the
+    default ``repr`` of an object), which differs from process to process and so
+    could never match on resume: such a field is refused.
+    """
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, functools.partial):
+        keywords = {k: _plain(v) for k, v in value.keywords.items()}
+        return {"partial": _plain(value.func), "args": _plain(value.args), "keywords": keywords}
+    if isinstance(value, (np.dtype, type)):
+        with contextlib.suppress(TypeError):
+            dtype = np.dtype(value)
+            # A class NumPy does not know becomes the object dtype: not a dtype it names.
+            if dtype != np.dtype(object):
+                return dtype.name
+    if callable(value) and hasattr(value, "__qualname__"):
+        return f"{getattr(value, '__module__', '?')}.{value.__qualname__}"
+    text = repr(value)
+    if " at 0x" in text:
+        raise TypeError(
+            f"cannot record {text} in a checkpoint: its repr holds a memory address, so "
+            f"a resumed run could never match it; give its type a __repr__ of its "
+            f"settings, or hold its settings in the model's fields instead"
+        )
+    return text
+
+
+def _describe_model(model: Any) -> dict:
+    kind = f"{type(model).__module__}.{type(model).__qualname__}"
+    if not dataclasses.is_dataclass(model):
+        return {"type": kind}
+    fields = {}
+    for f in dataclasses.fields(model):
+        if f.name == "axis_name":  # set by fit itself on a mesh
+            continue
+        try:
+            fields[f.name] = _plain(getattr(model, f.name))
+        except TypeError as err:
+            raise TypeError(f"model field {f.name!r}: {err}") from None
+    return {"type": kind, "fields": fields}
+
+
+def _describe_data(x: Any, labels: Any) -> dict:
+    arrays = {}
+    for name, a in (("x", x), ("labels", labels)):
+        a = np.asarray(a)
+        arrays[name] = a.astype(jax.dtypes.canonicalize_dtype(a.dtype), copy=False)
+    described = {name: [list(a.shape), str(a.dtype)] for name, a in arrays.items()}
+    return {**described, "sha256": _content_hash(arrays, {})}
+
+
+def _is_injected(node: Any) -> bool:
+    """An ``optax.inject_hyperparams`` state (it holds a ``hyperparams`` dict)."""
+    return isinstance(node, tuple) and isinstance(getattr(node, "hyperparams", None), dict)
+
+
+def optimizer_hyperparams(opt_state: Any) -> dict[str, float]:
+    """The hyperparameters an optimizer state exposes, by path: ``{"lr path": value}``.
+
+    Only ``optax.inject_hyperparams`` states expose theirs (for a schedule, its
+    current value); other optimizers keep their hyperparameters in closures,
+    out of reach.
+
+    Args:
+        opt_state: an optimizer's state, e.g. ``optimizer.init(params)``.
+
+    Returns:
+        A dict from ``"<path in the state>/<name>"`` (``"learning_rate"`` alone
+        for a top-level ``inject_hyperparams``) to the value as a Python float.
+    """
+    found = {}
+    nodes = jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=_is_injected)[0]
+    for path, node in nodes:
+        if not _is_injected(node):
+            continue
+        where = jax.tree_util.keystr(path, simple=True, separator="/")
+        for name, value in node.hyperparams.items():
+            if np.ndim(value) == 0 and np.issubdtype(np.asarray(value).dtype, np.number):
+                found[f"{where}/{name}" if where else name] = float(value)
+    return found
+
+
+def run_config(
+    model: Any,
+    opt_state: Any,
+    x: Any,
+    labels: Any,
+    *,
+    batch_size: int,
+    key: jax.Array,
+    config: dict | None = None,
+) -> dict:
+    """What a checkpoint of :func:`jaxbn.train.fit` records and ``resume=True`` requires to match.
+
+    Compared, each by equality:
+
+    - ``model``: the model's type and, for a dataclass, every field except
+      ``axis_name`` (e.g. ``MLP``'s sizes, activation, momentum, eps, dtype), as
+      plain data: a dtype by its name, a function by its qualified name (two
+      functions of one name are not told apart: name them apart);
+    - ``batch_size``;
+    - ``key``: the run's PRNG key (its implementation and bits);
+    - ``data``: the training set's shapes, dtypes and a SHA-256 of its values;
+    - ``optimizer_hyperparams``: the hyperparameters that the optimizer's fresh
+      state exposes (``optax.inject_hyperparams``: every hyperparameter, a
+      schedule by its value at step 0);
+    - ``config``: the caller's own dict, as given.
+
+    Not compared: the number of devices (``jaxbn.train.fit`` on a mesh trains the network one
+    device trains, so a checkpoint resumes with any device count), ``steps``,
+    ``chunk_size``, ``checkpoint_every`` and ``scan`` (they do not change the
+    result), and the hyperparameters of an optimizer that hides them in closures
+    (``optax.sgd(0.1)``'s learning rate, momentum, nesterov): their structure is
+    checked through the optimizer state's tree, their values only through
+    ``config`` or ``optax.inject_hyperparams``.
+
+    Args:
+        model: the network config.
+        opt_state: the optimizer's fresh state (``optimizer.init(params)``).
+        x: the training examples.
+        labels: the training labels.
+        batch_size: examples per step.
+        key: the run's key, as given to :func:`jaxbn.train.fit`.
+        config: the caller's JSON-able dict, or ``None``.
+
+    Returns:
+        A JSON-able dict.
+    """
+    typed_key = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    return {
+        "model": _describe_model(model),
+        "batch_size": int(batch_size),
+        "key": {
+            "impl": str(jax.random.key_impl(key)) if typed_key else "raw",
+            "data": np.asarray(jax.random.key_data(key) if typed_key else key).ravel().tolist(),
+        },
+        "data": _describe_data(x, labels),
+        "optimizer_hyperparams": optimizer_hyperparams(opt_state),
+        "config": {} if config is None else config,
+    }
+
+
+def check_json(name: str, value: Any) -> None:
+    """Refuses a value that cannot be written into a checkpoint (before training).
+
+    Args:
+        name: what the value is, for the message (e.g. ``"config"``).
+        value: the value to check.
+
+    Raises:
+        TypeError: naming ``name``, if ``value`` is not JSON-able.
+    """
+    try:
+        json.dumps(value, sort_keys=True)
+    except (TypeError, ValueError) as err:
+        raise TypeError(
+            f"{name} must be JSON-able (dicts, lists, str, int, float, bool, None; no "
+            f"NumPy or JAX scalars): {err}"
+        ) from None
+
+
+def start_run(path: str, like: Any, expected: dict, *, steps: int, resume: bool, overwrite: bool):
+    """The tree a run of ``steps`` steps checkpointed at ``path`` starts from.
+
+    Everything about ``path`` that can be known before training is checked here,
+    with one clear error each: the flags, the directory (it exists, takes a new
+    file, has room for a checkpoint of ``like``), an existing checkpoint that
+    neither ``resume`` nor ``overwrite`` allows to touch.
+
+    Args:
+        path: the checkpoint file.
+        like: the fresh state of the run (a template for :func:`load_checkpoint`).
+        expected: the run's :func:`run_config`, which a resumed checkpoint must match.
+        steps: the run's total number of steps.
+        resume: continue the checkpoint at ``path``.
+        overwrite: replace the checkpoint at ``path`` with this new run.
+
+    Returns:
+        ``like``, or with ``resume`` the checkpoint restored into its structure.
+    """
+    if resume and overwrite:
+        raise ValueError(
+            "resume=True continues the checkpoint, overwrite=True replaces it: not both"
+        )
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(
+            f"the directory of checkpoint_path {path!r} does not exist (or is not a directory): "
+            f"create {directory!r} first"
+        )
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"checkpoint_path {path!r} is a directory, expected a file")
+    if not resume and os.path.exists(path) and not overwrite:
+        raise FileExistsError(
+            f"{path!r} already holds a checkpoint{_step_of(path)}; pass resume=True to "
+            f"continue it or overwrite=True to replace it"
+        )
+    _check_room(directory, like)
+    if not resume:
+        return like
+    try:
+        tree, meta = load_checkpoint(path, like, config=expected)
+    except CheckpointError as err:
+        raise CheckpointError(
+            f"{err}. Resume with the settings of that run, or start a new one with overwrite=True"
+        ) from err
+    if meta["step"] > steps:
+        raise ValueError(
+            f"steps={steps} is below the step of the checkpoint {path!r} ({meta['step']}): "
+            f"pass steps >= {meta['step']} to continue it"
+        )
+    return tree
+
+
+def _step_of(path: str) -> str:
+    try:
+        return f" at step {read_metadata(path)['step']}"
+    except (CheckpointError, OSError, KeyError):
+        return ""
+
+
+def _check_room(directory: str, tree: Any) -> None:
+    """Refuses a directory that takes no new file, or has too little room for ``tree``."""
+    try:  # permissions, a read-only file system
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as err:
+        raise type(err)(
+            err.errno, f"cannot write checkpoints to {directory!r}: {err.strerror or err}"
+        ) from err
+    arrays = sum(leaf.nbytes for leaf in jax.tree.leaves(tree) if not _is_key(leaf))
+    free, need = shutil.disk_usage(directory).free, arrays + (1 << 20)  # and the metadata
+    if free < need:
+        raise OSError(
+            errno.ENOSPC,
+            f"not enough free space for checkpoints in {directory!r}: {free} bytes free, "
+            f"a checkpoint needs about {need}",
+        )

@@ -53,7 +53,8 @@ class Dataset(NamedTuple):
         return int(self.x_train.shape[1])
 
 
-def _check_fraction(test_fraction: float, n: int) -> None:
+def _test_size(test_fraction: float, n: int) -> int:
+    """The number of the ``n`` examples that ``test_fraction`` holds out, checked."""
     if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)):
         raise TypeError(f"test_fraction must be a float, got {type(test_fraction).__name__}")
     if not 0.0 < test_fraction < 1.0:
@@ -64,14 +65,14 @@ def _check_fraction(test_fraction: float, n: int) -> None:
             f"test_fraction={test_fraction} leaves {n_test} of {n} examples for testing; "
             f"expected at least one example in each split"
         )
+    return n_test
 
 
 def _split_and_standardize(x, y, num_classes, test_fraction, seed) -> Dataset:
     """Seeded shuffle, split, then standardization with training statistics only."""
     n = x.shape[0]
-    _check_fraction(test_fraction, n)
+    n_test = _test_size(test_fraction, n)
     order = np.random.default_rng(seed).permutation(n)
-    n_test = round(n * test_fraction)
     test, train = order[:n_test], order[n_test:]
     mean = x[train].mean(axis=0)
     std = x[train].std(axis=0)
@@ -163,12 +164,9 @@ def make_blobs(
         >>> data.x_train.shape, data.y_test.shape
         ((80, 3), (20,))
     """
-    for name, value in (
-        ("num_examples", num_examples),
-        ("num_features", num_features),
-        ("num_classes", num_classes),
-    ):
-        _checks.check_positive_int(name, value)
+    _checks.check_positive_int("num_examples", num_examples)
+    _checks.check_positive_int("num_features", num_features)
+    _checks.check_positive_int("num_classes", num_classes)
     rng = np.random.default_rng(seed)
     centres = separation * rng.standard_normal((num_classes, num_features))
     y = rng.integers(0, num_classes, num_examples)

@@ -22,6 +22,7 @@ import json
 import math
 import socket
 import time
+import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
@@ -42,15 +43,6 @@ __all__ = [
 ]
 
 
-def _check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
-    if not _checks.is_int(value):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < low or (high is not None and value >= high):
-        allowed = f">= {low}" if high is None else f"in [{low}, {high})"
-        raise ValueError(f"{name} must be {allowed}, got {value}")
-    return int(value)
-
-
 def _check_seconds(name: str, value: Any) -> float:
     """A positive, finite number of seconds (not a bool, not a string)."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
@@ -62,22 +54,17 @@ def _check_seconds(name: str, value: Any) -> float:
 
 def _parse_address(address: Any) -> tuple[str, int]:
     """``(host, port)`` of ``"host:port"``, or ``"[ipv6]:port"`` (the host without brackets)."""
-    bad = ValueError(
-        f"coordinator_address must be 'host:port' (an IPv6 host in brackets: "
-        f"'[::1]:port'), got {address!r}"
-    )
-    if not isinstance(address, str):
-        raise bad
-    host, sep, port = address.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-        if ":" not in host:
-            raise bad
-    elif ":" in host:  # an IPv6 host needs brackets to be told from its port
-        raise bad
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise bad
-    return host, int(port)
+    try:  # a URL's authority: an IPv6 host needs brackets to be told from its port
+        parts = urllib.parse.urlsplit(f"//{address}")
+        host, port = parts.hostname, parts.port
+    except ValueError:  # a port out of range or not a number, a malformed IPv6 host
+        host = port = None
+    if not isinstance(address, str) or not host or not port:
+        raise ValueError(
+            f"coordinator_address must be 'host:port' (an IPv6 host in brackets: "
+            f"'[::1]:port'), got {address!r}"
+        )
+    return host, port
 
 
 def _wait_for_coordinator(address: str, host: str, port: int, timeout_s: float) -> None:
@@ -135,12 +122,15 @@ def initialize(
         RuntimeError: if JAX's backend was already started in this process.
     """
     host, port = _parse_address(coordinator_address)
-    num_processes = _check_int("num_processes", num_processes, 1)
-    process_id = _check_int("process_id", process_id, 0, num_processes)
+    _checks.check_positive_int("num_processes", num_processes)
+    if not _checks.is_int(process_id):
+        raise TypeError(f"process_id must be an int, got {process_id!r}")
+    if not 0 <= process_id < num_processes:
+        raise ValueError(f"process_id must be in [0, {num_processes}), got {process_id}")
     if local_device_count is not None:
-        _check_int("local_device_count", local_device_count, 1)
+        _checks.check_positive_int("local_device_count", local_device_count)
     timeout_s = _check_seconds("timeout_s", timeout_s)
-    _check_int("heartbeat_timeout_s", heartbeat_timeout_s, 1)
+    _checks.check_positive_int("heartbeat_timeout_s", heartbeat_timeout_s)
     if jax.distributed.is_initialized():
         raise RuntimeError("jax.distributed is already initialized in this process")
     try:
@@ -156,8 +146,8 @@ def initialize(
         _wait_for_coordinator(coordinator_address, host, port, timeout_s)
     jax.distributed.initialize(
         coordinator_address=coordinator_address,
-        num_processes=num_processes,
-        process_id=process_id,
+        num_processes=int(num_processes),
+        process_id=int(process_id),
         initialization_timeout=max(1, int(np.ceil(timeout_s))),
         heartbeat_timeout_seconds=int(heartbeat_timeout_s),
     )
@@ -170,11 +160,6 @@ def is_main_process() -> bool:
         ``True`` in process 0 (and in a program that runs as one process).
     """
     return jax.process_index() == 0
-
-
-def _digest(config: Mapping[str, Any]) -> np.ndarray:
-    text = json.dumps(config, sort_keys=True, default=repr)
-    return np.frombuffer(hashlib.sha256(text.encode()).digest(), np.uint32)
 
 
 def check_same_config(config: Mapping[str, Any]) -> None:
@@ -190,13 +175,13 @@ def check_same_config(config: Mapping[str, Any]) -> None:
     Raises:
         ValueError: naming the processes whose configuration differs from process 0's.
     """
-    digest = _digest(config)
+    mine = json.dumps(config, sort_keys=True, default=repr)
     if jax.process_count() == 1:
         return
+    digest = np.frombuffer(hashlib.sha256(mine.encode()).digest(), np.uint32)
     digests = np.asarray(multihost_utils.process_allgather(digest))
     differ = [p for p in range(digests.shape[0]) if not np.array_equal(digests[p], digests[0])]
     if differ:
-        mine = json.dumps(config, sort_keys=True, default=repr)
         raise ValueError(
             f"processes {differ} were started with a configuration different from process "
             f"0's (this process, {jax.process_index()}, has {mine}); start every process "

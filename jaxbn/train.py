@@ -22,12 +22,12 @@ the host is not in the loop and a run is a deterministic function of its key. By
 default the steps are compiled into one ``lax.scan`` (one dispatch per call);
 ``scan=False`` runs the same steps, on the same batches, as one jitted step per
 dispatch, for models whose compiled step is slower inside a loop (XLA:CPU picks
-slower convolution gradients inside ``lax.scan``). :func:`jaxbn.fit.fit` runs the
-loop in chunks with checkpoints, resume and the divergence guard; it is
-re-exported here as ``jaxbn.train.fit``, with :class:`jaxbn.fit.TrainingDiverged`.
+slower convolution gradients inside ``lax.scan``). :func:`fit` runs the loop in
+chunks with checkpoints (:mod:`jaxbn.checkpoint`), exact resume and the divergence
+guard (:class:`TrainingDiverged`).
 
 Data-parallel training: give any of :func:`make_train_step`,
-:func:`make_train_loop` or :func:`jaxbn.fit.fit` a ``mesh``
+:func:`make_train_loop` or :func:`fit` a ``mesh``
 (:func:`jaxbn.parallel.data_mesh`, re-exported here, builds one over the first
 ``n`` devices). The step then runs under ``jax.shard_map``: every global batch is
 split over the mesh's devices along its first axis, params, running statistics
@@ -35,33 +35,36 @@ and optimizer state are replicated, batch norm's statistics are all-reduced (the
 model is used with ``axis_name`` set to the mesh's axes), and the loss is the mean
 over the global batch (``lax.pmean`` of the per-device means), so its gradient,
 and the whole step, is that of single-device training on the same global batch.
-The loop draws the same global batches as without a mesh; each device gathers
-only its own rows.
+The loop draws the same global batches as without a mesh and runs this step on
+them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import importlib
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
-from jaxbn import distributed
+from jaxbn import _checks, checkpoint, distributed
 from jaxbn._checks import AxisName
 from jaxbn.data import batch_indices, check_batch_size, epoch_order
-from jaxbn.parallel import batch_spec, check_mesh, data_mesh, mesh_axes, place, synchronized
-
-if TYPE_CHECKING:  # re-exported lazily, see __getattr__ at the end
-    from jaxbn.fit import TrainingDiverged, fit
+from jaxbn.parallel import data_mesh, mesh_axes
+from jaxbn.stats import check_model, precise_stats_from_data
 
 __all__ = [
     "Model",
@@ -75,7 +78,6 @@ __all__ = [
     "init_train_state",
     "make_train_loop",
     "make_train_step",
-    "num_classes",
 ]
 
 #: With ``precompute_orders=None`` the scan loop draws the orders of the epochs
@@ -233,34 +235,17 @@ def check_labels(labels: Any, num_examples: int, *, num_classes: int | None = No
         )
 
 
-def num_classes(model: Model, params: Any, state: Any, x: Any) -> int:
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(model: Model, params: Any, state: Any, x: jax.Array) -> jax.Array:
+    return model.apply(params, state, x, training=False)[0]
+
+
+def _num_classes(model: Model, params: Any, state: Any, x: Any) -> int:
     """The size of the last axis of ``model``'s logits for examples shaped like ``x``'s.
 
-    Traced only (``jax.eval_shape``), once per model and shapes (it is cached:
-    :func:`evaluate` asks on every call).
-
-    Args:
-        model: the network config (see :class:`Model`).
-        params: its params.
-        state: its state.
-        x: ``[n, ...]`` examples (only their shape and dtype are used).
-
-    Returns:
-        The number of classes.
+    Traced only, and once per model and shapes (the trace is cached by ``jax.jit``).
     """
-    # The whole of x's shape: tracing costs nothing, and a model may need its batch.
-    leaves, tree = jax.tree.flatten((params, state, x))
-    specs = tuple((np.shape(a), jnp.result_type(a)) for a in leaves)
-    return _num_classes(model, tree, specs)
-
-
-@functools.lru_cache(maxsize=64)
-def _num_classes(model: Model, tree: Any, specs: tuple) -> int:
-    params, state, x = jax.tree.unflatten(tree, [jax.ShapeDtypeStruct(*s) for s in specs])
-    logits = jax.eval_shape(
-        lambda p, s, r: model.apply(p, s, r, training=False)[0], params, state, x
-    )
-    return int(logits.shape[-1])
+    return int(_logits.eval_shape(model, params, state, x).shape[-1])
 
 
 def _accuracy(logits, labels):
@@ -286,8 +271,66 @@ def init_train_state(
     return TrainState(params, state, optimizer.init(params), data_key, jnp.zeros((), jnp.int32))
 
 
-def _local_train_step(model: Model, optimizer, axis_name: AxisName):
-    """The per-device step: ``model`` as given, loss and metrics averaged over ``axis_name``."""
+# --- data parallelism: the mesh as the step and the loop use it -------------------
+
+
+def _check_mesh(mesh: Any, batch_size: int) -> None:
+    """Raises unless ``mesh`` is a mesh whose size divides ``batch_size``."""
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh or None, got {type(mesh).__name__}")
+    if batch_size % mesh.size:
+        raise ValueError(
+            f"batch_size {batch_size} is not divisible by the number of devices {mesh.size} "
+            f"of the mesh; use a multiple of {mesh.size}"
+        )
+
+
+def _synchronized(model: Any, axis_name: AxisName) -> Any:
+    """``model`` with its ``axis_name`` field set, so that batch norm all-reduces its statistics."""
+    if not dataclasses.is_dataclass(model) or "axis_name" not in {
+        f.name for f in dataclasses.fields(model)
+    }:
+        raise TypeError(
+            f"training on a mesh needs a dataclass model with an axis_name field (it is "
+            f"set to the mesh's axes to synchronize batch norm), got {type(model).__name__}"
+        )
+    return dataclasses.replace(model, axis_name=axis_name)
+
+
+def _place(tree: Any, mesh: Mesh, spec: P) -> Any:
+    """``tree`` laid out as ``NamedSharding(mesh, spec)``, inside or outside ``jit``.
+
+    Needed on a mesh with explicit axes (``jax.make_mesh``'s default), where
+    ``shard_map`` requires its inputs' types to match its ``in_specs``; on a mesh
+    of automatic axes ``shard_map`` lays its inputs out itself.
+    """
+    if jax.sharding.AxisType.Explicit not in mesh.axis_types:
+        return tree
+    return jax.reshard(tree, NamedSharding(mesh, spec))
+
+
+def _host_key(key: jax.Array) -> jax.Array:
+    """This process's own copy of a replicated key (readable in every process)."""
+    data = np.asarray(jax.random.key_data(key))
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(key))
+
+
+def _replicated(mesh: Mesh, a: Any) -> jax.Array:
+    """``a``, which every process holds alike, as one global array replicated over ``mesh``."""
+    if isinstance(a, jax.Array) and not a.is_fully_addressable:
+        return a  # a global array already: the state of an earlier call
+    sharding = NamedSharding(mesh, P())
+    if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+        data = jax.device_put(np.asarray(jax.random.key_data(a)), sharding)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(a))
+    return jax.device_put(np.asarray(a), sharding)
+
+
+# --- the step and evaluation ------------------------------------------------------
+
+
+def _local_train_step(model: Model, optimizer, axis_name: AxisName = None):
+    """The per-device step: loss and metrics averaged over ``axis_name``."""
 
     def mean(v):
         return v if axis_name is None else lax.pmean(v, axis_name)
@@ -377,18 +420,17 @@ def make_train_step(
             f"give either mesh (the step shards itself) or axis_name (the step runs inside "
             f"your own shard_map), not both; got axis_name={axis_name!r}"
         )
-    check_mesh(mesh, 0)
-    axes = mesh_axes(mesh)
-    local = _local_train_step(synchronized(model, axes), optimizer, axes)
-    spec = batch_spec(mesh)
+    _check_mesh(mesh, 0)
+    axes = mesh_axes(mesh)  # batch norm synchronized over them too
+    local = _local_train_step(_synchronized(model, axes), optimizer, axes)
+    spec = P(tuple(mesh.axis_names))
     mapped = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(), spec), out_specs=P())
 
     def train_step(params, state, opt_state, batch):
         """One data-parallel step on the global ``batch = (x, labels)``."""
-        check_mesh(mesh, int(jnp.shape(batch[0])[0]))
-        # Lay the inputs out as shard_map expects (a no-op where they already are).
-        replicated = place((params, state, opt_state), mesh, P())
-        return mapped(*replicated, place(batch, mesh, spec))
+        _check_mesh(mesh, int(jnp.shape(batch[0])[0]))
+        replicated = _place((params, state, opt_state), mesh, P())
+        return mapped(*replicated, _place(batch, mesh, spec))
 
     return train_step
 
@@ -418,118 +460,78 @@ def evaluate(model: Model, params: Any, state: Any, x: ArrayLike, labels: ArrayL
     """
     _check_model(model)
     x = jnp.asarray(x)
-    check_labels(labels, x.shape[0], num_classes=num_classes(model, params, state, x))
+    check_labels(labels, x.shape[0], num_classes=_num_classes(model, params, state, x))
     return _evaluate(model, params, state, x, jnp.asarray(labels))
 
 
-class _LoopSpec(NamedTuple):
-    """The static description of a loop: what a compiled loop or step depends on."""
+# --- the loop ------------------------------------------------------------------------
+
+
+def _check_non_negative_int(name: str, value: Any) -> None:
+    """Raises ``ValueError`` unless ``value`` is an int ``>= 0`` (a number of steps or batches)."""
+    if not _checks.is_int(value) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+
+
+class _Loop(NamedTuple):
+    """What a compiled loop depends on: the training, and how its batches arrive.
+
+    ``batches`` is ``"orders"`` (the orders of the epochs the call spans, drawn up
+    front), ``"draw"`` (one permutation per step: :func:`jaxbn.data.batch_indices`)
+    or ``"fed"`` (the stacked global batches are the loop's input).
+    ``num_steps=None`` is one step outside any ``lax.scan``.
+    """
 
     model: Any
     optimizer: Any
     batch_size: int
     mesh: Mesh | None
+    batches: str = "draw"
+    num_steps: int | None = None
 
 
-def _indexed_step(spec: _LoopSpec):
-    """``step(ts, x, labels, idx)``: one training step on the global batch ``x[idx]``.
+@functools.partial(jax.jit, static_argnames="loop")
+def _run_loop(ts: TrainState, x, labels, *, loop: _Loop) -> tuple[TrainState, Metrics]:
+    """The training loop's one driver: ``loop.num_steps`` steps from ``ts``, metrics stacked.
 
-    Inside a ``shard_map`` over the mesh, each device gathers its own contiguous
-    slice of the global batch (the slice that ``P(axes)`` would give it).
+    ``x, labels`` are the examples the global batches are drawn from on the device
+    (``batches="fed"``: the stacked batches ``[steps, batch, ...]`` themselves). On a
+    mesh each step is :func:`make_train_step`'s data-parallel step on the global batch,
+    which splits the batch over the devices.
     """
-    if spec.mesh is None:
-        axes, local_size = None, spec.batch_size
-        train_step = _local_train_step(spec.model, spec.optimizer, None)
+    if loop.mesh is None:
+        train_step = _local_train_step(loop.model, loop.optimizer)
     else:
-        check_mesh(spec.mesh, spec.batch_size)
-        axes, local_size = mesh_axes(spec.mesh), spec.batch_size // spec.mesh.size
-        train_step = _local_train_step(synchronized(spec.model, axes), spec.optimizer, axes)
+        train_step = make_train_step(loop.model, loop.optimizer, mesh=loop.mesh)
+        ts = _place(ts, loop.mesh, P())
 
-    def step(ts: TrainState, x, labels, idx):
-        if axes is not None:
-            idx = lax.dynamic_slice_in_dim(idx, lax.axis_index(axes) * local_size, local_size)
-        params, state, opt_state, metrics = train_step(
-            ts.params, ts.state, ts.opt_state, (x[idx], labels[idx])
-        )
+    def step(ts, batch):
+        params, state, opt_state, metrics = train_step(ts.params, ts.state, ts.opt_state, batch)
         return TrainState(params, state, opt_state, ts.key, ts.step + 1), metrics
 
-    return step
-
-
-def _on_mesh(loop, spec: _LoopSpec, ts, x, labels):
-    """``loop(ts, x, labels)``, per device on the mesh (everything replicated), or as is."""
-    if spec.mesh is None:
-        return loop(ts, x, labels)
-    mapped = jax.shard_map(loop, mesh=spec.mesh, in_specs=P(), out_specs=P())
-    return mapped(*place((ts, x, labels), spec.mesh, P()))
-
-
-@functools.partial(jax.jit, static_argnames=("spec", "num_steps", "precompute"))
-def _scan_loop(ts, x, labels, *, spec: _LoopSpec, num_steps: int, precompute: bool):
-    check_batch_size(spec.batch_size, x.shape[0])
-    step = _indexed_step(spec)
-    num_examples = x.shape[0]
-    steps_per_epoch = num_examples // spec.batch_size
-    # The epochs this call spans (static bound); their orders are drawn once, not
-    # one permutation per step. batch_indices gives the same batches step by step.
-    num_epochs = num_steps // steps_per_epoch + 2
-
-    def loop(ts, x, labels):
+    if loop.batches == "fed":
+        return lax.scan(step, ts, (x, labels))
+    num_examples, size = x.shape[0], loop.batch_size
+    steps_per_epoch = num_examples // size
+    if loop.batches == "orders":  # one permutation per epoch, not one per step
         first_epoch = ts.step // steps_per_epoch
-        if precompute:
-            orders = jax.vmap(lambda e: epoch_order(ts.key, e, num_examples=num_examples))(
-                first_epoch + jnp.arange(num_epochs)
-            )
+        epochs = first_epoch + jnp.arange(loop.num_steps // steps_per_epoch + 2)
+        orders = jax.vmap(lambda e: epoch_order(ts.key, e, num_examples=num_examples))(epochs)
 
-        def body(ts, _):
-            if precompute:
-                epoch, within = jnp.divmod(ts.step, steps_per_epoch)
-                idx = lax.dynamic_slice_in_dim(
-                    orders[epoch - first_epoch], within * spec.batch_size, spec.batch_size
-                )
-            else:
-                idx = batch_indices(
-                    ts.key, ts.step, num_examples=num_examples, batch_size=spec.batch_size
-                )
-            return step(ts, x, labels, idx)
+    def drawn_step(ts, _):
+        # The batch of jaxbn.data.batch_indices, from the epoch's order.
+        epoch, within = jnp.divmod(ts.step, steps_per_epoch)
+        if loop.batches == "orders":
+            order = orders[epoch - first_epoch]
+        else:
+            order = epoch_order(ts.key, epoch, num_examples=num_examples)
+        idx = lax.dynamic_slice_in_dim(order, within * size, size)
+        return step(ts, (x[idx], labels[idx]))
 
-        return lax.scan(body, ts, None, length=num_steps)
-
-    return _on_mesh(loop, spec, ts, x, labels)
-
-
-@functools.partial(jax.jit, static_argnames=("spec",))
-def _single_step(ts, x, labels, *, spec: _LoopSpec):
-    check_batch_size(spec.batch_size, x.shape[0])
-    step = _indexed_step(spec)
-
-    def one(ts, x, labels):
-        idx = batch_indices(ts.key, ts.step, num_examples=x.shape[0], batch_size=spec.batch_size)
-        return step(ts, x, labels, idx)
-
-    return _on_mesh(one, spec, ts, x, labels)
-
-
-@functools.partial(jax.jit, static_argnames=("spec",))
-def _fed_scan(ts, xs, ys, *, spec: _LoopSpec):
-    """The steps of stacked global batches ``xs [steps, batch, ...]``, ``ys [steps, batch]``.
-
-    Each device trains on its own rows of every batch (the batches arrive split over
-    the mesh); the rest is replicated.
-    """
-    axes = mesh_axes(spec.mesh)
-    train_step = _local_train_step(synchronized(spec.model, axes), spec.optimizer, axes)
-
-    def loop(ts, xs, ys):
-        def body(ts, batch):
-            params, state, opt_state, metrics = train_step(ts.params, ts.state, ts.opt_state, batch)
-            return TrainState(params, state, opt_state, ts.key, ts.step + 1), metrics
-
-        return lax.scan(body, ts, (xs, ys))
-
-    stacked = P(None, *batch_spec(spec.mesh))
-    mapped = jax.shard_map(loop, mesh=spec.mesh, in_specs=(P(), stacked, stacked), out_specs=P())
-    return mapped(*place((ts,), spec.mesh, P()), *place((xs, ys), spec.mesh, stacked))
+    if loop.num_steps is None:
+        ts, metrics = drawn_step(ts, None)
+        return ts, jax.tree.map(lambda m: m[None], metrics)
+    return lax.scan(drawn_step, ts, None, length=loop.num_steps)
 
 
 @functools.partial(jax.jit, static_argnames=("num_examples", "batch_size"))
@@ -539,44 +541,23 @@ def _step_indices(key, steps, *, num_examples: int, batch_size: int):
     )(steps)
 
 
-def _process_fed(spec: _LoopSpec, ts: TrainState, x, labels, num_steps: int):
-    """The loop over a mesh that spans several processes, each feeding its own rows.
+def _fed(loop: _Loop, ts: TrainState, x, labels, num_steps: int):
+    """The loop on a mesh over several processes, each feeding its own rows.
 
     Every process holds ``x`` and ``labels`` on the host and draws the same global
-    batches as the scan loop (:func:`jaxbn.data.batch_indices`); only its own rows
-    of them go to its devices (:func:`jaxbn.distributed.global_batches`).
+    batches as the loop on one process (:func:`jaxbn.data.batch_indices`); only its
+    own rows of them go to its devices (:func:`jaxbn.distributed.global_batches`).
     """
-    x, labels = np.asarray(x), np.asarray(labels)
-    check_batch_size(spec.batch_size, x.shape[0])
-    # The key and the step are replicated: every process reads them locally.
-    key_data = np.asarray(jax.random.key_data(ts.key))
-    key = jax.random.wrap_key_data(key_data, impl=jax.random.key_impl(ts.key))
-    start = int(np.asarray(ts.step))
+    start = int(np.asarray(ts.step))  # replicated: every process reads it locally
     idx = _step_indices(
-        key,
+        _host_key(ts.key),
         jnp.arange(start, start + num_steps),
         num_examples=x.shape[0],
-        batch_size=spec.batch_size,
+        batch_size=loop.batch_size,
     )
-    xs, ys = distributed.global_batches(spec.mesh, np.asarray(idx), x, labels)
-    # Replicate what this process holds (a fresh or restored state) over the mesh;
-    # the state of an earlier call is a global array already.
-    replicated = NamedSharding(spec.mesh, P())
-
-    def replicate(a):
-        if isinstance(a, jax.Array) and not a.is_fully_addressable:
-            return a
-        if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
-            data = jax.device_put(np.asarray(jax.random.key_data(a)), replicated)
-            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(a))
-        return jax.device_put(np.asarray(a), replicated)
-
-    return _fed_scan(jax.tree.map(replicate, ts), xs, ys, spec=spec)
-
-
-def _check_num_steps(num_steps: Any) -> None:
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 0:
-        raise ValueError(f"num_steps must be an int >= 0, got {num_steps!r}")
+    xs, ys = distributed.global_batches(loop.mesh, np.asarray(idx), x, labels)
+    ts = jax.tree.map(functools.partial(_replicated, loop.mesh), ts)
+    return _run_loop(ts, xs, ys, loop=loop._replace(batches="fed", num_steps=num_steps))
 
 
 def make_train_loop(
@@ -648,54 +629,362 @@ def make_train_loop(
         (20, (20,))
     """
     _check_model(model)
-    if precompute_orders not in (None, True, False):
-        raise TypeError(f"precompute_orders must be a bool or None, got {precompute_orders!r}")
+    if precompute_orders is not None:
+        _checks.check_bool("precompute_orders", precompute_orders)
     if mesh is not None:
-        check_mesh(mesh, batch_size)
-    spec = _LoopSpec(model, optimizer, batch_size, mesh)
+        _check_mesh(mesh, batch_size)
+    loop = _Loop(model, optimizer, batch_size, mesh)
 
     def run(ts: TrainState, x: ArrayLike, labels: ArrayLike, num_steps: int):
         """Takes ``num_steps`` steps from ``ts`` on ``(x, labels)``."""
-        _check_num_steps(num_steps)
-        check_labels(labels, np.shape(x)[0])  # shape and dtype: every path below
+        _check_non_negative_int("num_steps", num_steps)
+        num_examples = np.shape(x)[0]
+        check_labels(labels, num_examples)  # shape and dtype: every path below
+        check_batch_size(batch_size, num_examples)
         if mesh is not None and mesh.is_multi_process:
-            return _process_fed(spec, ts, x, labels, num_steps)
+            return _fed(loop, ts, np.asarray(x), np.asarray(labels), num_steps)
         args = (ts, jnp.asarray(x), jnp.asarray(labels))
         if mesh is not None:
             args = jax.device_put(args, NamedSharding(mesh, P()))
-        if scan:
-            precompute = precompute_orders
-            if precompute is None:
-                num_epochs = num_steps // (args[1].shape[0] // batch_size) + 2
-                precompute = num_epochs * args[1].shape[0] <= _MAX_PRECOMPUTED_INDICES
-            return _scan_loop(*args, spec=spec, num_steps=num_steps, precompute=precompute)
-        return _step_by_step(*args, spec=spec, num_steps=num_steps)
+        if not scan and num_steps:
+            return _step_by_step(*args, loop=loop, num_steps=num_steps)
+        precompute = precompute_orders
+        if precompute is None:
+            num_epochs = num_steps // (num_examples // batch_size) + 2
+            precompute = num_epochs * num_examples <= _MAX_PRECOMPUTED_INDICES
+        batches = "orders" if precompute else "draw"
+        return _run_loop(*args, loop=loop._replace(batches=batches, num_steps=num_steps))
 
     return run
 
 
-def _step_by_step(ts, x, labels, *, spec: _LoopSpec, num_steps: int):
-    """``num_steps`` dispatches of :func:`_single_step`, metrics stacked like the scan's."""
+def _step_by_step(ts, x, labels, *, loop: _Loop, num_steps: int):
+    """``num_steps`` dispatches of one jitted step each, metrics stacked like the scan's."""
     metrics = []
     for _ in range(num_steps):
-        ts, m = _single_step(ts, x, labels, spec=spec)
+        ts, m = _run_loop(ts, x, labels, loop=loop)
         metrics.append(m)
-    if not metrics:  # the scan's empty stack: the metrics' dtypes, zero steps
-        shapes = jax.eval_shape(functools.partial(_single_step, spec=spec), ts, x, labels)[1]
-        return ts, jax.tree.map(lambda s: jnp.zeros((0, *s.shape), s.dtype), shapes)
-    return ts, jax.tree.map(lambda *ms: jnp.stack(ms), *metrics)
+    return ts, jax.tree.map(lambda *ms: jnp.concatenate(ms), *metrics)
 
 
-# fit and TrainingDiverged live in jaxbn.fit, which imports this module; they are
-# re-exported here on first access (PEP 562), so that jaxbn.train.fit keeps working.
-_FROM_FIT = ("TrainingDiverged", "fit")
+# --- fit: the whole run, in chunks, with checkpoints ----------------------------------
 
 
-def __getattr__(name: str) -> Any:
-    if name in _FROM_FIT:
-        return getattr(importlib.import_module("jaxbn.fit"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+class TrainingDiverged(ValueError):
+    """Training produced a non-finite loss or state; ``step`` is the first bad step.
+
+    Args:
+        step: the 0-based number of the first step whose loss was not finite (or
+            at whose start the params/state were not finite).
+        loss: that loss (NaN when the state was found non-finite instead).
+        detail: what was found, for the message; by default the loss.
+    """
+
+    def __init__(self, step: int, loss: float, detail: str | None = None):
+        self.step = int(step)
+        self.loss = float(loss)
+        if detail is None:
+            detail = f"the loss of step {self.step} (0-based) is {self.loss}"
+        super().__init__(
+            f"training diverged: {detail}; lower the learning rate. "
+            f"The last checkpoint, if any, is left intact."
+        )
 
 
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_FROM_FIT))
+def fit(
+    model: Model,
+    optimizer: optax.GradientTransformation,
+    x: ArrayLike,
+    labels: ArrayLike,
+    *,
+    steps: int,
+    batch_size: int,
+    key: jax.Array,
+    chunk_size: int = 100,
+    checkpoint_path: str | os.PathLike | None = None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
+    overwrite: bool = False,
+    config: dict | None = None,
+    callback: Callable[[TrainState, dict[str, Any]], None] | None = None,
+    checkpoint_metadata: Callable[[], dict] | None = None,
+    on_checkpoint: Callable[[int, float], None] | None = None,
+    mesh: Mesh | None = None,
+    scan: bool = True,
+    precompute_orders: bool | None = None,
+    precise_stats_batches: int = 0,
+) -> TrainState:
+    """Trains for ``steps`` steps in chunks; checks, checkpoints and resumes.
+
+    Chunks end every ``chunk_size`` steps, at every multiple of
+    ``checkpoint_every`` and at ``steps``. After each chunk the losses are read
+    (one device sync per chunk) and the losses, params, state and optimizer state
+    are checked for finiteness, ``callback`` is called, and at a checkpoint step
+    the state is saved.
+
+    Args:
+        model: the network config (see :class:`Model`).
+        optimizer: any optax gradient transformation.
+        x: ``[n, ...]`` training examples (moved to the device once).
+        labels: ``[n]`` integer labels.
+        steps: total number of steps of the run (counting steps before a resume).
+        batch_size: examples per step, ``<= n``.
+        key: the run's ``jax.random.key`` (initialization and batches).
+        chunk_size: steps per call of the loop (one ``lax.scan`` dispatch).
+        checkpoint_path: ``.npz`` file to save to (and resume from), or ``None``.
+            Its directory must exist.
+        checkpoint_every: save every this many steps (0: only at the end).
+        resume: continue from ``checkpoint_path``, which must exist and be of
+            the same run (see :func:`jaxbn.checkpoint.run_config` for what is compared).
+        overwrite: replace an existing checkpoint at ``checkpoint_path`` with
+            this new run (without it, an existing checkpoint is an error).
+        config: JSON-able dict stored in the checkpoint and required to match on
+            resume (e.g. the optimizer's hyperparameters that the optimizer
+            state does not expose).
+        callback: ``callback(train_state, chunk)`` after each chunk; ``chunk``
+            maps ``"step"`` (the 0-based step numbers), ``"loss"`` and
+            ``"accuracy"`` to NumPy arrays, and ``"seconds"`` to the chunk's
+            wall time from dispatch to the checked results (it includes the
+            compilation of the first call of each chunk length).
+        checkpoint_metadata: returns a JSON-able dict saved with each checkpoint.
+        on_checkpoint: ``on_checkpoint(step, seconds)`` after each checkpoint is
+            written, with the time the write took.
+        mesh: a :class:`jax.sharding.Mesh` to train data-parallel on (see
+            :func:`make_train_loop`), or ``None`` for one device. The
+            result is that of one device (to float32 rounding), so a checkpoint
+            written with one device count resumes with another.
+        scan: run each chunk as one ``lax.scan`` (default), or as one jitted
+            step per dispatch (same batches and results; see
+            :func:`make_train_loop`).
+        precompute_orders: passed to :func:`make_train_loop`.
+        precise_stats_batches: after the last step, replace the running
+            statistics of the returned state with population statistics over this
+            many training batches (:func:`jaxbn.stats.precise_stats_from_data`);
+            0 keeps the running averages. Checkpoints keep the running averages,
+            so a resumed run continues training exactly as before.
+
+    Returns:
+        The final :class:`TrainState`.
+
+    Raises:
+        TrainingDiverged: on the first non-finite loss, or non-finite params or
+            state at the end of a chunk; no checkpoint is written past the last
+            good one.
+        FileExistsError: if ``checkpoint_path`` exists and neither ``resume``
+            nor ``overwrite`` is set.
+        FileNotFoundError: if ``resume`` and there is no checkpoint, or the
+            checkpoint's directory does not exist.
+        OSError: if checkpoints cannot be written there (permissions, too little
+            free space), found before training; or if a write fails later (the
+            previous checkpoint is left intact).
+        jaxbn.checkpoint.CheckpointError: if the checkpoint is corrupt, modified,
+            or not of this run (model, batch size, key, data, optimizer or
+            ``config`` differ; the message names each difference).
+        ValueError: for bad ``steps``, ``chunk_size``, ``checkpoint_every`` or
+            ``batch_size`` (or one not divisible by ``mesh.size``), ``steps``
+            below a resumed checkpoint's step, an optimizer whose learning
+            rate is non-finite, or negative where the optimizer state exposes
+            it (an update that goes uphill gets a warning), ``labels`` that are
+            not ``[n]`` class indices
+            of the model (:func:`check_labels`), non-finite ``x``,
+            or ``precise_stats_batches`` for a model without batch norm.
+        TypeError: for integer-less ``labels``; a ``config`` or
+            ``checkpoint_metadata()`` that is not JSON-able, or a model field
+            that cannot be recorded in a checkpoint (a default ``repr`` with a
+            memory address), all found before training.
+    """
+    counts = {
+        "steps": steps,
+        "checkpoint_every": checkpoint_every,
+        "precise_stats_batches": precise_stats_batches,
+    }
+    _check_fit_args(counts, chunk_size, checkpoint_path, resume, overwrite, config)
+    x, labels = _checked_data(x, labels, batch_size=batch_size, mesh=mesh)
+    ts = init_train_state(model, optimizer, key)
+    _check_run(model, optimizer, ts, x, labels, precise_stats_batches)
+    save = None
+    if checkpoint_path is not None:
+        path = os.fspath(checkpoint_path)
+        if checkpoint_metadata is not None:
+            checkpoint.check_json("checkpoint_metadata()", checkpoint_metadata())
+        expected = checkpoint.run_config(
+            model, ts.opt_state, x, labels, batch_size=batch_size, key=key, config=config
+        )
+        ts = checkpoint.start_run(
+            path, ts, expected, steps=steps, resume=resume, overwrite=overwrite
+        )
+        save = functools.partial(
+            _save, path, expected, metadata=checkpoint_metadata, on_checkpoint=on_checkpoint
+        )
+    run = make_train_loop(
+        model,
+        optimizer,
+        batch_size=batch_size,
+        mesh=mesh,
+        scan=scan,
+        precompute_orders=precompute_orders,
+    )
+    for n in _chunk_lengths(int(ts.step), steps, chunk_size, checkpoint_every):
+        ts, chunk = _run_chunk(run, ts, x, labels, n)
+        if callback is not None:
+            callback(ts, chunk)
+        step = int(ts.step)
+        if save is not None and (
+            step == steps or (checkpoint_every and step % checkpoint_every == 0)
+        ):
+            save(ts)
+    if precise_stats_batches:
+        ts = _with_precise_stats(model, ts, x, mesh, batch_size, precise_stats_batches)
+    return ts
+
+
+def _check_fit_args(counts: dict, chunk_size, checkpoint_path, resume, overwrite, config):
+    """Checks ``fit``'s counts (``counts``: name to value, each an int >= 0) and flags."""
+    for name, count in counts.items():
+        _check_non_negative_int(name, count)
+    _checks.check_positive_int("chunk_size", chunk_size)
+    for flag, given in (("resume", resume), ("overwrite", overwrite)):
+        if given and checkpoint_path is None:
+            raise ValueError(f"{flag}=True needs a checkpoint_path, got None")
+    if config is not None:
+        checkpoint.check_json("config", config)
+
+
+def _checked_data(x, labels, *, batch_size: int, mesh: Mesh | None):
+    """Checks the batch size and mesh; returns the data where the loop reads it."""
+    check_batch_size(batch_size, np.shape(x)[0])
+    if mesh is None:
+        return jnp.asarray(x), jnp.asarray(labels)
+    _check_mesh(mesh, batch_size)
+    if mesh.is_multi_process:
+        # Several processes: the examples stay on the host; each process feeds its
+        # own rows of every batch (make_train_loop).
+        return np.asarray(x), np.asarray(labels)
+    return jax.device_put((jnp.asarray(x), jnp.asarray(labels)), NamedSharding(mesh, P()))
+
+
+def _check_run(model: Model, optimizer, ts: TrainState, x, labels, precise_stats_batches: int):
+    """Refuses bad labels, non-finite ``x``, a model ``precise_stats`` cannot update."""
+    check_labels(labels, np.shape(x)[0], num_classes=_num_classes(model, ts.params, ts.state, x))
+    finite = np.isfinite(x).all() if isinstance(x, np.ndarray) else _all_finite(x)
+    if not finite:
+        raise ValueError("x must be finite: it holds NaN or infinity")
+    _check_optimizer(optimizer, ts)
+    if precise_stats_batches:
+        try:
+            check_model(model, ts.state)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"precise_stats_batches={precise_stats_batches}: {err}") from None
+
+
+def _check_optimizer(optimizer: optax.GradientTransformation, ts: TrainState) -> None:
+    """Refuses an optimizer that cannot train: non-finite or negative learning rate.
+
+    Every hyperparameter the state exposes (:func:`jaxbn.checkpoint.optimizer_hyperparams`)
+    is finite and a learning rate is not negative; and the first update for a
+    gradient of ones is finite (this finds a NaN or inf learning rate hidden in
+    a closure, as in ``optax.sgd(nan)``). An update that goes uphill (a negative
+    learning rate hidden in a closure, as in ``optax.sgd(-0.1)``) gets a
+    warning, not an error: some optimizers ascend by design (the first step of
+    sharpness-aware minimization). A schedule that starts at 0 makes a zero
+    update, which passes.
+    """
+    for name, value in checkpoint.optimizer_hyperparams(ts.opt_state).items():
+        if not math.isfinite(value):
+            raise ValueError(f"the optimizer's hyperparameter {name} must be finite, got {value}")
+        if name.split("/")[-1] == "learning_rate" and value < 0:
+            raise ValueError(f"the optimizer's learning_rate must be >= 0, got {value}")
+    grads = jax.tree.map(jnp.ones_like, ts.params)
+    updates, _ = optimizer.update(grads, ts.opt_state, ts.params)
+    if not _all_finite(updates):
+        raise ValueError(
+            "the optimizer's first update is not finite for a gradient of ones: a "
+            "hyperparameter (the learning rate?) is NaN or inf"
+        )
+    uphill = float(optax.tree_utils.tree_vdot(updates, grads))
+    if uphill > 0:
+        warnings.warn(
+            f"the optimizer's first update for a gradient of ones goes uphill (sum of "
+            f"update * gradient = {uphill:.3g} > 0): it increases the loss. Is its "
+            f"learning rate negative? (An optimizer that ascends by design, as "
+            f"sharpness-aware minimization's first step does, can ignore this.)",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    """Every floating leaf of ``tree`` finite (a bool scalar: one device sync to read)."""
+    leaves = [
+        jnp.all(jnp.isfinite(leaf))
+        for leaf in jax.tree.leaves(tree)
+        if jnp.issubdtype(leaf.dtype, jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def _chunk_lengths(start: int, steps: int, chunk_size: int, checkpoint_every: int) -> Iterator[int]:
+    """The lengths of the chunks from ``start`` to ``steps``.
+
+    Every ``chunk_size`` steps, and ending at each multiple of ``checkpoint_every``.
+    """
+    step = start
+    while step < steps:
+        n = min(chunk_size, steps - step)
+        if checkpoint_every:
+            n = min(n, checkpoint_every - step % checkpoint_every)
+        yield n
+        step += n
+
+
+def _run_chunk(run, ts: TrainState, x, labels, n: int) -> tuple[TrainState, dict]:
+    """``n`` steps from ``ts``; the chunk's metrics read back and checked.
+
+    Raises:
+        TrainingDiverged: at the first non-finite loss, or if the params, state
+            or optimizer state reached are not finite.
+    """
+    start = int(ts.step)
+    began = time.perf_counter()
+    ts, metrics = run(ts, x, labels, n)
+    chunk = {k: np.asarray(v) for k, v in metrics.items()}
+    bad = ~np.isfinite(chunk["loss"])
+    if bad.any():
+        first = int(np.argmax(bad))
+        raise TrainingDiverged(start + first, chunk["loss"][first])
+    if not _all_finite(ts):
+        end = start + n
+        raise TrainingDiverged(
+            end,
+            math.nan,
+            f"the params or state at the start of step {end} (0-based) are not finite "
+            f"and were not checkpointed",
+        )
+    chunk["step"] = np.arange(start, start + n)
+    chunk["seconds"] = time.perf_counter() - began
+    return ts, chunk
+
+
+def _save(path: str, config: dict, ts: TrainState, *, metadata, on_checkpoint) -> None:
+    """Saves ``ts`` from process 0 alone; every process waits for the write."""
+    began = time.perf_counter()
+    meta = None if metadata is None else metadata()
+    if distributed.is_main_process():
+        checkpoint.save_checkpoint(path, ts, step=int(ts.step), config=config, metadata=meta)
+    if jax.process_count() > 1:  # nobody runs ahead of a checkpoint being written
+        multihost_utils.sync_global_devices(f"jaxbn checkpoint {int(ts.step)}")
+    if on_checkpoint is not None:
+        on_checkpoint(int(ts.step), time.perf_counter() - began)
+
+
+def _with_precise_stats(model, ts, x, mesh, batch_size, num_batches):
+    """``ts`` with population statistics over ``num_batches`` training batches."""
+    params, state, data_key = ts.params, ts.state, ts.key
+    if mesh is not None and mesh.is_multi_process:  # replicated: each process's copy
+        params, state = jax.device_get((params, state))
+        data_key = _host_key(data_key)
+    state = precise_stats_from_data(
+        model, params, state, x, batch_size=batch_size, num_batches=num_batches, key=data_key
+    )
+    return ts._replace(state=state)

@@ -173,8 +173,3 @@ def test_full_disk_leaves_the_old_checkpoint(tmp_path, monkeypatch):
     assert info.value.errno == errno.ENOSPC
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.npz"]  # no temporary file left
-
-
-def test_missing_directory(tmp_path):
-    with pytest.raises(FileNotFoundError, match="cannot write checkpoint"):
-        save_checkpoint(tmp_path / "missing" / "c.npz", _tree(), step=1)

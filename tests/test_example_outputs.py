@@ -35,28 +35,34 @@ def _refused(capsys, main, argv):
     return capsys.readouterr().err
 
 
-@pytest.mark.parametrize("which", ["study", "figure1"])
-def test_a_previous_study_is_kept_unless_overwrite(which, study, figure1, tmp_path, capsys):
-    main, argv = (study.main, STUDY) if which == "study" else (figure1.main, FIGURE1)
-    argv = [*argv, "--out", str(tmp_path), "--no-progress"]
-    main(argv)
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+def _kept_unless_overwrite(capsys, main, argv, folder):
+    """A second run into ``folder`` is refused and leaves it as it was; --overwrite replaces it."""
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
     assert "results.json" in before
     err = _refused(capsys, main, [*argv, "--steps", "2"])
     assert "holds a previous run" in err and "--overwrite" in err
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # untouched
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # untouched
     main([*argv, "--steps", "2", "--overwrite"])
-    config = json.loads((tmp_path / "results.json").read_text())["config"]
-    assert config["steps"] == 2
+    assert json.loads((folder / "results.json").read_text())["config"]["steps"] == 2
 
 
-def test_each_study_model_has_its_own_default_folder(study, tmp_path, monkeypatch):
+def test_a_previous_figure1_is_kept_unless_overwrite(figure1, tmp_path, capsys):
+    argv = [*FIGURE1, "--out", str(tmp_path), "--no-progress"]
+    figure1.main(argv)
+    _kept_unless_overwrite(capsys, figure1.main, argv, tmp_path)
+
+
+def test_each_study_model_has_its_own_default_folder_kept_unless_overwrite(
+    study, tmp_path, monkeypatch, capsys
+):
     monkeypatch.chdir(tmp_path)
     study.main([*STUDY, "--no-progress"])
     study.main([*CNN_STUDY, "--no-progress"])  # not refused: another folder
     mlp = json.loads((tmp_path / "runs/study_eval_stats/results.json").read_text())
     cnn = json.loads((tmp_path / "runs/study_eval_stats_cnn/results.json").read_text())
     assert (mlp["config"]["model"], cnn["config"]["model"]) == ("mlp", "cnn")
+    folder = tmp_path / "runs/study_eval_stats"
+    _kept_unless_overwrite(capsys, study.main, [*STUDY, "--no-progress"], folder)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +97,7 @@ def test_an_interrupted_overwrite_never_mixes_two_runs(train_mlp, tmp_path, monk
     train_mlp.main([*TINY, "--steps", "20", "--lr", "0.01", "--out", str(out)])
     first = json.loads((out / "metrics.json").read_text())
     assert first["config"]["lr"] == 0.01
-    again = [*TINY, "--steps", "60", "--lr", "0.05", "--checkpoint-every", "20", "--out", str(out)]
+    again = [*TINY, "--steps", "40", "--lr", "0.05", "--checkpoint-every", "20", "--out", str(out)]
     # Stopped before its first checkpoint: the previous run is whole.
     _interrupted(train_mlp, monkeypatch, [*again, "--overwrite"], after_step=10)
     assert json.loads((out / "metrics.json").read_text()) == first
@@ -103,5 +109,5 @@ def test_an_interrupted_overwrite_never_mixes_two_runs(train_mlp, tmp_path, monk
     assert not (out / "metrics.json").exists() and not (out / "training_curve.png").exists()
     # That checkpoint resumes to a whole run of its own.
     metrics = train_mlp.main([*again, "--resume"])
-    assert metrics["config"]["lr"] == 0.05 and metrics["steps"] == 60
+    assert metrics["config"]["lr"] == 0.05 and metrics["steps"] == 40
     assert json.loads((out / "metrics.json").read_text())["config"]["lr"] == 0.05

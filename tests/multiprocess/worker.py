@@ -15,7 +15,7 @@ from jaxbn import distributed
 RUN = {"layer_sizes": (8, 16, 16, 3), "lr": 0.1, "batch_size": 40, "seed": 0}
 
 
-def train(out_dir, steps, *, resume=False, die_at=None):
+def train(out_dir, steps, *, resume=False, die_at=None, tag="result"):
     """Data-parallel training over every process's devices; process 0 checkpoints."""
     import jax
     import numpy as np
@@ -51,7 +51,7 @@ def train(out_dir, steps, *, resume=False, die_at=None):
     )
     leaves = jax.tree_util.tree_leaves((ts.params, ts.state))
     np.savez(
-        os.path.join(out_dir, f"result_{jax.process_index()}.npz"),
+        os.path.join(out_dir, f"{tag}_{jax.process_index()}.npz"),
         *[np.asarray(leaf) for leaf in leaves],
     )
     return {"step": int(ts.step)}
@@ -78,8 +78,9 @@ def main(argv):
         # Every process started with the same configuration: the check passes.
         distributed.check_same_config({"lr": 0.1, "hidden": [16, 16]})
         result.update(train(out_dir, steps))
-    elif scenario == "resume":
-        result.update(train(out_dir, steps, resume=True))
+        # The checkpoint of that run (a file, read back into fresh host arrays as by
+        # a restarted process) continues for as many steps again.
+        result["resumed_step"] = train(out_dir, 2 * steps, resume=True, tag="resumed")["step"]
     elif scenario == "die":
         result.update(train(out_dir, steps, die_at=12))
     else:
