@@ -150,9 +150,7 @@ def _like(cotangent, primal):
     gives).
     """
     extra = tuple(sorted(_core.varying(cotangent) - _core.varying(primal)))
-    if extra:
-        cotangent = lax.psum(cotangent, extra)
-    return cotangent.astype(primal.dtype)
+    return _core.psum_over(cotangent, extra).astype(primal.dtype)
 
 
 _conv_channels_last.defvjp(_conv_fwd, _conv_bwd)
@@ -242,24 +240,25 @@ def _conv_args(x, kernel, strides, padding, data_format):
         )
     strides = _pairs("strides", strides, nd)
     size, ksize = x.shape[1:-1], kernel.shape[:nd]
+    pads = padding
     if isinstance(padding, str) and padding in ("SAME", "VALID"):
-        padding = lax.padtype_to_pads(size, ksize, strides, padding)
+        pads = lax.padtype_to_pads(size, ksize, strides, padding)
     try:
-        padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+        pads = tuple((int(lo), int(hi)) for lo, hi in pads)
     except (TypeError, ValueError):
+        pads = ()
+    if len(pads) != nd:
         raise ValueError(
             f'padding must be "SAME", "VALID" or {nd} (low, high) pairs, got {padding!r}'
-        ) from None
-    if len(padding) != nd:
-        raise ValueError(f"padding must give {nd} (low, high) pairs, got {padding!r}")
-    if any(n + lo + hi < k for n, k, (lo, hi) in zip(size, ksize, padding, strict=True)):
+        )
+    if any(n + lo + hi < k for n, k, (lo, hi) in zip(size, ksize, pads, strict=True)):
         # No output position: an empty forward, and a backward that fails.
         raise ValueError(
             f"the kernel's spatial size {ksize} exceeds the image's {size} padded by "
-            f"{padding}: the convolution has no output (pad the image, or use a smaller "
+            f"{pads}: the convolution has no output (pad the image, or use a smaller "
             f"kernel or padding='SAME')"
         )
-    return x, kernel, strides, padding
+    return x, kernel, strides, pads
 
 
 def _pool(h, kind: str, spatial: tuple[int, ...]):
@@ -409,6 +408,7 @@ class CNN:
 
     @functools.cached_property
     def _variable_shapes(self) -> tuple[dict, dict]:
+        """The shapes :meth:`init` gives, computed once (see :func:`_model.check_variables`)."""
         return _model.variable_shapes(self)
 
     @property
@@ -501,8 +501,7 @@ class CNN:
                 f"x must have shape {expected} for data_format={fmt!r} "
                 f"(in_channels={self.in_channels}), got {x.shape}{hint}"
             )
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise TypeError(f"x must have a floating-point dtype, got {x.dtype}")
+        _checks.check_x(x)
         _model.check_variables(self, params, state, "blocks")
         self._check_spatial_size(x)
         return x

@@ -132,6 +132,7 @@ class MLP:
 
     @functools.cached_property
     def _variable_shapes(self) -> tuple[dict, dict]:
+        """The shapes :meth:`init` gives, computed once (see :func:`_model.check_variables`)."""
         return _model.variable_shapes(self)
 
     def init(self, key: jax.Array) -> tuple[Params, State]:

@@ -23,7 +23,7 @@ from jax.test_util import check_grads
 import jaxbn
 from jaxbn import reference
 from jaxbn.cnn import CNN, conv
-from jaxbn.train import cross_entropy, evaluate, fit, make_train_loop, make_train_step
+from jaxbn.train import cross_entropy, evaluate, fit, make_train_step
 
 # Relative tolerance (to the largest magnitude) per dtype, for sums of a few
 # hundred products.
@@ -618,20 +618,6 @@ def test_fused_cnn_trains_to_the_unfused_accuracy():
 
 
 # --------------------------------------------------------------------------- training
-
-
-def test_train_step_and_loop_run_the_cnn():
-    model, opt = CNN(1, (4, 8), 10), optax.sgd(0.05, momentum=0.9)
-    params, state = model.init(jax.random.key(0))
-    x, y = digit_images(DIGITS.x_train[:32]), DIGITS.y_train[:32]
-    step = jax.jit(make_train_step(model, opt))
-    _, new_state, _, metrics = step(params, state, opt.init(params), (x, y))
-    assert np.isfinite(float(metrics["loss"]))
-    assert not np.allclose(new_state["blocks"][0]["batch_norm"]["mean"], 0)
-    ts = jaxbn.train.init_train_state(model, opt, jax.random.key(1))
-    run = make_train_loop(model, opt, batch_size=16)
-    ts, metrics = run(ts, digit_images(DIGITS.x_train), DIGITS.y_train, 5)
-    assert int(ts.step) == 5 and metrics["loss"].shape == (5,)
 
 
 # The accuracy run: the CNN of the README on the digits as 8x8x1 images (measured:
