@@ -13,9 +13,9 @@ convolutions with permuted dimension numbers; XLA on the CPU rewrites such
 convolutions into the canonical form (which its fast convolution library runs)
 only in the entry computation of a program, not inside the body of a loop, so in
 a ``lax.scan`` training loop autodiff's gradient convolutions fall back to a
-naive loop nest: the digits CNN's step took 50-90x as long as the same step
-jitted alone (``benchmarks/bench_cnn.py --conv-diagnostic`` measures it). The
-canonical backward runs at the same speed in both.
+naive loop nest, many times slower than the same step jitted alone
+(``benchmarks/bench_cnn.py --conv-diagnostic`` measures it). The canonical
+backward runs at the same speed in both.
 """
 
 from __future__ import annotations
@@ -32,15 +32,8 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
-from jaxbn import _checks, _core
+from jaxbn import _checks, _core, _model
 from jaxbn._checks import AxisName
-from jaxbn._model import (
-    BATCH_NORM_OPTIONS,
-    check_batch_norm_options,
-    check_model_activation,
-    fold_model_layers,
-    model_batch_norm,
-)
 from jaxbn.act import ACTIVATIONS
 from jaxbn.fold import fold_into_conv
 from jaxbn.layer import BatchNorm
@@ -157,9 +150,7 @@ def _like(cotangent, primal):
     gives).
     """
     extra = tuple(sorted(_core.varying(cotangent) - _core.varying(primal)))
-    if extra:
-        cotangent = lax.psum(cotangent, extra)
-    return cotangent.astype(primal.dtype)
+    return _core.psum_over(cotangent, extra).astype(primal.dtype)
 
 
 _conv_channels_last.defvjp(_conv_fwd, _conv_bwd)
@@ -175,15 +166,6 @@ def _pairs(name: str, value, nd: int) -> tuple[int, ...]:
     ):
         raise ValueError(f"{name} must be a positive int or a tuple of {nd} of them, got {value!r}")
     return tuple(int(v) for v in values)
-
-
-def _same_padding(size: Sequence[int], ksize: Sequence[int], strides: Sequence[int]):
-    """``"SAME"`` padding: the output has ``ceil(size / stride)`` positions."""
-    out = []
-    for n, k, s in zip(size, ksize, strides, strict=True):
-        total = max((-(-n // s) - 1) * s + k - n, 0)
-        out.append((total // 2, total - total // 2))
-    return tuple(out)
 
 
 def conv(
@@ -228,6 +210,14 @@ def conv(
         >>> conv(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 5)), strides=2)[0, :, :, 0]
         Array([[18., 12.], [12.,  8.]], dtype=float32)
     """
+    x, kernel, strides, padding = _conv_args(x, kernel, strides, padding, data_format)
+    dtype = jnp.promote_types(x.dtype, kernel.dtype)
+    y = _conv_channels_last(x.astype(dtype), kernel.astype(dtype), strides, padding)
+    return jnp.moveaxis(y, -1, 1) if data_format == "NCHW" else y
+
+
+def _conv_args(x, kernel, strides, padding, data_format):
+    """Checks :func:`conv`'s arguments; returns them channels-last, with explicit padding."""
     if data_format not in DATA_FORMATS:
         raise ValueError(f"data_format must be one of {DATA_FORMATS}, got {data_format!r}")
     x, kernel = jnp.asarray(x), jnp.asarray(kernel)
@@ -249,30 +239,26 @@ def conv(
             f"([*spatial, in, out]), but x has {x.shape[-1]} ({data_format})"
         )
     strides = _pairs("strides", strides, nd)
-    if padding == "SAME":
-        padding = _same_padding(x.shape[1:-1], kernel.shape[:nd], strides)
-    elif padding == "VALID":
-        padding = ((0, 0),) * nd
-    else:
-        try:
-            padding = tuple((int(lo), int(hi)) for lo, hi in padding)
-        except (TypeError, ValueError):
-            raise ValueError(
-                f'padding must be "SAME", "VALID" or {nd} (low, high) pairs, got {padding!r}'
-            ) from None
-        if len(padding) != nd:
-            raise ValueError(f"padding must give {nd} (low, high) pairs, got {padding!r}")
     size, ksize = x.shape[1:-1], kernel.shape[:nd]
-    if any(n + lo + hi < k for n, k, (lo, hi) in zip(size, ksize, padding, strict=True)):
+    pads = padding
+    if isinstance(padding, str) and padding in ("SAME", "VALID"):
+        pads = lax.padtype_to_pads(size, ksize, strides, padding)
+    try:
+        pads = tuple((int(lo), int(hi)) for lo, hi in pads)
+    except (TypeError, ValueError):
+        pads = ()
+    if len(pads) != nd:
+        raise ValueError(
+            f'padding must be "SAME", "VALID" or {nd} (low, high) pairs, got {padding!r}'
+        )
+    if any(n + lo + hi < k for n, k, (lo, hi) in zip(size, ksize, pads, strict=True)):
         # No output position: an empty forward, and a backward that fails.
         raise ValueError(
             f"the kernel's spatial size {ksize} exceeds the image's {size} padded by "
-            f"{padding}: the convolution has no output (pad the image, or use a smaller "
+            f"{pads}: the convolution has no output (pad the image, or use a smaller "
             f"kernel or padding='SAME')"
         )
-    dtype = jnp.promote_types(x.dtype, kernel.dtype)
-    y = _conv_channels_last(x.astype(dtype), kernel.astype(dtype), strides, padding)
-    return jnp.moveaxis(y, -1, 1) if data_format == "NCHW" else y
+    return x, kernel, strides, pads
 
 
 def _pool(h, kind: str, spatial: tuple[int, ...]):
@@ -385,56 +371,54 @@ class CNN:
     def __post_init__(self):
         for name in ("in_channels", "num_classes"):
             _checks.check_positive_int(name, getattr(self, name))
-        chans = self.channels
-        if not isinstance(chans, tuple):
-            raise TypeError(
-                f"channels must be a tuple of ints (hashable), got {type(chans).__name__} {chans!r}"
-            )
-        if not chans or any(not _checks.is_int(c) or c < 1 for c in chans):
-            raise ValueError(f"channels must hold at least one positive int, got {chans!r}")
+        _model.check_sizes("channels", self.channels, 1, "one positive int")
         _pairs("kernel_size", self.kernel_size, 2)
-        self._block_strides()
-        self._block_pooling()
-        check_model_activation(self)
+        self._block_specs  # noqa: B018 (checks strides and pooling)
         if self.data_format not in DATA_FORMATS:
             raise ValueError(f"data_format must be one of {DATA_FORMATS}, got {self.data_format!r}")
-        _checks.check_positive_or_none("init_stddev", self.init_stddev)
-        check_batch_norm_options(self)
-        _checks.check_hashable_fields(self)
-        # Checks momentum, eps, axis_name, debias and frozen once, with the layer's
-        # own messages.
-        if self.use_batch_norm:
-            self._batch_norm(chans[0])
+        _model.check_config(self)
 
-    def _block_strides(self) -> tuple[tuple[int, int], ...]:
+    @functools.cached_property
+    def _block_specs(self) -> tuple[tuple[tuple[int, int], str | None], ...]:
+        """Each block's ``(strides, pooling)``, checked."""
         n = len(self.channels)
-        if isinstance(self.strides, (int, np.integer)):
-            return (_pairs("strides", self.strides, 2),) * n
-        if not isinstance(self.strides, tuple) or len(self.strides) != n:
+        strides = self.strides
+        if _checks.is_int(strides):
+            strides = (_pairs("strides", strides, 2),) * n
+        elif not isinstance(strides, tuple) or len(strides) != n:
             raise ValueError(
                 f"strides must be an int or a tuple of {n} entries (one per block), "
                 f"got {self.strides!r}"
             )
-        return tuple(_pairs(f"strides[{i}]", s, 2) for i, s in enumerate(self.strides))
-
-    def _block_pooling(self) -> tuple[str | None, ...]:
-        n = len(self.channels)
         pooling = self.pooling if isinstance(self.pooling, tuple) else (self.pooling,) * n
         if len(pooling) != n or any(p is not None and p not in POOLINGS for p in pooling):
             raise ValueError(
                 f"pooling must be None, 'max', 'avg' or a tuple of {n} of them (one per "
                 f"block), got {self.pooling!r}"
             )
-        return pooling
+        strides = [_pairs(f"strides[{i}]", s, 2) for i, s in enumerate(strides)]
+        return tuple(zip(strides, pooling, strict=True))
+
+    @functools.cached_property
+    def _batch_norms(self) -> tuple[BatchNorm | None, ...]:
+        """Each block's batch norm (``None`` without batch norm)."""
+        if not self.use_batch_norm:
+            return (None,) * len(self.channels)
+        return tuple(_model.batch_norm(self, c, axis=self.channel_axis) for c in self.channels)
+
+    @functools.cached_property
+    def _variable_shapes(self) -> tuple[dict, dict]:
+        """The shapes :meth:`init` gives, computed once (see :func:`_model.check_variables`)."""
+        return _model.variable_shapes(self)
 
     @property
     def channel_axis(self) -> int:
         """The channel axis of the activations: ``-1`` (NHWC) or ``1`` (NCHW)."""
         return -1 if self.data_format == "NHWC" else 1
 
-    def _batch_norm(self, width: int) -> BatchNorm:
-        """The batch-norm layer after a convolution with ``width`` output channels."""
-        return model_batch_norm(self, width, axis=self.channel_axis)
+    @property
+    def _spatial_axes(self) -> tuple[int, int]:
+        return (1, 2) if self.data_format == "NHWC" else (2, 3)
 
     def init(self, key: jax.Array) -> tuple[Params, State]:
         """Returns fresh ``(params, state)`` in the layout of the class docstring.
@@ -445,126 +429,21 @@ class CNN:
         Returns:
             ``(params, state)``, nested dicts of arrays.
         """
-        kh, kw = _pairs("kernel_size", self.kernel_size, 2)
+        kernel_size = _pairs("kernel_size", self.kernel_size, 2)
         keys = jax.random.split(key, len(self.channels) + 1)
-        blocks, states = [], []
-        for i, (c_in, c_out) in enumerate(
-            zip((self.in_channels, *self.channels[:-1]), self.channels, strict=True)
-        ):
-            std = self.init_stddev or 1.0 / math.sqrt(kh * kw * c_in)
-            conv_params = {
-                "kernel": std * jax.random.normal(keys[i], (kh, kw, c_in, c_out), self.param_dtype)
-            }
-            block, block_state = {"conv": conv_params}, {}
-            if self.use_batch_norm:
-                block["batch_norm"], block_state["batch_norm"] = self._batch_norm(c_out).init()
-            else:
-                conv_params["bias"] = jnp.zeros((c_out,), self.param_dtype)
-            blocks.append(block)
-            states.append(block_state)
-        width = self.channels[-1]
-        std = self.init_stddev or 1.0 / math.sqrt(width)
-        head = {
-            "kernel": jax.random.normal(keys[-1], (width, self.num_classes), self.param_dtype)
-            * std,
-            "bias": jnp.zeros((self.num_classes,), self.param_dtype),
-        }
-        return {"blocks": blocks, "head": head}, {"blocks": states}
-
-    def _check(self, params, state, x):
-        """Checks the input's layout and the params against the config, while tracing."""
-        fmt = self.data_format
-        expected = (
-            f"[batch, height, width, {self.in_channels}]"
-            if fmt == "NHWC"
-            else f"[batch, {self.in_channels}, height, width]"
-        )
-        if x.ndim != 4 or x.shape[self.channel_axis] != self.in_channels:
-            hint = ""
-            other_axis, other = (1, "NCHW") if fmt == "NHWC" else (-1, "NHWC")
-            if x.ndim == 4 and x.shape[other_axis] == self.in_channels:
-                hint = f" (that is the {other} layout: pass data_format={other!r})"
-            raise ValueError(
-                f"x must have shape {expected} for data_format={fmt!r} "
-                f"(in_channels={self.in_channels}), got {x.shape}{hint}"
+        blocks = [
+            _model.init_layer(self, k, (*kernel_size, c_in, c_out), "conv", bn)
+            for k, c_in, c_out, bn in zip(
+                keys[:-1],
+                (self.in_channels, *self.channels[:-1]),
+                self.channels,
+                self._batch_norms,
+                strict=True,
             )
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise TypeError(f"x must have a floating-point dtype, got {x.dtype}")
-        n = len(self.channels)
-        for tree, name in ((params, "params"), (state, "state")):
-            if not isinstance(tree, dict) or "blocks" not in tree:
-                raise TypeError(f'{name} must be a dict with a "blocks" list, as from init')
-            if len(tree["blocks"]) != n:
-                raise ValueError(
-                    f'{name}["blocks"] has {len(tree["blocks"])} entries, expected {n} for '
-                    f"channels={self.channels!r}"
-                )
-        kh, kw = _pairs("kernel_size", self.kernel_size, 2)
-        for i, (c_in, c_out) in enumerate(
-            zip((self.in_channels, *self.channels[:-1]), self.channels, strict=True)
-        ):
-            block = params["blocks"][i]
-            kernel = block["conv"]["kernel"]
-            if jnp.shape(kernel) != (kh, kw, c_in, c_out):
-                raise ValueError(
-                    f'params["blocks"][{i}]["conv"]["kernel"] must have shape '
-                    f"{(kh, kw, c_in, c_out)} ([kh, kw, in, out], HWIO), got {jnp.shape(kernel)}"
-                )
-            if ("batch_norm" in block) != self.use_batch_norm:
-                raise ValueError(
-                    f'params["blocks"][{i}] {"has" if "batch_norm" in block else "lacks"} '
-                    f'"batch_norm" but use_batch_norm={self.use_batch_norm}'
-                )
-        self._check_spatial_size(x)
-        head = params["head"]["kernel"]
-        if jnp.shape(head) != (self.channels[-1], self.num_classes):
-            raise ValueError(
-                f'params["head"]["kernel"] must have shape '
-                f"{(self.channels[-1], self.num_classes)}, got {jnp.shape(head)}"
-            )
-
-    def _check_spatial_size(self, x):
-        """Refuses an image that the strides and pooling shrink to nothing.
-
-        A block's "SAME" convolution leaves ``ceil(size / stride)`` positions,
-        its 2x2 pooling ``size // 2``; at 0 the global average would be a mean
-        over nothing: NaN logits, without an error.
-        """
-        spatial = (1, 2) if self.data_format == "NHWC" else (2, 3)
-        size = tuple(x.shape[a] for a in spatial)
-        for i, (stride, pooling) in enumerate(
-            zip(self._block_strides(), self._block_pooling(), strict=True)
-        ):
-            size = tuple(-(-n // s) for n, s in zip(size, stride, strict=True))
-            if pooling is not None:
-                size = tuple(n // 2 for n in size)
-            if min(size) < 1:
-                raise ValueError(
-                    f"x's {x.shape[spatial[0]]}x{x.shape[spatial[1]]} images are too small "
-                    f"for this CNN: after block {i} (strides={self.strides!r}, "
-                    f"pooling={self.pooling!r}) nothing is left ({size[0]}x{size[1]}); use "
-                    f"fewer blocks, smaller strides or less pooling"
-                )
-
-    def _block(self, block, block_state, h, training, strides, pooling):
-        """One block: ``(output, new_block_state)``."""
-        conv_params = block["conv"]
-        z = conv(h, conv_params["kernel"], strides=strides, data_format=self.data_format)
-        if "bias" in conv_params:
-            bias = conv_params["bias"]
-            z = z + _core.expand(bias, z.ndim, (self.channel_axis % z.ndim,))
-        new_block_state = {}
-        bn = None
-        if "batch_norm" in block:
-            bn = self._batch_norm(z.shape[self.channel_axis])
-            z, new_block_state["batch_norm"] = bn.apply(
-                block["batch_norm"], block_state["batch_norm"], z, training=training
-            )
-        # A fused batch norm has applied the activation itself.
-        h = z if bn is not None and bn.fused else ACTIVATIONS[self.activation](z)
-        if pooling is not None:
-            h = _pool(h, pooling, (1, 2) if self.data_format == "NHWC" else (2, 3))
-        return h, new_block_state
+        ]
+        head_shape = (self.channels[-1], self.num_classes)
+        head = _model.init_layer(self, keys[-1], head_shape, "head", None)[0]["head"]
+        return {"blocks": [p for p, _ in blocks], "head": head}, {"blocks": [s for _, s in blocks]}
 
     def apply(
         self, params: Params, state: State, x: ArrayLike, *, training: bool
@@ -588,27 +467,76 @@ class CNN:
             ValueError, TypeError: (while tracing) for ``x`` of the wrong rank,
                 layout or channel count, or params that do not match the config.
         """
-        _checks.check_training(training)
-        x = jnp.asarray(x)
-        self._check(params, state, x)
+        x = self._check(params, state, x, training)
         h, new_states = x, []
-        for block, block_state, strides, pooling in zip(
-            params["blocks"],
-            state["blocks"],
-            self._block_strides(),
-            self._block_pooling(),
-            strict=True,
+        for block, block_state, bn, (strides, pooling) in zip(
+            params["blocks"], state["blocks"], self._batch_norms, self._block_specs, strict=True
         ):
             block_fn = self._block
             if self.remat:
-                block_fn = jax.checkpoint(block_fn, static_argnums=(3, 4, 5))
-            h, new_block_state = block_fn(block, block_state, h, training, strides, pooling)
+                block_fn = jax.checkpoint(block_fn, static_argnums=(3, 4, 5, 6))
+            h, new_block_state = block_fn(block, block_state, h, bn, training, strides, pooling)
             new_states.append(new_block_state)
-        spatial = (1, 2) if self.data_format == "NHWC" else (2, 3)
-        features = jnp.mean(h, axis=spatial)
+        features = jnp.mean(h, axis=self._spatial_axes)
         head = params["head"]
         logits = features @ head["kernel"] + _core.expand(head["bias"], 2, (1,))
         return logits, {"blocks": new_states}
+
+    def _check(self, params, state, x, training):
+        """Checks the arguments of :meth:`apply` while tracing; returns ``x`` as an array."""
+        _checks.check_training(training)
+        x = jnp.asarray(x)
+        fmt = self.data_format
+        if x.ndim != 4 or x.shape[self.channel_axis] != self.in_channels:
+            expected = (
+                f"[batch, height, width, {self.in_channels}]"
+                if fmt == "NHWC"
+                else f"[batch, {self.in_channels}, height, width]"
+            )
+            hint = ""
+            other_axis, other = (1, "NCHW") if fmt == "NHWC" else (-1, "NHWC")
+            if x.ndim == 4 and x.shape[other_axis] == self.in_channels:
+                hint = f" (that is the {other} layout: pass data_format={other!r})"
+            raise ValueError(
+                f"x must have shape {expected} for data_format={fmt!r} "
+                f"(in_channels={self.in_channels}), got {x.shape}{hint}"
+            )
+        _checks.check_x(x)
+        _model.check_variables(self, params, state, "blocks")
+        self._check_spatial_size(x)
+        return x
+
+    def _check_spatial_size(self, x):
+        """Refuses an image that the strides and pooling shrink to nothing.
+
+        A block's "SAME" convolution leaves ``ceil(size / stride)`` positions,
+        its 2x2 pooling ``size // 2``; at 0 the global average would be a mean
+        over nothing: NaN logits, without an error.
+        """
+        height, width = size = tuple(x.shape[a] for a in self._spatial_axes)
+        for i, (stride, pooling) in enumerate(self._block_specs):
+            size = tuple(-(-n // s) for n, s in zip(size, stride, strict=True))
+            if pooling is not None:
+                size = tuple(n // 2 for n in size)
+            if min(size) < 1:
+                raise ValueError(
+                    f"x's {height}x{width} images are too small for this CNN: after block "
+                    f"{i} (strides={self.strides!r}, pooling={self.pooling!r}) nothing is "
+                    f"left ({size[0]}x{size[1]}); use fewer blocks, smaller strides or less "
+                    f"pooling"
+                )
+
+    def _block(self, block, block_state, h, bn, training, strides, pooling):
+        """One block: ``(output, new_block_state)``."""
+        z = conv(h, block["conv"]["kernel"], strides=strides, data_format=self.data_format)
+        u, new_block_state = _model.normalize(
+            block, block_state, z, bn, linear="conv", training=training, axis=self.channel_axis
+        )
+        # A fused batch norm has applied the activation itself.
+        h = u if bn is not None and bn.fused else ACTIVATIONS[self.activation](u)
+        if pooling is not None:
+            h = _pool(h, pooling, self._spatial_axes)
+        return h, new_block_state
 
     def fold(self, params: Params, state: State) -> tuple[CNN, Params, State]:
         """Folds every batch norm into its convolution, for inference.
@@ -628,14 +556,4 @@ class CNN:
             ``(model, params, state)`` of the folded network (``use_batch_norm``
             off; the state holds no statistics).
         """
-        blocks = fold_model_layers(
-            self, params["blocks"], state["blocks"], linear="conv", fold=fold_into_conv
-        )
-        model = dataclasses.replace(
-            self, use_batch_norm=False, **dict.fromkeys(BATCH_NORM_OPTIONS, False)
-        )
-        return (
-            model,
-            {"blocks": blocks, "head": params["head"]},
-            {"blocks": [{} for _ in blocks]},
-        )
+        return _model.fold(self, params, state, key="blocks", linear="conv", fold_fn=fold_into_conv)

@@ -23,17 +23,6 @@ from jaxbn import _checks, _core
 __all__ = ["fold_into_conv", "fold_into_dense"]
 
 
-def _check_vector(name: str, v: ArrayLike, out_features: int, kernel_hint: str) -> None:
-    shape = jnp.shape(v)
-    if shape != (out_features,):
-        raise ValueError(
-            f"{name} must have shape ({out_features},) (the kernel's output features, its "
-            f"last axis: {kernel_hint}), got {shape}"
-        )
-    if not jnp.issubdtype(jnp.result_type(v), jnp.floating):
-        raise TypeError(f"{name} must have a floating-point dtype, got {jnp.result_type(v)}")
-
-
 def fold_into_dense(
     dense_params: Mapping[str, ArrayLike],
     bn_params: Mapping[str, ArrayLike],
@@ -154,11 +143,28 @@ def fold_into_conv(
 
 
 def _fold(layer_params, bn_params, bn_state, *, eps, name, spatial):
-    """The one fold: checks, then ``W' = W * a``, ``b' = (b - mean) * a + beta``.
+    """The one fold: ``W' = W * a``, ``b' = (b - mean) * a + beta``.
 
     ``a = scale / sqrt(var + eps)`` multiplies the kernel's last axis (the
     output features, for dense and convolution kernels alike).
     """
+    kernel, vectors = _check_fold(layer_params, bn_params, bn_state, eps, name, spatial)
+    dtypes = [kernel.dtype, *(jnp.result_type(v) for v in vectors)]
+    cdt = _checks.compute_dtype(functools.reduce(np.promote_types, dtypes))
+
+    def get(tree, key, default):
+        return jnp.asarray(tree[key]).astype(cdt) if key in tree else default
+
+    a = lax.rsqrt(get(bn_state, "var", None) + jnp.asarray(eps, cdt)) * get(bn_params, "scale", 1.0)
+    bias = (get(layer_params, "bias", 0.0) - get(bn_state, "mean", None)) * a
+    bias = bias + get(bn_params, "bias", 0.0)
+    folded = kernel.astype(cdt) * _core.expand(a, kernel.ndim, (kernel.ndim - 1,))
+    bias_dtype = jnp.result_type(layer_params.get("bias", kernel))
+    return {"kernel": folded.astype(kernel.dtype), "bias": bias.astype(bias_dtype)}
+
+
+def _check_fold(layer_params, bn_params, bn_state, eps, name, spatial):
+    """Checks the fold's arguments; returns the kernel and the per-feature vectors."""
     _checks.check_eps(eps)
     _checks.check_keys(name, layer_params, ("kernel", "bias"), ("kernel",))
     _checks.check_keys("bn_params", bn_params, ("scale", "bias"), ())
@@ -167,46 +173,30 @@ def _fold(layer_params, bn_params, bn_state, *, eps, name, spatial):
     state_keys = ("mean", "var", "count", "renorm_mean", "renorm_var")
     _checks.check_keys("bn_state", bn_state, state_keys, ("mean", "var"))
     kernel = jnp.asarray(layer_params["kernel"])
-    if spatial:
-        layout, ok = "[*spatial, in, out]", kernel.ndim >= 3
-        expected = "[*spatial, in, out] (HWIO: the output channels last), of rank >= 3"
-    else:
-        layout, ok = "[in, out]", kernel.ndim == 2
-        expected = "(in_features, out_features)"
-    if not ok:
-        raise ValueError(f'{name}["kernel"] must have shape {expected}, got {kernel.shape}')
+    layout, rank_ok = (
+        ("[*spatial, in, out]", kernel.ndim >= 3) if spatial else ("[in, out]", kernel.ndim == 2)
+    )
+    if not rank_ok:
+        raise ValueError(
+            f'{name}["kernel"] must have shape {layout}, the output features last, got '
+            f"{kernel.shape}"
+        )
     if not jnp.issubdtype(kernel.dtype, jnp.floating):
         raise TypeError(f'{name}["kernel"] must have a floating-point dtype, got {kernel.dtype}')
     out = kernel.shape[-1]
-    vectors = {
-        f'{tree_name}["{key}"]': tree[key]
-        for tree_name, tree, keys in (
-            (name, layer_params, ("bias",)),
-            ("bn_params", bn_params, ("scale", "bias")),
-            ("bn_state", bn_state, ("mean", "var")),
-        )
-        for key in keys
-        if key in tree
-    }
-    for vname, v in vectors.items():
-        _check_vector(vname, v, out, f"{name}['kernel'] is {layout} = {kernel.shape}")
-
-    cdt = functools.reduce(
-        np.promote_types, [kernel.dtype, *(jnp.result_type(v) for v in vectors.values())]
-    )
-    cdt = _checks.compute_dtype(cdt)
-
-    def get(tree, key, default):
-        return jnp.asarray(tree[key]).astype(cdt) if key in tree else default
-
-    a = lax.rsqrt(get(bn_state, "var", None) + jnp.asarray(eps, cdt))
-    a = a * get(bn_params, "scale", 1.0)
-    layer_bias = get(layer_params, "bias", 0.0)
-    bias = (layer_bias - get(bn_state, "mean", None)) * a + get(bn_params, "bias", 0.0)
-    bias_dtype = jnp.result_type(layer_params["bias"]) if "bias" in layer_params else kernel.dtype
-    return {
-        "kernel": (kernel.astype(cdt) * _core.expand(a, kernel.ndim, (kernel.ndim - 1,))).astype(
-            kernel.dtype
-        ),
-        "bias": bias.astype(bias_dtype),
-    }
+    vectors = []
+    for tree_name, tree, keys in (
+        (name, layer_params, ("bias",)),
+        ("bn_params", bn_params, ("scale", "bias")),
+        ("bn_state", bn_state, ("mean", "var")),
+    ):
+        for key in (k for k in keys if k in tree):
+            vectors.append(tree[key])
+            if jnp.shape(tree[key]) != (out,):
+                raise ValueError(
+                    f'{tree_name}["{key}"] must have shape ({out},) (the kernel\'s output '
+                    f"features, its last axis: {name}['kernel'] is {layout} = {kernel.shape}), "
+                    f"got {jnp.shape(tree[key])}"
+                )
+            _checks.check_feature_vector(f'{tree_name}["{key}"]', tree[key], (out,))  # dtype
+    return kernel, vectors

@@ -14,22 +14,15 @@ layer) as plain nested dicts, and ``apply`` threads the state through explicitly
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxbn import _checks, _core
-from jaxbn._checks import AxisName
-from jaxbn._model import (
-    BATCH_NORM_OPTIONS,
-    check_batch_norm_options,
-    check_model_activation,
-    fold_model_layers,
-    model_batch_norm,
-)
+from jaxbn import _model
+from jaxbn._checks import AxisName, check_training
 from jaxbn.act import ACTIVATIONS, invert_activation
 from jaxbn.fold import fold_into_dense
 from jaxbn.layer import BatchNorm
@@ -120,33 +113,27 @@ class MLP:
     fuse_activation: bool = False
 
     def __post_init__(self):
-        sizes = self.layer_sizes
-        if not isinstance(sizes, tuple):
-            raise TypeError(
-                f"layer_sizes must be a tuple of ints (hashable), got {type(sizes).__name__} "
-                f"{sizes!r}"
-            )
-        if len(sizes) < 2 or any(not _checks.is_int(d) or d < 1 for d in sizes):
-            raise ValueError(
-                f"layer_sizes must hold at least two positive ints (inputs, ..., outputs), "
-                f"got {sizes!r}"
-            )
-        check_model_activation(self)
-        _checks.check_positive_or_none("init_stddev", self.init_stddev)
-        check_batch_norm_options(self)
-        _checks.check_hashable_fields(self)
-        # Checks momentum, eps and axis_name once, with the layer's own messages.
-        if self.use_batch_norm:
-            self._batch_norm(sizes[1] if len(sizes) > 2 else 1)
+        _model.check_sizes(
+            "layer_sizes", self.layer_sizes, 2, "two positive ints (inputs, ..., outputs)"
+        )
+        _model.check_config(self)
 
     @property
     def num_hidden(self) -> int:
         """The number of hidden layers, ``len(layer_sizes) - 2``."""
         return len(self.layer_sizes) - 2
 
-    def _batch_norm(self, width: int) -> BatchNorm:
-        """The batch-norm layer after a hidden linear layer of ``width`` units."""
-        return model_batch_norm(self, width)
+    @functools.cached_property
+    def _batch_norms(self) -> tuple[BatchNorm | None, ...]:
+        """Each layer's batch norm (``None`` for the output layer, or without batch norm)."""
+        hidden = self.layer_sizes[1:-1] if self.use_batch_norm else ()
+        bns = [_model.batch_norm(self, width) for width in hidden]
+        return (*bns, *[None] * (len(self.layer_sizes) - 1 - len(bns)))
+
+    @functools.cached_property
+    def _variable_shapes(self) -> tuple[dict, dict]:
+        """The shapes :meth:`init` gives, computed once (see :func:`_model.check_variables`)."""
+        return _model.variable_shapes(self)
 
     def init(self, key: jax.Array) -> tuple[Params, State]:
         """Returns fresh ``(params, state)`` in the layout of the class docstring.
@@ -158,112 +145,53 @@ class MLP:
             ``(params, state)``, nested dicts of arrays.
         """
         keys = jax.random.split(key, len(self.layer_sizes) - 1)
-        layers, states = [], []
-        for i, (fan_in, fan_out) in enumerate(
-            zip(self.layer_sizes[:-1], self.layer_sizes[1:], strict=True)
-        ):
-            std = 1.0 / math.sqrt(fan_in) if self.init_stddev is None else self.init_stddev
-            kernel = std * jax.random.normal(keys[i], (fan_in, fan_out), self.param_dtype)
-            dense = {"kernel": kernel}
-            layer, layer_state = {"dense": dense}, {}
-            if i < self.num_hidden and self.use_batch_norm:
-                bn_params, bn_state = self._batch_norm(fan_out).init()
-                layer["batch_norm"], layer_state["batch_norm"] = bn_params, bn_state
-            else:
-                dense["bias"] = jnp.zeros((fan_out,), self.param_dtype)
-            layers.append(layer)
-            states.append(layer_state)
-        return {"layers": layers}, {"layers": states}
+        shapes = zip(self.layer_sizes[:-1], self.layer_sizes[1:], strict=True)
+        layers = [
+            _model.init_layer(self, k, shape, "dense", bn)
+            for k, shape, bn in zip(keys, shapes, self._batch_norms, strict=True)
+        ]
+        return {"layers": [p for p, _ in layers]}, {"layers": [s for _, s in layers]}
 
     def _forward(self, params, state, x, training):
-        """Returns ``(logits, new_state, pre_activations)``."""
-        _checks.check_training(training)
+        """Returns ``(logits, new_state, pre_activations)``, after checking the arguments."""
+        x = self._check(params, state, x, training)
+        h, new_states, pre = x, [], []
+        for i, (layer, layer_state, bn) in enumerate(
+            zip(params["layers"], state["layers"], self._batch_norms, strict=True)
+        ):
+            hidden = i < self.num_hidden
+            layer_fn = self._layer
+            if self.remat and hidden:
+                layer_fn = jax.checkpoint(layer_fn, static_argnums=(3, 4, 5))
+            h, u, new_layer_state = layer_fn(layer, layer_state, h, bn, training, hidden)
+            new_states.append(new_layer_state)
+            if hidden:
+                pre.append(u)
+        return h, {"layers": new_states}, pre
+
+    def _check(self, params, state, x, training):
+        """Checks the arguments of :meth:`apply` while tracing; returns ``x`` as an array."""
+        check_training(training)
         x = jnp.asarray(x)
         if x.ndim != 2 or x.shape[1] != self.layer_sizes[0]:
             raise ValueError(
                 f"x must have shape [batch, {self.layer_sizes[0]}] (layer_sizes[0] inputs), "
                 f"got {x.shape}"
             )
-        self._check_variables(params, state)
-        h, new_states, pre = x, [], []
-        for i, (layer, layer_state) in enumerate(
-            zip(params["layers"], state["layers"], strict=True)
-        ):
-            hidden = i < self.num_hidden
-            layer_fn = self._layer
-            if self.remat and hidden:
-                layer_fn = jax.checkpoint(layer_fn, static_argnums=(3, 4))
-            h, u, new_layer_state = layer_fn(layer, layer_state, h, training, hidden)
-            new_states.append(new_layer_state)
-            if hidden:
-                pre.append(u)
-        return h, {"layers": new_states}, pre
+        _model.check_variables(self, params, state, "layers")
+        return x
 
-    def _check_variables(self, params, state):
-        """Checks that ``params`` and ``state`` have the layout and shapes of :meth:`init`.
-
-        Compares the layer count, every entry (a batch-norm entry present or
-        absent, a dense ``bias`` present or absent) and every shape (the
-        widths) with what this config's ``init`` returns, while tracing.
-        """
-        want = jax.eval_shape(lambda: self.init(jax.random.key(0)))
-        n = len(self.layer_sizes) - 1
-        for tree, name in ((params, "params"), (state, "state")):
-            if not isinstance(tree, dict) or not isinstance(tree.get("layers"), (list, tuple)):
-                raise TypeError(
-                    f'{name} must be a dict {{"layers": [...]}} as MLP.init returns, got '
-                    f"{type(tree).__name__}"
-                    + (f" with keys {sorted(tree)}" if isinstance(tree, dict) else "")
-                )
-            if len(tree["layers"]) != n:
-                raise ValueError(
-                    f"{name} has {len(tree['layers'])} layers, expected {n} for "
-                    f"layer_sizes={self.layer_sizes!r}"
-                )
-        config = f"layer_sizes={self.layer_sizes!r}, use_batch_norm={self.use_batch_norm!r}"
-        for tree, expected, name in ((params, want[0], "params"), (state, want[1], "state")):
-            got = dict(jax.tree_util.tree_flatten_with_path(tree)[0])
-            exp = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
-            paths = {jax.tree_util.keystr(p): p for p in (*got, *exp)}
-            got = {jax.tree_util.keystr(p): v for p, v in got.items()}
-            exp = {jax.tree_util.keystr(p): v for p, v in exp.items()}
-            missing = [k for k in paths if k in exp and k not in got]
-            extra = [k for k in paths if k in got and k not in exp]
-            if missing or extra:
-                raise ValueError(
-                    f"{name} does not match the MLP ({config}): "
-                    + "; ".join(
-                        [f"missing {name}{k}" for k in missing]
-                        + [f"unexpected {name}{k}" for k in extra]
-                    )
-                )
-            for k, v in exp.items():
-                if jnp.shape(got[k]) != v.shape:
-                    raise ValueError(
-                        f"{name}{k} must have shape {v.shape} for the MLP ({config}), "
-                        f"got {jnp.shape(got[k])}"
-                    )
-
-    def _layer(self, layer, layer_state, h, training, hidden):
+    def _layer(self, layer, layer_state, h, bn, training, hidden):
         """One layer: ``(output, pre_activation, new_layer_state)``."""
-        dense = layer["dense"]
-        u = h @ dense["kernel"]
-        if "bias" in dense:
-            u = u + _core.expand(dense["bias"], u.ndim, (u.ndim - 1,))
-        new_layer_state = {}
-        if "batch_norm" in layer:
-            bn = self._batch_norm(u.shape[-1])
-            u, new_layer_state["batch_norm"] = bn.apply(
-                layer["batch_norm"], layer_state["batch_norm"], u, training=training
-            )
-            if bn.fused:
-                # The activation ran inside batch norm; the pre-activation (for
-                # pre_activations only, dead code otherwise) is its inverse.
-                return (
-                    u,
-                    invert_activation(u, self.activation, bn.negative_slope)[0],
-                    new_layer_state,
-                )
+        z = h @ layer["dense"]["kernel"]
+        u, new_layer_state = _model.normalize(
+            layer, layer_state, z, bn, linear="dense", training=training, axis=-1
+        )
+        if bn is not None and bn.fused:
+            # The activation ran inside batch norm; the pre-activation (for
+            # pre_activations only, dead code otherwise) is its inverse.
+            pre = invert_activation(u, self.activation, bn.negative_slope)[0]
+            return u, pre, new_layer_state
         return (ACTIVATIONS[self.activation](u) if hidden else u), u, new_layer_state
 
     def apply(
@@ -323,10 +251,6 @@ class MLP:
             ``(model, params, state)`` of the folded network (``use_batch_norm``
             off; the state holds no statistics).
         """
-        layers = fold_model_layers(
-            self, params["layers"], state["layers"], linear="dense", fold=fold_into_dense
+        return _model.fold(
+            self, params, state, key="layers", linear="dense", fold_fn=fold_into_dense
         )
-        folded = dataclasses.replace(
-            self, use_batch_norm=False, **dict.fromkeys(BATCH_NORM_OPTIONS, False)
-        )
-        return folded, {"layers": layers}, {"layers": [{} for _ in layers]}

@@ -23,7 +23,7 @@ from jax.test_util import check_grads
 import jaxbn
 from jaxbn import reference
 from jaxbn.cnn import CNN, conv
-from jaxbn.train import cross_entropy, evaluate, fit, make_train_loop, make_train_step
+from jaxbn.train import cross_entropy, evaluate, fit, make_train_step
 
 # Relative tolerance (to the largest magnitude) per dtype, for sums of a few
 # hundred products.
@@ -73,12 +73,10 @@ def conv_inputs(case, dtype, data_format="NHWC"):
     return x, kernel, strides, padding
 
 
-# (case, dtype, data_format): every case in float32, the others on a few.
+# (case, dtype, data_format): every case in float32, the other dtypes and NCHW
+# on the strided ones.
 VJP_CASES = [(i, jnp.float32, "NHWC") for i in range(len(CONV_CASES))] + [
-    (0, jnp.float64, "NHWC"),
     (3, jnp.float64, "NHWC"),
-    (1, jnp.bfloat16, "NHWC"),
-    (0, jnp.float32, "NCHW"),
     (1, jnp.float32, "NCHW"),
     (3, jnp.bfloat16, "NCHW"),
 ]
@@ -115,7 +113,7 @@ def test_conv_values_and_vjp_match_lax(case, dtype, data_format):
         close(dkernel, dkernel_ref, dtype)
 
 
-@pytest.mark.parametrize("case", CONV_CASES[:4], ids=CONV_IDS[:4])
+@pytest.mark.parametrize("case", CONV_CASES[1:4], ids=CONV_IDS[1:4])
 def test_conv_vjp_against_float64_numpy(case):
     """The gradients against a direct float64 NumPy sum over the windows."""
     x, kernel, strides, padding = conv_inputs(case, jnp.float32)
@@ -153,10 +151,10 @@ def test_conv_vjp_against_float64_numpy(case):
     close(dkernel, dk)
 
 
-@pytest.mark.parametrize("case", [CONV_CASES[0], CONV_CASES[3]], ids=[CONV_IDS[0], CONV_IDS[3]])
-def test_conv_check_grads_order_2(case):
+def test_conv_check_grads_order_2():
+    """Strided, with asymmetric explicit padding: the case with the most index arithmetic."""
     with jax.enable_x64(True):
-        x, kernel, strides, padding = conv_inputs(case, jnp.float64)
+        x, kernel, strides, padding = conv_inputs(CONV_CASES[3], jnp.float64)
         x, kernel = x[:1, ..., :2], kernel[..., :2, :2]
         fn = functools.partial(conv, strides=strides, padding=padding)
         check_grads(jax.jit(fn), (x, kernel), order=2, modes=["rev"])
@@ -326,6 +324,13 @@ def images(key, model: CNN, batch=6, size=(8, 8)):
     return x if model.data_format == "NHWC" else jnp.moveaxis(x, -1, 1)
 
 
+DIGITS = jaxbn.data.load_digits()
+
+
+def digit_images(x):
+    return np.asarray(x, np.float32).reshape(-1, 8, 8, 1)
+
+
 MODELS = {
     "plain": CNN(2, (4, 6), 3),
     "strides_pool": CNN(
@@ -383,47 +388,52 @@ def test_init_layout():
 def test_output_shapes(model, size, out_hw):
     params, state = model.init(jax.random.key(0))
     x = images(jax.random.key(1), model, batch=3, size=size)
-    logits, new_state = model.apply(params, state, x, training=True)
+    logits, new_state = jax.eval_shape(
+        functools.partial(model.apply, training=True), params, state, x
+    )
     assert logits.shape == (3, model.num_classes)
     assert jax.tree.structure(new_state) == jax.tree.structure(state)
     # The feature map the head averages over, from the oracle's shapes.
     h = x
-    for block, s, pool in zip(
-        params["blocks"], model._block_strides(), model._block_pooling(), strict=True
-    ):
-        h = conv(h, block["conv"]["kernel"], strides=s)
+    for block, (s, pool) in zip(params["blocks"], model._block_specs, strict=True):
+        h = jax.eval_shape(functools.partial(conv, strides=s), h, block["conv"]["kernel"])
         if pool is not None:
-            h = h[:, : h.shape[1] // 2 * 2 : 2, : h.shape[2] // 2 * 2 : 2]
+            h = jax.ShapeDtypeStruct(
+                (h.shape[0], h.shape[1] // 2, h.shape[2] // 2, h.shape[3]), h.dtype
+            )
     assert h.shape[1:3] == out_hw
 
 
-@pytest.mark.parametrize("name", MODELS)
-@pytest.mark.parametrize("training", [True, False])
-def test_apply_matches_the_oracle(name, training):
-    model = MODELS[name]
-    params, state = model.init(jax.random.key(0))
-    state = trained_state(model, params, state, jax.random.key(1))
-    x = images(jax.random.key(2), model)
-    logits, new_state = jax.jit(functools.partial(model.apply, training=training))(params, state, x)
-    want_logits, want_state = jax.jit(functools.partial(oracle_forward, model, training=training))(
-        params, state, x
-    )
-    close(logits, want_logits)
-    tree_close(new_state, want_state)
+ORACLE_CASES = [
+    ("plain", "NHWC"),
+    ("strides_pool", "NHWC"),
+    ("strides_pool", "NCHW"),
+    ("kernel5_no_bn", "NCHW"),
+]
 
 
-@pytest.mark.parametrize("data_format", ["NHWC", "NCHW"])
-@pytest.mark.parametrize("name", MODELS)
-def test_gradients_match_the_oracle(name, data_format):
-    """Gradients with jaxbn's op and conv equal autodiff of the reference network.
+@pytest.mark.parametrize(("name", "data_format"), ORACLE_CASES, ids=map("-".join, ORACLE_CASES))
+def test_matches_the_oracle(name, data_format):
+    """Logits and new state in both modes, and gradients, equal the reference network's.
 
-    A random cotangent on the logits (never their sum) and one on the running
-    statistics' inputs through the loss; gradients of every param and of x.
+    Gradients of every param and of x, with jaxbn's op and conv against autodiff
+    of the oracle, for a random cotangent on the logits (never their sum).
+    Both layouts match the same oracle, so NCHW is NHWC transposed.
     """
     model = dataclasses.replace(MODELS[name], data_format=data_format)
     params, state = model.init(jax.random.key(0))
     state = trained_state(model, params, state, jax.random.key(1))
     x = images(jax.random.key(2), model)
+    oracle = functools.partial(oracle_forward, model)
+    for training in (True, False):
+        logits, new_state = jax.jit(functools.partial(model.apply, training=training))(
+            params, state, x
+        )
+        want_logits, want_state = jax.jit(functools.partial(oracle, training=training))(
+            params, state, x
+        )
+        close(logits, want_logits)
+        tree_close(new_state, want_state)
     ct = jax.random.normal(jax.random.key(3), (x.shape[0], model.num_classes))
 
     def loss(forward, params, x):
@@ -431,33 +441,9 @@ def test_gradients_match_the_oracle(name, data_format):
         return jnp.sum(logits * ct)
 
     grads = jax.jit(jax.grad(functools.partial(loss, model.apply), argnums=(0, 1)))(params, x)
-    want = jax.jit(
-        jax.grad(functools.partial(loss, functools.partial(oracle_forward, model)), argnums=(0, 1))
-    )(params, x)
+    want = jax.jit(jax.grad(functools.partial(loss, oracle), argnums=(0, 1)))(params, x)
     assert float(jnp.max(jnp.abs(grads[0]["blocks"][0]["conv"]["kernel"]))) > 0
     tree_close(grads, want)
-
-
-def test_nchw_equals_nhwc_transposed():
-    nhwc = MODELS["strides_pool"]
-    nchw = dataclasses.replace(nhwc, data_format="NCHW")
-    params, state = nhwc.init(jax.random.key(0))
-    x = images(jax.random.key(1), nhwc)
-    x_nchw = jnp.moveaxis(x, -1, 1)
-    for training in (True, False):
-        got = jax.jit(functools.partial(nchw.apply, training=training))(params, state, x_nchw)
-        want = jax.jit(functools.partial(nhwc.apply, training=training))(params, state, x)
-        tree_close(got, want)
-
-    def loss(model, params, x):
-        return cross_entropy(model.apply(params, state, x, training=True)[0], jnp.arange(6) % 3)
-
-    g_nchw, dx_nchw = jax.jit(jax.grad(functools.partial(loss, nchw), argnums=(0, 1)))(
-        params, x_nchw
-    )
-    g_nhwc, dx_nhwc = jax.jit(jax.grad(functools.partial(loss, nhwc), argnums=(0, 1)))(params, x)
-    tree_close(g_nchw, g_nhwc)
-    close(dx_nchw, jnp.moveaxis(dx_nhwc, -1, 1))
 
 
 def test_remat_gives_the_same_gradients():
@@ -470,22 +456,6 @@ def test_remat_gives_the_same_gradients():
 
     got = jax.jit(jax.grad(functools.partial(loss, dataclasses.replace(model, remat=True))))(params)
     tree_close(got, jax.jit(jax.grad(functools.partial(loss, model)))(params))
-
-
-@pytest.mark.parametrize("data_format", ["NHWC", "NCHW"])
-def test_fold_gives_the_same_outputs_as_evaluation_mode(data_format):
-    model = dataclasses.replace(MODELS["strides_pool"], data_format=data_format)
-    params, state = model.init(jax.random.key(0))
-    params = jax.tree.map(lambda v: v * 1.3 + 0.1, params)
-    state = trained_state(model, params, state, jax.random.key(1))
-    folded, fparams, fstate = model.fold(params, state)
-    assert not folded.use_batch_norm
-    assert all(set(b) == {"conv"} for b in fparams["blocks"])
-    assert all(set(b["conv"]) == {"kernel", "bias"} for b in fparams["blocks"])
-    x = images(jax.random.key(2), model)
-    want = model.apply(params, state, x, training=False)[0]
-    got = folded.apply(fparams, fstate, x, training=False)[0]
-    close(got, want)
 
 
 # --------------------------------------------------------------------------- fused activation
@@ -527,8 +497,10 @@ def _with_effective_scale(model, params):
     return {**params, "blocks": blocks}
 
 
-@pytest.mark.parametrize("data_format", ["NHWC", "NCHW"])
-@pytest.mark.parametrize("name", FUSED)
+FUSED_CASES = [("leaky_relu", "NHWC"), ("elu", "NCHW")]
+
+
+@pytest.mark.parametrize(("name", "data_format"), FUSED_CASES, ids=map("-".join, FUSED_CASES))
 def test_fused_equals_unfused_with_the_effective_scale(name, data_format):
     """Outputs, running statistics and gradients (params and x) of the fused CNN.
 
@@ -602,17 +574,31 @@ def test_fused_step_keeps_one_activation_per_block():
     assert temp[True] <= temp[False] - 1.5, temp
 
 
-@pytest.mark.parametrize("data_format", ["NHWC", "NCHW"])
-def test_fused_fold_uses_the_effective_scale(data_format):
-    fused, _, params, state = _fused_setup("leaky_relu", data_format)
-    folded, fparams, fstate = fused.fold(params, state)
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused-NCHW", "fused-NHWC"])
+def test_fold_gives_the_same_outputs_as_evaluation_mode(fused):
+    """Folded, the CNN has no batch norm and the outputs of evaluation mode.
+
+    The fused CNN folds ``|scale| + eps``: folding its plain scale would be
+    wrong (the scales have both signs; the negative control).
+    """
+    if fused:
+        model, _, params, state = _fused_setup("leaky_relu", "NHWC")
+    else:
+        model = dataclasses.replace(MODELS["strides_pool"], data_format="NCHW")
+        params, state = model.init(jax.random.key(0))
+        params = jax.tree.map(lambda v: v * 1.3 + 0.1, params)
+        state = trained_state(model, params, state, jax.random.key(1))
+    folded, fparams, fstate = model.fold(params, state)
     assert not folded.use_batch_norm and not folded.fuse_activation
-    x = images(jax.random.key(5), fused)
-    want = fused.apply(params, state, x, training=False)[0]
-    close(folded.apply(fparams, fstate, x, training=False)[0], want)
-    # Folding the plain scale instead would be wrong (the scales have both signs).
-    _, wrong, _ = dataclasses.replace(fused, fuse_activation=False).fold(params, state)
-    assert not np.allclose(folded.apply(wrong, fstate, x, training=False)[0], want, atol=1e-3)
+    assert all(set(b) == {"conv"} for b in fparams["blocks"])
+    assert all(set(b["conv"]) == {"kernel", "bias"} for b in fparams["blocks"])
+    x = images(jax.random.key(2), model)
+    want = jax.jit(functools.partial(model.apply, training=False))(params, state, x)[0]
+    apply_folded = jax.jit(functools.partial(folded.apply, training=False))
+    close(apply_folded(fparams, fstate, x)[0], want)
+    if fused:
+        _, wrong, _ = dataclasses.replace(model, fuse_activation=False).fold(params, state)
+        assert not np.allclose(apply_folded(wrong, fstate, x)[0], want, atol=1e-3)
 
 
 def test_fused_cnn_trains_to_the_unfused_accuracy():
@@ -632,41 +618,6 @@ def test_fused_cnn_trains_to_the_unfused_accuracy():
 
 
 # --------------------------------------------------------------------------- training
-
-DIGITS = jaxbn.data.load_digits()
-
-
-def digit_images(x):
-    return np.asarray(x, np.float32).reshape(-1, 8, 8, 1)
-
-
-def test_train_step_and_loop_run_the_cnn():
-    model, opt = CNN(1, (4, 8), 10), optax.sgd(0.05, momentum=0.9)
-    params, state = model.init(jax.random.key(0))
-    x, y = digit_images(DIGITS.x_train[:32]), DIGITS.y_train[:32]
-    step = jax.jit(make_train_step(model, opt))
-    _, new_state, _, metrics = step(params, state, opt.init(params), (x, y))
-    assert np.isfinite(float(metrics["loss"]))
-    assert not np.allclose(new_state["blocks"][0]["batch_norm"]["mean"], 0)
-    ts = jaxbn.train.init_train_state(model, opt, jax.random.key(1))
-    run = make_train_loop(model, opt, batch_size=16)
-    ts, metrics = run(ts, digit_images(DIGITS.x_train), DIGITS.y_train, 5)
-    assert int(ts.step) == 5 and metrics["loss"].shape == (5,)
-
-
-def test_fit_resumes_a_cnn_run_bit_identically(tmp_path):
-    model, opt = CNN(1, (4, 8), 10), optax.adam(1e-2)
-    data = (digit_images(DIGITS.x_train), DIGITS.y_train)
-    kwargs = dict(batch_size=32, key=jax.random.key(2), chunk_size=4)
-    straight = fit(model, opt, *data, steps=10, **kwargs)
-    path = tmp_path / "cnn.npz"
-    fit(model, opt, *data, steps=6, checkpoint_path=path, **kwargs)
-    resumed = fit(model, opt, *data, steps=10, checkpoint_path=path, resume=True, **kwargs)
-    assert int(resumed.step) == 10
-    leaves = jax.tree.leaves((straight.params, straight.state, straight.opt_state))
-    again = jax.tree.leaves((resumed.params, resumed.state, resumed.opt_state))
-    for a, b in zip(leaves, again, strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 # The accuracy run: the CNN of the README on the digits as 8x8x1 images (measured:
@@ -723,13 +674,14 @@ APPLY_BAD = [
         "kernel_channels",
         lambda p, s: (_swap_kernel(p, 1, (3, 3, 5, 6)), s, jnp.ones((2, 8, 8, 2))),
         ValueError,
-        r'params\["blocks"\]\[1\]\["conv"\]\["kernel"\].*\(3, 3, 4, 6\).*\(3, 3, 5, 6\)',
+        r"params\['blocks'\]\[1\]\['conv'\]\['kernel'\] must have shape \(3, 3, 4, 6\).*"
+        r"got \(3, 3, 5, 6\)",
     ),
     (
         "blocks",
         lambda p, s: ({**p, "blocks": p["blocks"][:1]}, s, jnp.ones((2, 8, 8, 2))),
         ValueError,
-        r'params\["blocks"\] has 1 entries, expected 2',
+        "params has 1 blocks, expected 2",
     ),
     (
         "int_x",
@@ -820,5 +772,7 @@ def test_images_shrunk_to_nothing_are_refused_while_tracing(model, small, large)
                 jax.ShapeDtypeStruct(shape(small), jnp.float32),
             )
     # Images just large enough keep one position, and give finite logits.
-    logits, _ = model.apply(params, state, jnp.ones(shape(large)), training=False)
+    logits, _ = jax.jit(functools.partial(model.apply, training=False))(
+        params, state, jnp.ones(shape(large))
+    )
     assert bool(jnp.all(jnp.isfinite(logits)))

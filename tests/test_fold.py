@@ -1,4 +1,7 @@
-"""Folding batch norm into the preceding dense layer: same outputs, clear errors."""
+"""Folding batch norm into the preceding dense layer or convolution: same outputs, clear errors.
+
+The models' own ``fold`` is tested with each model (tests/test_mlp.py, tests/test_cnn.py).
+"""
 
 import functools
 
@@ -266,29 +269,10 @@ def test_not_a_dict():
         fold_into_dense(dense, bn_params, (1.0, 2.0), eps=EPS)
 
 
-def test_mlp_fold_gives_the_same_outputs_as_evaluation_mode():
-    model = jaxbn.MLP((8, 16, 16, 3), activation="tanh")
-    params, state = model.init(jax.random.key(0))
-    ks = jax.random.split(jax.random.key(1), 4)
-    # A few training batches so the running statistics and the params are not trivial.
-    for k in ks[:3]:
-        _, state = model.apply(
-            params, state, 3.0 * jax.random.normal(k, (32, 8)) + 1, training=True
-        )
-    params = jax.tree.map(lambda v: v * 1.3 + 0.1, params)
-    x = jax.random.normal(ks[3], (20, 8))
-    folded, fparams, fstate = model.fold(params, state)
-    assert not folded.use_batch_norm
-    assert all("batch_norm" not in layer for layer in fparams["layers"])
-    want = model.apply(params, state, x, training=False)[0]
-    got = folded.apply(fparams, fstate, x, training=False)[0]
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
-
-
 @pytest.mark.parametrize(
     "options", [{"momentum": None}, {"renorm": True}], ids=["cumulative", "renorm"]
 )
-def test_mlp_fold_with_extra_state_entries(options):
+def test_fold_ignores_extra_state_entries(options):
     bn = jaxbn.BatchNorm(4, **options)
     params, state = bn.init()
     x = jax.random.normal(jax.random.key(0), (16, 4)) * 2 + 1
@@ -333,8 +317,14 @@ def conv_layer(x, conv, data_format):
     return y
 
 
-@pytest.mark.parametrize("data_format", ["NHWC", "NCHW"])
-@pytest.mark.parametrize("config", CONFIGS[:3], ids=IDS[:3])
+CONV_CASES = [(0, "NHWC"), (1, "NCHW"), (2, "NHWC")]
+
+
+@pytest.mark.parametrize(
+    ("config", "data_format"),
+    [(CONFIGS[i], f) for i, f in CONV_CASES],
+    ids=[f"{IDS[i]}-{f}" for i, f in CONV_CASES],
+)
 def test_fold_into_conv_matches_conv_then_batch_norm(config, data_format):
     config = {("conv_bias" if k == "dense_bias" else k): v for k, v in config.items()}
     x, conv, bn_params, bn_state = make_conv_layers(jax.random.key(10), **config)
