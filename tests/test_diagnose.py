@@ -193,7 +193,7 @@ class NoMomentum:
     ("case", "error", "match"),
     [
         ("wrong_shape", ValueError, r"x \(shape \(359, 10\)\) does not fit the model"),
-        ("no_batch_norm", ValueError, "no batch-norm layer"),
+        ("no_batch_norm", ValueError, "no batch-norm statistics"),
         ("nan", ValueError, r"x must be finite: x\[7\] holds NaN"),
         ("batch_size_1", ValueError, r"batch_size must be .* in \[2, 359\]"),
         ("batch_size_large", ValueError, r"batch_size must be .* in \[2, 359\]"),
