@@ -249,35 +249,30 @@ def _points(gain: float) -> str:
     return f"{100 * gain:+.1f}"
 
 
+#: The table's columns after the layer's name, with what the legend says of each.
+_COLUMNS = {
+    "mean shift": "running vs population mean, in population stds",
+    "var ratio": "running / population",
+    "batch spread": "batch mean / std vs population",
+    "dead": "",
+    "collapsed": "",
+    "updates": "count / horizon",
+    "alone": "points of {metric} with this layer's population statistics alone",
+}
+
+
 def _table(d: Diagnosis) -> list[str]:
     """The per-layer table of the report (columns as wide as their widest cell), its legend."""
-    rows = [_HEAD] + [_row(layer, d.running_score) for layer in d.layers]
+    rows = [("layer", *_COLUMNS, ""), *(_row(layer, d.running_score) for layer in d.layers)]
     widths = [max(map(len, column)) for column in zip(*rows, strict=True)]
     table = [
         "  ".join(
             c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
-        )
+        ).rstrip()
         for r in rows
     ]
-    legend = _wrap(
-        "(mean shift: running vs population mean, in population stds; var ratio: running / "
-        "population; batch spread: batch mean / std vs population; updates: count / horizon; "
-        f"alone: points of {d.metric} with this layer's population statistics alone)"
-    )
-    return [line.rstrip() for line in table] + legend
-
-
-_HEAD = (
-    "layer",
-    "mean shift",
-    "var ratio",
-    "batch spread",
-    "dead",
-    "collapsed",
-    "updates",
-    "alone",
-    "",
-)
+    legend = "; ".join(f"{name}: {says}" for name, says in _COLUMNS.items() if says)
+    return table + _wrap(f"({legend.format(metric=d.metric)})")
 
 
 def _row(layer: LayerDiagnosis, running_score: float) -> tuple[str, ...]:
