@@ -659,8 +659,9 @@ def _conv_same_3x3(x, kernel):
     return out
 
 
-@pytest.mark.parametrize("fuse", [False, True], ids=["unfused", "fused"])
-@pytest.mark.parametrize("data_format", ["NHWC", "NCHW"])
+@pytest.mark.parametrize(
+    "data_format,fuse", [("NHWC", False), ("NCHW", True)], ids=["NHWC-unfused", "NCHW-fused"]
+)
 def test_cnn_blocks_get_the_population_statistics_of_their_inputs(data_format, fuse):
     """precise_stats on jaxbn.CNN: both blocks, recomputed here in float64 NumPy.
 
