@@ -44,7 +44,7 @@ from jax.typing import ArrayLike
 
 from jaxbn import _checks
 from jaxbn._model import batch_norm_layers
-from jaxbn.stats import batch_stats, check_model, precise_stats
+from jaxbn.stats import check_model, population_stats
 from jaxbn.train import check_labels
 
 __all__ = ["Diagnosis", "LayerDiagnosis", "diagnose"]
@@ -355,21 +355,21 @@ def diagnose(
     order = jax.random.permutation(jax.random.key(0), n)
     x = x[order]
     labels = None if labels is None else labels[np.asarray(order)]
-    population = precise_stats(
-        model, params, state, [x[i : i + batch_size] for i in range(0, n, batch_size)]
-    )
+    k = n // batch_size
+    groups = [(0, x[: k * batch_size].reshape(k, batch_size, *x.shape[1:]), None)]
+    if k * batch_size < n:
+        groups.append((k, x[k * batch_size :][None], None))
+    pop_state, per_batch = population_stats(model, probe, params, state, groups)
     paths, running, treedef, idx = batch_norm_layers(state)
-    pop = batch_norm_layers(population)[1]
+    pop = batch_norm_layers(pop_state)[1]
     alone = [tree_unflatten(treedef, [*running[:i], pop[i], *running[i + 1 :]]) for i in idx]
     outputs = [
-        np.asarray(_outputs(model, params, s, x), np.float64) for s in (state, population, *alone)
+        np.asarray(_outputs(model, params, s, x), np.float64) for s in (state, pop_state, *alone)
     ]
     scores = _scores(outputs, labels)
-    k = min(n // batch_size, MAX_SPREAD_BATCHES)  # the spread needs two batches
-    per_batch = [None] * len(idx)
-    if k >= 2:
-        xs = x[: k * batch_size].reshape(k, batch_size, *x.shape[1:])
-        per_batch = batch_stats(probe, params, state, xs)
+    # The spread of at least two (at most MAX_SPREAD_BATCHES) batches of batch_size.
+    spread = min(k, MAX_SPREAD_BATCHES)
+    per_batch = [(m[:spread], v[:spread]) if spread >= 2 else None for m, v in per_batch]
     scales = _scales(params)
     layers = tuple(
         _measure(model, paths[i], running[i], pop[i], stats, scales.get(paths[i]), score)

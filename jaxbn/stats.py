@@ -113,14 +113,32 @@ def check_model(model: Any, state: Any) -> Any:
     return dataclasses.replace(model, **changes)
 
 
-def batch_stats(probe: Any, params: Any, state: Any, xs: jax.Array) -> list:
-    """Every batch-norm layer's ``(means, vars)`` of the batches ``xs [k, batch, ...]``.
+def population_stats(
+    model: Any, probe: Any, params: Any, state: Any, groups: list
+) -> tuple[Any, list]:
+    """``state`` with the population statistics of ``groups``, and their per-batch statistics.
 
-    One row per batch, the layers in state order: what :func:`precise_stats`
-    pools, and what :func:`jaxbn.diagnose` measures the spread of. ``probe`` is
-    what :func:`check_model` returns; nothing is checked here.
+    The work of :func:`precise_stats` once its inputs are checked, shared with
+    :func:`jaxbn.diagnose`, which checks its own. ``probe`` is what
+    :func:`check_model` returns; ``groups`` are ``(index, xs, masks)``:
+    batches stacked as ``xs [k, batch, ...]`` (``masks`` per example, or
+    ``None``), ``index`` the position of the first in ``batches`` (for errors).
+    The per-batch statistics are every layer's ``(means, vars)``, one row per
+    batch in the order of ``groups``, the layers in state order.
     """
-    return _scan_stats(probe, params, _probe_state(state), xs, None, 1)[1]
+    rows = sum(xs.shape[0] * xs.shape[1] for _, xs, _ in groups)
+    pstate = _probe_state(state)
+    runs = []
+    for i, xs, masks in groups:
+        try:
+            runs.append(_scan_stats(probe, params, pstate, *_as_run(xs, masks, rows)))
+        except (ValueError, TypeError) as e:
+            alone = " (the batches hold one example in all)" if rows == 1 else ""
+            raise type(e)(
+                f"batches[{i}] (shape {xs.shape[1:]}) does not fit the model{alone}: {e}"
+            ) from e
+    weights, stats = jax.tree.map(lambda *a: jnp.concatenate(a), *runs)
+    return _pooled(model, state, weights, stats, groups[0][1].shape[1:]), stats
 
 
 def _probe_state(state):
@@ -369,19 +387,7 @@ def precise_stats(
     probe = check_model(model, state)
     takes_mask = "mask" in inspect.signature(model.apply).parameters
     groups = _groups(batches, max_batches, takes_mask, stack)
-    rows = sum(xs.shape[0] * xs.shape[1] for _, xs, _ in groups)
-    pstate = _probe_state(state)
-    runs = []
-    for i, xs, masks in groups:
-        try:
-            runs.append(_scan_stats(probe, params, pstate, *_as_run(xs, masks, rows)))
-        except (ValueError, TypeError) as e:
-            alone = " (the batches hold one example in all)" if rows == 1 else ""
-            raise type(e)(
-                f"batches[{i}] (shape {xs.shape[1:]}) does not fit the model{alone}: {e}"
-            ) from e
-    weights, stats = jax.tree.map(lambda *a: jnp.concatenate(a), *runs)
-    return _pooled(model, state, weights, stats, groups[0][1].shape[1:])
+    return population_stats(model, probe, params, state, groups)[0]
 
 
 def precise_stats_from_data(

@@ -220,6 +220,6 @@ def test_bad_inputs_are_refused_before_any_work(healthy, digits, monkeypatch, ca
     elif case == "no_momentum":
         model = NoMomentum()
         params, state = jaxbn.BatchNorm(64).init()
-    monkeypatch.setattr(diagnosis, "precise_stats", _no_work)
+    monkeypatch.setattr(diagnosis, "population_stats", _no_work)
     with pytest.raises(error, match=match):
         jaxbn.diagnose(model, params, state, x, **kwargs)
