@@ -286,17 +286,12 @@ def _with_mask(i, x, mask, takes_mask):
             f"batches[{i}] is a pair, whose second entry must be a boolean mask, "
             f"got dtype {mask.dtype} (pass the inputs only, not (x, labels))"
         )
-    if mask.ndim < 1 or mask.shape[0] != x.shape[0]:
-        raise ValueError(
-            f"the mask of batches[{i}] must have the batch size {x.shape[0]} on "
-            f"axis 0, got shape {mask.shape}"
-        )
-    if math.prod(mask.shape[1:]) != 1:
+    if mask.ndim < 1 or mask.shape[0] != x.shape[0] or math.prod(mask.shape[1:]) != 1:
         # A batch is weighed by its kept examples; a mask within examples (one
         # that could vary along a layer's features) has no single weight.
         raise ValueError(
-            f"the mask of batches[{i}] must be per example ([{x.shape[0]}] or "
-            f"[{x.shape[0]}, 1, ...]), got shape {mask.shape}"
+            f"the mask of batches[{i}] must be per example, of shape [{x.shape[0]}] or "
+            f"[{x.shape[0]}, 1, ...] (the batch size first), got shape {mask.shape}"
         )
     if takes_mask:
         return x, mask
