@@ -190,8 +190,9 @@ def _pooled(model, state, weights, stats, x_shape):
         # An empty batch's statistics are not defined: they must not reach the sums.
         means = jnp.where(w > 0, means.astype(dtype), 0.0)
         variances = jnp.where(w > 0, variances.astype(dtype), 0.0)
-        mean = jnp.sum(w * means, axis=0)
+        mean = jnp.sum(w * means, axis=0, keepdims=True)
         var = jnp.sum(w * (variances + (means - mean) ** 2), axis=0) * correction
+        mean = mean[0]
         leaves[i] = {
             **old,
             "mean": jnp.where(n > 0, mean, old["mean"]).astype(old["mean"].dtype),
