@@ -39,11 +39,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.tree_util import tree_unflatten
 from jax.typing import ArrayLike
 
 from jaxbn import _checks
 from jaxbn._model import batch_norm_layers
-from jaxbn.stats import check_model, precise_stats
+from jaxbn.stats import check_model, population_stats
 from jaxbn.train import check_labels
 
 __all__ = ["Diagnosis", "LayerDiagnosis", "diagnose"]
@@ -173,44 +174,44 @@ class Diagnosis:
         if not self.stale:
             return ()
         gains = sorted(
-            (layer.alone_score - self.running_score, layer.name) for layer in self.layers
+            ((layer.alone_score - self.running_score, layer.name) for layer in self.layers),
+            reverse=True,
         )
-        return tuple(name for gain, name in reversed(gains) if gain >= self.gap / 4)
+        return tuple(name for gain, name in gains if gain >= self.gap / 4)
 
     @property
     def problems(self) -> tuple[str, ...]:
         """One sentence per problem found; empty for a healthy model."""
         out = []
         if self.stale:
-            gains = {layer.name: layer.alone_score - self.running_score for layer in self.layers}
-            costly = ", ".join(f"{n} ({_points(gains[n])})" for n in self.costly_layers)
+            alone = {layer.name: layer.alone_score for layer in self.layers}
+            costly = ", ".join(
+                f"{name} ({_points(alone[name] - self.running_score)})"
+                for name in self.costly_layers
+            )
             where = f"most of it in {costly}" if costly else "spread over the layers"
             out.append(
                 f"stale running statistics: they cost {100 * self.gap:.1f} points of "
                 f"{self.metric}; {where}"
             )
-        for kind, names in (
-            (f"noisy batch statistics at batch size {self.batch_size}", self._noisy()),
-            ("dead features (variance near 0)", self._indexed("dead")),
-            ("collapsed scales (near 0)", self._indexed("collapsed")),
-        ):
-            if names:
-                out.append(f"{kind} in {names}")
-        return tuple(out)
+        kinds = {
+            "noisy": f"noisy batch statistics at batch size {self.batch_size}",
+            "dead": "dead features (variance near 0)",
+            "collapsed": "collapsed scales (near 0)",
+        }
+        return (*out, *(f"{kinds[k]} in {self._flagged(k)}" for k in kinds if self._flagged(k)))
 
     @property
     def healthy(self) -> bool:
         """Whether nothing is wrong: no problem, no fix."""
         return not self.problems
 
-    def _noisy(self) -> str:
-        return ", ".join(layer.name for layer in self.layers if layer.noisy)
-
-    def _indexed(self, field: str) -> str:
+    def _flagged(self, what: str) -> str:
+        """The ``"noisy"`` layers, or those with ``"dead"`` or ``"collapsed"`` features, listed."""
         return ", ".join(
-            f"{layer.name} {list(getattr(layer, field))}"
+            layer.name if what == "noisy" else f"{layer.name} {list(getattr(layer, what))}"
             for layer in self.layers
-            if getattr(layer, field)
+            if getattr(layer, what)
         )
 
     def __str__(self) -> str:
@@ -223,21 +224,19 @@ class Diagnosis:
                 f"statistics {self.population_score:.1%} ({_points(self.gap)} points); the "
                 f"outputs change by {self.output_change:.1%}"
             ),
+            *_wrap("verdict: " + ("; ".join(self.problems) + "." if self.problems else _HEALTHY)),
         ]
-        if self.healthy:
-            return "\n".join(
-                lines
-                + _wrap(
-                    "verdict: no problem found. The running statistics predict as well as "
-                    "population statistics, batch statistics are steady, no feature is dead "
-                    "and no scale has collapsed."
-                )
-            )
-        lines += _wrap("verdict: " + "; ".join(self.problems) + ".")
-        lines.append("fixes, most effective first:")
+        if self.fixes:
+            lines.append("fixes, most effective first:")
         for i, (code, why) in enumerate(self.fixes, 1):
             lines += [f"  {i}. {code}", *_wrap(why, "     # ")]
         return "\n".join(lines)
+
+
+_HEALTHY = (
+    "no problem found. The running statistics predict as well as population statistics, "
+    "batch statistics are steady, no feature is dead and no scale has collapsed."
+)
 
 
 def _wrap(text: str, indent: str = "") -> list[str]:
@@ -250,56 +249,49 @@ def _points(gain: float) -> str:
     return f"{100 * gain:+.1f}"
 
 
+#: The table's columns after the layer's name, with what the legend says of each.
+_COLUMNS = {
+    "mean shift": "running vs population mean, in population stds",
+    "var ratio": "running / population",
+    "batch spread": "batch mean / std vs population",
+    "dead": "",
+    "collapsed": "",
+    "updates": "count / horizon",
+    "alone": "points of {metric} with this layer's population statistics alone",
+}
+
+
 def _table(d: Diagnosis) -> list[str]:
-    """The per-layer table of the report, with its legend."""
-    head = (
-        "layer",
-        "mean shift",
-        "var ratio",
-        "batch spread",
-        "dead",
-        "collapsed",
-        "updates",
-        "alone",
-        "",
-    )
-    rows = [head]
-    for layer in d.layers:
-        spread = (
-            "-"
-            if layer.batch_mean_spread is None
-            else f"{layer.batch_mean_spread:.2f} / {layer.batch_std_spread:.2f}"
-        )
-        updates = "-" if layer.count is None else f"{layer.count}"
-        updates += " / " + ("-" if layer.horizon is None else f"{layer.horizon:.0f}")
-        flags = [f for f in ("stale", "noisy") if getattr(layer, f)]
-        rows.append(
-            (
-                layer.name,
-                f"{layer.mean_shift:.2f}",
-                f"{layer.var_ratio:.2f}",
-                spread,
-                str(len(layer.dead)),
-                str(len(layer.collapsed)),
-                updates,
-                _points(layer.alone_score - d.running_score),
-                " ".join(flags),
-            )
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    """The per-layer table of the report (columns as wide as their widest cell), its legend."""
+    rows = [("layer", *_COLUMNS, ""), *(_row(layer, d.running_score) for layer in d.layers)]
+    widths = [max(map(len, column)) for column in zip(*rows, strict=True)]
     table = [
         "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(r, widths, strict=True))
-        )
+            c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        ).rstrip()
         for r in rows
     ]
-    legend = _wrap(
-        "(mean shift: running vs population mean, in population stds; var ratio: running / "
-        "population; batch spread: batch mean / std vs population; updates: count / horizon; "
-        f"alone: points of {d.metric} with this layer's population statistics alone)"
+    legend = "; ".join(f"{name}: {says}" for name, says in _COLUMNS.items() if says)
+    return table + _wrap(f"({legend.format(metric=d.metric)})")
+
+
+def _row(layer: LayerDiagnosis, running_score: float) -> tuple[str, ...]:
+    """One layer's cells of the table."""
+    spread = "-"
+    if layer.batch_mean_spread is not None:
+        spread = f"{layer.batch_mean_spread:.2f} / {layer.batch_std_spread:.2f}"
+    count = "-" if layer.count is None else layer.count
+    horizon = "-" if layer.horizon is None else f"{layer.horizon:.0f}"
+    figures = (layer.mean_shift, layer.var_ratio)
+    return (
+        layer.name,
+        *(f"{v:.2f}" for v in figures),
+        spread,
+        *(str(len(v)) for v in (layer.dead, layer.collapsed)),
+        f"{count} / {horizon}",
+        _points(layer.alone_score - running_score),
+        " ".join(f for f in ("stale", "noisy") if getattr(layer, f)),
     )
-    return [line.rstrip() for line in table] + legend
 
 
 def diagnose(
@@ -357,38 +349,35 @@ def diagnose(
         >>> layer.name, layer.stale, round(layer.mean_shift, 1), round(layer.var_ratio, 2)
         ('state', True, 1.5, 0.26)
     """
-    x, labels = _check_inputs(model, params, state, x, batch_size, labels)
+    probe, x, labels = _check_inputs(model, params, state, x, batch_size, labels)
+    n = x.shape[0]
     # Batches of x as it comes (sorted by class, say) would not be training batches.
-    order = jax.random.permutation(jax.random.key(0), x.shape[0])
+    order = jax.random.permutation(jax.random.key(0), n)
     x = x[order]
     labels = None if labels is None else labels[np.asarray(order)]
-    population = precise_stats(model, params, state, _split(x, batch_size))
-    paths, leaves, treedef, idx = batch_norm_layers(state)
-    pop = batch_norm_layers(population)[1]
-    alone = [
-        jax.tree_util.tree_unflatten(treedef, [*leaves[:i], pop[i], *leaves[i + 1 :]]) for i in idx
-    ]
+    k = n // batch_size
+    groups = [(0, x[: k * batch_size].reshape(k, batch_size, *x.shape[1:]), None)]
+    if k * batch_size < n:
+        groups.append((k, x[k * batch_size :][None], None))
+    pop_state, per_batch = population_stats(model, probe, params, state, groups)
+    paths, running, treedef, idx = batch_norm_layers(state)
+    pop = batch_norm_layers(pop_state)[1]
+    alone = [tree_unflatten(treedef, [*running[:i], pop[i], *running[i + 1 :]]) for i in idx]
     outputs = [
-        np.asarray(_outputs(model, params, s, x), np.float64) for s in (state, population, *alone)
+        np.asarray(_outputs(model, params, s, x), np.float64) for s in (state, pop_state, *alone)
     ]
     scores = _scores(outputs, labels)
-    per_batch = _batch_stats(model, params, state, x, batch_size)
-    batches = None if per_batch is None else batch_norm_layers(per_batch)[1]
+    # The spread of at least two (at most MAX_SPREAD_BATCHES) batches of batch_size.
+    spread = min(k, MAX_SPREAD_BATCHES)
+    per_batch = [(m[:spread], v[:spread]) if spread >= 2 else None for m, v in per_batch]
+    scales = _scales(params)
     layers = tuple(
-        _measure(
-            paths[i],
-            leaves[i],
-            pop[i],
-            None if batches is None else batches[i],
-            _scale(params, paths[i]),
-            model=model,
-            alone_score=score,
-        )
-        for i, score in zip(idx, scores[2:], strict=True)
+        _measure(model, paths[i], running[i], pop[i], stats, scales.get(paths[i]), score)
+        for i, stats, score in zip(idx, per_batch, scores[2:], strict=True)
     )
     result = Diagnosis(
         model_name=type(model).__name__,
-        num_examples=int(x.shape[0]),
+        num_examples=int(n),
         batch_size=batch_size,
         metric="agreement" if labels is None else "accuracy",
         running_score=scores[0],
@@ -401,19 +390,11 @@ def diagnose(
 
 
 def _check_inputs(model, params, state, x, batch_size, labels):
-    """Refuses what :func:`diagnose` cannot diagnose, before any work; ``(x, labels)``."""
-    if not batch_norm_layers(state)[3]:
-        raise ValueError(
-            "state holds no batch-norm layer (no dict with 'mean' and 'var'), so there is "
-            "nothing to diagnose: is the model built with use_batch_norm=False?"
-        )
-    check_model(model, state)  # a dataclass with a momentum field, as precise_stats needs
-    try:
-        hash(model)  # a static argument of the compiled evaluation
-    except TypeError:
-        raise TypeError(
-            f"model must be hashable (a frozen dataclass), got {type(model).__name__}"
-        ) from None
+    """Refuses what :func:`diagnose` cannot diagnose, before any work; ``(probe, x, labels)``.
+
+    The model and state are checked as :func:`jaxbn.precise_stats` needs them.
+    """
+    probe = check_model(model, state)
     x = jnp.asarray(x)
     if x.ndim < 1:
         raise ValueError("x must be an array [n, ...] of examples, got a scalar")
@@ -434,7 +415,7 @@ def _check_inputs(model, params, state, x, batch_size, labels):
     if labels is not None:
         check_labels(labels, x.shape[0], num_classes=out.shape[1])
         labels = np.asarray(labels)
-    return x, labels
+    return probe, x, labels
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -443,45 +424,14 @@ def _outputs(model, params, state, x):
     return model.apply(params, state, x, training=False)[0]
 
 
-def _key(entry):
-    """A path entry's key: ``DictKey.key``, ``SequenceKey.idx`` or ``GetAttrKey.name``."""
-    for attr in ("key", "idx", "name"):
-        if hasattr(entry, attr):
-            return getattr(entry, attr)
-    return entry
+def _scales(params) -> dict:
+    """Every ``"scale"`` in ``params`` by the path of its dict: a layer's path in the state."""
 
+    def has_scale(node):
+        return isinstance(node, dict) and "scale" in node
 
-def _name(path) -> str:
-    return "/".join(str(_key(entry)) for entry in path) or "state"
-
-
-def _scale(params, path):
-    """The ``"scale"`` in ``params`` at the state's ``path`` of a layer, or ``None``."""
-    node = params
-    for entry in path:
-        key = _key(entry)
-        try:
-            node = getattr(node, key) if isinstance(entry, jax.tree_util.GetAttrKey) else node[key]
-        except (KeyError, IndexError, TypeError, AttributeError):
-            return None
-    return node.get("scale") if isinstance(node, dict) else None
-
-
-def _split(x, batch_size):
-    return [x[i : i + batch_size] for i in range(0, x.shape[0], batch_size)]
-
-
-def _batch_stats(model, params, state, x, batch_size):
-    """Each batch's statistics in every layer (a state with a leading batch axis), or None.
-
-    :func:`jaxbn.precise_stats` of one batch is that batch's statistics;
-    ``jax.vmap`` runs it over up to :data:`MAX_SPREAD_BATCHES` batches at once.
-    """
-    k = min(x.shape[0] // batch_size, MAX_SPREAD_BATCHES)
-    if k < 2:
-        return None
-    xs = x[: k * batch_size].reshape(k, batch_size, *x.shape[1:])
-    return jax.vmap(lambda xb: precise_stats(model, params, state, xb[None]))(xs)
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=has_scale)[0]
+    return {path: node["scale"] for path, node in flat if has_scale(node)}
 
 
 def _scores(outputs, labels):
@@ -499,29 +449,34 @@ def _flat(a):
     return np.asarray(a, np.float64).reshape(-1)
 
 
-def _measure(path, running, population, batches, scale, *, model, alone_score):
-    """One layer's :class:`LayerDiagnosis` (numpy, float64)."""
+def _indices(flags) -> tuple[int, ...]:
+    return tuple(int(i) for i in np.flatnonzero(flags))
+
+
+def _measure(model, path, running, population, batches, scale, alone_score):
+    """One layer's :class:`LayerDiagnosis` (numpy, float64).
+
+    ``batches`` are the layer's ``(means, vars)`` in batches of ``x``, or ``None``.
+    """
     eps, momentum = getattr(model, "eps", 1e-5), model.momentum
     mean_r, var_r = _flat(running["mean"]), _flat(running["var"])
     mean_p, var_p = _flat(population["mean"]), _flat(population["var"])
     dead = var_p <= DEAD_VAR * np.median(var_p)
     live = ~dead if not dead.all() else np.ones_like(dead)
     std = np.sqrt(var_p + eps)
-    shift = (mean_r - mean_p)[live] / std[live]
-    log_ratio = np.log((var_r + eps) / (var_p + eps))[live]
     spread = (None, None) if batches is None else _spread(batches, mean_p, var_p, eps, live)
-    horizon = None if momentum is None else (math.inf if momentum >= 1 else 1 / (1 - momentum))
+    size = None if scale is None else np.abs(_flat(scale))
     return LayerDiagnosis(
-        name=_name(path),
+        name=jax.tree_util.keystr(path, simple=True, separator="/") or "state",
         num_features=int(mean_p.size),
-        mean_shift=float(np.sqrt(np.mean(shift**2))),
-        var_ratio=float(np.exp(np.mean(log_ratio))),
+        mean_shift=float(np.sqrt(np.mean(((mean_r - mean_p) / std)[live] ** 2))),
+        var_ratio=float(np.exp(np.mean(np.log((var_r + eps) / (var_p + eps))[live]))),
         batch_mean_spread=spread[0],
         batch_std_spread=spread[1],
-        dead=tuple(int(i) for i in np.flatnonzero(dead)),
-        collapsed=_collapsed(scale),
+        dead=_indices(dead),
+        collapsed=() if size is None else _indices(size <= COLLAPSED_SCALE * np.median(size)),
         count=int(running["count"]) if "count" in running else None,
-        horizon=horizon,
+        horizon=None if momentum is None else (math.inf if momentum >= 1 else 1 / (1 - momentum)),
         init_weight=_init_weight(mean_r, var_r, mean_p, var_p, std, live),
         alone_score=alone_score,
     )
@@ -533,19 +488,10 @@ def _spread(batches, mean_p, var_p, eps, live):
     A median, not a mean square: one batch holding an outlier (a rare, extreme
     input) has a large variance, which says nothing of the other batches' noise.
     """
-    k = batches["mean"].shape[0]
-    means = np.asarray(batches["mean"], np.float64).reshape(k, -1)
-    variances = np.asarray(batches["var"], np.float64).reshape(k, -1)
+    means, variances = (np.asarray(a, np.float64).reshape(len(a), -1) for a in batches)
     d_mean = np.median(np.abs(means - mean_p), axis=0) / np.sqrt(var_p + eps)
     d_std = np.median(np.abs(np.sqrt((variances + eps) / (var_p + eps)) - 1.0), axis=0)
     return float(np.median(d_mean[live])), float(np.median(d_std[live]))
-
-
-def _collapsed(scale) -> tuple[int, ...]:
-    if scale is None:
-        return ()
-    size = np.abs(_flat(scale))
-    return tuple(int(i) for i in np.flatnonzero(size <= COLLAPSED_SCALE * np.median(size)))
 
 
 def _init_weight(mean_r, var_r, mean_p, var_p, std, live) -> float | None:
@@ -576,69 +522,59 @@ def _option(model, name: str, value: Any) -> str:
     return f"jaxbn.BatchNorm(..., {name}={value!r})  # in every batch-norm layer"
 
 
-def _stale_fixes(model, d: Diagnosis) -> list[tuple[str, str]]:
-    """Population statistics now; debiased averages and a lower momentum in the next run."""
+def _fixes(model, d: Diagnosis) -> tuple[tuple[str, str], ...]:
+    """The ``(code, why)`` fixes of the problems of ``d``, most effective first.
+
+    Stale statistics: population statistics now, then debiased averages and a
+    lower momentum for the next run; then one fix per other problem.
+    """
     b, m = d.batch_size, model.momentum
-    fixes = [
+    weight = max((layer.init_weight or 0.0) for layer in d.layers)
+    lower = 0.99 if m is None or m > 0.99 else 0.9
+    now = "a cumulative average" if m is None else f"~{d.layers[0].horizon:.0f}"
+    eps = float(f"{100 * getattr(model, 'eps', 1e-5):g}")
+    noisy, dead, collapsed = (d._flagged(what) for what in ("noisy", "dead", "collapsed"))
+    candidates = [
         (
+            d.stale,
             f"state = jaxbn.precise_stats(model, params, state, "
             f"[x_train[i:i + {b}] for i in range(0, len(x_train), {b})])",
             f"population statistics from the training inputs in batches of {b}, no "
             f"retraining: with those of x, {_points(d.gap)} points of {d.metric} on x",
-        )
+        ),
+        (
+            d.stale and m is not None and not getattr(model, "debias", False) and weight >= 0.1,
+            _option(model, "debias", True),
+            f"the running averages still hold up to {weight:.0%} of their initial "
+            "mean 0 and variance 1; debiased ones hold none (retrain)",
+        ),
+        (
+            d.stale and (m is None or m > 0.9),
+            _option(model, "momentum", lower),
+            f"average over the last ~{1 / (1 - lower):.0f} updates instead of "
+            f"{now}: statistics of weights closer to the final ones (retrain)",
+        ),
+        (
+            noisy,
+            "train_step = jaxbn.train.make_train_step(model, optimizer, "
+            "mesh=jaxbn.parallel.data_mesh())",
+            f"batches of {b} give noisy statistics ({noisy}): normalize "
+            "over more examples, a larger batch or the statistics synchronized over the "
+            "devices (a mesh sets the model's axis_name; in your own shard_map, set axis_name)",
+        ),
+        (
+            dead,
+            _option(model, "eps", eps),
+            f"dead features ({dead}) have a constant input: any drift "
+            "of its running mean is multiplied by 1 / sqrt(var + eps) in evaluation; "
+            "a larger eps damps it (the cause is upstream: a dead ReLU, a zero "
+            "kernel column)",
+        ),
+        (
+            collapsed,
+            "optimizer = optax.adamw(lr, mask=lambda p: jax.tree.map(lambda a: a.ndim > 1, p))",
+            f"scales near 0 ({collapsed}) switch their features off, most "
+            "often by weight decay on batch norm's scale: decay the kernels only",
+        ),
     ]
-    weight = max((layer.init_weight or 0.0) for layer in d.layers)
-    if m is not None and not getattr(model, "debias", False) and weight >= 0.1:
-        fixes.append(
-            (
-                _option(model, "debias", True),
-                f"the running averages still hold up to {weight:.0%} of their initial "
-                "mean 0 and variance 1; debiased ones hold none (retrain)",
-            )
-        )
-    if m is None or m > 0.9:
-        lower = 0.99 if m is None or m > 0.99 else 0.9
-        now = "a cumulative average" if m is None else f"~{1 / (1 - m):.0f}"
-        fixes.append(
-            (
-                _option(model, "momentum", lower),
-                f"average over the last ~{1 / (1 - lower):.0f} updates instead of "
-                f"{now}: statistics of weights closer to the final ones (retrain)",
-            )
-        )
-    return fixes
-
-
-def _fixes(model, d: Diagnosis) -> tuple[tuple[str, str], ...]:
-    """The ``(code, why)`` fixes of the problems of ``d``, most effective first."""
-    fixes = _stale_fixes(model, d) if d.stale else []
-    if d._noisy():
-        fixes.append(
-            (
-                "train_step = jaxbn.train.make_train_step(model, optimizer, "
-                "mesh=jaxbn.parallel.data_mesh())",
-                f"batches of {d.batch_size} give noisy statistics ({d._noisy()}): normalize "
-                "over more examples, a larger batch or the statistics synchronized over the "
-                "devices (a mesh sets the model's axis_name; in your own shard_map, set axis_name)",
-            )
-        )
-    if d._indexed("dead"):
-        eps = float(f"{100 * getattr(model, 'eps', 1e-5):g}")
-        fixes.append(
-            (
-                _option(model, "eps", eps),
-                f"dead features ({d._indexed('dead')}) have a constant input: any drift "
-                "of its running mean is multiplied by 1 / sqrt(var + eps) in evaluation; "
-                "a larger eps damps it (the cause is upstream: a dead ReLU, a zero "
-                "kernel column)",
-            )
-        )
-    if d._indexed("collapsed"):
-        fixes.append(
-            (
-                "optimizer = optax.adamw(lr, mask=lambda p: jax.tree.map(lambda a: a.ndim > 1, p))",
-                f"scales near 0 ({d._indexed('collapsed')}) switch their features off, most "
-                "often by weight decay on batch norm's scale: decay the kernels only",
-            )
-        )
-    return tuple(fixes)
+    return tuple((code, why) for wanted, code, why in candidates if wanted)

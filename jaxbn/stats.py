@@ -6,28 +6,30 @@ short schedule they lag behind the final network. :func:`precise_stats` runs the
 trained network in training mode over batches of inputs, with the params fixed, and
 replaces every batch-norm layer's ``mean`` and ``var`` with the statistics of
 everything that layer saw: the count-weighted mean of the batch means, and the
-pooled variance (the within-batch variances plus the spread of the batch means),
-combined batch by batch with the parallel update of Chan, Golub & LeVeque (1979):
+pooled variance (the within-batch variances plus the spread of the batch means).
+With batch :math:`b` of weight :math:`w_b` (its examples), mean :math:`\mu_b` and
+variance :math:`\sigma_b^2`:
 
 .. math::
 
-    n' = n + w, \quad \delta = \mu_B - \mu, \quad
-    \mu' = \mu + \frac{w}{n'} \delta, \quad
-    S' = S + w \sigma_B^2 + \frac{n w}{n'} \delta^2, \qquad
-    \sigma^2 = S / n.
+    n = \sum_b w_b, \quad
+    \mu = \sum_b \frac{w_b}{n} \mu_b, \quad
+    \sigma^2 = \sum_b \frac{w_b}{n} \left(\sigma_b^2 + (\mu_b - \mu)^2\right).
 
-For the first layer the result is exactly the mean and (biased) variance over all
-the examples at once. This is "PreciseBN" (Wu & Johnson, "Rethinking 'Batch' in
-BatchNorm", 2021); the later layers see the inputs the final network gives them.
+The spread is taken about :math:`\mu`, never as :math:`E[\mu_b^2] - \mu^2`, so it
+stays accurate when the mean is large against the std. For the first layer the
+result is exactly the mean and (biased) variance over all the examples at once.
+This is "PreciseBN" (Wu & Johnson, "Rethinking 'Batch' in BatchNorm", 2021); the
+later layers see the inputs the final network gives them.
 
 What :func:`precise_stats` needs of a model (``jaxbn.MLP`` and ``jaxbn.BatchNorm``
 itself qualify, as does any network config built the same way):
 
 - ``model.apply(params, state, x, *, training)`` returning ``(output, new_state)``,
   with an optional ``mask=`` keyword;
-- the model is a dataclass with a ``momentum`` field handed to every batch-norm
-  layer. It is evaluated as ``dataclasses.replace(model, momentum=0.0)``, whose
-  training-mode ``new_state`` holds each layer's batch statistics (with
+- the model is a hashable dataclass with a ``momentum`` field handed to every
+  batch-norm layer. It is evaluated as ``dataclasses.replace(model, momentum=0.0)``,
+  whose training-mode ``new_state`` holds each layer's batch statistics (with
   ``momentum=None``, a cumulative average, the layers' counts are set to 0 instead,
   which has the same effect). It runs on one device: an ``axis_name`` field is set
   to ``None`` (the statistics are those of the whole batches given);
@@ -72,13 +74,13 @@ _HINT = (
 )
 
 
-def _bn_leaves(state) -> tuple[list, Any, list[int]]:
-    """Flattens ``state`` keeping batch-norm state dicts whole; their leaf indices."""
-    return batch_norm_layers(state)[1:]
+def check_model(model: Any, state: Any) -> Any:
+    """Refuses a model or state :func:`precise_stats` cannot update; else its probe.
 
-
-def _probe(model):
-    """The model whose training-mode ``new_state`` holds the batch statistics."""
+    The probe is the model whose training-mode ``new_state`` holds each layer's
+    batch statistics: momentum 0, on one device, with the population variance.
+    Needs no data, so :func:`jaxbn.fit` calls it before training.
+    """
     fields = {f.name for f in dataclasses.fields(model)} if dataclasses.is_dataclass(model) else ()
     if "momentum" not in fields:
         raise TypeError(
@@ -86,9 +88,18 @@ def _probe(model):
             f"batch-norm layers (as jaxbn.MLP and jaxbn.BatchNorm), got "
             f"{type(model).__name__}"
         )
-    changes = {}
-    if model.momentum is not None:
-        changes["momentum"] = 0.0
+    try:
+        hash(model)  # a static argument of the compiled statistics
+    except TypeError:
+        raise TypeError(
+            f"model must be hashable (a frozen dataclass), got {type(model).__name__}"
+        ) from None
+    if not batch_norm_layers(state)[3]:
+        raise ValueError(
+            "state holds no batch-norm statistics (no dict with 'mean' and 'var'), so "
+            "there is nothing to compute: is the model built with use_batch_norm=False?"
+        )
+    changes = {} if model.momentum is None else {"momentum": 0.0}
     if getattr(model, "axis_name", None) is not None:
         changes["axis_name"] = None
     if getattr(model, "unbiased_running_var", False):
@@ -102,108 +113,95 @@ def _probe(model):
     return dataclasses.replace(model, **changes)
 
 
-def check_model(model: Any, state: Any) -> Any:
-    """Refuses a model or state :func:`precise_stats` cannot update; else its probe.
+def population_stats(
+    model: Any, probe: Any, params: Any, state: Any, groups: list
+) -> tuple[Any, list]:
+    """``state`` with the population statistics of ``groups``, and their per-batch statistics.
 
-    Needs no data, so :func:`jaxbn.fit` calls it before training.
+    The work of :func:`precise_stats` once its inputs are checked, shared with
+    :func:`jaxbn.diagnose`, which checks its own. ``probe`` is what
+    :func:`check_model` returns; ``groups`` are ``(index, xs, masks)``:
+    batches stacked as ``xs [k, batch, ...]`` (``masks`` per example, or
+    ``None``), ``index`` the position of the first in ``batches`` (for errors).
+    The per-batch statistics are every layer's ``(means, vars)``, one row per
+    batch in the order of ``groups``, the layers in state order.
     """
-    probe = _probe(model)
-    if not _bn_leaves(state)[2]:
-        raise ValueError(
-            "state holds no batch-norm statistics (no dict with 'mean' and 'var'); "
-            "nothing to recompute"
-        )
-    return probe
+    rows = sum(xs.shape[0] * xs.shape[1] for _, xs, _ in groups)
+    pstate = _probe_state(state)
+    runs = []
+    for i, xs, masks in groups:
+        try:
+            runs.append(_scan_stats(probe, params, pstate, *_as_run(xs, masks, rows)))
+        except (ValueError, TypeError) as e:
+            alone = " (the batches hold one example in all)" if rows == 1 else ""
+            raise type(e)(
+                f"batches[{i}] (shape {xs.shape[1:]}) does not fit the model{alone}: {e}"
+            ) from e
+    weights, stats = jax.tree.map(lambda *a: jnp.concatenate(a), *runs)
+    return _pooled(model, state, weights, stats, groups[0][1].shape[1:]), stats
 
 
 def _probe_state(state):
-    """``state`` with every batch-norm count at 0 (a cumulative average's first step)."""
-    leaves, treedef, idx = _bn_leaves(state)
+    """``state`` with every batch-norm count at 0: a cumulative average's first step."""
+    _, leaves, treedef, idx = batch_norm_layers(state)
     for i in idx:
         if "count" in leaves[i]:
             leaves[i] = {**leaves[i], "count": jnp.zeros_like(leaves[i]["count"])}
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def _batch_stats(probe, params, state, x, mask):
-    """Every batch-norm layer's ``(mean, var)`` of batch ``x``, in state order."""
-    kwargs = {} if mask is None else {"mask": mask}
-    _, new_state = probe.apply(params, state, x, training=True, **kwargs)
-    leaves, _, idx = _bn_leaves(new_state)
-    return [(leaves[i]["mean"], leaves[i]["var"]) for i in idx]
-
-
-def _combine(acc, w, stats):
-    """Adds a batch of weight ``w`` to the per-layer ``(n, mean, S)`` accumulators."""
-    out = []
-    for (n, mean, m2), (mean_b, var_b) in zip(acc, stats, strict=True):
-        has = w > 0
-        n_new = n + w
-        frac = jnp.where(has, w / jnp.where(has, n_new, 1.0), 0.0)
-        # An empty batch's statistics are not defined: they must not reach the sums.
-        delta = jnp.where(has, mean_b.astype(mean.dtype) - mean, 0.0)
-        var_b = jnp.where(has, var_b.astype(mean.dtype), 0.0)
-        out.append((n_new, mean + frac * delta, m2 + w * var_b + n * frac * delta**2))
-    return out
-
-
-def _zero_acc(state):
-    leaves, _, idx = _bn_leaves(state)
-    acc = []
-    for i in idx:
-        dtype = jnp.promote_types(leaves[i]["mean"].dtype, jnp.float32)
-        zeros = jnp.zeros(jnp.shape(leaves[i]["mean"]), dtype)
-        acc.append((jnp.zeros((), dtype), zeros, zeros))
-    return acc
-
-
-def _weight(x, mask, copies):
-    """A batch's weight: its number of examples (kept ones, under a mask)."""
-    if mask is None:
-        return jnp.float32(x.shape[0] // copies)
-    return jnp.sum(mask, dtype=jnp.float32) / copies  # per example (checked in _collect)
-
-
-def _as_run(x, mask, rows):
-    """``(x, mask, copies)``: a one-row batch among others runs as two copies of its row.
-
-    A layer refuses to compute the statistics of a single value per feature (the
-    variance is 0 whatever the input: alone, always a bug); pooled with other
-    batches, a one-row batch is as good as any. Its statistics are those of its
-    row twice, which weighs once (``copies``). A single row in all is run as it
-    is, and refused by the layers that see one value per feature.
-    """
-    if x.shape[0] != 1 or rows == 1:
-        return x, mask, 1
-    return jnp.repeat(x, 2, axis=0), None if mask is None else jnp.repeat(mask, 2, axis=0), 2
-
-
 @functools.partial(jax.jit, static_argnums=(0, 5))
 def _scan_stats(probe, params, state, xs, masks, copies):
-    def body(acc, batch):
+    """Each batch's weight and every layer's ``(mean, var)`` in it, stacked over batches.
+
+    A batch weighs its number of examples (the kept ones, under a mask), counted
+    once when its rows were run as ``copies`` copies.
+    """
+
+    def one(batch):
         x, mask = batch
-        stats = _batch_stats(probe, params, state, x, mask)
-        return _combine(acc, _weight(x, mask, copies), stats), None
+        kwargs = {} if mask is None else {"mask": mask}
+        _, new_state = probe.apply(params, state, x, training=True, **kwargs)
+        _, leaves, _, idx = batch_norm_layers(new_state)
+        weight = jnp.float32(x.shape[0]) if mask is None else jnp.sum(mask, dtype=jnp.float32)
+        return weight / copies, [(leaves[i]["mean"], leaves[i]["var"]) for i in idx]
 
-    acc, _ = lax.scan(body, _zero_acc(state), (xs, masks))
-    return acc
-
-
-@functools.partial(jax.jit, static_argnums=(0, 6))
-def _step_stats(probe, params, state, acc, x, mask, copies):
-    stats = _batch_stats(probe, params, state, x, mask)
-    return _combine(acc, _weight(x, mask, copies), stats)
+    return lax.map(one, (xs, masks))
 
 
-def _finite(x, mask) -> jax.Array:
-    """Whether every kept example of ``x`` is finite (masked ones may hold anything)."""
-    ok = jnp.isfinite(x)
-    if mask is not None:
-        ok = ok | ~jnp.reshape(mask, mask.shape[:1] + (1,) * (x.ndim - 1))
-    return jnp.all(ok)
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _pooled(model, state, weights, stats, x_shape):
+    """``state`` with each layer's pooled ``(mean, var)`` of its per-batch ``stats``.
+
+    Compiled, so that the result is the same under an outer ``jax.jit``.
+    """
+    _, leaves, treedef, idx = batch_norm_layers(state)
+    n = jnp.sum(weights)
+    correction = 1.0
+    if getattr(model, "unbiased_running_var", False):  # a BatchNorm: see check_model
+        feat = _checks.feature_axes(len(x_shape), model.axis)
+        total = n * math.prod(_checks.reduce_shape(x_shape, feat)[1:])
+        correction = total / jnp.maximum(total - 1.0, 1.0)
+    for i, (means, variances) in zip(idx, stats, strict=True):
+        old = leaves[i]
+        dtype = jnp.promote_types(old["mean"].dtype, jnp.float32)
+        w = (weights / jnp.where(n > 0, n, 1.0)).astype(dtype)
+        w = w.reshape(-1, *(1,) * (means.ndim - 1))
+        # An empty batch's statistics are not defined: they must not reach the sums.
+        means = jnp.where(w > 0, means.astype(dtype), 0.0)
+        variances = jnp.where(w > 0, variances.astype(dtype), 0.0)
+        mean = jnp.sum(w * means, axis=0, keepdims=True)
+        var = jnp.sum(w * (variances + (means - mean) ** 2), axis=0) * correction
+        mean = mean[0]
+        leaves[i] = {
+            **old,
+            "mean": jnp.where(n > 0, mean, old["mean"]).astype(old["mean"].dtype),
+            "var": jnp.where(n > 0, var, old["var"]).astype(old["var"].dtype),
+        }
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def _check_finite(index: list[int], finite: jax.Array) -> None:
+def _check_finite(index: Iterable[int], finite: jax.Array) -> None:
     """Refuses a batch that is not finite: ``finite[k]`` is for ``batches[index[k]]``.
 
     A NaN or infinity would turn the statistics of its layer, and of every layer
@@ -214,27 +212,36 @@ def _check_finite(index: list[int], finite: jax.Array) -> None:
     finite = np.asarray(finite)  # one device sync for all the batches
     if not finite.all():
         raise ValueError(
-            f"batches must be finite: batches[{index[int(np.argmin(finite))]}] holds NaN "
-            f"or infinity"
+            f"batches must be finite: batches[{list(index)[int(np.argmin(finite))]}] holds "
+            f"NaN or infinity"
         )
 
 
-def _collect(batches, max_batches, takes_mask):
-    """The batches as a list of ``(x, mask or None)`` arrays, checked."""
-    if max_batches is not None and (not _checks.is_int(max_batches) or max_batches < 1):
-        raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}")
+def _groups(batches, max_batches, takes_mask, stack):
+    """``batches`` as groups ``(index, xs, masks)`` of stacked batches of one shape each.
+
+    ``index`` is the position in ``batches`` of the group's first batch.
+    """
     if isinstance(batches, (jax.Array, np.ndarray)):
         if batches.ndim < 2:
             raise ValueError(f"{_HINT}; got an array of shape {batches.shape}")
-        batches = batches[:max_batches]
-        finite = jnp.isfinite(batches).all(axis=tuple(range(1, batches.ndim)))
-        _check_finite(list(range(len(batches))), finite)
-        return [(batches, None)], True
+        xs = batches[:max_batches]
+        _check_finite(range(len(xs)), jnp.isfinite(xs).all(axis=tuple(range(1, xs.ndim))))
+        return [(0, xs, None)] if stack else [(i, xs[i : i + 1], None) for i in range(len(xs))]
+    listed = _listed(batches, max_batches, takes_mask)
+    if stack and len({(x.shape, None if m is None else m.shape) for _, x, m in listed}) == 1:
+        masks = None if listed[0][2] is None else jnp.stack([m for _, _, m in listed])
+        return [(listed[0][0], jnp.stack([x for _, x, _ in listed]), masks)]
+    return [(i, x[None], None if m is None else m[None]) for i, x, m in listed]
+
+
+def _listed(batches, max_batches, takes_mask):
+    """An iterable of batches as a list of ``(index, x, mask or None)``, checked."""
     try:
         it = iter(batches)
     except TypeError:
         raise TypeError(f"{_HINT}; got {type(batches).__name__}") from None
-    out, index = [], []  # index: each batch's position in batches
+    out = []
     for i, batch in enumerate(it):
         if max_batches is not None and i >= max_batches:
             break
@@ -247,54 +254,65 @@ def _collect(batches, max_batches, takes_mask):
         if x.ndim < 1:
             raise ValueError(f"batches[{i}] must be an array [batch, ...], got a scalar; {_HINT}")
         if mask is not None:
-            mask = jnp.asarray(mask)
-            if mask.dtype != jnp.bool_:
-                raise TypeError(
-                    f"batches[{i}] is a pair, whose second entry must be a boolean mask, "
-                    f"got dtype {mask.dtype} (pass the inputs only, not (x, labels))"
-                )
-            if mask.ndim < 1 or mask.shape[0] != x.shape[0]:
-                raise ValueError(
-                    f"the mask of batches[{i}] must have the batch size {x.shape[0]} on "
-                    f"axis 0, got shape {mask.shape}"
-                )
-            if math.prod(mask.shape[1:]) != 1:
-                # A batch is weighed by its kept examples; a mask within examples (one
-                # that could vary along a layer's features) has no single weight.
-                raise ValueError(
-                    f"the mask of batches[{i}] must be per example ([{x.shape[0]}] or "
-                    f"[{x.shape[0]}, 1, ...]), got shape {mask.shape}"
-                )
-            if not takes_mask:
-                # Examples meet only in the batch statistics: dropping the masked
-                # ones is the mask, for a model whose apply takes none.
-                x, mask = x[np.asarray(mask).reshape(-1)], None
+            x, mask = _with_mask(i, x, jnp.asarray(mask), takes_mask)
         if x.shape[0] == 0:
             continue  # nothing kept: no statistics, weight 0
-        if out and x.shape[1:] != out[0][0].shape[1:]:
+        if out and x.shape[1:] != out[0][1].shape[1:]:
             raise ValueError(
                 f"batches[{i}] has shape {x.shape}, but batches before it have examples of "
-                f"shape {out[0][0].shape[1:]}"
+                f"shape {out[0][1].shape[1:]}"
             )
-        out.append((x, mask))
-        index.append(i)
+        out.append((i, x, mask))
     if not out:
         raise ValueError(
             "batches is empty (or every example is masked): precise_stats needs at least "
             "one batch of inputs"
         )
-    _check_finite(index, jnp.stack([_finite(x, m) for x, m in out]))
-    return out, False
+    _check_finite([i for i, _, _ in out], jnp.stack([_finite(x, m) for _, x, m in out]))
+    return out
 
 
-def _check_fits(i, probe, params, state, x, mask):
-    """Traces one batch through the model; its errors name the batch."""
-    try:
-        jax.eval_shape(functools.partial(_batch_stats, probe), params, state, x, mask)
-    except (ValueError, TypeError) as e:
-        # A one-row batch reaches here only as the single example of all the batches.
-        alone = " (the batches hold one example in all)" if x.shape[0] == 1 else ""
-        raise type(e)(f"batches[{i}] (shape {x.shape}) does not fit the model{alone}: {e}") from e
+def _finite(x, mask) -> jax.Array:
+    """Whether every kept example of ``x`` is finite (masked ones may hold anything)."""
+    ok = jnp.isfinite(x)
+    if mask is not None:
+        ok = ok | ~jnp.reshape(mask, mask.shape[:1] + (1,) * (x.ndim - 1))
+    return jnp.all(ok)
+
+
+def _with_mask(i, x, mask, takes_mask):
+    """Batch ``i``'s ``(x, mask)`` once the mask is checked; dropped where unused."""
+    if mask.dtype != jnp.bool_:
+        raise TypeError(
+            f"batches[{i}] is a pair, whose second entry must be a boolean mask, "
+            f"got dtype {mask.dtype} (pass the inputs only, not (x, labels))"
+        )
+    if mask.ndim < 1 or mask.shape[0] != x.shape[0] or math.prod(mask.shape[1:]) != 1:
+        # A batch is weighed by its kept examples; a mask within examples (one
+        # that could vary along a layer's features) has no single weight.
+        raise ValueError(
+            f"the mask of batches[{i}] must be per example, of shape [{x.shape[0]}] or "
+            f"[{x.shape[0]}, 1, ...] (the batch size first), got shape {mask.shape}"
+        )
+    if takes_mask:
+        return x, mask
+    # Examples meet only in the batch statistics: dropping the masked ones is the
+    # mask, for a model whose apply takes none.
+    return x[np.asarray(mask).reshape(-1)], None
+
+
+def _as_run(xs, masks, rows):
+    """``(xs, masks, copies)``: one-row batches among others run as two copies of their row.
+
+    A layer refuses to compute the statistics of a single value per feature (the
+    variance is 0 whatever the input: alone, always a bug); pooled with other
+    batches, a one-row batch is as good as any. Its statistics are those of its
+    row twice, which weighs once (``copies``). A single row in all is run as it
+    is, and refused by the layers that see one value per feature.
+    """
+    if xs.shape[1] != 1 or rows == 1:
+        return xs, masks, 1
+    return jnp.repeat(xs, 2, axis=1), None if masks is None else jnp.repeat(masks, 2, axis=1), 2
 
 
 def precise_stats(
@@ -346,8 +364,8 @@ def precise_stats(
             finite (concrete batches only), a batch does not fit the model
             (feature size, rank), batches' example shapes differ, a mask's batch
             size differs from its batch's, or ``state`` holds no batch norm.
-        TypeError: if ``model`` has no ``momentum`` field, ``batches`` is not
-            iterable, or a mask is not boolean.
+        TypeError: if ``model`` is not a hashable dataclass with a ``momentum``
+            field, ``batches`` is not iterable, or a mask is not boolean.
 
     Examples:
         >>> import jax, jax.numpy as jnp
@@ -360,57 +378,12 @@ def precise_stats(
         (Array([3., 2.], dtype=float32), Array([5., 3.], dtype=float32))
     """
     _checks.check_bool("stack", stack)
+    if max_batches is not None:
+        _checks.check_positive_int("max_batches", max_batches)
     probe = check_model(model, state)
-    leaves, treedef, idx = _bn_leaves(state)
     takes_mask = "mask" in inspect.signature(model.apply).parameters
-    collected, stacked = _collect(batches, max_batches, takes_mask)
-    if stacked and not stack:
-        collected, stacked = [(x, None) for x in collected[0][0]], False
-    pstate = _probe_state(state)
-    if stacked:
-        xs = collected[0][0]
-        copies = 2 if xs.shape[1] == 1 and xs.shape[0] > 1 else 1  # see _as_run
-        if copies == 2:
-            xs = jnp.repeat(xs, 2, axis=1)
-        _check_fits(0, probe, params, pstate, xs[0], None)
-        acc = _scan_stats(probe, params, pstate, xs, None, copies)
-    else:
-        rows = sum(x.shape[0] for x, _ in collected)
-        runs = [_as_run(x, m, rows) for x, m in collected]
-        if stack and len({(x.shape, None if m is None else m.shape) for x, m, _ in runs}) == 1:
-            x0, m0, copies = runs[0]
-            _check_fits(0, probe, params, pstate, x0, m0)
-            xs = jnp.stack([x for x, _, _ in runs])
-            ms = jnp.stack([m for _, m, _ in runs]) if m0 is not None else None
-            acc = _scan_stats(probe, params, pstate, xs, ms, copies)
-        else:
-            seen = set()
-            for i, (x, m, _) in enumerate(runs):
-                key = (x.shape, x.dtype, None if m is None else m.shape)
-                if key not in seen:
-                    seen.add(key)
-                    _check_fits(i, probe, params, pstate, x, m)
-            acc = _zero_acc(state)
-            for x, m, copies in runs:
-                acc = _step_stats(probe, params, pstate, acc, x, m, copies)
-
-    unbiased = getattr(model, "unbiased_running_var", False)  # a BatchNorm: see _probe
-    if unbiased:
-        x0 = collected[0][0][0] if stacked else collected[0][0]
-        feat = _checks.feature_axes(x0.ndim, model.axis)
-        values_per_example = math.prod(_checks.reduce_shape(x0.shape, feat)[1:])
-    for i, (n, mean, m2) in zip(idx, acc, strict=True):
-        old = leaves[i]
-        var = m2 / jnp.where(n > 0, n, 1.0)
-        if unbiased:
-            total = n * values_per_example
-            var = var * total / jnp.maximum(total - 1.0, 1.0)
-        leaves[i] = {
-            **old,
-            "mean": jnp.where(n > 0, mean, old["mean"]).astype(old["mean"].dtype),
-            "var": jnp.where(n > 0, var, old["var"]).astype(old["var"].dtype),
-        }
-    return jax.tree_util.tree_unflatten(treedef, leaves)
+    groups = _groups(batches, max_batches, takes_mask, stack)
+    return population_stats(model, probe, params, state, groups)[0]
 
 
 def precise_stats_from_data(
@@ -446,16 +419,10 @@ def precise_stats_from_data(
         ValueError: for a bad ``batch_size`` or ``num_batches``, or what
             :func:`precise_stats` raises.
     """
-    if not _checks.is_int(num_batches):
-        raise TypeError(f"num_batches must be an int, got {type(num_batches).__name__}")
-    if num_batches < 1:
-        raise ValueError(f"num_batches must be >= 1, got {num_batches}")
+    _checks.check_positive_int("num_batches", num_batches)
     x = jnp.asarray(x)
     if x.ndim < 1:
         raise ValueError(f"x must be an array [n, ...] of training inputs, got shape {x.shape}")
     check_batch_size(batch_size, x.shape[0])
-    n = x.shape[0]
-    idx = jax.vmap(lambda t: batch_indices(key, t, num_examples=n, batch_size=batch_size))(
-        jnp.arange(num_batches)
-    )
-    return precise_stats(model, params, state, x[idx])
+    draw = functools.partial(batch_indices, key, num_examples=x.shape[0], batch_size=batch_size)
+    return precise_stats(model, params, state, x[jax.vmap(draw)(jnp.arange(num_batches))])

@@ -1,6 +1,9 @@
 """Statistics for evaluation: precise_stats, debiased running averages, frozen batch norm."""
 
 import dataclasses
+import importlib.util
+import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -572,15 +575,17 @@ def test_frozen_mlp_training_step_leaves_state_and_accepts_masks():
 # --- the study ------------------------------------------------------------------------
 
 
-def test_study_eval_stats_runs_with_tiny_settings(tmp_path):
-    import importlib.util
-    import json
-    import pathlib
-
+@pytest.fixture(scope="module")
+def study():
+    """examples/study_eval_stats.py, loaded as a module."""
     path = pathlib.Path(__file__).parents[1] / "examples" / "study_eval_stats.py"
     spec = importlib.util.spec_from_file_location("study_eval_stats", path)
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_study_eval_stats_runs_with_tiny_settings(study, tmp_path):
     argv = ["--steps", "12", "--chunk", "5", "--seeds", "2", "--hidden", "16"]
     results = study.main([*argv, "--batch-size", "64", "--out", str(tmp_path), "--no-progress"])
     assert results["steps"] == [5, 10, 12]
@@ -601,19 +606,18 @@ def test_fit_recomputes_precise_statistics_at_the_end():
     import optax
 
     from jaxbn.data import make_blobs
-    from jaxbn.stats import precise_stats_from_data
     from jaxbn.train import fit
 
-    data = make_blobs(num_examples=200, num_features=6, num_classes=3)
+    blobs = make_blobs(num_examples=200, num_features=6, num_classes=3)
     model, opt = jaxbn.MLP((6, 8, 3), momentum=0.999), optax.sgd(0.1)
     kwargs = dict(steps=10, batch_size=20, key=jax.random.key(0))
-    plain = fit(model, opt, data.x_train, data.y_train, **kwargs)
-    precise = fit(model, opt, data.x_train, data.y_train, precise_stats_batches=5, **kwargs)
+    plain = fit(model, opt, blobs.x_train, blobs.y_train, **kwargs)
+    precise = fit(model, opt, blobs.x_train, blobs.y_train, precise_stats_batches=5, **kwargs)
     expected = precise_stats_from_data(
         model,
         plain.params,
         plain.state,
-        data.x_train,
+        blobs.x_train,
         batch_size=20,
         num_batches=5,
         key=plain.key,
@@ -659,8 +663,9 @@ def _conv_same_3x3(x, kernel):
     return out
 
 
-@pytest.mark.parametrize("fuse", [False, True], ids=["unfused", "fused"])
-@pytest.mark.parametrize("data_format", ["NHWC", "NCHW"])
+@pytest.mark.parametrize(
+    "data_format,fuse", [("NHWC", False), ("NCHW", True)], ids=["NHWC-unfused", "NCHW-fused"]
+)
 def test_cnn_blocks_get_the_population_statistics_of_their_inputs(data_format, fuse):
     """precise_stats on jaxbn.CNN: both blocks, recomputed here in float64 NumPy.
 
@@ -704,14 +709,7 @@ def test_cnn_blocks_get_the_population_statistics_of_their_inputs(data_format, f
     assert np.max(np.abs(stepped["blocks"][0]["batch_norm"]["var"] - var0)) > 0.5
 
 
-def test_study_eval_stats_runs_the_cnn_with_tiny_settings(tmp_path):
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).parents[1] / "examples" / "study_eval_stats.py"
-    spec = importlib.util.spec_from_file_location("study_eval_stats", path)
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
+def test_study_eval_stats_runs_the_cnn_with_tiny_settings(study, tmp_path):
     argv = ["--model", "cnn", "--channels", "4,8", "--steps", "10", "--chunk", "5", "--seeds", "1"]
     results = study.main([*argv, "--out", str(tmp_path), "--no-progress"])
     assert results["steps"] == [5, 10]
