@@ -1,25 +1,16 @@
-"""One training step of a small model with each framework's BatchNorm vs jaxbn's module.
+"""One training step of a small model with each framework's BatchNorm and with jaxbn's module.
 
 For Flax NNX, Flax Linen and Equinox, the same model (dense, batch norm, ReLU,
-dense, batch norm, ReLU, dense) is built twice, once with the framework's own
-BatchNorm and once with jaxbn's drop-in (``jaxbn.nnx``, ``jaxbn.linen``,
-``jaxbn.equinox``). One step is forward, backward, an SGD update and the new
-running statistics, jit-compiled as a pure function of arrays (NNX through
-``nnx.split``/``merge``, Equinox through ``eqx.partition``), so that the time is
-the computation, not the framework's Python. The two contenders of a framework
-are timed in alternation (interleaved repetitions, so a slow spell of the
-machine hits both), and the medians and their ratio are reported::
-
-    python benchmarks/bench_frameworks.py                  # batch 256, width 512
-    python benchmarks/bench_frameworks.py --quick          # tiny, for a smoke test
-    python benchmarks/bench_frameworks.py --json out.json
+dense, batch norm, ReLU, dense) is built with the framework's BatchNorm and with
+jaxbn's drop-in (``jaxbn.nnx``, ``jaxbn.linen``, ``jaxbn.equinox``). A step is
+forward, backward, an SGD update and the new running statistics, jitted as a
+pure function of arrays, so that the time is the computation, not the
+framework's Python. The two contenders of a framework are timed interleaved.
 """
 
 from __future__ import annotations
 
-import argparse
-import statistics
-import time
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,8 +23,6 @@ _common.use_checkout()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-
-__all__ = ["main"]
 
 FRAMEWORKS = ("nnx", "linen", "equinox")
 LR = 0.01
@@ -171,96 +160,67 @@ def equinox_steps(batch: int, width: int, features: int) -> dict[str, tuple[Call
 BUILDERS = {"nnx": nnx_steps, "linen": linen_steps, "equinox": equinox_steps}
 
 
-def interleaved_medians(fns: dict[str, Callable[[], Any]], *, reps: int, warmup: int) -> dict:
-    """Times each zero-argument callable ``reps`` times, in alternation; medians in seconds."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            _common.block(fn())
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            _common.block(fn())
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-def run_framework(framework: str, *, batch: int, width: int, features: int, reps: int, warmup: int):
+def run_framework(framework: str, *, batch: int, width: int, features: int, timing: dict):
     """Builds both contenders of one framework, checks they agree, and times them."""
     kx, ky = jax.random.split(jax.random.key(1))
     x = jax.random.normal(kx, (batch, features)) * 2.0 + 0.5
     y = jax.random.randint(ky, (batch,), 0, 10)
-    contenders = BUILDERS[framework](batch, width, features)
-    fns = {}
-    new_params = {}
-    for name, (step, carry) in contenders.items():
+    runs, new_params = {}, {}
+    for name, (step, carry) in BUILDERS[framework](batch, width, features).items():
         jitted = jax.jit(step)
-        fns[name] = lambda jitted=jitted, carry=carry: jitted(carry, x, y)
-        new_params[name] = jax.tree.leaves(fns[name]()[0])
-    peer = next(n for n in contenders if n != "jaxbn")
+        runs[name] = _common.calls(jitted, carry, x, y)
+        new_params[name] = jax.tree.leaves(jitted(carry, x, y)[0])
+    peer = next(n for n in runs if n != "jaxbn")
     # Both contenders start from the same parameters: after one step they agree.
     diff = max(
         float(jnp.max(jnp.abs(a - b)))
         for a, b in zip(new_params["jaxbn"], new_params[peer], strict=True)
     )
-    medians = interleaved_medians(fns, reps=reps, warmup=warmup)
+    timings = _common.interleave(runs, **timing)
     return {
         "name": f"train_step_{framework}_{batch}x{features}_w{width}_float32",
-        "framework": framework,
         "peer": peer,
-        "median_s": medians,
-        "jaxbn_over_peer": medians["jaxbn"] / medians[peer],
+        "contenders": timings,
+        "jaxbn_over_peer": timings["jaxbn"]["median_s"] / timings[peer]["median_s"],
         "max_param_difference_after_one_step": diff,
     }
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def _parser():
+    """The command-line flags."""
+    p = _common.parser("Training step: each framework's BatchNorm vs jaxbn's.", reps=50, warmup=5)
     p.add_argument("--frameworks", nargs="+", choices=FRAMEWORKS, default=list(FRAMEWORKS))
     p.add_argument("--batch", type=int, default=256, help="examples per step")
     p.add_argument("--width", type=int, default=512, help="hidden units per layer")
     p.add_argument("--features", type=int, default=64, help="input features")
-    p.add_argument("--reps", type=int, default=50, help="timed repetitions per contender")
-    p.add_argument("--warmup", type=int, default=5, help="untimed calls first")
-    p.add_argument("--quick", action="store_true", help="tiny shapes and few repetitions")
-    p.add_argument("--json", default=None, help="also write the results here")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Runs the benchmark, prints the table; returns the results."""
+    args = _parser().parse_args(argv)
     if args.quick:
         args.batch, args.width, args.features, args.reps, args.warmup = 16, 8, 8, 3, 1
-    info = _common.machine_info(("jax", "jaxlib", "flax", "equinox"))
-    _common.print_machine(info)
-    cases = [
-        run_framework(
-            f,
-            batch=args.batch,
-            width=args.width,
-            features=args.features,
-            reps=args.reps,
-            warmup=args.warmup,
-        )
-        for f in args.frameworks
-    ]
+    info = _common.machine_info(__file__, argv)
+    timing = _common.timing(args)
+    sizes = {"batch": args.batch, "width": args.width, "features": args.features}
+    cases = [run_framework(f, timing=timing, **sizes) for f in args.frameworks]
     rows = [
-        (
+        [
             c["name"],
             c["peer"],
-            f"{c['median_s'][c['peer']] * 1e3:.3f}",
-            f"{c['median_s']['jaxbn'] * 1e3:.3f}",
+            f"{c['contenders'][c['peer']]['median_s'] * 1e3:.3f}",
+            f"{c['contenders']['jaxbn']['median_s'] * 1e3:.3f}",
             f"{c['jaxbn_over_peer']:.2f}",
             f"{c['max_param_difference_after_one_step']:.1e}",
-        )
+        ]
         for c in cases
     ]
-    print()
-    print(
-        _common.format_table(
-            ["case", "peer", "peer ms", "jaxbn ms", "jaxbn / peer", "max param diff"], rows
-        )
-    )
-    results = {"machine": info, "args": vars(args), "cases": cases}
-    _common.write_json(args.json, results)
-    return results
+    headers = ["case", "peer", "peer ms", "jaxbn ms", "jaxbn / peer", "max param diff"]
+    print("\n" + _common.format_table(headers, rows))
+    return _common.finish(args, {"machine": info, "cases": cases})
 
 
 if __name__ == "__main__":
     main()
+    sys.exit(0)

@@ -1,15 +1,7 @@
-"""Bar charts of the benchmark results written by ``bench_op.py`` and ``bench_train.py``.
+"""Draws bench_op.py's and bench_train.py's JSON results as bar charts (run_all.py does).
 
-Usage::
-
-    python benchmarks/bench_op.py --json op.json
-    python benchmarks/bench_train.py --json train.json
-    python benchmarks/plot_results.py --op op.json --train train.json --out benchmarks/results.png
-
-The left panel shows each op contender's time relative to jaxbn (lower is faster)
-with the bandwidth floor; the right one the training steps per second relative to
-jaxbn's scan loop (higher is faster). Nothing is measured here: it only draws what
-the two benchmarks wrote.
+Left: each op contender's time over jaxbn's, with the bandwidth floor (lower is
+faster); right: training steps per second over jaxbn's scan loop (higher is faster).
 """
 
 from __future__ import annotations
@@ -77,7 +69,7 @@ def main(argv=None) -> str:
     for model in train["models"]:
         groups.append(model["name"])
         for name in TRAIN_CONTENDERS:
-            ratio = model["contenders"].get(name, {}).get("speed_vs_jaxbn_scan")
+            ratio = model["contenders"].get(name, {}).get("speed_ratio")
             if ratio is not None:
                 values[(groups[-1], name)] = ratio
     _bars(

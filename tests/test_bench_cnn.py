@@ -56,6 +56,7 @@ def test_cnn_results_structure(quick_results):
             continue
         assert math.isfinite(entry["steps_per_s"]) and entry["steps_per_s"] > 0, name
         assert entry["reps"] == 2, name
+        assert math.isfinite(entry["speed_ratio"]), name
         if "rel_err" in entry:  # the same first step from the same start as jaxbn-jit
             assert entry["rel_err"] < 1e-3, name
     assert "rel_err" in entries["jaxbn-jit"]
