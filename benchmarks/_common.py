@@ -1,15 +1,11 @@
-"""The harness every benchmark script uses: machine, timing, own processes, memory, results.
+"""The harness of every benchmark: machine, timing, own processes, memory, results.
 
-A script builds one ``run(n)`` callable per contender (``n`` steps or calls,
-inputs captured once, returning something to wait for) and hands them to
-:func:`interleave`: each is calibrated, then timed in rounds, one run of every
-contender per round, so that a slow spell of the machine hits them alike.
-Before each timed run the harness waits for idle CPUs and makes one untimed
-call, so that no thread pool is timed waking up. PyTorch runs in a process of
-its own (:func:`in_own_process`): its OpenMP threads spin after a call and
-would slow whatever JAX contender ran next. The reports are medians with the
-interquartile spread; :func:`finish` prints and writes them with the machine
-and the command.
+A script builds one ``run(n)`` per contender (``n`` steps, inputs captured)
+for :func:`interleave`: each is calibrated, then timed in rounds, one run of
+each per round, so that a slow spell of the machine hits all alike, each run
+started on idle CPUs right after an untimed one (no thread pool is timed
+waking up); medians with the interquartile spread. PyTorch runs in its own
+process (:func:`in_own_process`): its OpenMP threads spin after a call.
 """
 
 from __future__ import annotations
@@ -385,33 +381,30 @@ def timing(args) -> dict[str, Any]:
     return dict(out, min_time=args.min_time) if hasattr(args, "min_time") else out
 
 
-def fmt(value, spec: str, *, scale: float = 1.0, missing: str = "") -> str:
-    """``format(value * scale, spec)``, or ``missing`` for ``None``."""
-    return missing if value is None else format(value * scale, spec)
+def fmt(value, spec: str = "", *, scale: float = 1.0, missing: str = "") -> str:
+    """``format(value * scale, spec)``, ``str(value)`` without ``spec``, or ``missing``."""
+    if value is None:
+        return missing
+    return format(value * scale, spec) if spec else str(value)
 
 
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """Formats rows as a Markdown table with aligned columns."""
-    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+def table(rows: Sequence[dict], columns: Sequence[tuple]) -> str:
+    """A Markdown table: one line per dict of ``rows``, aligned columns.
+
+    Each column is ``(header, key, spec[, scale])``: the cell is
+    ``fmt(row.get(key), spec, scale=scale)``.
+    """
+    cells = [[h for h, *_ in columns]]
+    cells += [
+        [fmt(r.get(key), *rest[:1], scale=(rest[1:] or [1])[0]) for _, key, *rest in columns]
+        for r in rows
+    ]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
     lines = [
         "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in cells
     ]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
-
-
-def print_targets(targets: list[dict]) -> None:
-    """Prints each ``{"target", "value", "met"}`` as MET / NOT MET / NOT CHECKED."""
-    print("\ntargets")
-    for t in targets:
-        status = {True: "MET", False: "NOT MET", None: "NOT CHECKED"}[t["met"]]
-        print(f"  {status:<11} {t['target']}: {fmt(t['value'], '.2f', missing='n/a')}x")
-
-
-def target(text: str, value: float | None, ok: Callable[[float], bool]) -> dict:
-    """A target's record: ``met`` is ``None`` where ``value`` was not measured."""
-    return {"target": text, "value": value, "met": None if value is None else ok(value)}
 
 
 def finish(args, results: dict) -> dict:

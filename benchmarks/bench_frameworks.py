@@ -32,8 +32,18 @@ def _loss(logits, labels):
     return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1))
 
 
+def _sgd(loss_fn: Callable) -> Callable:
+    """``step((params, stats), x, y) -> (params, stats)`` for ``loss_fn(params, stats, x, y)``."""
+
+    def step(carry, x, y):
+        grads, stats = jax.grad(loss_fn, has_aux=True)(*carry, x, y)
+        return jax.tree.map(lambda p, g: p - LR * g, carry[0], grads), stats
+
+    return step
+
+
 def nnx_steps(batch: int, width: int, features: int) -> dict[str, tuple[Callable, Any]]:
-    """``{contender: (step, carry)}`` for Flax NNX; ``step(carry, x, y) -> carry``."""
+    """``{contender: (step, carry)}`` for Flax NNX, through ``nnx.split``/``merge``."""
     from flax import nnx
 
     import jaxbn.nnx
@@ -54,19 +64,11 @@ def nnx_steps(batch: int, width: int, features: int) -> dict[str, tuple[Callable
     for name, norm in (("flax", nnx.BatchNorm), ("jaxbn", jaxbn.nnx.BatchNorm)):
         graphdef, params, rest = nnx.split(Net(norm, rngs=nnx.Rngs(0)), nnx.Param, ...)
 
-        def step(carry, x, y, graphdef=graphdef):
-            params, rest = carry
+        def loss_fn(params, rest, x, y, graphdef=graphdef):
+            model = nnx.merge(graphdef, params, rest)
+            return _loss(model(x), y), nnx.as_pure(nnx.state(model, nnx.BatchStat))
 
-            def loss_fn(params):
-                model = nnx.merge(graphdef, params, rest)
-                loss = _loss(model(x), y)
-                return loss, nnx.as_pure(nnx.state(model, nnx.BatchStat))
-
-            grads, stats = jax.grad(loss_fn, has_aux=True)(params)
-            return jax.tree.map(lambda p, g: p - LR * g, params, grads), stats
-
-        carry = (nnx.as_pure(params), nnx.as_pure(rest))
-        out[name] = (step, carry)
+        out[name] = (_sgd(loss_fn), (nnx.as_pure(params), nnx.as_pure(rest)))
     return out
 
 
@@ -76,38 +78,27 @@ def linen_steps(batch: int, width: int, features: int) -> dict[str, tuple[Callab
 
     import jaxbn.linen
 
+    class Net(nn.Module):
+        norm: Any
+
+        @nn.compact
+        def __call__(self, x):
+            for _ in range(2):
+                h = nn.Dense(width, use_bias=False)(x)
+                x = nn.relu(self.norm(use_running_average=False)(h))
+            return nn.Dense(10)(x)
+
     out = {}
     for name, norm in (("flax", nn.BatchNorm), ("jaxbn", jaxbn.linen.BatchNorm)):
-
-        class Net(nn.Module):
-            norm: Any
-
-            @nn.compact
-            def __call__(self, x):
-                x = nn.relu(
-                    self.norm(use_running_average=False)(nn.Dense(width, use_bias=False)(x))
-                )
-                x = nn.relu(
-                    self.norm(use_running_average=False)(nn.Dense(width, use_bias=False)(x))
-                )
-                return nn.Dense(10)(x)
-
         model = Net(norm)
         variables = model.init(jax.random.key(0), jnp.ones((batch, features)))
 
-        def step(carry, x, y, model=model):
-            params, stats = carry
+        def loss_fn(params, stats, x, y, model=model):
+            variables = {"params": params, "batch_stats": stats}
+            logits, up = model.apply(variables, x, mutable=["batch_stats"])
+            return _loss(logits, y), up["batch_stats"]
 
-            def loss_fn(params):
-                logits, up = model.apply(
-                    {"params": params, "batch_stats": stats}, x, mutable=["batch_stats"]
-                )
-                return _loss(logits, y), up["batch_stats"]
-
-            grads, stats = jax.grad(loss_fn, has_aux=True)(params)
-            return jax.tree.map(lambda p, g: p - LR * g, params, grads), stats
-
-        out[name] = (step, (variables["params"], variables["batch_stats"]))
+        out[name] = (_sgd(loss_fn), (variables["params"], variables["batch_stats"]))
     return out
 
 
@@ -117,43 +108,31 @@ def equinox_steps(batch: int, width: int, features: int) -> dict[str, tuple[Call
 
     import jaxbn.equinox
 
-    out = {}
-    makers = {
+    norms = {
         "equinox": lambda: eqx.nn.BatchNorm(width, "batch", mode="batch"),
         "jaxbn": lambda: jaxbn.equinox.BatchNorm(width, "batch"),
     }
-    for name, make_norm in makers.items():
+    out = {}
+    for name, norm in norms.items():
 
-        def build(make_norm=make_norm):
+        def build(norm=norm):
             k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
-            return eqx.nn.Sequential(
-                [
-                    eqx.nn.Linear(features, width, use_bias=False, key=k1),
-                    make_norm(),
-                    eqx.nn.Lambda(jax.nn.relu),
-                    eqx.nn.Linear(width, width, use_bias=False, key=k2),
-                    make_norm(),
-                    eqx.nn.Lambda(jax.nn.relu),
-                    eqx.nn.Linear(width, 10, key=k3),
-                ]
-            )
+            layers = []
+            for fan_in, key in ((features, k1), (width, k2)):
+                linear = eqx.nn.Linear(fan_in, width, use_bias=False, key=key)
+                layers += [linear, norm(), eqx.nn.Lambda(jax.nn.relu)]
+            return eqx.nn.Sequential([*layers, eqx.nn.Linear(width, 10, key=k3)])
 
         model, state = eqx.nn.make_with_state(build)()
         params, static = eqx.partition(model, eqx.is_array)
 
-        def step(carry, x, y, static=static):
-            params, state = carry
+        def loss_fn(params, state, x, y, static=static):
+            model = eqx.combine(params, static)
+            f = jax.vmap(model, in_axes=(0, None), out_axes=(0, None), axis_name="batch")
+            logits, new_state = f(x, state)
+            return _loss(logits, y), new_state
 
-            def loss_fn(params):
-                model = eqx.combine(params, static)
-                f = jax.vmap(model, in_axes=(0, None), out_axes=(0, None), axis_name="batch")
-                logits, new_state = f(x, state)
-                return _loss(logits, y), new_state
-
-            grads, state = jax.grad(loss_fn, has_aux=True)(params)
-            return jax.tree.map(lambda p, g: p - LR * g, params, grads), state
-
-        out[name] = (step, (params, state))
+        out[name] = (_sgd(loss_fn), (params, state))
     return out
 
 
@@ -179,11 +158,23 @@ def run_framework(framework: str, *, batch: int, width: int, features: int, timi
     timings = _common.interleave(runs, **timing)
     return {
         "name": f"train_step_{framework}_{batch}x{features}_w{width}_float32",
+        "peer_ms": 1e3 * timings[peer]["median_s"],
+        "jaxbn_ms": 1e3 * timings["jaxbn"]["median_s"],
         "peer": peer,
         "contenders": timings,
         "jaxbn_over_peer": timings["jaxbn"]["median_s"] / timings[peer]["median_s"],
         "max_param_difference_after_one_step": diff,
     }
+
+
+COLUMNS = (
+    ("case", "name"),
+    ("peer", "peer"),
+    ("peer ms", "peer_ms", ".3f"),
+    ("jaxbn ms", "jaxbn_ms", ".3f"),
+    ("jaxbn / peer", "jaxbn_over_peer", ".2f"),
+    ("max param diff", "max_param_difference_after_one_step", ".1e"),
+)
 
 
 def _parser():
@@ -205,19 +196,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     timing = _common.timing(args)
     sizes = {"batch": args.batch, "width": args.width, "features": args.features}
     cases = [run_framework(f, timing=timing, **sizes) for f in args.frameworks]
-    rows = [
-        [
-            c["name"],
-            c["peer"],
-            f"{c['contenders'][c['peer']]['median_s'] * 1e3:.3f}",
-            f"{c['contenders']['jaxbn']['median_s'] * 1e3:.3f}",
-            f"{c['jaxbn_over_peer']:.2f}",
-            f"{c['max_param_difference_after_one_step']:.1e}",
-        ]
-        for c in cases
-    ]
-    headers = ["case", "peer", "peer ms", "jaxbn ms", "jaxbn / peer", "max param diff"]
-    print("\n" + _common.format_table(headers, rows))
+    print("\n" + _common.table(cases, COLUMNS))
     return _common.finish(args, {"machine": info, "cases": cases})
 
 

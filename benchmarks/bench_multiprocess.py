@@ -1,12 +1,9 @@
 """What crossing processes costs: 1 process x 4 devices against 2 processes x 2 devices.
 
-The same data-parallel training (the paper's MLP, synchronized batch norm, a
-global batch of 240 over four CPU devices) runs in one process holding all four
-devices, then in two processes on this machine holding two each
-(``jaxbn.distributed``: a coordinator on localhost, ``gloo`` collectives). Each
-reports the median time per step of the scan loop (chunks of
-``--steps-per-chunk`` steps after a warm-up chunk) and the all-reduces in the
-compiled training step. The script starts its worker processes itself.
+The paper's MLP, synchronized batch norm, a global batch of 240 over four CPU
+devices: in one process, then in two on this machine (``jaxbn.distributed``,
+``gloo``). Each reports the time per step of the scan loop (chunks of
+``--steps-per-chunk`` steps) and the all-reduces in the compiled step.
 """
 
 from __future__ import annotations
@@ -32,21 +29,25 @@ BATCH_SIZE = 240
 LAYERS = (64, 100, 100, 100, 10)
 
 
-def worker(args) -> dict:
-    """One process of a configuration: its timing and all-reduce count."""
+def worker(spec: dict) -> dict:
+    """One process of a configuration: its timing and all-reduce count.
+
+    ``spec``: ``coordinator``, ``processes``, ``process_id``, ``devices`` (per
+    process), ``steps_per_chunk`` and ``repeats``.
+    """
     from jaxbn import distributed
 
-    if args.num_processes > 1:
+    if spec["processes"] > 1:
         distributed.initialize(
-            args.coordinator,
-            args.num_processes,
-            args.process_id,
-            local_device_count=args.local_devices,
+            spec["coordinator"],
+            spec["processes"],
+            spec["process_id"],
+            local_device_count=spec["devices"],
         )
     else:
         import jax
 
-        jax.config.update("jax_num_cpu_devices", args.local_devices)
+        jax.config.update("jax_num_cpu_devices", spec["devices"])
     import jax
     import numpy as np
     import optax
@@ -62,11 +63,11 @@ def worker(args) -> dict:
 
     def chunk(n):
         for _ in range(n):
-            ts[0], metrics = loop(ts[0], data.x_train, data.y_train, args.steps_per_chunk)
+            ts[0], metrics = loop(ts[0], data.x_train, data.y_train, spec["steps_per_chunk"])
         return metrics
 
     # Every process makes the same calls (the collectives pair up): no idle waits.
-    timing = _common.interleave({"scan": chunk}, reps=args.repeats, warmup=1, quiet=False)
+    timing = _common.interleave({"scan": chunk}, reps=spec["repeats"], warmup=1, quiet=False)
     # The all-reduces of one compiled step, on a global batch of this process's rows.
     xs, ys = distributed.global_batches(
         mesh, np.arange(BATCH_SIZE)[None], data.x_train, data.y_train
@@ -75,39 +76,32 @@ def worker(args) -> dict:
     step = jax.jit(make_train_step(model, opt, mesh=mesh))
     params, state = model.init(jax.random.key(0))
     hlo = step.lower(params, state, opt.init(params), batch).compile().as_text()
-    times = [1e3 * t / args.steps_per_chunk for t in timing["scan"]["times_s"]]
+    times = [1e3 * t / spec["steps_per_chunk"] for t in timing["scan"]["times_s"]]
     return {"ms_per_step": times, "all_reduces": len(re.findall(r"\ball-reduce(?:-start)?\(", hlo))}
 
 
-def configuration(num_processes: int, local_devices: int, args) -> list[dict]:
+def configuration(processes: int, devices: int, args) -> list[dict]:
     """Runs one configuration in fresh processes; returns each process's report."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        address = f"127.0.0.1:{s.getsockname()[1]}"
+        coordinator = f"127.0.0.1:{s.getsockname()[1]}"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    flags = [
-        "--worker",
-        "--coordinator",
-        address,
-        "--num-processes",
-        str(num_processes),
-        "--local-devices",
-        str(local_devices),
-        "--steps-per-chunk",
-        str(args.steps_per_chunk),
-        "--repeats",
-        str(args.repeats),
-    ]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, *flags, "--process-id", str(pid)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
+    spec = {
+        "coordinator": coordinator,
+        "processes": processes,
+        "devices": devices,
+        "steps_per_chunk": args.steps_per_chunk,
+        "repeats": args.repeats,
+    }
+    procs = []
+    for pid in range(processes):
+        flag = json.dumps(dict(spec, process_id=pid))
+        cmd = [sys.executable, __file__, "--worker", flag]
+        procs.append(
+            subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+            )
         )
-        for pid in range(num_processes)
-    ]
     reports = []
     for p in procs:
         out, err = p.communicate(timeout=900)
@@ -123,11 +117,7 @@ def _parser():
     p.add_argument("--steps-per-chunk", type=int, default=50)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", help="write the results to this file")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--coordinator", help=argparse.SUPPRESS)
-    p.add_argument("--num-processes", type=int, default=1, help=argparse.SUPPRESS)
-    p.add_argument("--process-id", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--local-devices", type=int, default=4, help=argparse.SUPPRESS)
+    p.add_argument("--worker", type=json.loads, help=argparse.SUPPRESS)
     return p
 
 
@@ -135,26 +125,25 @@ def main(argv: Sequence[str] | None = None) -> dict:
     """Runs both configurations, prints their timings; returns the results."""
     args = _parser().parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args)), flush=True)
+        print(json.dumps(worker(args.worker)), flush=True)
         return {}
     info = _common.machine_info(__file__, argv)
     print(f"paper MLP {'-'.join(map(str, LAYERS))}, global batch {BATCH_SIZE}, 4 CPU devices")
     results, rows = {"machine": info}, []
     for name, (processes, devices) in {"1x4": (1, 4), "2x2": (2, 2)}.items():
         reports = configuration(processes, devices, args)
-        times = sorted(reports[0]["ms_per_step"])
+        times, all_reduces = sorted(reports[0]["ms_per_step"]), reports[0]["all_reduces"]
         median = statistics.median(times)
         results[name] = {
-            "processes": processes,
-            "devices_per_process": devices,
             "ms_per_step_median": median,
             "ms_per_step": times,
-            "all_reduces_per_step": reports[0]["all_reduces"],
+            "all_reduces_per_step": all_reduces,
         }
         label = f"{processes} process(es) x {devices} devices"
         spread = f"{times[0]:.2f}-{times[-1]:.2f}"
-        rows.append([label, f"{median:.2f}", spread, reports[0]["all_reduces"]])
-    print(_common.format_table(["configuration", "ms/step median", "min-max", "all-reduces"], rows))
+        rows.append([label, f"{median:.2f}", spread, all_reduces])
+    columns = (("configuration", 0), ("ms/step median", 1), ("min-max", 2), ("all-reduces", 3))
+    print(_common.table([dict(enumerate(row)) for row in rows], columns))
     ratio = results["2x2"]["ms_per_step_median"] / results["1x4"]["ms_per_step_median"]
     print(f"crossing processes: {ratio:.2f}x the time per step of one process")
     results["ratio_2x2_over_1x4"] = ratio

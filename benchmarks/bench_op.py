@@ -1,18 +1,12 @@
-"""One batch-norm training step (forward and backward) of jaxbn against its peers.
+"""One batch-norm training step (forward and backward): jaxbn against its peers.
 
-Per case (a shape, features last, and a dtype) each contender computes ``y``
-and ``(dx, dscale, dbias)`` for a fixed ``dy`` on the same inputs: ``jaxbn``
-(``jax.jit`` of ``jax.vjp`` of :func:`jaxbn.batch_norm`), ``reference`` (the
-same around :func:`jaxbn.reference.batch_norm`, JAX autodiff), ``flax``
-(``flax.linen.BatchNorm`` in training mode, ``dtype=x.dtype`` for low
-precision) and ``torch`` (``F.batch_norm`` and ``backward``, in its own process,
-on CUDA where JAX runs on a GPU; a 4-D input also channels-last, the faster
-layout kept). ``max rel err`` checks every contender against jaxbn.
-
-The floor is 8 passes over ``x``'s bytes at the copy bandwidth measured in the
-same run (``np.copyto`` on the CPU; a jitted negation on an accelerator);
-``floor + 2 fresh outputs`` adds the page faults of the two new x-sized outputs
-(``y``, ``dx``) that every contender pays on the CPU.
+Per case (a shape, features last, and a dtype): ``jaxbn`` (``jax.vjp`` of
+:func:`jaxbn.batch_norm`, jitted), ``reference`` (the same around
+:func:`jaxbn.reference.batch_norm`, JAX autodiff), ``flax``
+(``flax.linen.BatchNorm``) and ``torch`` (``F.batch_norm`` and ``backward``, in
+its own process). The floor streams 8 x-sized arrays at the copy bandwidth
+measured in the same run; ``floor + 2 fresh outputs`` adds the page faults of
+the two new outputs (``y``, ``dx``) on the CPU. RESULTS.md says more.
 """
 
 from __future__ import annotations
@@ -243,36 +237,37 @@ def _add_ratios(case: dict, bandwidth: float) -> None:
     case["jaxbn_over_floor"] = None if base is None else base / case["floor_s"]
 
 
-def _table(cases: list[dict]) -> str:
-    rows = []
-    for case in cases:
-        for name, e in case["contenders"].items():
-            rows.append(
-                [
-                    case["name"],
-                    name,
-                    _common.fmt(e["median_s"], ".3f", scale=1e3, missing="n/a"),
-                    _common.fmt(e.get("iqr_rel"), ".0%"),
-                    _common.fmt(e["ratio_to_jaxbn"], ".2f"),
-                    _common.fmt(e.get("max_rel_err"), ".0e"),
-                    e["note"],
-                ]
-            )
-        jf = _common.fmt(case["jaxbn_over_floor"], ".2f")
-        floor = f"{case['floor_s'] * 1e3:.3f}"
-        rows.append([case["name"], "floor (8 passes)", floor, "", "", "", f"jaxbn = {jf} x floor"])
-        fresh = f"{case['floor_fresh_s'] * 1e3:.3f}"
-        rows.append([case["name"], "floor + 2 fresh outputs", fresh, "", "", "", ""])
-    headers = ["case", "contender", "median ms", "±IQR/2", "time / jaxbn", "max rel err", "note"]
-    return _common.format_table(headers, rows)
+COLUMNS = (
+    ("case", "case"),
+    ("contender", "contender"),
+    ("median ms", "median_s", ".3f", 1e3),
+    ("±IQR/2", "iqr_rel", ".0%"),
+    ("time / jaxbn", "ratio_to_jaxbn", ".2f"),
+    ("max rel err", "max_rel_err", ".0e"),
+    ("note", "note"),
+)
+
+
+def _rows(case: dict) -> list[dict]:
+    """The contenders' rows of a case, then its floors'."""
+    rows = [dict(e, contender=name) for name, e in case["contenders"].items()]
+    note = f"jaxbn = {_common.fmt(case['jaxbn_over_floor'], '.2f')} x floor"
+    rows.append({"contender": "floor (8 passes)", "median_s": case["floor_s"], "note": note})
+    rows.append({"contender": "floor + 2 fresh outputs", "median_s": case["floor_fresh_s"]})
+    return [dict(r, case=case["name"]) for r in rows]
 
 
 def _parser() -> argparse.ArgumentParser:
     p = _common.parser(
         "Batch-norm training step (fwd + bwd): jaxbn and its peers.", reps=21, warmup=3
     )
-    p.add_argument("--shapes", nargs="+", type=parse_case, metavar="SHAPE[:DTYPE]",
-                   help=f"cases, features last (default: {' '.join(DEFAULT_CASES)})")  # fmt: skip
+    p.add_argument(
+        "--shapes",
+        nargs="+",
+        type=parse_case,
+        metavar="SHAPE[:DTYPE]",
+        help=f"cases, features last (default: {' '.join(DEFAULT_CASES)})",
+    )
     p.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
     p.add_argument("--copy-mib", type=int, default=512, help="array size for the bandwidth")
     p.add_argument("--platform", choices=("cpu", "gpu", "tpu"), help="device of the JAX contenders")
@@ -300,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for shape, dtype in cases:
         results.append(run_case(shape, dtype, args.contenders, device=device, timing=timing))
         _add_ratios(results[-1], bandwidth_Bps)
-    print(_table(results))
+    print(_common.table([r for case in results for r in _rows(case)], COLUMNS))
     skipped = [m for m in ("equinox", "haiku") if _common.optional_import(m) is None]
     for module in skipped:
         print(f"note     {module} is not installed: skipped")

@@ -1,14 +1,10 @@
 """Data-parallel training of the batch-norm MLP over 1, 2, 4 and 8 devices.
 
-Per case (a network, a global batch, synthetic data) and device count ``n``, on
-a mesh of the first ``n`` devices, interleaved: ``scan``
-(:func:`jaxbn.train.make_train_loop`, time per step), ``step``
-(``jax.jit(make_train_step(..., mesh=mesh))`` per call, on a sharded batch) and
-``local`` (the same step with each device's own statistics: ``step - local``
-is what synchronizing batch norm costs), with the all-reduce ops in each
-compiled step's HLO. ``n = 1`` is the plain single-device program. Forced CPU
-devices (``--xla_force_host_platform_device_count=8``, set here unless already
-set) share the machine's cores: they show the overhead, not the scaling.
+Per case and device count, interleaved: ``scan`` (:func:`jaxbn.train.make_train_loop`,
+per step), ``step`` (``make_train_step(..., mesh=mesh)`` per call) and ``local``
+(each device's own statistics: ``step - local`` is the cost of synchronizing),
+with the all-reduces of each compiled step. Forced CPU devices (set here unless
+``XLA_FLAGS`` sets them) share the cores: they show the overhead, not scaling.
 """
 
 from __future__ import annotations
@@ -117,41 +113,18 @@ def run_case(case: Case, counts: Sequence[int], *, steps: int, timing: dict) -> 
     return {"name": case.name, "num_batch_norm_layers": len(case.layer_sizes) - 2, "rows": rows}
 
 
-def _ms(v):
-    return None if v is None else f"{v * 1e3:.3f}"
-
-
-def _table(results: list[dict]) -> str:
-    headers = [
-        "case",
-        "devices",
-        "scan ms/step",
-        "x 1 dev",
-        "step ms/call",
-        "x 1 dev",
-        "local-stats ms",
-        "sync cost ms",
-        "all-reduces (sync)",
-        "all-reduces (local)",
-    ]
-    rows = []
-    for res in results:
-        for r in res["rows"]:
-            rows.append(
-                [
-                    res["name"],
-                    r["devices"],
-                    _ms(r["scan_s_per_step"]),
-                    f"{r['scan_ratio_to_1']:.2f}",
-                    _ms(r["step_s"]),
-                    f"{r['step_ratio_to_1']:.2f}",
-                    _ms(r.get("local_s")),
-                    _ms(r.get("sync_cost_s")),
-                    r["all_reduces_step"],
-                    r.get("all_reduces_local"),
-                ]
-            )
-    return _common.format_table(headers, rows)
+COLUMNS = (
+    ("case", "case"),
+    ("devices", "devices"),
+    ("scan ms/step", "scan_s_per_step", ".3f", 1e3),
+    ("x 1 dev", "scan_ratio_to_1", ".2f"),
+    ("step ms/call", "step_s", ".3f", 1e3),
+    ("x 1 dev", "step_ratio_to_1", ".2f"),
+    ("local-stats ms", "local_s", ".3f", 1e3),
+    ("sync cost ms", "sync_cost_s", ".3f", 1e3),
+    ("all-reduces (sync)", "all_reduces_step"),
+    ("all-reduces (local)", "all_reduces_local"),
+)
 
 
 NOTE = (
@@ -189,7 +162,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if any(case.batch_size % n for n in counts):
             raise SystemExit(f"batch size {case.batch_size} of {case.name} is not divisible")
         results.append(run_case(case, counts, steps=args.steps, timing=timing))
-    print("\n" + _table(results))
+    print(
+        "\n" + _common.table([dict(r, case=c["name"]) for c in results for r in c["rows"]], COLUMNS)
+    )
     print("\nsync cost: step - local-stats, the price of synchronized batch norm.")
     print(f"note: {note}")
     out = {"machine": info, "device_count": available, "note": note, "cases": results}

@@ -1,27 +1,16 @@
-"""Training throughput and compiled-step memory of jaxbn's models against their peers.
+"""Training steps/s and compiled-step memory of jaxbn's models against their peers.
 
-The networks (float32, plain SGD, batch norm before every hidden nonlinearity):
-``paper``, 64-100-100-100-10 sigmoid, batch 60, on the bundled digits (Ioffe &
-Szegedy 2015, Fig. 1), and ``wide``, 784-1024x4-10 relu, batch 512, on
-synthetic blobs. ``bench_cnn.py`` and ``bench_fused.py`` run the same
-contenders on :class:`jaxbn.CNN` and on fused activations.
-
-Contenders, all from the same initial parameters (``model.init``) and checked
-against ``jaxbn-jit`` after one step (``rel err``: loss and every parameter):
-
-- ``jaxbn-scan``: :func:`jaxbn.train.make_train_loop`, many steps per dispatch,
-  batches drawn on the device; ``jaxbn-scan-pregen`` (diagnostic) the same step
-  in a ``lax.scan`` over the pre-generated batches, for the drawing's cost;
-- ``jaxbn-jit``: ``jax.jit(make_train_step(model, opt))``, one step per call;
-  ``jaxbn-remat-jit`` the same with ``remat=True``;
-- ``reference-jit``: the same model and step, its batch norm replaced by
-  :func:`jaxbn.reference.batch_norm` (JAX autodiff);
-- ``flax-jit``: the network in ``flax.linen`` with ``nn.BatchNorm``;
-- ``torch-eager`` (and with ``--torch-compile``, ``torch-compile``):
-  ``nn.Sequential`` with ``BatchNorm1d``/``2d`` (channels-last for the CNN) and
-  ``optim.SGD``, in its own process.
-
-Memory: ``temp_size_in_bytes`` of ``memory_analysis()`` of each per-call JAX step.
+``paper``: the 64-100x3-10 sigmoid MLP of Ioffe & Szegedy (2015), batch 60, on
+the bundled digits; ``wide``: 784-1024x4-10 relu, batch 512, on synthetic blobs.
+Float32, plain SGD. Every contender starts from ``model.init``'s parameters and
+is checked against ``jaxbn-jit`` after one step (``rel err``): ``jaxbn-scan``
+(:func:`jaxbn.train.make_train_loop`, batches drawn on the device),
+``jaxbn-jit`` (``make_train_step``, one step per call; ``-remat``: with
+``remat=True``), ``reference-jit`` (the same step with
+:func:`jaxbn.reference.batch_norm`, JAX autodiff), ``flax-jit`` (``flax.linen``
+with ``nn.BatchNorm``) and ``torch-eager`` (``BatchNorm1d``
+or ``2d``, ``optim.SGD``, in its own process). ``bench_cnn.py`` and
+``bench_fused.py`` run these builders on :class:`jaxbn.CNN` and fused layers.
 """
 
 from __future__ import annotations
@@ -42,20 +31,8 @@ except ImportError:  # imported as part of a package
 _common.use_checkout()
 
 MODELS = ("paper", "wide")
-CONTENDERS = (
-    "jaxbn-scan",
-    "jaxbn-scan-pregen",
-    "jaxbn-jit",
-    "jaxbn-remat-jit",
-    "reference-jit",
-    "flax-jit",
-    "torch-eager",
-    "torch-compile",
-)
 NUM_BATCHES = 16  # distinct pre-generated batches the per-call loops cycle through
 STEPS_PER_CALL = {"paper": 500, "wide": 20}  # scan loops: enough to amortize the dispatch
-MEMORY_TARGET = 0.9  # jaxbn's temporary memory at most this times Flax's
-SPEED_TARGET = 2.0  # paper MLP: jaxbn-scan at least this times PyTorch's steps/s
 
 
 @dataclasses.dataclass
@@ -110,15 +87,7 @@ def make_workload(name: str, *, lr: float = 0.1, activation: str | None = None) 
     else:
         raise ValueError(f"model must be one of {MODELS}, got {name!r}")
     model = MLP(sizes, activation=activation or act, momentum=0.99, eps=1e-5)
-    return workload(
-        name,
-        model,
-        ds.x_train,
-        ds.y_train,
-        batch_size=batch,
-        lr=lr,
-        steps_per_call=STEPS_PER_CALL[name],
-    )
+    return workload(name, model, ds.x_train, ds.y_train, batch_size=batch, lr=lr)
 
 
 @dataclasses.dataclass
@@ -132,16 +101,22 @@ class Contender:
     note: str = ""
 
 
-def flat(tree) -> dict[str, np.ndarray]:
-    """``{"layers/0/dense/kernel": array, ...}``: a pytree's leaves by path."""
+def flat(tree, rename: dict[str, str] | None = None) -> dict[str, np.ndarray]:
+    """``{"layers/0/dense/kernel": array, ...}``: a pytree's leaves by path.
+
+    ``rename`` maps a top-level key to its jaxbn path (``"Dense_0": "layers/0/dense"``).
+    """
     import jax
 
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    key = lambda k: str(getattr(k, "key", getattr(k, "idx", k)))  # noqa: E731
-    return {"/".join(map(key, path)): np.array(v, np.float32) for path, v in leaves}
+    out = {}
+    for path, value in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        parts = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+        parts[0] = (rename or {}).get(parts[0], parts[0])
+        out["/".join(parts)] = np.array(value, np.float32)
+    return out
 
 
-def _per_call(wl: Workload, step, opt, params, state, to_jaxbn=lambda p: p) -> Contender:
+def _per_call(wl: Workload, step, opt, params, state, rename=None) -> Contender:
     """One jitted step per call, cycling through the batches on the device."""
     import jax
 
@@ -149,7 +124,7 @@ def _per_call(wl: Workload, step, opt, params, state, to_jaxbn=lambda p: p) -> C
     batches = jax.device_put(wl.batches)
     args = (params, state, opt.init(params), batches[0])
     new_params, _, _, metrics = jstep(*args)
-    check = {"loss": np.asarray(metrics["loss"]), **flat(to_jaxbn(new_params))}
+    check = {"loss": np.asarray(metrics["loss"]), **flat(new_params, rename)}
     carry, pos = [args[:3]], [0]
 
     def run(n):
@@ -184,41 +159,23 @@ def build_reference(wl: Workload, opt) -> Contender:
     return _per_call(wl, step, opt, wl.params, wl.state)
 
 
-def build_scan(wl: Workload, opt, *, pregen: bool = False) -> Contender:
-    """``make_train_loop`` (batches drawn on the device) or, ``pregen``, a scan over ours."""
+def build_scan(wl: Workload, opt) -> Contender:
+    """:func:`jaxbn.train.make_train_loop`: ``steps_per_call`` steps per dispatch in a scan."""
     import jax
-    import jax.numpy as jnp
 
-    from jaxbn.train import init_train_state, make_train_loop, make_train_step
+    from jaxbn.train import init_train_state, make_train_loop
 
     spc = wl.steps_per_call
-    if pregen:
-        step = make_train_step(wl.model, opt)
-        xs, ys = (jax.device_put(np.stack(a)) for a in zip(*wl.batches, strict=True))
-
-        @jax.jit
-        def loop(carry):
-            def body(c, i):
-                j = i % xs.shape[0]
-                return step(*c, (xs[j], ys[j]))[:3], None
-
-            return jax.lax.scan(body, carry, jnp.arange(spc))[0]
-
-        carry = [(wl.params, wl.state, opt.init(wl.params))]
-        note = f"diagnostic: {spc} steps/dispatch, pre-generated batches"
-    else:
-        train_loop = make_train_loop(wl.model, opt, batch_size=wl.batch_size)
-        data = jax.device_put((wl.x_train, wl.y_train))
-        loop = lambda ts: train_loop(ts, *data, spc)[0]  # noqa: E731
-        carry = [init_train_state(wl.model, opt, jax.random.key(0))]
-        note = f"{spc} steps/dispatch; batches drawn on device"
+    loop = make_train_loop(wl.model, opt, batch_size=wl.batch_size)
+    data = jax.device_put((wl.x_train, wl.y_train))
+    state = [init_train_state(wl.model, opt, jax.random.key(0))]
 
     def run(n):
         for _ in range(n // spc):
-            carry[0] = loop(carry[0])
-        return carry[0]
+            state[0] = loop(state[0], *data, spc)[0]
+        return state[0]
 
-    return Contender(run, granularity=spc, note=note)
+    return Contender(run, granularity=spc, note=f"{spc} steps/dispatch; batches drawn on device")
 
 
 def _flax_names(model) -> list[tuple[tuple, str]]:
@@ -278,10 +235,8 @@ def build_flax(wl: Workload, opt) -> Contender:
     module, names = flax_module(nn, wl.model), _flax_names(wl.model)
     params = {name: dict(_get(wl.params, path)) for path, name in names}
     stats = {name: dict(_get(wl.state, path)) for path, name in names if "BatchNorm" in name}
-    variables = module.init(jax.random.key(0), wl.batches[0][0], train=False)
-    if jax.tree.structure({"params": params, "batch_stats": stats}) != jax.tree.structure(
-        variables
-    ):
+    expected = jax.tree.structure(module.init(jax.random.key(0), wl.batches[0][0], train=False))
+    if jax.tree.structure({"params": params, "batch_stats": stats}) != expected:
         raise _common.Unavailable("flax variable layout differs from the expected one")
 
     def loss_fn(params, stats, x, labels):
@@ -297,13 +252,8 @@ def build_flax(wl: Workload, opt) -> Contender:
         metrics = {"loss": loss, "accuracy": accuracy}
         return optax.apply_updates(params, updates), stats, opt_state, metrics
 
-    def to_jaxbn(fp):
-        out = jax.tree.map(lambda a: a, wl.params)  # new containers, same structure
-        for path, name in names:
-            _get(out, path[:-1])[path[-1]] = fp[name]
-        return out
-
-    return _per_call(wl, step, opt, params, stats, to_jaxbn)
+    rename = {name: "/".join(map(str, path)) for path, name in names}
+    return _per_call(wl, step, opt, params, stats, rename)
 
 
 def _torch_net(torch, spec: dict, params: dict):
@@ -322,10 +272,8 @@ def _torch_net(torch, spec: dict, params: dict):
         bn = bn(k.shape[-1], eps=spec["eps"], momentum=1.0 - spec["momentum"])
         layers += [lin, bn, act()]
         tensors[f"{block}/{i}/{layer}/kernel"] = lin.weight
-        tensors[f"{block}/{i}/batch_norm/scale"], tensors[f"{block}/{i}/batch_norm/bias"] = (
-            bn.weight,
-            bn.bias,
-        )
+        for leaf, tensor in (("scale", bn.weight), ("bias", bn.bias)):
+            tensors[f"{block}/{i}/batch_norm/{leaf}"] = tensor
         i += 1
     head = f"layers/{i}/dense" if mlp else "head"
     linear = nn.Linear(*params[f"{head}/kernel"].shape)
@@ -356,28 +304,22 @@ def torch_worker(spec: dict, arrays: dict) -> tuple[dict, dict]:
     params = {k[2:]: v for k, v in arrays.items() if k.startswith("p:")}
     net, tensors = _torch_net(torch, spec, params)
     opt = torch.optim.SGD(net.parameters(), lr=spec["lr"])
-    batches = []
-    for i in range(sum(k.startswith("x") for k in arrays)):
-        x = torch.from_numpy(arrays[f"x{i}"])
-        if x.ndim == 4:  # NHWC data, channels-last in PyTorch's NCHW view
-            x = x.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
-        batches.append((x, torch.from_numpy(arrays[f"y{i}"].astype(np.int64))))
+    xs = torch.from_numpy(arrays["xs"])
+    if xs.ndim == 5:  # NHWC images: channels-last in PyTorch's NCHW view
+        xs = xs.permute(0, 1, 4, 2, 3)
+    batches = [
+        (x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x, y)
+        for x, y in zip(xs, torch.from_numpy(arrays["ys"].astype(np.int64)), strict=True)
+    ]
 
-    def forward_loss(x, y):
-        logits = net(x)
-        return F.cross_entropy(logits, y), logits
-
-    note = f"{torch.get_num_threads()} threads, own process"
-    if spec["compile"]:
-        forward_loss = torch.compile(forward_loss)
-        note += "; torch.compile(forward + loss)"
     pos = [0]
 
     def run(n):
         for _ in range(n):
             opt.zero_grad(set_to_none=True)
             x, y = batches[pos[0] % len(batches)]
-            loss, logits = forward_loss(x, y)
+            logits = net(x)
+            loss = F.cross_entropy(logits, y)
             loss.backward()
             opt.step()
             accuracy = (logits.argmax(1) == y).float().mean()
@@ -387,26 +329,19 @@ def torch_worker(spec: dict, arrays: dict) -> tuple[dict, dict]:
     loss = float(run(1)[0])
     check = {p: _torch_layout(t.detach().numpy(), back=True) for p, t in tensors.items()}
     timing = _common.interleave({"torch": run}, **spec["timing"])["torch"]
-    return dict(timing, note=note, loss=loss), check
+    return dict(timing, note=f"{torch.get_num_threads()} threads, own process", loss=loss), check
 
 
-def build_torch(wl: Workload, opt, *, compiled: bool, timing: dict) -> dict:
+def build_torch(wl: Workload, timing: dict) -> tuple[dict, dict]:
     """PyTorch's entry (timed in its own process) and its check."""
     if _common.optional_import("torch") is None:
         raise _common.Unavailable("torch not installed")
     m = wl.model
-    spec = {
-        "kind": "mlp" if hasattr(m, "layer_sizes") else "cnn",
-        "activation": m.activation,
-        "eps": m.eps,
-        "momentum": m.momentum,
-        "lr": wl.lr,
-        "compile": compiled,
-        "timing": timing,
-    }
+    spec = {k: getattr(m, k) for k in ("activation", "eps", "momentum")}
+    kind = "mlp" if hasattr(m, "layer_sizes") else "cnn"
+    spec.update(kind=kind, lr=wl.lr, timing=timing)
     arrays = {f"p:{k}": v for k, v in flat(wl.params).items()}
-    for i, (x, y) in enumerate(wl.batches):
-        arrays[f"x{i}"], arrays[f"y{i}"] = x, y
+    arrays["xs"], arrays["ys"] = (np.stack(a) for a in zip(*wl.batches, strict=True))
     entry, check = _common.in_own_process(torch_worker, spec, arrays)
     check["loss"] = np.asarray(entry.pop("loss"))
     return entry, check
@@ -414,18 +349,18 @@ def build_torch(wl: Workload, opt, *, compiled: bool, timing: dict) -> dict:
 
 BUILDERS = {
     "jaxbn-scan": build_scan,
-    "jaxbn-scan-pregen": lambda wl, opt: build_scan(wl, opt, pregen=True),
     "jaxbn-jit": build_jit,
     "jaxbn-remat-jit": lambda wl, opt: build_jit(wl, opt, remat=True),
     "reference-jit": build_reference,
     "flax-jit": build_flax,
 }
+CONTENDERS = (*BUILDERS, "torch-eager")
 
 
 def run_model(
     wl: Workload,
     builders: dict,
-    torch: Sequence[str],
+    torch: bool,
     *,
     timing: dict,
     check_against: str,
@@ -436,7 +371,7 @@ def run_model(
     Args:
         wl: the workload.
         builders: ``{name: build(wl, opt) -> Contender}`` of the JAX contenders.
-        torch: PyTorch contenders to run (``torch-eager``, ``torch-compile``).
+        torch: also run ``torch-eager`` (in its own process, after the others).
         timing: :func:`_common.interleave`'s settings.
         check_against: the contender every ``rel_err`` compares with.
         baseline: the contender of the ``speed_ratio`` column (the steps/s over its).
@@ -458,13 +393,11 @@ def run_model(
     granularity = {k: c.granularity for k, c in built.items()}
     for name, summary in _common.interleave(runs, granularity=granularity, **timing).items():
         entries[name].update(summary)
-    for name in torch:
+    if torch:
         try:
-            entries[name], checks[name] = build_torch(
-                wl, opt, compiled=name == "torch-compile", timing=timing
-            )
+            entries["torch-eager"], checks["torch-eager"] = build_torch(wl, timing)
         except _common.Unavailable as e:
-            entries[name] = {"steps_per_s": None, "note": str(e)}
+            entries["torch-eager"] = {"steps_per_s": None, "note": str(e)}
     base = entries.get(baseline, {}).get("steps_per_s")
     flax = next((e for k, e in entries.items() if k.startswith("flax")), {})
     flax_mem = (flax.get("memory") or {}).get("temp_bytes")
@@ -475,80 +408,40 @@ def run_model(
             e["rel_err"] = _common.rel_err([checks[name][k] for k in want], want.values())
         if e.get("memory") and flax_mem:
             e["memory"]["temp_vs_flax"] = e["memory"]["temp_bytes"] / flax_mem
-    return {
-        "name": wl.name,
-        "case": wl.label,
-        "batch_size": wl.batch_size,
-        "lr": wl.lr,
-        "baseline": baseline,
-        "contenders": entries,
-    }
+    return {"name": wl.name, "case": wl.label, "baseline": baseline, "contenders": entries}
+
+
+SPEED = (
+    ("case", "case"),
+    ("contender", "contender"),
+    ("steps/s", "steps_per_s", ",.1f"),
+    ("±IQR/2", "iqr_rel", ".0%"),
+    ("steps/run", "steps_per_run"),
+    ("speed / baseline", "speed_ratio", ".2f"),
+    ("rel err", "rel_err", ".0e"),
+    ("note", "note"),
+)
+MEMORY = (
+    ("case", "case"),
+    ("contender", "contender"),
+    ("temp MiB", "temp_bytes", ".3f", 1 / _common.MiB),
+    ("temp / flax", "temp_vs_flax", ".2f"),
+    ("outputs MiB", "output_bytes", ".3f", 1 / _common.MiB),
+)
 
 
 def tables(models: list[dict]) -> str:
     """The speed table and the memory table of :func:`run_model`'s results."""
-    rows, mem_rows, f = [], [], _common.fmt
-    for res in models:
-        for name, e in res["contenders"].items():
-            rows.append(
-                [
-                    res["case"],
-                    name,
-                    f(e["steps_per_s"], ",.1f", missing="n/a"),
-                    f(e.get("iqr_rel"), ".0%"),
-                    e.get("steps_per_run"),
-                    f(e["speed_ratio"], ".2f"),
-                    f(e.get("rel_err"), ".0e"),
-                    e["note"],
-                ]
-            )
-            if mem := e.get("memory"):
-                mem_rows.append(
-                    [
-                        res["case"],
-                        name,
-                        f(mem["temp_bytes"], ".3f", scale=1 / _common.MiB),
-                        f(mem.get("temp_vs_flax"), ".2f"),
-                        f(mem["output_bytes"], ".3f", scale=1 / _common.MiB),
-                    ]
-                )
-    base = models[0]["baseline"]
-    speed = _common.format_table(
-        [
-            "case",
-            "contender",
-            "steps/s",
-            "±IQR/2",
-            "steps/run",
-            f"speed / {base}",
-            "rel err",
-            "note",
-        ],
-        rows,
-    )
-    memory = _common.format_table(
-        ["case", "contender", "temp MiB", "temp / flax", "outputs MiB"], mem_rows
-    )
+    rows = [
+        dict(e, case=m["case"], contender=k) for m in models for k, e in m["contenders"].items()
+    ]
+    memory = [dict(r, **r["memory"]) for r in rows if r.get("memory")]
     return (
-        f"steps per second (higher is better)\n{speed}\n\n"
-        f"temporary memory of one compiled training step (memory_analysis)\n{memory}"
+        f"steps per second (higher is better; baseline {models[0]['baseline']})\n"
+        f"{_common.table(rows, SPEED)}\n\n"
+        f"temporary memory of one compiled training step (memory_analysis)\n"
+        f"{_common.table(memory, MEMORY)}"
     )
-
-
-def _targets(models: list[dict]) -> list[dict]:
-    out = []
-    for res in models:
-        c = res["contenders"]
-        for name in ("jaxbn-jit", "jaxbn-remat-jit"):
-            mem = (c.get(name, {}).get("memory") or {}).get("temp_vs_flax")
-            text = f"{res['name']}: {name} step temp memory <= {MEMORY_TARGET}x Flax's"
-            out.append(_common.target(text, mem, lambda v: v <= MEMORY_TARGET))
-        if res["name"] == "paper":
-            scan, torch = (c.get(k, {}).get("steps_per_s") for k in ("jaxbn-scan", "torch-eager"))
-            text = f"paper: jaxbn-scan steps/s >= {SPEED_TARGET}x PyTorch eager"
-            ratio = scan / torch if scan and torch else None
-            out.append(_common.target(text, ratio, lambda v: v >= SPEED_TARGET))
-    return out
 
 
 def _parser():
@@ -557,40 +450,37 @@ def _parser():
         "MLP training steps/s and step memory: jaxbn and its peers.", reps=7, warmup=2, min_time=0.5
     )
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
-    p.add_argument(
-        "--contenders", nargs="+", choices=CONTENDERS, help="default: all but torch-compile"
-    )
-    p.add_argument("--torch-compile", action="store_true", help="also time torch.compile")
+    p.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
     p.add_argument("--steps-per-call", type=int, help=f"scan loops (default {STEPS_PER_CALL})")
     p.add_argument("--lr", type=float, default=0.1, help="SGD learning rate")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    """Runs the benchmark, prints the tables and targets; returns the results."""
+    """Runs the benchmark, prints the tables; returns the results."""
     args = _parser().parse_args(argv)
-    names = args.contenders or [c for c in CONTENDERS if c != "torch-compile"]
-    names += ["torch-compile"] if args.torch_compile and "torch-compile" not in names else []
     if args.quick:
         args.reps, args.warmup, args.min_time = min(args.reps, 3), 1, 0.01
     info = _common.machine_info(__file__, argv)
-    timing = _common.timing(args)
     print(f"timing   median of {args.reps} interleaved rounds of >= {args.min_time} s\n")
+    builders = {k: BUILDERS[k] for k in args.contenders if k in BUILDERS}
     models = []
     for name in args.models:
         wl = make_workload(name, lr=args.lr)
-        wl.steps_per_call = args.steps_per_call or (10 if args.quick else wl.steps_per_call)
-        builders = {k: BUILDERS[k] for k in names if k in BUILDERS}
-        torch = [k for k in names if k.startswith("torch")]
+        wl.steps_per_call = args.steps_per_call or (10 if args.quick else STEPS_PER_CALL[name])
+        torch = "torch-eager" in args.contenders
         models.append(
             run_model(
-                wl, builders, torch, timing=timing, check_against="jaxbn-jit", baseline="jaxbn-scan"
+                wl,
+                builders,
+                torch,
+                timing=_common.timing(args),
+                check_against="jaxbn-jit",
+                baseline="jaxbn-scan",
             )
         )
     print(tables(models))
-    targets = _targets(models)
-    _common.print_targets(targets)
-    return _common.finish(args, {"machine": info, "models": models, "targets": targets})
+    return _common.finish(args, {"machine": info, "models": models})
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ import pytest
 PEERS = {"flax-jit": "flax", "torch-eager": "torch"}
 CONTENDERS = [
     "jaxbn-scan",
-    "jaxbn-scan-pregen",
     "jaxbn-jit",
     "jaxbn-remat-jit",
     "reference-jit",
@@ -48,7 +47,6 @@ def test_train_results_structure(quick_results):
     assert [m["name"] for m in results["models"]] == ["paper"]
     (model,) = results["models"]
     assert model["case"] == "mlp_64-100-100-100-10_sigmoid_b60_float32"
-    assert model["batch_size"] == 60
     entries = model["contenders"]
     assert sorted(entries) == sorted(CONTENDERS)
     assert entries["jaxbn-scan"]["speed_ratio"] == 1.0
@@ -82,12 +80,8 @@ def test_train_memory(quick_results):
             assert math.isfinite(mem["temp_vs_flax"]) and mem["temp_vs_flax"] > 0
 
 
-def test_train_targets_and_json(quick_results):
+def test_train_json(quick_results):
     results, path = quick_results
-    targets = {t["target"]: t for t in results["targets"]}
-    assert len(targets) == 3  # paper only: memory (default and remat) and speed
-    for t in targets.values():
-        assert t["met"] in (True, False, None)
     written = json.loads(path.read_text())
     assert written["models"][0]["case"] == results["models"][0]["case"]
 
