@@ -19,13 +19,13 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -38,10 +38,9 @@ class Unavailable(Exception):
     """A contender cannot run here (the message says why)."""
 
 
-def use_checkout() -> None:
-    """Makes ``import jaxbn`` work from a checkout that is not pip-installed."""
-    if importlib.util.find_spec("jaxbn") is None:
-        sys.path.insert(0, os.path.dirname(HERE))
+# Importing the harness makes the checkout's jaxbn importable where none is installed.
+if importlib.util.find_spec("jaxbn") is None:
+    sys.path.insert(0, os.path.dirname(HERE))
 
 
 def optional_import(name: str):
@@ -53,19 +52,8 @@ def optional_import(name: str):
 
 
 def cpu_count() -> int:
-    """Number of CPU cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def load_average() -> float:
-    """One-minute load average (NaN where unavailable): other work adds noise."""
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return float("nan")
+    """Number of CPU cores this process may run on (the harness reads Linux's ``/proc``)."""
+    return len(os.sched_getaffinity(0))
 
 
 def _cpu_model() -> str:
@@ -90,12 +78,7 @@ PACKAGES = ("jax", "jaxlib", "numpy", "optax", "flax", "equinox", "dm-haiku", "t
 
 
 def machine_info(script: str, argv: Sequence[str] | None) -> dict[str, Any]:
-    """The date (UTC), the command, the CPU, the JAX device, the versions and the load.
-
-    Args:
-        script: the benchmark's ``__file__``.
-        argv: its arguments (``None``: ``sys.argv[1:]``).
-    """
+    """Prints and returns the date, the command (``script``'s), CPU, device, versions and load."""
     import jax
 
     device = jax.devices()[0]
@@ -109,7 +92,7 @@ def machine_info(script: str, argv: Sequence[str] | None) -> dict[str, Any]:
         "os": platform.platform(),
         "python": platform.python_version(),
         "versions": {p: _version(p) for p in PACKAGES},
-        "load_avg_1min": load_average(),
+        "load_avg_1min": os.getloadavg()[0],
     }
     vers = ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v is not None)
     print(f"date     {info['date']}\nmachine  {info['cpu']}, {info['cores']} cores, {info['os']}")
@@ -141,14 +124,10 @@ def _own_ticks() -> float:
 
 
 def wait_for_idle(*, busy_cores: float = 0.25, window: float = 0.05, timeout: float = 3.0) -> bool:
-    """Sleeps until other processes keep fewer than ``busy_cores`` cores busy.
+    """Sleeps until other processes keep under ``busy_cores`` cores busy (``False``: timed out).
 
     This process's own CPU time is not counted: its thread pools may keep
     spinning after a call, and counting them would make it wait for itself.
-
-    Returns:
-        ``True`` if the machine was idle, ``False`` after ``timeout`` seconds
-        (or where ``/proc/stat`` does not exist).
     """
     deadline = time.perf_counter() + timeout
     while True:
@@ -165,51 +144,25 @@ def wait_for_idle(*, busy_cores: float = 0.25, window: float = 0.05, timeout: fl
             return False
 
 
-@dataclass
-class Timing:
-    """Wall-clock times of the timed runs of one contender, in seconds."""
+def _summary(steps: int, times: list[float], busy_starts: int) -> dict[str, Any]:
+    """Seconds per step and steps per second (medians of the runs) and the spread.
 
-    steps: int = 1
-    times: list[float] = field(default_factory=list)
-    busy_starts: int = 0
-
-    def summary(self) -> dict[str, Any]:
-        """Seconds per step (median of the runs), steps per second and the spread.
-
-        ``iqr_rel`` is half the interquartile range over the median (``None``
-        with fewer than 4 runs); ``busy_starts`` counts runs that started while
-        other processes kept the CPUs busy.
-        """
-        median = statistics.median(self.times)
-        spread = None
-        if len(self.times) >= 4:
-            q1, _, q3 = statistics.quantiles(self.times, n=4)
-            spread = (q3 - q1) / 2 / median
-        return {
-            "median_s": median / self.steps,
-            "steps_per_s": self.steps / median,
-            "steps_per_run": self.steps,
-            "iqr_rel": spread,
-            "reps": len(self.times),
-            "busy_starts": self.busy_starts,
-            "times_s": self.times,
-        }
-
-
-def _time_once(timing: Timing, run: Callable[[int], Any], warm_steps: int, quiet: bool) -> None:
-    """Times one run; with ``quiet``, first waits for idle CPUs and runs ``warm_steps`` untimed.
-
-    The untimed run right before the timed one wakes the thread pools (XLA's,
-    PyTorch's OpenMP) that slept during the wait, as steps follow each other in
-    training; a run that had to start on busy CPUs counts in ``busy_starts``.
+    ``iqr_rel``: half the interquartile range over the median (``None`` under 4
+    runs); ``busy_starts``: runs that started while others kept the CPUs busy.
     """
-    if quiet:
-        if not wait_for_idle():
-            timing.busy_starts += 1
-        block(run(warm_steps))
-    t0 = time.perf_counter()
-    block(run(timing.steps))
-    timing.times.append(time.perf_counter() - t0)
+    median, spread = statistics.median(times), None
+    if len(times) >= 4:
+        q1, _, q3 = statistics.quantiles(times, n=4)
+        spread = (q3 - q1) / 2 / median
+    return {
+        "median_s": median / steps,
+        "steps_per_s": steps / median,
+        "steps_per_run": steps,
+        "iqr_rel": spread,
+        "reps": len(times),
+        "busy_starts": busy_starts,
+        "times_s": times,
+    }
 
 
 def calls(fn: Callable, *args) -> Callable[[int], Any]:
@@ -224,10 +177,9 @@ def calls(fn: Callable, *args) -> Callable[[int], Any]:
 
 
 def _calibrate(run: Callable[[int], Any], granularity: int, min_time: float) -> int:
-    """Steps (a multiple of ``granularity``) for a run of at least ``min_time`` seconds.
+    """Steps (a multiple of ``granularity``) for a run of ``min_time`` s at the fastest rate seen.
 
-    The rate is the fastest seen: a run slowed by another process must not make
-    the timed runs short.
+    (A run slowed by another process must not make the timed runs short.)
     """
     n, rate = granularity, 0.0
     while True:
@@ -250,48 +202,39 @@ def interleave(
     min_time: float | None = None,
     granularity: dict[str, int] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Times every contender in ``reps`` rounds, one run of each per round.
+    """Times every contender in ``reps`` rounds, one run of each per round; :func:`_summary` each.
 
-    Args:
-        runs: ``run(n)`` per contender: ``n`` steps (or calls), continuing from
-            where the previous run stopped; returns something to wait for.
-        reps: rounds.
-        warmup: untimed runs of ``granularity`` steps first (compilation,
-            caches, first-touch pages).
-        quiet: start each timed run on idle CPUs, right after an untimed run of
-            ``granularity`` steps.
-        min_time: seconds a timed run lasts at least (steps calibrated per
-            contender); ``None``: one step per run.
-        granularity: steps per ``run`` call that a contender needs (a scan
-            loop's steps per dispatch; default 1).
-
-    Returns:
-        :meth:`Timing.summary` per contender.
+    ``run(n)`` takes ``n`` more steps (calls) of a contender and returns
+    something to wait for; ``granularity[name]`` is the number of steps its run
+    needs (a scan loop's steps per dispatch; default 1). ``warmup`` untimed runs
+    first; with ``quiet`` each timed run starts on idle CPUs right after an
+    untimed run, so that the thread pools (XLA's, PyTorch's) that slept during
+    the wait are awake, as steps follow each other in training. A timed run
+    lasts ``min_time`` seconds (steps calibrated per contender) or one step.
     """
     granularity = granularity or {}
-    timings = {}
+    steps, times, busy = {}, {name: [] for name in runs}, dict.fromkeys(runs, 0)
     for name, run in runs.items():
         g = granularity.get(name, 1)
         for _ in range(warmup):
             block(run(g))
-        steps = g if min_time is None else _calibrate(run, g, min_time)
-        timings[name] = Timing(steps)
+        steps[name] = g if min_time is None else _calibrate(run, g, min_time)
     for _ in range(reps):
         for name, run in runs.items():
-            _time_once(timings[name], run, granularity.get(name, 1), quiet)
-    return {name: t.summary() for name, t in timings.items()}
+            if quiet:
+                busy[name] += not wait_for_idle()
+                block(run(granularity.get(name, 1)))
+            t0 = time.perf_counter()
+            block(run(steps[name]))
+            times[name].append(time.perf_counter() - t0)
+    return {name: _summary(steps[name], times[name], busy[name]) for name in runs}
 
 
-def in_own_process(
-    worker: Callable, spec: dict, arrays: dict[str, np.ndarray]
-) -> tuple[dict, dict[str, np.ndarray]]:
+def in_own_process(worker: Callable, spec: dict, arrays: dict) -> tuple[dict, dict]:
     """Runs ``worker(spec, arrays) -> (result, arrays)`` in a new Python process.
 
-    ``worker`` is a module-level function of a script; the spec goes as JSON,
-    the arrays as ``.npz``, and so do the results.
-
-    Raises:
-        Unavailable: the worker failed (the message holds its last error line).
+    ``worker`` is a module-level function of a script; the spec and the result
+    go as JSON, the arrays as ``.npz``. A failure raises :class:`Unavailable`.
     """
     folder, file = os.path.split(worker.__code__.co_filename)
     module = os.path.splitext(file)[0]
@@ -336,6 +279,11 @@ def memory_of(step: Callable, *args) -> dict[str, int] | None:
         "argument_bytes": int(mem.argument_size_in_bytes),
         "output_bytes": int(mem.output_size_in_bytes),
     }
+
+
+def count_all_reduces(hlo_text: str) -> int:
+    """The all-reduce ops (``all-reduce`` or ``all-reduce-start``) in compiled HLO text."""
+    return len(re.findall(r"\sall-reduce(?:-start)?\(", hlo_text))
 
 
 def rel_err(got: Sequence, want: Sequence) -> float:
@@ -389,11 +337,7 @@ def fmt(value, spec: str = "", *, scale: float = 1.0, missing: str = "") -> str:
 
 
 def table(rows: Sequence[dict], columns: Sequence[tuple]) -> str:
-    """A Markdown table: one line per dict of ``rows``, aligned columns.
-
-    Each column is ``(header, key, spec[, scale])``: the cell is
-    ``fmt(row.get(key), spec, scale=scale)``.
-    """
+    """A Markdown table of dicts; a column ``(header, key, spec[, scale])`` shows ``fmt``'s cell."""
     cells = [[h for h, *_ in columns]]
     cells += [
         [fmt(r.get(key), *rest[:1], scale=(rest[1:] or [1])[0]) for _, key, *rest in columns]
@@ -410,7 +354,7 @@ def table(rows: Sequence[dict], columns: Sequence[tuple]) -> str:
 def finish(args, results: dict) -> dict:
     """Prints the load average, writes ``results`` to ``--json`` (if given); returns them."""
     start = results["machine"]["load_avg_1min"]
-    print(f"\nload average (1 min) at start {start:.2f}, at end {load_average():.2f}")
+    print(f"\nload average (1 min) at start {start:.2f}, at end {os.getloadavg()[0]:.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2, default=lambda o: o.item())

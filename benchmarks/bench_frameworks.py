@@ -10,19 +10,12 @@ framework's Python. The two contenders of a framework are timed interleaved.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-try:
-    import _common
-except ImportError:  # imported as part of a package
-    from benchmarks import _common
-
-_common.use_checkout()
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+import _common
+import jax
+import jax.numpy as jnp
 
 FRAMEWORKS = ("nnx", "linen", "equinox")
 LR = 0.01
@@ -202,4 +195,3 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
-    sys.exit(0)

@@ -10,17 +10,11 @@ builders; ``rel err`` against unfused (the fused layer scales by
 from __future__ import annotations
 
 import statistics
-import sys
 from collections.abc import Sequence
 
-try:
-    import _common
-    import bench_cnn
-    import bench_train
-except ImportError:  # imported as part of a package
-    from benchmarks import _common, bench_cnn, bench_train
-
-_common.use_checkout()
+import _common
+import bench_cnn
+import bench_train
 
 BUILDERS = {
     "jaxbn-fused": lambda wl, opt: bench_train.build_jit(wl, opt, fuse_activation=True),
@@ -93,4 +87,3 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
-    sys.exit(0)

@@ -11,43 +11,29 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import socket
-import statistics
 import subprocess
 import sys
 from collections.abc import Sequence
 
-try:
-    import _common
-except ImportError:  # imported as part of a package
-    from benchmarks import _common
-
-_common.use_checkout()
+import _common
 
 BATCH_SIZE = 240
 LAYERS = (64, 100, 100, 100, 10)
 
 
 def worker(spec: dict) -> dict:
-    """One process of a configuration: its timing and all-reduce count.
-
-    ``spec``: ``coordinator``, ``processes``, ``process_id``, ``devices`` (per
-    process), ``steps_per_chunk`` and ``repeats``.
-    """
+    """One process of a configuration (``spec``): its timing and all-reduce count."""
     from jaxbn import distributed
 
-    if spec["processes"] > 1:
-        distributed.initialize(
-            spec["coordinator"],
-            spec["processes"],
-            spec["process_id"],
-            local_device_count=spec["devices"],
-        )
+    processes, devices = spec["processes"], spec["devices"]
+    if processes > 1:
+        coordinator, pid = spec["coordinator"], spec["process_id"]
+        distributed.initialize(coordinator, processes, pid, local_device_count=devices)
     else:
         import jax
 
-        jax.config.update("jax_num_cpu_devices", spec["devices"])
+        jax.config.update("jax_num_cpu_devices", devices)
     import jax
     import numpy as np
     import optax
@@ -61,13 +47,15 @@ def worker(spec: dict) -> dict:
     loop = make_train_loop(model, opt, batch_size=BATCH_SIZE, mesh=mesh)
     ts = [init_train_state(model, opt, jax.random.key(0))]
 
-    def chunk(n):
-        for _ in range(n):
-            ts[0], metrics = loop(ts[0], data.x_train, data.y_train, spec["steps_per_chunk"])
+    def steps(n):
+        ts[0], metrics = loop(ts[0], data.x_train, data.y_train, n)
         return metrics
 
     # Every process makes the same calls (the collectives pair up): no idle waits.
-    timing = _common.interleave({"scan": chunk}, reps=spec["repeats"], warmup=1, quiet=False)
+    chunk = {"scan": spec["steps_per_chunk"]}
+    timing = _common.interleave(
+        {"scan": steps}, reps=spec["repeats"], warmup=1, quiet=False, granularity=chunk
+    )["scan"]
     # The all-reduces of one compiled step, on a global batch of this process's rows.
     xs, ys = distributed.global_batches(
         mesh, np.arange(BATCH_SIZE)[None], data.x_train, data.y_train
@@ -76,8 +64,7 @@ def worker(spec: dict) -> dict:
     step = jax.jit(make_train_step(model, opt, mesh=mesh))
     params, state = model.init(jax.random.key(0))
     hlo = step.lower(params, state, opt.init(params), batch).compile().as_text()
-    times = [1e3 * t / spec["steps_per_chunk"] for t in timing["scan"]["times_s"]]
-    return {"ms_per_step": times, "all_reduces": len(re.findall(r"\ball-reduce(?:-start)?\(", hlo))}
+    return dict(timing, all_reduces=_common.count_all_reduces(hlo))
 
 
 def configuration(processes: int, devices: int, args) -> list[dict]:
@@ -86,13 +73,7 @@ def configuration(processes: int, devices: int, args) -> list[dict]:
         s.bind(("127.0.0.1", 0))
         coordinator = f"127.0.0.1:{s.getsockname()[1]}"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    spec = {
-        "coordinator": coordinator,
-        "processes": processes,
-        "devices": devices,
-        "steps_per_chunk": args.steps_per_chunk,
-        "repeats": args.repeats,
-    }
+    spec = dict(vars(args), coordinator=coordinator, processes=processes, devices=devices)
     procs = []
     for pid in range(processes):
         flag = json.dumps(dict(spec, process_id=pid))
@@ -129,22 +110,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
         return {}
     info = _common.machine_info(__file__, argv)
     print(f"paper MLP {'-'.join(map(str, LAYERS))}, global batch {BATCH_SIZE}, 4 CPU devices")
-    results, rows = {"machine": info}, []
+    results = {"machine": info}
     for name, (processes, devices) in {"1x4": (1, 4), "2x2": (2, 2)}.items():
-        reports = configuration(processes, devices, args)
-        times, all_reduces = sorted(reports[0]["ms_per_step"]), reports[0]["all_reduces"]
-        median = statistics.median(times)
-        results[name] = {
-            "ms_per_step_median": median,
-            "ms_per_step": times,
-            "all_reduces_per_step": all_reduces,
-        }
-        label = f"{processes} process(es) x {devices} devices"
-        spread = f"{times[0]:.2f}-{times[-1]:.2f}"
-        rows.append([label, f"{median:.2f}", spread, all_reduces])
-    columns = (("configuration", 0), ("ms/step median", 1), ("min-max", 2), ("all-reduces", 3))
-    print(_common.table([dict(enumerate(row)) for row in rows], columns))
-    ratio = results["2x2"]["ms_per_step_median"] / results["1x4"]["ms_per_step_median"]
+        report = configuration(processes, devices, args)[0]
+        results[name] = dict(report, configuration=f"{processes} process(es) x {devices} devices")
+    columns = (
+        ("configuration", "configuration"),
+        ("ms/step", "median_s", ".2f", 1e3),
+        ("±IQR/2", "iqr_rel", ".0%"),
+        ("all-reduces", "all_reduces"),
+    )
+    print(_common.table([results["1x4"], results["2x2"]], columns))
+    ratio = results["2x2"]["median_s"] / results["1x4"]["median_s"]
     print(f"crossing processes: {ratio:.2f}x the time per step of one process")
     results["ratio_2x2_over_1x4"] = ratio
     return _common.finish(args, results)

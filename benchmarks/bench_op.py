@@ -12,27 +12,14 @@ the two new outputs (``y``, ``dx``) on the CPU. RESULTS.md says more.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from typing import Any
 
+import _common
 import numpy as np
 
-try:
-    import _common
-except ImportError:  # imported as part of a package
-    from benchmarks import _common
-
-_common.use_checkout()
-
-DEFAULT_CASES = (
-    "4096x1024:float32",
-    "256x256:float32",
-    "128x32x32x64:float32",
-    "16384x1024:float32",
-    "4096x1024:bfloat16",
-)
-QUICK_CASES = ("64x16:float32", "4x4x4x8:bfloat16")
+DEFAULT_CASES = ("4096x1024", "256x256", "128x32x32x64", "16384x1024", "4096x1024:bfloat16")
+QUICK_CASES = ("64x16", "4x4x4x8:bfloat16")
 CONTENDERS = ("jaxbn", "reference", "flax", "torch")
 FLOOR_PASSES = 8
 
@@ -52,48 +39,35 @@ def parse_case(text: str) -> tuple[tuple[int, ...], str]:
     return shape, dtype
 
 
-def make_inputs(shape, dtype) -> dict[str, np.ndarray]:
-    """x, dy (float32 NumPy, to be cast to ``dtype``), scale and bias, from a fixed seed."""
-    rng = np.random.default_rng(0)
-    return {
-        "x": 2.0 * rng.standard_normal(shape, np.float32) + 0.5,
-        "dy": rng.standard_normal(shape, np.float32),
-        "scale": 1.0 + 0.1 * rng.standard_normal(shape[-1], np.float32),
-        "bias": 0.1 * rng.standard_normal(shape[-1], np.float32),
-    }
-
-
 def jax_step(name: str, x):
-    """The jitted ``(x, scale, bias, dy) -> (y, (dx, dscale, dbias))`` of a JAX contender."""
+    """A contender's jitted ``(x, scale, bias, dy) -> (y, (dx, dscale, dbias), statistics)``."""
     import jax
 
     from jaxbn import batch_norm, reference
 
-    if name != "flax":
-        bn = batch_norm if name == "jaxbn" else reference.batch_norm
+    if name == "flax":
+        nn = _common.optional_import("flax.linen")
+        if nn is None:
+            raise _common.Unavailable("flax not installed")
+        low = x.dtype.itemsize < 4
+        module = nn.BatchNorm(use_running_average=False, dtype=x.dtype if low else None)
+        stats = module.init(jax.random.key(0), x)["batch_stats"]
 
-        def step(x, scale, bias, dy):
-            y, vjp = jax.vjp(lambda *a: bn(*a)[0], x, scale, bias)
-            return y, vjp(dy)
-
-        return jax.jit(step)
-    nn = _common.optional_import("flax.linen")
-    if nn is None:
-        raise _common.Unavailable("flax not installed")
-    low = x.dtype.itemsize < 4
-    module = nn.BatchNorm(use_running_average=False, dtype=x.dtype if low else None)
-    stats = module.init(jax.random.key(0), x)["batch_stats"]
-
-    def flax_step(x, scale, bias, dy):
-        def f(x, scale, bias):
+        def bn(x, scale, bias):  # y and the new running statistics
             variables = {"params": {"scale": scale, "bias": bias}, "batch_stats": stats}
             return module.apply(variables, x, mutable=["batch_stats"])
+    else:
+        op = batch_norm if name == "jaxbn" else reference.batch_norm
 
-        # The new running statistics are returned too, so they are computed.
-        y, vjp, updates = jax.vjp(f, x, scale, bias, has_aux=True)
-        return y, vjp(dy), updates
+        def bn(x, scale, bias):  # y and the batch statistics
+            y, mean, var = op(x, scale, bias)
+            return y, (mean, var)
 
-    return jax.jit(flax_step)
+    def step(x, scale, bias, dy):
+        y, vjp, statistics = jax.vjp(bn, x, scale, bias, has_aux=True)
+        return y, vjp(dy), statistics
+
+    return jax.jit(step)
 
 
 def torch_worker(spec: dict, arrays: dict) -> tuple[dict, dict]:
@@ -127,11 +101,6 @@ def torch_worker(spec: dict, arrays: dict) -> tuple[dict, dict]:
         return run
 
     runs = {name: make(fmt) for name, fmt in layouts.items()}
-    try:
-        for run in runs.values():
-            run(1)
-    except RuntimeError as e:  # e.g. a dtype without a kernel on this device
-        return {"unavailable": f"n/a: {str(e).splitlines()[0][:60]}"}, {}
     timings = _common.interleave(runs, **spec["timing"])
     best = min(timings, key=lambda k: timings[k]["median_s"])
     out = [t.detach().float().cpu().numpy() for t in runs[best](1)]
@@ -151,9 +120,8 @@ def run_torch(inputs: dict, dtype: str, platform: str, timing: dict):
             raise _common.Unavailable(f"n/a: PyTorch has no {platform} device here")
         device = "cuda"
     spec = {"device": device, "dtype": dtype, "timing": timing}
+    # A dtype without a kernel on the device fails there: Unavailable, with its error.
     res, out = _common.in_own_process(torch_worker, spec, inputs)
-    if "unavailable" in res:
-        raise _common.Unavailable(res["unavailable"])
     timings, best = res["timings"], res["best"]
     note = f"own process, {device}"
     if len(timings) > 1:
@@ -162,16 +130,18 @@ def run_torch(inputs: dict, dtype: str, platform: str, timing: dict):
     return timings[best], note, [out[k] for k in ("y", "dx", "ds", "db")]
 
 
-def run_case(shape, dtype: str, contenders: Sequence[str], *, device, timing: dict) -> dict:
+def run_case(shape, dtype: str, contenders, *, device, bandwidth_Bps: float, timing: dict) -> dict:
     """Times every contender on one case; returns a JSON-ready dict."""
     import jax
     import jax.numpy as jnp
 
-    inputs = make_inputs(shape, dtype)
-    args = [
-        jnp.asarray(inputs[k], dtype if k in ("x", "dy") else "float32")
-        for k in ("x", "scale", "bias", "dy")
-    ]
+    rng = np.random.default_rng(0)
+    x = 2.0 * rng.standard_normal(shape, np.float32) + 0.5
+    dy = rng.standard_normal(shape, np.float32)
+    scale = 1.0 + 0.1 * rng.standard_normal(shape[-1], np.float32)
+    bias = 0.1 * rng.standard_normal(shape[-1], np.float32)
+    inputs = {"x": x, "scale": scale, "bias": bias, "dy": dy}  # float32 NumPy
+    args = [jnp.asarray(v, dtype if k in ("x", "dy") else "float32") for k, v in inputs.items()]
     args = jax.device_put(args, device)
     entries: dict[str, dict[str, Any]] = {}
     runs, outputs = {}, {}
@@ -196,14 +166,20 @@ def run_case(shape, dtype: str, contenders: Sequence[str], *, device, timing: di
     want = outputs.get("jaxbn") or next(iter(outputs.values()), None)
     for name, out in outputs.items():
         entries[name]["max_rel_err"] = _common.rel_err(out, want)
+    base = entries.get("jaxbn", {}).get("median_s")
+    for e in entries.values():
+        e["ratio_to_jaxbn"] = e["median_s"] / base if e["median_s"] and base else None
     x_bytes = int(args[0].nbytes)
-    on_cpu = device.platform == "cpu"  # an accelerator's allocator reuses device buffers
+    floor = FLOOR_PASSES * x_bytes / bandwidth_Bps
+    # The page faults of the new y and dx; an accelerator's allocator reuses its buffers.
+    fresh = _common.fresh_buffer_cost(x_bytes) if device.platform == "cpu" else 0.0
     return {
         "name": f"batch_norm_{'x'.join(map(str, shape))}_{dtype}",
-        "shape": list(shape),
         "dtype": dtype,
         "x_bytes": x_bytes,
-        "fresh_output_s": _common.fresh_buffer_cost(x_bytes) if on_cpu else 0.0,
+        "floor_s": floor,
+        "floor_fresh_s": floor + 2 * fresh,
+        "jaxbn_over_floor": base / floor if base else None,
         "contenders": entries,
     }
 
@@ -225,16 +201,6 @@ def bandwidth(device, nbytes: int, *, reps: int, quiet: bool) -> float:
         copy = _common.calls(jax.jit(jnp.negative), src)
     t = _common.interleave({"copy": copy}, reps=reps, warmup=2, quiet=quiet)["copy"]
     return 2 * src.nbytes / t["median_s"]
-
-
-def _add_ratios(case: dict, bandwidth: float) -> None:
-    case["floor_s"] = FLOOR_PASSES * case["x_bytes"] / bandwidth
-    case["floor_fresh_s"] = case["floor_s"] + 2 * case["fresh_output_s"]
-    base = case["contenders"].get("jaxbn", {}).get("median_s")
-    for e in case["contenders"].values():
-        t = e["median_s"]
-        e["ratio_to_jaxbn"] = None if t is None or base is None else t / base
-    case["jaxbn_over_floor"] = None if base is None else base / case["floor_s"]
 
 
 COLUMNS = (
@@ -293,8 +259,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(f"timing   median of {args.reps} interleaved rounds after {args.warmup} warm-up calls\n")
     results = []
     for shape, dtype in cases:
-        results.append(run_case(shape, dtype, args.contenders, device=device, timing=timing))
-        _add_ratios(results[-1], bandwidth_Bps)
+        kwargs = {"device": device, "bandwidth_Bps": bandwidth_Bps, "timing": timing}
+        results.append(run_case(shape, dtype, args.contenders, **kwargs))
     print(_common.table([r for case in results for r in _rows(case)], COLUMNS))
     skipped = [m for m in ("equinox", "haiku") if _common.optional_import(m) is None]
     for module in skipped:
@@ -310,4 +276,3 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
-    sys.exit(0)

@@ -19,72 +19,41 @@ if "jax" not in sys.modules and "xla_force_host_platform_device_count" not in os
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
 
-import dataclasses
-import re
 from collections.abc import Sequence
 
-try:
-    import _common
-except ImportError:  # imported as part of a package
-    from benchmarks import _common
+import _common
+import jax
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-_common.use_checkout()
+from jaxbn.data import make_blobs
+from jaxbn.mlp import MLP
+from jaxbn.train import data_mesh, init_train_state, make_train_loop, make_train_step
 
-import jax  # noqa: E402
-import optax  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
-
-from jaxbn.data import make_blobs  # noqa: E402
-from jaxbn.mlp import MLP  # noqa: E402
-from jaxbn.train import data_mesh, init_train_state, make_train_loop, make_train_step  # noqa: E402
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    """A network (``layer_sizes``, activation) trained at a global batch size."""
-
-    name: str
-    layer_sizes: tuple[int, ...]
-    activation: str
-    batch_size: int
-    num_examples: int
-
-
-CASES = (
+CASES = {  # name: (layer sizes, activation, global batch, training examples)
     # Ioffe & Szegedy (2015), Section 4.1: 3 x 100 sigmoid units (here on 64 inputs).
-    Case("mlp_64-100x3-10_sigmoid_b480", (64, 100, 100, 100, 10), "sigmoid", 480, 6000),
-    Case("mlp_784-1024x4-10_relu_b512", (784, 1024, 1024, 1024, 1024, 10), "relu", 512, 5000),
-)
-QUICK_CASES = (Case("mlp_16-32x2-4_sigmoid_b48", (16, 32, 32, 4), "sigmoid", 48, 200),)
+    "mlp_64-100x3-10_sigmoid_b480": ((64, 100, 100, 100, 10), "sigmoid", 480, 6000),
+    "mlp_784-1024x4-10_relu_b512": ((784, 1024, 1024, 1024, 1024, 10), "relu", 512, 5000),
+}
+QUICK_CASES = {"mlp_16-32x2-4_sigmoid_b48": ((16, 32, 32, 4), "sigmoid", 48, 200)}
 DEVICE_COUNTS = (1, 2, 4, 8)
 
-_ALL_REDUCE = re.compile(r"\sall-reduce(?:-start)?\(")
 
-
-def count_all_reduces(hlo_text: str) -> int:
-    """The number of all-reduce ops (``all-reduce`` or ``all-reduce-start``) in HLO text."""
-    return len(_ALL_REDUCE.findall(hlo_text))
-
-
-def run_case(case: Case, counts: Sequence[int], *, steps: int, timing: dict) -> dict:
-    """Times one case for every device count; returns a dict with one row per count."""
-    model = MLP(case.layer_sizes, activation=case.activation)
-    opt = optax.sgd(0.01, momentum=0.9)
+def run_case(name: str, case: tuple, counts: Sequence[int], *, steps: int, timing: dict) -> dict:
+    """Times one case of :data:`CASES` for every device count; one row per count."""
+    sizes, activation, batch_size, n = case
+    model, opt = MLP(sizes, activation=activation), optax.sgd(0.01, momentum=0.9)
     data = make_blobs(
-        num_examples=case.num_examples,
-        num_features=case.layer_sizes[0],
-        num_classes=case.layer_sizes[-1],
-        test_fraction=0.1,
-        seed=0,
+        num_examples=n, num_features=sizes[0], num_classes=sizes[-1], test_fraction=0.1
     )
     x, labels = data.x_train, data.y_train
     ts0 = init_train_state(model, opt, jax.random.key(0))
-    batch = (x[: case.batch_size], labels[: case.batch_size])
+    batch = (x[:batch_size], labels[:batch_size])
     rows = []
     for n in counts:
         mesh = None if n == 1 else data_mesh(n)
-        loop = make_train_loop(model, opt, batch_size=case.batch_size, mesh=mesh)
+        loop = make_train_loop(model, opt, batch_size=batch_size, mesh=mesh)
         fns = {"step": jax.jit(make_train_step(model, opt, mesh=mesh))}
         args = (ts0.params, ts0.state, ts0.opt_state, batch)
         if mesh is not None:
@@ -102,15 +71,15 @@ def run_case(case: Case, counts: Sequence[int], *, steps: int, timing: dict) -> 
         row = {"devices": n, "scan_s_per_step": t["scan"]["median_s"] / steps, "timings": t}
         for k, f in fns.items():
             row[f"{k}_s"] = t[k]["median_s"]
-            row[f"all_reduces_{k}"] = count_all_reduces(f.lower(*args).compile().as_text())
+            row[f"all_reduces_{k}"] = _common.count_all_reduces(f.lower(*args).compile().as_text())
         if mesh is not None:
             row["sync_cost_s"] = row["step_s"] - row["local_s"]
         rows.append(row)
-        print(f"  {case.name}: {n} device(s) done", flush=True)
+        print(f"  {name}: {n} device(s) done", flush=True)
     for row in rows:
         row["scan_ratio_to_1"] = row["scan_s_per_step"] / rows[0]["scan_s_per_step"]
         row["step_ratio_to_1"] = row["step_s"] / rows[0]["step_s"]
-    return {"name": case.name, "num_batch_norm_layers": len(case.layer_sizes) - 2, "rows": rows}
+    return {"name": name, "num_batch_norm_layers": len(sizes) - 2, "rows": rows}
 
 
 COLUMNS = (
@@ -158,13 +127,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     note = NOTE.format(devices=available, cores=info["cores"])
     timing = _common.timing(args)
     results = []
-    for case in QUICK_CASES if args.quick else CASES:
-        if any(case.batch_size % n for n in counts):
-            raise SystemExit(f"batch size {case.batch_size} of {case.name} is not divisible")
-        results.append(run_case(case, counts, steps=args.steps, timing=timing))
-    print(
-        "\n" + _common.table([dict(r, case=c["name"]) for c in results for r in c["rows"]], COLUMNS)
-    )
+    for name, case in (QUICK_CASES if args.quick else CASES).items():
+        if any(case[2] % n for n in counts):
+            raise SystemExit(f"batch size {case[2]} of {name} is not divisible by {counts}")
+        results.append(run_case(name, case, counts, steps=args.steps, timing=timing))
+    rows = [dict(row, case=c["name"]) for c in results for row in c["rows"]]
+    print("\n" + _common.table(rows, COLUMNS))
     print("\nsync cost: step - local-stats, the price of synchronized batch norm.")
     print(f"note: {note}")
     out = {"machine": info, "device_count": available, "note": note, "cases": results}

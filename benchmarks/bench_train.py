@@ -16,19 +16,12 @@ or ``2d``, ``optim.SGD``, in its own process). ``bench_cnn.py`` and
 from __future__ import annotations
 
 import dataclasses
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 from unittest import mock
 
+import _common
 import numpy as np
-
-try:
-    import _common
-except ImportError:  # imported as part of a package
-    from benchmarks import _common
-
-_common.use_checkout()
 
 MODELS = ("paper", "wide")
 NUM_BATCHES = 16  # distinct pre-generated batches the per-call loops cycle through
@@ -102,10 +95,7 @@ class Contender:
 
 
 def flat(tree, rename: dict[str, str] | None = None) -> dict[str, np.ndarray]:
-    """``{"layers/0/dense/kernel": array, ...}``: a pytree's leaves by path.
-
-    ``rename`` maps a top-level key to its jaxbn path (``"Dense_0": "layers/0/dense"``).
-    """
+    """``{"layers/0/dense/kernel": array}``; ``rename``: ``{"Dense_0": "layers/0/dense"}``."""
     import jax
 
     out = {}
@@ -222,36 +212,34 @@ def flax_module(nn, model):
     return Net()
 
 
-def build_flax(wl: Workload, opt) -> Contender:
-    """The network in ``flax.linen`` with ``nn.BatchNorm``, ``mutable=["batch_stats"]``."""
-    import jax
-    import optax
+@dataclasses.dataclass(frozen=True)
+class FlaxModel:
+    """A ``flax.linen`` module under jaxbn's model protocol, for ``make_train_step``."""
 
-    from jaxbn.train import cross_entropy
+    module: Any
+
+    def init(self, key):
+        """Not used: every contender starts from the jaxbn model's parameters."""
+        raise NotImplementedError
+
+    def apply(self, params, state, x, *, training):
+        """Logits and the new ``batch_stats`` (``mutable=["batch_stats"]``)."""
+        variables = {"params": params, "batch_stats": state}
+        logits, up = self.module.apply(variables, x, train=training, mutable=["batch_stats"])
+        return logits, up["batch_stats"]
+
+
+def build_flax(wl: Workload, opt) -> Contender:
+    """The network in ``flax.linen`` with ``nn.BatchNorm``, trained by jaxbn's step."""
+    from jaxbn.train import make_train_step
 
     nn = _common.optional_import("flax.linen")
     if nn is None:
         raise _common.Unavailable("flax not installed")
-    module, names = flax_module(nn, wl.model), _flax_names(wl.model)
+    names = _flax_names(wl.model)
     params = {name: dict(_get(wl.params, path)) for path, name in names}
     stats = {name: dict(_get(wl.state, path)) for path, name in names if "BatchNorm" in name}
-    expected = jax.tree.structure(module.init(jax.random.key(0), wl.batches[0][0], train=False))
-    if jax.tree.structure({"params": params, "batch_stats": stats}) != expected:
-        raise _common.Unavailable("flax variable layout differs from the expected one")
-
-    def loss_fn(params, stats, x, labels):
-        variables = {"params": params, "batch_stats": stats}
-        logits, up = module.apply(variables, x, train=True, mutable=["batch_stats"])
-        return cross_entropy(logits, labels), (up["batch_stats"], logits)
-
-    def step(params, stats, opt_state, batch):
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, (stats, logits)), grads = grad_fn(params, stats, *batch)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        accuracy = (logits.argmax(-1) == batch[1]).mean()
-        metrics = {"loss": loss, "accuracy": accuracy}
-        return optax.apply_updates(params, updates), stats, opt_state, metrics
-
+    step = make_train_step(FlaxModel(flax_module(nn, wl.model)), opt)
     rename = {name: "/".join(map(str, path)) for path, name in names}
     return _per_call(wl, step, opt, params, stats, rename)
 
@@ -366,15 +354,10 @@ def run_model(
     check_against: str,
     baseline: str,
 ) -> dict:
-    """Builds, checks and times the JAX contenders interleaved, then PyTorch in its own process.
+    """Builds, checks and times ``builders``' contenders interleaved, then (``torch``) PyTorch.
 
-    Args:
-        wl: the workload.
-        builders: ``{name: build(wl, opt) -> Contender}`` of the JAX contenders.
-        torch: also run ``torch-eager`` (in its own process, after the others).
-        timing: :func:`_common.interleave`'s settings.
-        check_against: the contender every ``rel_err`` compares with.
-        baseline: the contender of the ``speed_ratio`` column (the steps/s over its).
+    ``rel_err`` compares with ``check_against`` after one step; ``speed_ratio``
+    is the steps/s over ``baseline``'s.
     """
     import optax
 
@@ -485,4 +468,3 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
-    sys.exit(0)
