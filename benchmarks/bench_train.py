@@ -397,7 +397,7 @@ def run_model(
 SPEED = (
     ("case", "case"),
     ("contender", "contender"),
-    ("steps/s", "steps_per_s", ",.1f"),
+    ("steps/s", "steps_per_s", ",.2f"),
     ("±IQR/2", "iqr_rel", ".0%"),
     ("steps/run", "steps_per_run"),
     ("speed / baseline", "speed_ratio", ".2f"),
