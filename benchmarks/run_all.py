@@ -1,6 +1,6 @@
 """Runs every benchmark behind ``benchmarks/RESULTS.md`` and draws the chart.
 
-    python benchmarks/run_all.py            # the CPU figures (about 45 min on 2 cores)
+    python benchmarks/run_all.py            # the CPU figures (30-45 min on 2 cores, estimated)
     python benchmarks/run_all.py --gpu      # on a GPU: op, training, fused, CNN, frameworks
     python benchmarks/run_all.py --quick    # tiny sizes: checks the wiring only
 
