@@ -1,19 +1,16 @@
-"""Helpers shared by the benchmark scripts: machine description, timing, bandwidth.
+"""The harness of every benchmark: machine, timing, own processes, memory, results.
 
-Nothing here knows about batch normalization. A benchmark script builds a
-zero-argument callable per contender (inputs captured once, outside the timing),
-hands it to :func:`time_calls`, and reports medians with :func:`format_table`,
-next to :func:`machine_info` and, for memory-bound ops, the copy bandwidth of
-:func:`copy_bandwidth`.
-
-Timing rules followed here: the callable is run ``warmup`` times first (so jit
-compilation and first-touch page faults are excluded), every timed result is
-waited for with ``block_until_ready()`` (through :func:`block`), and the
-statistic reported is the median of the repetitions, with the spread kept too.
+A script builds one ``run(n)`` per contender (``n`` steps, inputs captured)
+for :func:`interleave`: each is calibrated, then timed in rounds, one run of
+each per round, so that a slow spell of the machine hits all alike, each run
+started on idle CPUs right after an untimed one (no thread pool is timed
+waking up); medians with the interquartile spread. PyTorch runs in its own
+process (:func:`in_own_process`): its OpenMP threads spin after a call.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import importlib
 import importlib.metadata
@@ -22,48 +19,41 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-__all__ = [
-    "Contender",
-    "Timing",
-    "Unavailable",
-    "block",
-    "copy_bandwidth",
-    "cpu_count",
-    "format_table",
-    "fresh_buffer_cost",
-    "host_loop",
-    "load_average",
-    "machine_info",
-    "memory_of",
-    "optional_import",
-    "print_machine",
-    "rel_err",
-    "sgd_step",
-    "time_calls",
-    "time_steps",
-    "use_checkout",
-    "wait_for_idle",
-    "write_json",
-]
-
 MiB = 1 << 20
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class Unavailable(Exception):
+    """A contender cannot run here (the message says why)."""
+
+
+# Importing the harness makes the checkout's jaxbn importable where none is installed.
+if importlib.util.find_spec("jaxbn") is None:
+    sys.path.insert(0, os.path.dirname(HERE))
+
+
+def optional_import(name: str):
+    """Imports a module, or returns ``None`` if it is not installed."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
 
 
 def cpu_count() -> int:
-    """Number of CPU cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+    """Number of CPU cores this process may run on (the harness reads Linux's ``/proc``)."""
+    return len(os.sched_getaffinity(0))
 
 
 def _cpu_model() -> str:
@@ -77,25 +67,6 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _l3_cache() -> str | None:
-    """Size of the last-level cache as the kernel reports it, e.g. ``'32768K'``."""
-    base = "/sys/devices/system/cpu/cpu0/cache"
-    try:
-        best = None
-        for entry in sorted(os.listdir(base)):
-            if not entry.startswith("index"):
-                continue
-            with open(os.path.join(base, entry, "level")) as f:
-                level = int(f.read())
-            with open(os.path.join(base, entry, "size")) as f:
-                size = f.read().strip()
-            if best is None or level > best[0]:
-                best = (level, size)
-        return None if best is None else f"L{best[0]} {best[1]}"
-    except OSError:
-        return None
-
-
 def _version(dist: str) -> str | None:
     try:
         return importlib.metadata.version(dist)
@@ -103,69 +74,34 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def machine_info(packages: Iterable[str] = ("jax", "jaxlib", "numpy")) -> dict[str, Any]:
-    """Describes the machine and software the numbers were measured on.
+PACKAGES = ("jax", "jaxlib", "numpy", "optax", "flax", "equinox", "dm-haiku", "torch")
 
-    Args:
-        packages: distribution names whose installed versions to report
-            (``None`` for one that is not installed).
 
-    Returns:
-        A JSON-serializable dict: date (UTC, ISO 8601), host CPU model, core
-        count, last-level cache, OS, Python, the package versions and the load average.
-    """
-    return {
+def machine_info(script: str, argv: Sequence[str] | None) -> dict[str, Any]:
+    """Prints and returns the date, the command (``script``'s), CPU, device, versions and load."""
+    import jax
+
+    device = jax.devices()[0]
+    argv = sys.argv[1:] if argv is None else argv
+    info = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": " ".join(["python", f"benchmarks/{os.path.basename(script)}", *argv]),
         "cpu": _cpu_model(),
         "cores": cpu_count(),
-        "cache": _l3_cache(),
+        "device": f"{device.platform}: {device.device_kind}",
         "os": platform.platform(),
         "python": platform.python_version(),
-        "versions": {p: _version(p) for p in packages},
-        "load_avg_1min": load_average(),
+        "versions": {p: _version(p) for p in PACKAGES},
+        "load_avg_1min": os.getloadavg()[0],
     }
-
-
-def load_average() -> float:
-    """One-minute load average (NaN where unavailable): other work adds noise."""
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return float("nan")
-
-
-def print_machine(info: dict[str, Any]) -> None:
-    """Prints :func:`machine_info`'s dict in a few lines."""
-    print(f"date     {info['date']}")
-    print(f"machine  {info['cpu']}, {info['cores']} cores, {info['cache']}, {info['os']}")
     vers = ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v is not None)
-    print(f"software python {info['python']}, {vers}")
-
-
-def use_checkout() -> None:
-    """Makes ``import jaxbn`` work from a checkout that is not pip-installed.
-
-    Puts the repository root (the parent of ``benchmarks/``) on ``sys.path``
-    when no installed ``jaxbn`` is found; an installed one is left in charge.
-    """
-    if importlib.util.find_spec("jaxbn") is None:
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def optional_import(name: str):
-    """Imports a module, or returns ``None`` if it is not installed."""
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        return None
+    print(f"date     {info['date']}\nmachine  {info['cpu']}, {info['cores']} cores, {info['os']}")
+    print(f"device   {info['device']}\nsoftware python {info['python']}, {vers}")
+    return info
 
 
 def block(out: Any) -> Any:
-    """Waits until every array in the pytree ``out`` is computed; returns it.
-
-    JAX arrays are waited for with ``block_until_ready()``; anything else
-    (NumPy or PyTorch CPU tensors, ``None``) is already computed.
-    """
+    """Waits until every JAX array in the pytree ``out`` is computed; returns it."""
     if "jax" in sys.modules:
         return sys.modules["jax"].block_until_ready(out)
     return out
@@ -187,20 +123,11 @@ def _own_ticks() -> float:
     return time.process_time() * os.sysconf("SC_CLK_TCK")
 
 
-def wait_for_idle(*, busy_cores: float = 0.25, window: float = 0.05, timeout: float = 10.0) -> bool:
-    """Sleeps until the other processes leave the CPUs (nearly) idle.
+def wait_for_idle(*, busy_cores: float = 0.25, window: float = 0.05, timeout: float = 3.0) -> bool:
+    """Sleeps until other processes keep under ``busy_cores`` cores busy (``False``: timed out).
 
-    On a machine shared with other work, a repetition that starts while
-    another process computes measures that process too. This samples
-    ``/proc/stat`` over ``window`` seconds until fewer than ``busy_cores``
-    cores were busy with other processes' work, or ``timeout`` seconds have
-    passed. This process's own CPU time is subtracted: its thread pools may
-    keep spinning after a call (PyTorch's OpenMP threads do), and counting
-    them would make it wait for itself.
-
-    Returns:
-        ``True`` if the machine was idle, ``False`` on timeout (or where
-        ``/proc/stat`` does not exist).
+    This process's own CPU time is not counted: its thread pools may keep
+    spinning after a call, and counting them would make it wait for itself.
     """
     deadline = time.perf_counter() + timeout
     while True:
@@ -217,130 +144,206 @@ def wait_for_idle(*, busy_cores: float = 0.25, window: float = 0.05, timeout: fl
             return False
 
 
-@dataclass
-class Timing:
-    """Wall-clock times of the repetitions of one callable, in seconds."""
+def _summary(steps: int, times: list[float], busy_starts: int) -> dict[str, Any]:
+    """Seconds per step and steps per second (medians of the runs) and the spread.
 
-    times: list[float] = field(default_factory=list)
-    busy_starts: int = 0
-
-    @property
-    def median(self) -> float:
-        """Median time in seconds."""
-        return statistics.median(self.times)
-
-    @property
-    def spread(self) -> float | None:
-        """Relative half-width of the interquartile range (noise estimate).
-
-        ``None`` with fewer than 4 repetitions.
-        """
-        if len(self.times) < 4:
-            return None
-        q1, _, q3 = statistics.quantiles(self.times, n=4)
-        return (q3 - q1) / 2 / self.median
-
-    def summary(self) -> dict[str, float | None]:
-        """Median, minimum, interquartile spread and count, for JSON output."""
-        return {
-            "median_s": self.median,
-            "min_s": min(self.times),
-            "iqr_rel": self.spread,
-            "reps": len(self.times),
-            "busy_starts": self.busy_starts,
-        }
-
-
-def time_calls(
-    fn: Callable[[], Any],
-    *,
-    reps: int = 15,
-    warmup: int = 3,
-    sync: Callable[[Any], Any] = block,
-    quiet: bool = False,
-    warm: Callable[[], Any] | None = None,
-) -> Timing:
-    """Times ``reps`` calls of ``fn`` after ``warmup`` untimed ones.
-
-    Args:
-        fn: zero-argument callable running the work once (inputs captured).
-        reps: number of timed repetitions.
-        warmup: untimed calls first (compilation, caches, page faults).
-        sync: applied to each result inside the timed region, so that
-            asynchronous work is finished before the clock stops
-            (``block_until_ready`` for JAX).
-        quiet: before each repetition, wait (up to 3 s) for other processes
-            to leave the CPUs idle (:func:`wait_for_idle`); repetitions that
-            had to start anyway are counted in ``Timing.busy_starts``. After
-            the wait one untimed call runs first and the timed call follows it
-            at once, as in a training loop: a thread pool that went to sleep
-            during the wait (XLA's, PyTorch's OpenMP threads) is awake again,
-            so its wake-up is not what is measured.
-        warm: the untimed call of a quiet repetition (default ``fn``; a
-            shorter one where ``fn`` is long, e.g. one step of a training run).
-
-    Returns:
-        A :class:`Timing` with one wall-clock time per repetition.
+    ``iqr_rel``: half the interquartile range over the median (``None`` under 4
+    runs); ``busy_starts``: runs that started while others kept the CPUs busy.
     """
-    for _ in range(warmup):
-        sync(fn())
-    timing = Timing()
-    for _ in range(reps):
-        if quiet:
-            if not wait_for_idle(timeout=3.0):
-                timing.busy_starts += 1
-            sync((fn if warm is None else warm)())
+    median, spread = statistics.median(times), None
+    if len(times) >= 4:
+        q1, _, q3 = statistics.quantiles(times, n=4)
+        spread = (q3 - q1) / 2 / median
+    return {
+        "median_s": median / steps,
+        "steps_per_s": steps / median,
+        "steps_per_run": steps,
+        "iqr_rel": spread,
+        "reps": len(times),
+        "busy_starts": busy_starts,
+        "times_s": times,
+    }
+
+
+def calls(fn: Callable, *args) -> Callable[[int], Any]:
+    """``run(n)``: ``n`` calls of ``fn(*args)``, returning the last result."""
+
+    def run(n):
+        for _ in range(n):
+            out = fn(*args)
+        return out
+
+    return run
+
+
+def _calibrate(run: Callable[[int], Any], granularity: int, min_time: float) -> int:
+    """Steps (a multiple of ``granularity``) for a run of ``min_time`` s at the fastest rate seen.
+
+    (A run slowed by another process must not make the timed runs short.)
+    """
+    n, rate = granularity, 0.0
+    while True:
         t0 = time.perf_counter()
-        sync(fn())
-        timing.times.append(time.perf_counter() - t0)
-    return timing
+        block(run(n))
+        elapsed = time.perf_counter() - t0
+        rate = max(rate, n / max(elapsed, 1e-9))
+        if elapsed >= min_time / 4 or n >= 1 << 24:
+            break
+        n *= 2
+    return max(granularity, math.ceil(rate * min_time / granularity) * granularity)
 
 
-def copy_bandwidth(nbytes: int = 256 * MiB, *, reps: int = 7, quiet: bool = False) -> float:
-    """Memory bandwidth of a large NumPy copy, in bytes per second.
+def interleave(
+    runs: dict[str, Callable[[int], Any]],
+    *,
+    reps: int,
+    warmup: int,
+    quiet: bool,
+    min_time: float | None = None,
+    granularity: dict[str, int] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Times every contender in ``reps`` rounds, one run of each per round; :func:`_summary` each.
 
-    Copies an array of ``nbytes`` (far beyond any cache) with ``np.copyto`` and
-    counts both the bytes read and the bytes written; returns the median over
-    ``reps`` copies (after one untimed copy that faults the pages in). This is
-    the speed a memory-bound kernel can hope for on one pass of streaming.
-
-    Args:
-        nbytes: size of the source array (256 MiB or more to defeat caches).
-        reps: timed copies.
-        quiet: start each copy on idle CPUs (see :func:`time_calls`).
-
-    Returns:
-        ``2 * nbytes / median_seconds``.
+    ``run(n)`` takes ``n`` more steps (calls) of a contender and returns
+    something to wait for; ``granularity[name]`` is the number of steps its run
+    needs (a scan loop's steps per dispatch; default 1). ``warmup`` untimed runs
+    first; with ``quiet`` each timed run starts on idle CPUs right after an
+    untimed run, so that the thread pools (XLA's, PyTorch's) that slept during
+    the wait are awake, as steps follow each other in training. A timed run
+    lasts ``min_time`` seconds (steps calibrated per contender) or one step.
     """
-    src = np.ones(nbytes // 8, np.float64)
-    dst = np.empty_like(src)
-    timing = time_calls(
-        lambda: np.copyto(dst, src), reps=reps, warmup=1, sync=lambda o: o, quiet=quiet
-    )
-    return 2 * src.nbytes / timing.median
+    granularity = granularity or {}
+    steps, times, busy = {}, {name: [] for name in runs}, dict.fromkeys(runs, 0)
+    for name, run in runs.items():
+        g = granularity.get(name, 1)
+        for _ in range(warmup):
+            block(run(g))
+        steps[name] = g if min_time is None else _calibrate(run, g, min_time)
+    for _ in range(reps):
+        for name, run in runs.items():
+            if quiet:
+                busy[name] += not wait_for_idle()
+                block(run(granularity.get(name, 1)))
+            t0 = time.perf_counter()
+            block(run(steps[name]))
+            times[name].append(time.perf_counter() - t0)
+    return {name: _summary(steps[name], times[name], busy[name]) for name in runs}
+
+
+def in_own_process(worker: Callable, spec: dict, arrays: dict) -> tuple[dict, dict]:
+    """Runs ``worker(spec, arrays) -> (result, arrays)`` in a new Python process.
+
+    ``worker`` is a module-level function of a script; the spec and the result
+    go as JSON, the arrays as ``.npz``. A failure raises :class:`Unavailable`.
+    """
+    folder, file = os.path.split(worker.__code__.co_filename)
+    module = os.path.splitext(file)[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "spec.json"), "w") as f:
+            json.dump(spec, f)
+        np.savez(os.path.join(tmp, "in.npz"), **arrays)
+        code = (
+            f"import sys; sys.path[:0] = [{HERE!r}, {folder!r}]; import _common, {module}; "
+            f"_common._serve({module}.{worker.__name__}, {tmp!r})"
+        )
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        if proc.returncode != 0:
+            err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise Unavailable(f"failed: {err[:80]}")
+        with open(os.path.join(tmp, "out.json")) as f:
+            result = json.load(f)
+        with np.load(os.path.join(tmp, "out.npz")) as saved:
+            return result, dict(saved)
+
+
+def _serve(worker: Callable, folder: str) -> None:
+    """The child side of :func:`in_own_process`."""
+    with open(os.path.join(folder, "spec.json")) as f:
+        spec = json.load(f)
+    with np.load(os.path.join(folder, "in.npz")) as saved:
+        result, arrays = worker(spec, dict(saved))
+    np.savez(os.path.join(folder, "out.npz"), **arrays)
+    with open(os.path.join(folder, "out.json"), "w") as f:
+        json.dump(result, f)
+
+
+def memory_of(step: Callable, *args) -> dict[str, int] | None:
+    """Sizes in bytes from ``memory_analysis()`` of ``jax.jit(step)`` compiled for ``args``."""
+    import jax
+
+    mem = jax.jit(step).lower(*args).compile().memory_analysis()
+    if mem is None:
+        return None
+    return {
+        "temp_bytes": int(mem.temp_size_in_bytes),
+        "argument_bytes": int(mem.argument_size_in_bytes),
+        "output_bytes": int(mem.output_size_in_bytes),
+    }
+
+
+def count_all_reduces(hlo_text: str) -> int:
+    """The all-reduce ops (``all-reduce`` or ``all-reduce-start``) in compiled HLO text."""
+    return len(re.findall(r"\sall-reduce(?:-start)?\(", hlo_text))
+
+
+def rel_err(got: Sequence, want: Sequence) -> float:
+    """Largest ``max |got - want| / max |want|`` over matching arrays (or numbers)."""
+    errs = []
+    for g, w in zip(got, want, strict=True):
+        g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+        errs.append(float(np.max(np.abs(g - w)) / max(float(np.max(np.abs(w))), 1e-30)))
+    return max(errs)
 
 
 def fresh_buffer_cost(nbytes: int, *, reps: int = 7) -> float:
-    """Extra seconds a copy takes when its destination is newly allocated.
+    """Extra seconds a copy of ``nbytes`` takes when its destination is newly allocated.
 
-    A large allocation comes from the operating system as unmapped pages; the
-    first write to each page faults. Functions that return new arrays (every
-    jitted JAX function without buffer donation) pay this on every call, on top
-    of the bandwidth cost; a copy into a reused buffer does not. Measured as
-    ``median(np.copy(src)) - median(np.copyto(dst, src))`` for ``nbytes``.
+    A new large allocation comes as unmapped pages, each faulted on its first
+    write; every jitted function returning new arrays pays that on each call.
     """
     src = np.ones(max(nbytes // 4, 1), np.float32)
-    dst = np.empty_like(src)
-    ident = lambda o: o  # noqa: E731
-    fresh = time_calls(lambda: np.copy(src), reps=reps, warmup=1, sync=ident).median
-    reused = time_calls(lambda: np.copyto(dst, src), reps=reps, warmup=1, sync=ident).median
-    return max(fresh - reused, 0.0)
+    runs = {"fresh": calls(np.copy, src), "reused": calls(np.copyto, np.empty_like(src), src)}
+    t = interleave(runs, reps=reps, warmup=1, quiet=False)
+    return max(t["fresh"]["median_s"] - t["reused"]["median_s"], 0.0)
 
 
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """Formats rows as a plain-text table with aligned columns (Markdown pipes)."""
-    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+def parser(description: str, *, reps: int, warmup: int, min_time: float | None = None):
+    """An argument parser with the flags every benchmark has."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--reps", type=int, default=reps, help="timed rounds (median)")
+    p.add_argument("--warmup", type=int, default=warmup, help="untimed runs first")
+    if min_time is not None:
+        p.add_argument("--min-time", type=float, default=min_time, help="seconds per timed run")
+    p.add_argument("--no-wait-idle", action="store_true", help="do not wait for idle CPUs")
+    p.add_argument("--json", metavar="PATH", help="write all results to this JSON file")
+    p.add_argument("--quick", action="store_true", help="tiny smoke run (numbers meaningless)")
+    return p
+
+
+def timing(args) -> dict[str, Any]:
+    """:func:`interleave`'s settings from the flags of :func:`parser`.
+
+    Timed runs start on idle CPUs unless ``--no-wait-idle`` or ``--quick``.
+    """
+    out = {"reps": args.reps, "warmup": args.warmup, "quiet": not (args.quick or args.no_wait_idle)}
+    return dict(out, min_time=args.min_time) if hasattr(args, "min_time") else out
+
+
+def fmt(value, spec: str = "", *, scale: float = 1.0, missing: str = "") -> str:
+    """``format(value * scale, spec)``, ``str(value)`` without ``spec``, or ``missing``."""
+    if value is None:
+        return missing
+    return format(value * scale, spec) if spec else str(value)
+
+
+def table(rows: Sequence[dict], columns: Sequence[tuple]) -> str:
+    """A Markdown table of dicts; a column ``(header, key, spec[, scale])`` shows ``fmt``'s cell."""
+    cells = [[h for h, *_ in columns]]
+    cells += [
+        [fmt(r.get(key), *rest[:1], scale=(rest[1:] or [1])[0]) for _, key, *rest in columns]
+        for r in rows
+    ]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
     lines = [
         "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in cells
     ]
@@ -348,162 +351,13 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_json(path: str | os.PathLike | None, results: Any) -> None:
-    """Writes results (dicts, lists, dataclasses, numbers) as indented JSON.
-
-    ``path=None`` (no ``--json`` given) writes nothing.
-    """
-    if path is None:
-        return
-
-    def default(o):
-        if hasattr(o, "__dataclass_fields__"):
-            return asdict(o)
-        if isinstance(o, (np.floating, np.integer)):
-            return o.item()
-        raise TypeError(f"cannot serialize {type(o).__name__}")
-
-    with open(path, "w") as f:
-        json.dump(results, f, indent=2, default=default)
-        f.write("\n")
-    print(f"\nwrote {path}")
-
-
-# --------------------------------------------------------------------------- training contenders
-# A training benchmark builds one Contender per library: ``run(n)`` takes ``n``
-# training steps (continuing from where the previous call stopped) and returns
-# something to block on; ``check`` is ``(loss, canonical params)`` after one step
-# from the shared initial parameters on the first batch; ``step_fn`` and
-# ``step_args`` (JAX only) are the jittable step and its arguments, for
-# :func:`memory_of`.
-
-
-class Unavailable(Exception):
-    """A contender cannot run (the message says why)."""
-
-
-@dataclass
-class Contender:
-    """A ready-to-time training loop and what it is checked with."""
-
-    run: Callable[[int], Any]
-    granularity: int = 1
-    check: tuple[float, list[np.ndarray]] | None = None
-    step_fn: Callable | None = None
-    step_args: tuple | None = None
-    note: str = ""
-
-
-def host_loop(step: Callable, carry: list, batches: Sequence) -> Callable[[int], Any]:
-    """``run(n)``: ``n`` calls of the jitted ``step(*carry, batch)``, cycling through ``batches``.
-
-    ``step`` returns ``(*new_carry, metrics)`` with a carry of three values
-    (params, state, optimizer state); ``carry`` is a one-element list holding
-    the current carry, updated in place.
-    """
-    pos = [0]
-
-    def run(n):
-        c = carry[0]
-        for _ in range(n):
-            out = step(*c, batches[pos[0] % len(batches)])
-            c = out[:3]
-            pos[0] += 1
-        carry[0] = c
-        return c
-
-    return run
-
-
-def sgd_step(loss_fn: Callable, opt) -> Callable:
-    """The training step of ``jaxbn.train.make_train_step`` around any ``loss_fn``.
-
-    ``loss_fn(params, state, x, labels) -> (loss, (new_state, logits))``; the
-    step is ``(params, state, opt_state, (x, labels)) -> (params, state,
-    opt_state, {"loss", "accuracy"})``, for peers whose state is not jaxbn's.
-    """
-    import jax
-    import jax.numpy as jnp
-    import optax
-
-    def step(params, state, opt_state, batch):
-        x, labels = batch
-        (loss, (new_state, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            params, state, x, labels
-        )
-        updates, opt_state = opt.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        acc = jnp.mean(jnp.argmax(logits, axis=-1) == labels)
-        return params, new_state, opt_state, {"loss": loss, "accuracy": acc}
-
-    return step
-
-
-def rel_err(got, want) -> float:
-    """Largest ``max |got - want| / max |want|`` over the loss and every parameter."""
-    (loss_g, params_g), (loss_w, params_w) = got, want
-    errs = [abs(loss_g - loss_w) / max(abs(loss_w), 1e-30)]
-    for g, w in zip(params_g, params_w, strict=True):
-        errs.append(float(np.max(np.abs(g - w)) / max(float(np.max(np.abs(w))), 1e-30)))
-    return max(errs)
-
-
-def _timed_run(c: Contender, n: int) -> float:
-    t0 = time.perf_counter()
-    block(c.run(n))
-    return time.perf_counter() - t0
-
-
-def _steps_for(rate: float, min_time: float, g: int) -> int:
-    """Steps (a multiple of ``g``) that last ``min_time`` at ``rate`` steps per second."""
-    return max(g, math.ceil(rate * min_time / g) * g)
-
-
-def time_steps(
-    c: Contender, *, reps: int, warmup: int, min_time: float, quiet: bool
-) -> dict[str, Any]:
-    """Calibrates the steps per run so a run lasts ``min_time``; times ``reps`` runs.
-
-    Returns:
-        A dict with ``steps_per_s`` (steps per run / median run time), the steps
-        per run and :meth:`Timing.summary` of the run times.
-    """
-    g = c.granularity
-    for _ in range(warmup):  # compilation, caches, first-touch pages
-        block(c.run(g))
-    # Steps per second from the fastest calibration run: a run slowed down by
-    # another process must not make the timed runs short.
-    n, rate = g, 0.0
-    while True:  # double until one run is long enough to estimate from
-        elapsed = _timed_run(c, n)
-        rate = max(rate, n / max(elapsed, 1e-9))
-        if elapsed >= min_time / 4 or n >= 1 << 24:
-            break
-        n *= 2
-    for _ in range(2):  # runs at the estimate refine it
-        elapsed = _timed_run(c, _steps_for(rate, min_time, g))
-        rate = max(rate, _steps_for(rate, min_time, g) / max(elapsed, 1e-9))
-    steps = _steps_for(rate, min_time, g)
-    timing = time_calls(
-        lambda: c.run(steps), reps=reps, warmup=0, quiet=quiet, warm=lambda: c.run(g)
-    )
-    out = {"steps_per_s": steps / timing.median, "steps_per_run": steps}
-    out.update(timing.summary())
-    return out
-
-
-def memory_of(c: Contender) -> dict[str, int] | None:
-    """Sizes from the compiled step's ``memory_analysis()``, in bytes."""
-    import jax
-
-    if c.step_fn is None:
-        return None
-    mem = jax.jit(c.step_fn).lower(*c.step_args).compile().memory_analysis()
-    if mem is None:
-        return None
-    return {
-        "temp_bytes": int(mem.temp_size_in_bytes),
-        "argument_bytes": int(mem.argument_size_in_bytes),
-        "output_bytes": int(mem.output_size_in_bytes),
-        "alias_bytes": int(mem.alias_size_in_bytes),
-    }
+def finish(args, results: dict) -> dict:
+    """Prints the load average, writes ``results`` to ``--json`` (if given); returns them."""
+    start = results["machine"]["load_avg_1min"]
+    print(f"\nload average (1 min) at start {start:.2f}, at end {os.getloadavg()[0]:.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2, default=lambda o: o.item())
+            f.write("\n")
+        print(f"wrote {args.json}")
+    return results

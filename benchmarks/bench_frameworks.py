@@ -1,39 +1,21 @@
-"""One training step of a small model with each framework's BatchNorm vs jaxbn's module.
+"""One training step of a small model with each framework's BatchNorm and with jaxbn's module.
 
 For Flax NNX, Flax Linen and Equinox, the same model (dense, batch norm, ReLU,
-dense, batch norm, ReLU, dense) is built twice, once with the framework's own
-BatchNorm and once with jaxbn's drop-in (``jaxbn.nnx``, ``jaxbn.linen``,
-``jaxbn.equinox``). One step is forward, backward, an SGD update and the new
-running statistics, jit-compiled as a pure function of arrays (NNX through
-``nnx.split``/``merge``, Equinox through ``eqx.partition``), so that the time is
-the computation, not the framework's Python. The two contenders of a framework
-are timed in alternation (interleaved repetitions, so a slow spell of the
-machine hits both), and the medians and their ratio are reported::
-
-    python benchmarks/bench_frameworks.py                  # batch 256, width 512
-    python benchmarks/bench_frameworks.py --quick          # tiny, for a smoke test
-    python benchmarks/bench_frameworks.py --json out.json
+dense, batch norm, ReLU, dense) is built with the framework's BatchNorm and with
+jaxbn's drop-in (``jaxbn.nnx``, ``jaxbn.linen``, ``jaxbn.equinox``). A step is
+forward, backward, an SGD update and the new running statistics, jitted as a
+pure function of arrays, so that the time is the computation, not the
+framework's Python. The two contenders of a framework are timed interleaved.
 """
 
 from __future__ import annotations
 
-import argparse
-import statistics
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-try:
-    import _common
-except ImportError:  # imported as part of a package
-    from benchmarks import _common
-
-_common.use_checkout()
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-__all__ = ["main"]
+import _common
+import jax
+import jax.numpy as jnp
 
 FRAMEWORKS = ("nnx", "linen", "equinox")
 LR = 0.01
@@ -43,8 +25,18 @@ def _loss(logits, labels):
     return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1))
 
 
+def _sgd(loss_fn: Callable) -> Callable:
+    """``step((params, stats), x, y) -> (params, stats)`` for ``loss_fn(params, stats, x, y)``."""
+
+    def step(carry, x, y):
+        grads, stats = jax.grad(loss_fn, has_aux=True)(*carry, x, y)
+        return jax.tree.map(lambda p, g: p - LR * g, carry[0], grads), stats
+
+    return step
+
+
 def nnx_steps(batch: int, width: int, features: int) -> dict[str, tuple[Callable, Any]]:
-    """``{contender: (step, carry)}`` for Flax NNX; ``step(carry, x, y) -> carry``."""
+    """``{contender: (step, carry)}`` for Flax NNX, through ``nnx.split``/``merge``."""
     from flax import nnx
 
     import jaxbn.nnx
@@ -65,19 +57,11 @@ def nnx_steps(batch: int, width: int, features: int) -> dict[str, tuple[Callable
     for name, norm in (("flax", nnx.BatchNorm), ("jaxbn", jaxbn.nnx.BatchNorm)):
         graphdef, params, rest = nnx.split(Net(norm, rngs=nnx.Rngs(0)), nnx.Param, ...)
 
-        def step(carry, x, y, graphdef=graphdef):
-            params, rest = carry
+        def loss_fn(params, rest, x, y, graphdef=graphdef):
+            model = nnx.merge(graphdef, params, rest)
+            return _loss(model(x), y), nnx.as_pure(nnx.state(model, nnx.BatchStat))
 
-            def loss_fn(params):
-                model = nnx.merge(graphdef, params, rest)
-                loss = _loss(model(x), y)
-                return loss, nnx.as_pure(nnx.state(model, nnx.BatchStat))
-
-            grads, stats = jax.grad(loss_fn, has_aux=True)(params)
-            return jax.tree.map(lambda p, g: p - LR * g, params, grads), stats
-
-        carry = (nnx.as_pure(params), nnx.as_pure(rest))
-        out[name] = (step, carry)
+        out[name] = (_sgd(loss_fn), (nnx.as_pure(params), nnx.as_pure(rest)))
     return out
 
 
@@ -87,38 +71,27 @@ def linen_steps(batch: int, width: int, features: int) -> dict[str, tuple[Callab
 
     import jaxbn.linen
 
+    class Net(nn.Module):
+        norm: Any
+
+        @nn.compact
+        def __call__(self, x):
+            for _ in range(2):
+                h = nn.Dense(width, use_bias=False)(x)
+                x = nn.relu(self.norm(use_running_average=False)(h))
+            return nn.Dense(10)(x)
+
     out = {}
     for name, norm in (("flax", nn.BatchNorm), ("jaxbn", jaxbn.linen.BatchNorm)):
-
-        class Net(nn.Module):
-            norm: Any
-
-            @nn.compact
-            def __call__(self, x):
-                x = nn.relu(
-                    self.norm(use_running_average=False)(nn.Dense(width, use_bias=False)(x))
-                )
-                x = nn.relu(
-                    self.norm(use_running_average=False)(nn.Dense(width, use_bias=False)(x))
-                )
-                return nn.Dense(10)(x)
-
         model = Net(norm)
         variables = model.init(jax.random.key(0), jnp.ones((batch, features)))
 
-        def step(carry, x, y, model=model):
-            params, stats = carry
+        def loss_fn(params, stats, x, y, model=model):
+            variables = {"params": params, "batch_stats": stats}
+            logits, up = model.apply(variables, x, mutable=["batch_stats"])
+            return _loss(logits, y), up["batch_stats"]
 
-            def loss_fn(params):
-                logits, up = model.apply(
-                    {"params": params, "batch_stats": stats}, x, mutable=["batch_stats"]
-                )
-                return _loss(logits, y), up["batch_stats"]
-
-            grads, stats = jax.grad(loss_fn, has_aux=True)(params)
-            return jax.tree.map(lambda p, g: p - LR * g, params, grads), stats
-
-        out[name] = (step, (variables["params"], variables["batch_stats"]))
+        out[name] = (_sgd(loss_fn), (variables["params"], variables["batch_stats"]))
     return out
 
 
@@ -128,138 +101,96 @@ def equinox_steps(batch: int, width: int, features: int) -> dict[str, tuple[Call
 
     import jaxbn.equinox
 
-    out = {}
-    makers = {
+    norms = {
         "equinox": lambda: eqx.nn.BatchNorm(width, "batch", mode="batch"),
         "jaxbn": lambda: jaxbn.equinox.BatchNorm(width, "batch"),
     }
-    for name, make_norm in makers.items():
+    out = {}
+    for name, norm in norms.items():
 
-        def build(make_norm=make_norm):
+        def build(norm=norm):
             k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
-            return eqx.nn.Sequential(
-                [
-                    eqx.nn.Linear(features, width, use_bias=False, key=k1),
-                    make_norm(),
-                    eqx.nn.Lambda(jax.nn.relu),
-                    eqx.nn.Linear(width, width, use_bias=False, key=k2),
-                    make_norm(),
-                    eqx.nn.Lambda(jax.nn.relu),
-                    eqx.nn.Linear(width, 10, key=k3),
-                ]
-            )
+            layers = []
+            for fan_in, key in ((features, k1), (width, k2)):
+                linear = eqx.nn.Linear(fan_in, width, use_bias=False, key=key)
+                layers += [linear, norm(), eqx.nn.Lambda(jax.nn.relu)]
+            return eqx.nn.Sequential([*layers, eqx.nn.Linear(width, 10, key=k3)])
 
         model, state = eqx.nn.make_with_state(build)()
         params, static = eqx.partition(model, eqx.is_array)
 
-        def step(carry, x, y, static=static):
-            params, state = carry
+        def loss_fn(params, state, x, y, static=static):
+            model = eqx.combine(params, static)
+            f = jax.vmap(model, in_axes=(0, None), out_axes=(0, None), axis_name="batch")
+            logits, new_state = f(x, state)
+            return _loss(logits, y), new_state
 
-            def loss_fn(params):
-                model = eqx.combine(params, static)
-                f = jax.vmap(model, in_axes=(0, None), out_axes=(0, None), axis_name="batch")
-                logits, new_state = f(x, state)
-                return _loss(logits, y), new_state
-
-            grads, state = jax.grad(loss_fn, has_aux=True)(params)
-            return jax.tree.map(lambda p, g: p - LR * g, params, grads), state
-
-        out[name] = (step, (params, state))
+        out[name] = (_sgd(loss_fn), (params, state))
     return out
 
 
 BUILDERS = {"nnx": nnx_steps, "linen": linen_steps, "equinox": equinox_steps}
 
 
-def interleaved_medians(fns: dict[str, Callable[[], Any]], *, reps: int, warmup: int) -> dict:
-    """Times each zero-argument callable ``reps`` times, in alternation; medians in seconds."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            _common.block(fn())
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            _common.block(fn())
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-def run_framework(framework: str, *, batch: int, width: int, features: int, reps: int, warmup: int):
+def run_framework(framework: str, *, batch: int, width: int, features: int, timing: dict):
     """Builds both contenders of one framework, checks they agree, and times them."""
     kx, ky = jax.random.split(jax.random.key(1))
     x = jax.random.normal(kx, (batch, features)) * 2.0 + 0.5
     y = jax.random.randint(ky, (batch,), 0, 10)
-    contenders = BUILDERS[framework](batch, width, features)
-    fns = {}
-    new_params = {}
-    for name, (step, carry) in contenders.items():
+    runs, new_params = {}, {}
+    for name, (step, carry) in BUILDERS[framework](batch, width, features).items():
         jitted = jax.jit(step)
-        fns[name] = lambda jitted=jitted, carry=carry: jitted(carry, x, y)
-        new_params[name] = jax.tree.leaves(fns[name]()[0])
-    peer = next(n for n in contenders if n != "jaxbn")
+        runs[name] = _common.calls(jitted, carry, x, y)
+        new_params[name] = jax.tree.leaves(jitted(carry, x, y)[0])
+    peer = next(n for n in runs if n != "jaxbn")
     # Both contenders start from the same parameters: after one step they agree.
     diff = max(
         float(jnp.max(jnp.abs(a - b)))
         for a, b in zip(new_params["jaxbn"], new_params[peer], strict=True)
     )
-    medians = interleaved_medians(fns, reps=reps, warmup=warmup)
+    timings = _common.interleave(runs, **timing)
     return {
         "name": f"train_step_{framework}_{batch}x{features}_w{width}_float32",
-        "framework": framework,
+        "peer_ms": 1e3 * timings[peer]["median_s"],
+        "jaxbn_ms": 1e3 * timings["jaxbn"]["median_s"],
         "peer": peer,
-        "median_s": medians,
-        "jaxbn_over_peer": medians["jaxbn"] / medians[peer],
+        "contenders": timings,
+        "jaxbn_over_peer": timings["jaxbn"]["median_s"] / timings[peer]["median_s"],
         "max_param_difference_after_one_step": diff,
     }
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+COLUMNS = (
+    ("case", "name"),
+    ("peer", "peer"),
+    ("peer ms", "peer_ms", ".3f"),
+    ("jaxbn ms", "jaxbn_ms", ".3f"),
+    ("jaxbn / peer", "jaxbn_over_peer", ".2f"),
+    ("max param diff", "max_param_difference_after_one_step", ".1e"),
+)
+
+
+def _parser():
+    """The command-line flags."""
+    p = _common.parser("Training step: each framework's BatchNorm vs jaxbn's.", reps=50, warmup=5)
     p.add_argument("--frameworks", nargs="+", choices=FRAMEWORKS, default=list(FRAMEWORKS))
     p.add_argument("--batch", type=int, default=256, help="examples per step")
     p.add_argument("--width", type=int, default=512, help="hidden units per layer")
     p.add_argument("--features", type=int, default=64, help="input features")
-    p.add_argument("--reps", type=int, default=50, help="timed repetitions per contender")
-    p.add_argument("--warmup", type=int, default=5, help="untimed calls first")
-    p.add_argument("--quick", action="store_true", help="tiny shapes and few repetitions")
-    p.add_argument("--json", default=None, help="also write the results here")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Runs the benchmark, prints the table; returns the results."""
+    args = _parser().parse_args(argv)
     if args.quick:
         args.batch, args.width, args.features, args.reps, args.warmup = 16, 8, 8, 3, 1
-    info = _common.machine_info(("jax", "jaxlib", "flax", "equinox"))
-    _common.print_machine(info)
-    cases = [
-        run_framework(
-            f,
-            batch=args.batch,
-            width=args.width,
-            features=args.features,
-            reps=args.reps,
-            warmup=args.warmup,
-        )
-        for f in args.frameworks
-    ]
-    rows = [
-        (
-            c["name"],
-            c["peer"],
-            f"{c['median_s'][c['peer']] * 1e3:.3f}",
-            f"{c['median_s']['jaxbn'] * 1e3:.3f}",
-            f"{c['jaxbn_over_peer']:.2f}",
-            f"{c['max_param_difference_after_one_step']:.1e}",
-        )
-        for c in cases
-    ]
-    print()
-    print(
-        _common.format_table(
-            ["case", "peer", "peer ms", "jaxbn ms", "jaxbn / peer", "max param diff"], rows
-        )
-    )
-    results = {"machine": info, "args": vars(args), "cases": cases}
-    _common.write_json(args.json, results)
-    return results
+    info = _common.machine_info(__file__, argv)
+    timing = _common.timing(args)
+    sizes = {"batch": args.batch, "width": args.width, "features": args.features}
+    cases = [run_framework(f, timing=timing, **sizes) for f in args.frameworks]
+    print("\n" + _common.table(cases, COLUMNS))
+    return _common.finish(args, {"machine": info, "cases": cases})
 
 
 if __name__ == "__main__":

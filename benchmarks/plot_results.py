@@ -1,15 +1,7 @@
-"""Bar charts of the benchmark results written by ``bench_op.py`` and ``bench_train.py``.
+"""Draws bench_op.py's and bench_train.py's JSON results as bar charts (run_all.py does).
 
-Usage::
-
-    python benchmarks/bench_op.py --json op.json
-    python benchmarks/bench_train.py --json train.json
-    python benchmarks/plot_results.py --op op.json --train train.json --out benchmarks/results.png
-
-The left panel shows each op contender's time relative to jaxbn (lower is faster)
-with the bandwidth floor; the right one the training steps per second relative to
-jaxbn's scan loop (higher is faster). Nothing is measured here: it only draws what
-the two benchmarks wrote.
+Left: each op contender's time over jaxbn's, with the bandwidth floor (lower is
+faster); right: training steps per second over jaxbn's scan loop (higher is faster).
 """
 
 from __future__ import annotations
@@ -23,21 +15,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-OP_CONTENDERS = ("jaxbn", "reference", "flax", "torch")
+OP_CONTENDERS = ("jaxbn", "reference", "flax", "torch", "floor")
 TRAIN_CONTENDERS = ("jaxbn-scan", "jaxbn-jit", "reference-jit", "flax-jit", "torch-eager")
 
 
-def _bars(ax, groups, series, values, *, ylabel, title, log=False):
-    width = 0.8 / len(series)
-    x = np.arange(len(groups))
+def _bars(ax, groups: dict[str, dict], series, *, ylabel: str, title: str, log=False):
+    """One bar per series in each group; ``groups[group][series]`` is its height."""
+    width, x = 0.8 / len(series), np.arange(len(groups))
     for i, name in enumerate(series):
-        v = [values.get((g, name), np.nan) for g in groups]
-        ax.bar(x + (i - (len(series) - 1) / 2) * width, v, width, label=name)
-    ax.set_xticks(x, groups, rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    if log:
-        ax.set_yscale("log")
+        heights = [values.get(name) or np.nan for values in groups.values()]
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, heights, width, label=name)
+    ax.set_xticks(x, list(groups), rotation=20, ha="right", fontsize=8)
+    ax.set(ylabel=ylabel, title=title, yscale="log" if log else "linear")
     ax.axhline(1.0, color="k", lw=0.8)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
@@ -54,37 +43,28 @@ def main(argv=None) -> str:
         op = json.load(f)
     with open(args.train) as f:
         train = json.load(f)
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
-    groups, values = [], {}
+    op_groups = {}
     for case in op["cases"]:
-        groups.append(case["name"].replace("batch_norm_", ""))
-        for name in OP_CONTENDERS:
-            ratio = case["contenders"].get(name, {}).get("ratio_to_jaxbn")
-            if ratio is not None:
-                values[(groups[-1], name)] = ratio
-        values[(groups[-1], "floor")] = 1.0 / case["jaxbn_over_floor"]
+        ratios = {name: e.get("ratio_to_jaxbn") for name, e in case["contenders"].items()}
+        ratios["floor"] = 1.0 / case["jaxbn_over_floor"]
+        op_groups[case["name"].removeprefix("batch_norm_")] = ratios
+    train_groups = {
+        m["name"]: {name: e.get("speed_ratio") for name, e in m["contenders"].items()}
+        for m in train["models"]
+    }
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
     _bars(
         ax1,
-        groups,
-        [*OP_CONTENDERS, "floor"],
-        values,
+        op_groups,
+        OP_CONTENDERS,
         ylabel="time / jaxbn (lower is faster)",
         title="batch-norm training step (forward + backward)",
         log=True,
     )
-    groups, values = [], {}
-    for model in train["models"]:
-        groups.append(model["name"])
-        for name in TRAIN_CONTENDERS:
-            ratio = model["contenders"].get(name, {}).get("speed_vs_jaxbn_scan")
-            if ratio is not None:
-                values[(groups[-1], name)] = ratio
     _bars(
         ax2,
-        groups,
+        train_groups,
         TRAIN_CONTENDERS,
-        values,
         ylabel="steps/s / jaxbn-scan (higher is faster)",
         title="MLP training steps per second",
     )

@@ -17,7 +17,6 @@ import pytest
 PEERS = {"flax-jit": "flax", "torch-eager": "torch"}
 CONTENDERS = [
     "jaxbn-scan",
-    "jaxbn-scan-pregen",
     "jaxbn-jit",
     "jaxbn-remat-jit",
     "reference-jit",
@@ -47,11 +46,10 @@ def test_train_results_structure(quick_results):
     assert results["machine"]["cores"] >= 1
     assert [m["name"] for m in results["models"]] == ["paper"]
     (model,) = results["models"]
-    assert model["layer_sizes"] == [64, 100, 100, 100, 10]
-    assert model["batch_size"] == 60
+    assert model["case"] == "mlp_64-100-100-100-10_sigmoid_b60_float32"
     entries = model["contenders"]
     assert sorted(entries) == sorted(CONTENDERS)
-    assert entries["jaxbn-scan"]["speed_vs_jaxbn_scan"] == 1.0
+    assert entries["jaxbn-scan"]["speed_ratio"] == 1.0
     for name, entry in entries.items():
         module = PEERS.get(name)
         if module is not None and not _installed(module):
@@ -59,9 +57,14 @@ def test_train_results_structure(quick_results):
             continue
         assert math.isfinite(entry["steps_per_s"]) and entry["steps_per_s"] > 0, name
         assert entry["reps"] == 2, name
-        assert math.isfinite(entry["speed_vs_jaxbn_scan"]), name
+        assert math.isfinite(entry["speed_ratio"]), name
         if "rel_err" in entry:  # the same step from the same start as jaxbn-jit
             assert entry["rel_err"] < 1e-3, name
+    for name in ("reference-jit", "flax-jit", "torch-eager"):  # each checked after one step
+        if name == "reference-jit" or _installed(PEERS[name]):
+            assert "rel_err" in entries[name], name
+    if _installed("torch"):  # timed apart: its OpenMP threads spin after a call
+        assert "own process" in entries["torch-eager"]["note"]
 
 
 def test_train_memory(quick_results):
@@ -77,12 +80,8 @@ def test_train_memory(quick_results):
             assert math.isfinite(mem["temp_vs_flax"]) and mem["temp_vs_flax"] > 0
 
 
-def test_train_targets_and_json(quick_results):
+def test_train_json(quick_results):
     results, path = quick_results
-    targets = {t["target"]: t for t in results["targets"]}
-    assert len(targets) == 3  # paper only: memory (default and remat) and speed
-    for t in targets.values():
-        assert t["met"] in (True, False, None)
     written = json.loads(path.read_text())
     assert written["models"][0]["case"] == results["models"][0]["case"]
 

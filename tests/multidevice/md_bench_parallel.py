@@ -39,11 +39,11 @@ def test_quick_run_structure(bench_parallel, tmp_path):
     assert json.loads(path.read_text())["cases"][0]["name"] == case["name"]
 
 
-def test_count_all_reduces(bench_parallel):
+def test_count_all_reduces(import_benchmark):
     text = (
         "%a = f32[4] all-reduce(%x), to_apply=%add\n"
         "%all-reduce.1 = (f32[2], f32[]) all-reduce(%y, %z), to_apply=%add\n"
         "%s = f32[4] all-reduce-start(%w)\n"
         "%d = f32[4] all-reduce-done(%s)\n"
     )
-    assert bench_parallel.count_all_reduces(text) == 3
+    assert import_benchmark("_common").count_all_reduces(text) == 3
