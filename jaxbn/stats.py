@@ -79,7 +79,7 @@ def check_model(model: Any, state: Any) -> Any:
 
     The probe is the model whose training-mode ``new_state`` holds each layer's
     batch statistics: momentum 0, on one device, with the population variance.
-    Needs no data, so :func:`jaxbn.fit` calls it before training.
+    Needs no data, so :func:`jaxbn.train.fit` calls it before training.
     """
     fields = {f.name for f in dataclasses.fields(model)} if dataclasses.is_dataclass(model) else ()
     if "momentum" not in fields:

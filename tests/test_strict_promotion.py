@@ -17,8 +17,7 @@ import pytest
 
 import jaxbn
 from jaxbn import reference, stats
-from jaxbn.fit import fit
-from jaxbn.train import evaluate, init_train_state, make_train_loop, make_train_step
+from jaxbn.train import evaluate, fit, init_train_state, make_train_loop, make_train_step
 
 KEY = jax.random.key(0)
 X = jax.random.normal(KEY, (16, 6)) * 2.0 + 1.0
