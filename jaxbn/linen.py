@@ -1,8 +1,7 @@
 """``flax.linen`` adapter: a drop-in ``BatchNorm`` and converters of variables and configs.
 
 Needs flax (``pip install "jaxbn[flax]"``); ``import jaxbn`` never imports it.
-Also importable as :mod:`jaxbn.linen`; the four converters are re-exported by
-:mod:`jaxbn.interop`.
+The four converters are also importable from :mod:`jaxbn.interop`.
 
 Facts about ``flax.linen.BatchNorm`` (flax 0.12) that this module relies on:
 
@@ -28,7 +27,6 @@ Facts about ``flax.linen.BatchNorm`` (flax 0.12) that this module relies on:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -38,14 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxbn import _checks
-from jaxbn._frameworks import (
-    as_axis,
-    check_axis_index_groups,
-    flax_layer,
-    flax_mask,
-    promote,
-    require,
-)
+from jaxbn._frameworks import check_axis_index_groups, flax_apply, flax_layer, promote, require
 from jaxbn.layer import BatchNorm as _Layer
 
 nn = require("flax.linen", adapter="jaxbn.linen", extra="flax")
@@ -199,7 +190,7 @@ def batch_norm_from_flax(module: nn.BatchNorm, num_features: int | tuple[int, ..
     if not isinstance(module, nn.BatchNorm):
         raise TypeError(f"module must be a flax.linen.BatchNorm, got {type(module).__name__}")
     _check_flax_only_options(module)
-    bn = flax_layer(module, num_features, dtype=module.dtype)
+    bn = flax_layer(module, num_features)
     for name, value in (("scale_init", 1.0), ("bias_init", 0.0)):
         if not _is_constant_init(getattr(module, name), value, bn.feature_shape, bn.param_dtype):
             raise ValueError(
@@ -362,8 +353,7 @@ class BatchNorm(nn.BatchNorm):
         _check_flax_only_options(self)
         _checks.check_x(x)
         x = jnp.asarray(x)
-        axis = as_axis(self.axis)
-        feat = _checks.feature_axes(x.ndim, axis)
+        feat = _checks.feature_axes(x.ndim, self.axis)
         fshape = tuple(x.shape[a] for a in feat)
         params = {}
         if self.use_scale:
@@ -373,33 +363,31 @@ class BatchNorm(nn.BatchNorm):
         ra_mean = self.variable("batch_stats", "mean", jnp.zeros, fshape, jnp.float32)
         ra_var = self.variable("batch_stats", "var", jnp.ones, fshape, jnp.float32)
         state = {"mean": ra_mean.value, "var": ra_var.value}
-        if mask is not None:
-            mask = flax_mask(mask, x.shape, feat)
         # Flax's output dtype: the one given, or the promotion of x's and the params'.
-        dtype = self.dtype
-        if dtype is None:
-            dtype = promote(x, *params.values())
-        bn = flax_layer(
-            self, fshape[0] if isinstance(axis, (int, np.integer)) else fshape, dtype=dtype
+        dtype = promote(x, *params.values()) if self.dtype is None else self.dtype
+        training = not use_running_average
+        # As in Flax, initialization in training mode leaves the running statistics
+        # at their initial values and uses no axis_name. On a single example (a
+        # common dummy input) it must work too: with one value per feature, x - mean
+        # is 0 and the output is ``bias``, which evaluation mode with x itself as
+        # the mean gives exactly.
+        initializing = training and self.is_initializing()
+        if initializing and math.prod(x.shape) <= math.prod(fshape):
+            reduced = tuple(a for a in range(x.ndim) if a not in feat)
+            state["mean"] = jnp.squeeze(x, reduced).astype(jnp.float32)
+            training = False
+        y, new_state = flax_apply(
+            self,
+            fshape,
+            params,
+            state,
+            x,
+            training=training,
+            mask=mask,
+            dtype=dtype,
+            axis_name=None if initializing else self.axis_name,
         )
-
-        if use_running_average:
-            y, _ = bn.apply(params, state, x, training=False)
-        elif self.is_initializing():
-            # As in Flax: the running statistics keep their initial values and
-            # axis_name is not used. Initializing on a single example (a common
-            # dummy input) must work: with one value per feature, x - mean is 0
-            # and the output is ``bias``, which evaluation mode with x itself as
-            # the mean gives exactly.
-            if math.prod(x.shape) // math.prod(fshape) <= 1:
-                reduced = tuple(a for a in range(x.ndim) if a not in feat)
-                own = {**state, "mean": jnp.squeeze(x, reduced).astype(state["mean"].dtype)}
-                y, _ = bn.apply(params, own, x, training=False)
-            else:
-                bn = dataclasses.replace(bn, axis_name=None)
-                y, _ = bn.apply(params, state, x, training=True, mask=mask)
-        else:
-            y, new_state = bn.apply(params, state, x, training=True, mask=mask)
+        if training and not initializing:
             ra_mean.value = new_state["mean"]
             ra_var.value = new_state["var"]
         return y
