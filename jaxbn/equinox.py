@@ -45,8 +45,9 @@ class BatchNorm(eqx.nn.BatchNorm):
     the same model with Equinox's layer. Equinox's abstract/final pattern
     advises against subclassing a concrete module, but enforces it only for
     classes declared ``strict=True``, which ``eqx.nn.BatchNorm`` is not
-    (equinox 0.13): this class inherits the type and the field declarations
-    and replaces ``__init__`` and ``__call__`` whole, inheriting no behaviour.
+    (equinox 0.13): this class builds its fields with Equinox's ``__init__``
+    in batch mode, starts the hidden variance at zero (below), and replaces
+    ``__call__`` whole.
     Code that reads the hidden statistics of a layer selected by type reads
     jaxbn's hidden variance, Equinox's minus ``momentum**t`` (below).
 
@@ -114,20 +115,12 @@ class BatchNorm(eqx.nn.BatchNorm):
             )
         dtype = jax.dtypes.canonicalize_dtype(jnp.float64) if dtype is None else dtype
         _Layer(input_size, axis=0, eps=eps, momentum=momentum, param_dtype=dtype)  # checks
-        affine = channelwise_affine
-        self.weight = jnp.ones((input_size,), dtype) if affine else None
-        self.bias = jnp.zeros((input_size,), dtype) if affine else None
-        self.batch_counter = eqx.nn.StateIndex(jnp.array(0))  # as Equinox's
+        super().__init__(
+            input_size, axis_name, eps, channelwise_affine, momentum, inference, dtype, mode
+        )
+        # Equinox starts the hidden variance at one; zero makes its debiased value exact.
         zeros = jnp.zeros((input_size,), dtype)
         self.batch_state_index = eqx.nn.StateIndex((zeros, zeros))
-        self.ema_first_time_index = self.ema_state_index = None  # Equinox's "ema" mode
-        self.axis_name = axis_name
-        self.inference = inference
-        self.input_size = input_size
-        self.eps = eps
-        self.channelwise_affine = channelwise_affine
-        self.momentum = momentum
-        self.mode = mode
 
     def __call__(
         self,

@@ -1,7 +1,6 @@
 """``flax.nnx`` adapter: a drop-in ``BatchNorm`` computed by jaxbn.
 
 Needs flax (``pip install "jaxbn[flax]"``); ``import jaxbn`` never imports it.
-Also importable as :mod:`jaxbn.nnx`.
 """
 
 from __future__ import annotations
