@@ -47,9 +47,12 @@ Params = dict[str, jax.Array]
 State = dict[str, jax.Array]
 
 
-def _check_arrays(trees: dict[str, Mapping[str, Any]]) -> None:
-    """Checks that the arrays of ``trees`` (``{name: {key: array}}``) are floating, of one shape."""
-    named = {f'{name}["{k}"]': v for name, tree in trees.items() for k, v in tree.items()}
+def _check_variables(params_name: str, params: Any, stats_name: str, stats: Any) -> None:
+    """Checks a batch norm's params and statistics: dicts of its keys, floating, one shape."""
+    _checks.check_keys(params_name, params, ("scale", "bias"), ())
+    _checks.check_keys(stats_name, stats, ("mean", "var"), ("mean", "var"))
+    trees = ((params_name, params), (stats_name, stats))
+    named = {f'{name}["{k}"]': v for name, tree in trees for k, v in tree.items()}
     for name, v in named.items():
         dtype = jnp.result_type(v)
         if not jnp.issubdtype(dtype, jnp.floating):
@@ -92,9 +95,7 @@ def to_flax(params: Mapping[str, Any], state: Mapping[str, Any]) -> dict[str, di
         >>> sorted(variables), sorted(variables["batch_stats"])
         (['batch_stats', 'params'], ['mean', 'var'])
     """
-    _checks.check_keys("params", params, ("scale", "bias"), ())
-    _checks.check_keys("state", state, ("mean", "var"), ("mean", "var"))
-    _check_arrays({"params": params, "state": state})
+    _check_variables("params", params, "state", state)
     out = {"batch_stats": {"mean": state["mean"], "var": state["var"]}}
     if params:
         out["params"] = {k: params[k] for k in ("scale", "bias") if k in params}
@@ -132,9 +133,7 @@ def from_flax(variables: Mapping[str, Any]) -> tuple[Params, State]:
     _checks.check_keys("variables", variables, ("params", "batch_stats"), ("batch_stats",))
     params = variables.get("params", {})
     stats = variables["batch_stats"]
-    _checks.check_keys('variables["params"]', params, ("scale", "bias"), ())
-    _checks.check_keys('variables["batch_stats"]', stats, ("mean", "var"), ("mean", "var"))
-    _check_arrays({'variables["params"]': params, 'variables["batch_stats"]': stats})
+    _check_variables('variables["params"]', params, 'variables["batch_stats"]', stats)
     return (
         {k: jnp.asarray(params[k]) for k in ("scale", "bias") if k in params},
         {"mean": jnp.asarray(stats["mean"]), "var": jnp.asarray(stats["var"])},
