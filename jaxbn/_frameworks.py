@@ -68,25 +68,23 @@ def check_axis_index_groups(axis_index_groups: Any) -> None:
         )
 
 
+# The attributes of Flax's batch norms (``flax.linen`` and ``flax.nnx``) that are
+# fields of :class:`jaxbn.BatchNorm` under the same name and meaning; Flax's
+# ``epsilon`` is jaxbn's ``eps``.
+FLAX_FIELDS = ("axis", "momentum", "use_scale", "use_bias", "axis_name", "dtype", "param_dtype")
+
+
 def flax_layer(module: Any, num_features: int | tuple[int, ...], /, **options: Any) -> BatchNorm:
     """The :class:`jaxbn.BatchNorm` configured by a Flax batch norm's attributes.
 
-    Reads ``axis``, ``momentum``, ``epsilon`` (jaxbn's ``eps``), ``use_scale``,
-    ``use_bias``, ``axis_name``, ``dtype`` and ``param_dtype`` of ``module`` (a
+    Reads :data:`FLAX_FIELDS` and ``epsilon`` (jaxbn's ``eps``) of ``module`` (a
     ``flax.linen`` or ``flax.nnx`` batch norm, Flax's or jaxbn's); ``options``
-    override them or add jaxbn's own. NumPy scalars become Python numbers.
+    override them or add jaxbn's own. NumPy scalars become Python numbers, a
+    list of axes a tuple.
     """
-    fields = {
-        "axis": as_tuple(module.axis),
-        "momentum": module.momentum,
-        "eps": module.epsilon,
-        "use_scale": module.use_scale,
-        "use_bias": module.use_bias,
-        "axis_name": module.axis_name,
-        "dtype": module.dtype,
-        "param_dtype": module.param_dtype,
-        **options,
-    }
+    fields = {name: getattr(module, name) for name in FLAX_FIELDS}
+    fields.update(axis=as_tuple(module.axis), eps=module.epsilon)
+    fields.update(options)
     return BatchNorm(num_features, **{name: as_number(v) for name, v in fields.items()})
 
 

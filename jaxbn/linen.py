@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbn import _checks
+from jaxbn import _checks, _frameworks
 from jaxbn._frameworks import check_axis_index_groups, flax_apply, flax_layer, promote, require
 from jaxbn.layer import BatchNorm as _Layer
 
@@ -256,17 +256,8 @@ def to_flax_module(bn: _Layer) -> nn.BatchNorm:
                 f"flax.linen.BatchNorm cannot express {name}={getattr(bn, name)!r}: "
                 f"expected {expected}"
             )
-    return nn.BatchNorm(
-        axis=bn.axis,
-        momentum=bn.momentum,
-        epsilon=bn.eps,
-        dtype=bn.dtype,
-        param_dtype=bn.param_dtype,
-        use_scale=bn.use_scale,
-        use_bias=bn.use_bias,
-        axis_name=bn.axis_name,
-        use_fast_variance=False,
-    )
+    shared = {name: getattr(bn, name) for name in _frameworks.FLAX_FIELDS}
+    return nn.BatchNorm(**shared, epsilon=bn.eps, use_fast_variance=False)
 
 
 class BatchNorm(nn.BatchNorm):
@@ -375,17 +366,9 @@ class BatchNorm(nn.BatchNorm):
             reduced = tuple(a for a in range(x.ndim) if a not in feat)
             state["mean"] = jnp.squeeze(x, reduced).astype(jnp.float32)
             training = False
-        y, new_state = flax_apply(
-            self,
-            fshape,
-            params,
-            state,
-            x,
-            training=training,
-            mask=mask,
-            dtype=dtype,
-            axis_name=None if initializing else self.axis_name,
-        )
+        axis_name = None if initializing else self.axis_name
+        options = {"mask": mask, "dtype": dtype, "axis_name": axis_name}
+        y, new_state = flax_apply(self, fshape, params, state, x, training=training, **options)
         if training and not initializing:
             ra_mean.value = new_state["mean"]
             ra_var.value = new_state["var"]
