@@ -396,14 +396,11 @@ class BatchNorm:
         return x, feat, mask
 
     def _check_variables(self, params, state):
-        """Checks the keys and shapes of ``params`` and ``state`` against the config."""
-        names = ("scale",) * self.use_scale + ("bias",) * self.use_bias
-        _checks.check_keys("params", params, names, names)
-        stats = ("mean", "var")
-        stats += ("count",) * (self.momentum is None or self.debias)
-        stats += ("renorm_mean", "renorm_var") * self.renorm
-        _checks.check_keys("state", state, stats, stats)
-        for tree, tree_name in ((params, "params"), (state, "state")):
+        """Checks the keys and shapes of ``params`` and ``state``: those :meth:`init` makes."""
+        # Under jit the arrays init makes are unused constants, dropped by XLA.
+        trees = (("params", params), ("state", state))
+        for (tree_name, tree), initial in zip(trees, self.init(), strict=True):
+            _checks.check_keys(tree_name, tree, tuple(initial), tuple(initial))
             for key, v in tree.items():
                 if key != "count":
                     _checks.check_feature_vector(f'{tree_name}["{key}"]', v, self.feature_shape)
