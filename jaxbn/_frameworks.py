@@ -1,4 +1,10 @@
-"""Pieces shared by the framework adapters (no framework is imported here)."""
+"""Pieces shared by the framework modules (no framework is imported here).
+
+The Flax modules (:mod:`jaxbn.nnx`, :mod:`jaxbn.linen`) turn their attributes and
+call arguments into one :meth:`jaxbn.BatchNorm.apply` here (:func:`flax_apply`),
+which validates them and runs jaxbn's op; the Equinox module builds its layer
+itself (one example per call, axis 0).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxbn import _checks
 from jaxbn.layer import BatchNorm
 
 
@@ -24,39 +31,10 @@ def require(module: str, *, adapter: str, extra: str) -> ModuleType:
         ) from e
 
 
-def flax_mask(mask: Any, x_shape: tuple[int, ...], feat: tuple[int, ...]) -> jax.Array:
-    """A Flax mask (boolean, broadcastable to ``x``) in the form jaxbn's op takes.
-
-    A mask of size 1 on every feature axis masks whole positions: it becomes a
-    mask over the reduction axes (``(N, 1)`` for ``(N, C)`` gives ``(N,)``). A mask
-    that varies along a feature axis gives each feature its own count (Flax's
-    semantics); it is passed on with ``x``'s full shape.
-
-    Raises:
-        TypeError: if ``mask`` is not boolean (Flax would treat numbers as
-            truth values; jaxbn's op refuses them, and so does this).
-        ValueError: if ``mask`` does not broadcast to ``x``'s shape.
-    """
-    dtype = jnp.result_type(mask)
-    if dtype != jnp.bool_:
-        raise TypeError(f"mask must be a boolean array, got {dtype}")
-    mshape = jnp.shape(mask)
-    try:
-        ok = len(mshape) <= len(x_shape) and np.broadcast_shapes(mshape, x_shape) == x_shape
-    except ValueError:
-        ok = False
-    if not ok:
-        raise ValueError(f"mask must broadcast to x's shape {x_shape}, got shape {mshape}")
-    mask = jnp.reshape(jnp.asarray(mask), (1,) * (len(x_shape) - len(mshape)) + mshape)
-    if all(mask.shape[a] == 1 for a in feat):
-        return jnp.squeeze(mask, feat)
-    return jnp.broadcast_to(mask, x_shape)
-
-
 def as_number(value: Any) -> Any:
     """A NumPy real scalar as the Python number it holds; anything else unchanged.
 
-    ``np.float32(0.9)`` is a number to the frameworks, so the adapters take it
+    ``np.float32(0.9)`` is a number to the frameworks, so the modules take it
     where they take ``0.9``; jaxbn's configs compute with Python numbers, which
     stay weakly typed (a ``np.float32`` momentum times a float64 statistic is
     refused under ``jax_numpy_dtype_promotion="strict"``). A ``np.bool_`` is not
@@ -65,20 +43,20 @@ def as_number(value: Any) -> Any:
     return value.item() if isinstance(value, (np.integer, np.floating)) else value
 
 
+def as_tuple(value: Any) -> Any:
+    """A list as a tuple: the frameworks take lists (of axes, of axis names), jaxbn tuples."""
+    return tuple(value) if isinstance(value, list) else value
+
+
 def promote(*args: Any) -> np.dtype:
     """The standard promotion of the dtypes of ``args``, also under strict promotion.
 
-    The adapters' output dtype is their framework's rule (the promotion of the
+    The modules' output dtype is their framework's rule (the promotion of the
     input's and the variables' dtypes): a rule applied on purpose, computed
     here, so it holds with ``jax_numpy_dtype_promotion="strict"`` too.
     """
     with jax.numpy_dtype_promotion("standard"):
-        return jnp.result_type(*args)
-
-
-def as_axis(axis: Any) -> int | tuple[int, ...]:
-    """Flax allows a list of feature axes; jaxbn's frozen configs take a tuple."""
-    return tuple(axis) if isinstance(axis, list) else axis
+        return jnp.result_type(*(a for a in args if a is not None))
 
 
 def check_axis_index_groups(axis_index_groups: Any) -> None:
@@ -90,23 +68,50 @@ def check_axis_index_groups(axis_index_groups: Any) -> None:
         )
 
 
-def flax_layer(module: Any, num_features: int | tuple[int, ...], /, *, dtype: Any, **options: Any):
+# The attributes of Flax's batch norms (``flax.linen`` and ``flax.nnx``) that are
+# fields of :class:`jaxbn.BatchNorm` under the same name and meaning; Flax's
+# ``epsilon`` is jaxbn's ``eps``.
+FLAX_FIELDS = ("axis", "momentum", "use_scale", "use_bias", "axis_name", "dtype", "param_dtype")
+
+
+def flax_layer(module: Any, num_features: int | tuple[int, ...], /, **options: Any) -> BatchNorm:
     """The :class:`jaxbn.BatchNorm` configured by a Flax batch norm's attributes.
 
-    Reads ``axis``, ``momentum``, ``epsilon`` (jaxbn's ``eps``; both may be
-    NumPy scalars), ``use_scale``, ``use_bias``, ``axis_name`` and
-    ``param_dtype`` of ``module`` (a ``flax.linen`` or ``flax.nnx`` batch norm,
-    Flax's or jaxbn's); ``dtype`` and any jaxbn-only ``options`` are given.
+    Reads :data:`FLAX_FIELDS` and ``epsilon`` (jaxbn's ``eps``) of ``module`` (a
+    ``flax.linen`` or ``flax.nnx`` batch norm, Flax's or jaxbn's); ``options``
+    override them or add jaxbn's own. NumPy scalars become Python numbers, a
+    list of axes a tuple.
     """
-    return BatchNorm(
-        num_features,
-        axis=as_axis(module.axis),
-        momentum=as_number(module.momentum),
-        eps=as_number(module.epsilon),
-        use_scale=module.use_scale,
-        use_bias=module.use_bias,
-        axis_name=module.axis_name,
-        dtype=dtype,
-        param_dtype=module.param_dtype,
-        **{name: as_number(value) for name, value in options.items()},
-    )
+    fields = {name: getattr(module, name) for name in FLAX_FIELDS}
+    fields.update(axis=as_tuple(module.axis), eps=module.epsilon)
+    fields.update(options)
+    return BatchNorm(num_features, **{name: as_number(v) for name, v in fields.items()})
+
+
+def flax_apply(module, num_features, params, state, x, *, training, mask, **options):
+    """``(y, new_state)`` of a Flax module's call, computed by :meth:`jaxbn.BatchNorm.apply`.
+
+    Args:
+        module: the Flax batch norm whose attributes configure the layer
+            (:func:`flax_layer`, with ``options``).
+        num_features: the feature shape.
+        params: ``{"scale", "bias"}`` (either may be absent).
+        state: the running statistics, as the layer's state.
+        x: the input array.
+        training: batch statistics (``True``) or the running ones.
+        mask: Flax's mask, broadcast against ``x`` from the right, or ``None``.
+            It is put at ``x``'s rank, where the layer checks it (boolean,
+            broadcastable to ``x``) once; in evaluation, where Flax ignores it,
+            it is only checked.
+        **options: more fields of the layer (:func:`flax_layer`).
+    """
+    layer = flax_layer(module, num_features, **options)
+    if mask is not None:
+        shape = jnp.shape(mask)
+        if len(shape) > x.ndim:
+            raise ValueError(f"mask must broadcast to x's shape {x.shape}, got shape {shape}")
+        mask = jnp.reshape(mask, (1,) * (x.ndim - len(shape)) + shape)
+        if not training:
+            _checks.check_mask(mask, x.shape, _checks.feature_axes(x.ndim, layer.axis))
+            mask = None
+    return layer.apply(params, state, x, training=training, mask=mask)

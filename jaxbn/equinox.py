@@ -1,7 +1,7 @@
 """Equinox adapter: a drop-in for ``eqx.nn.BatchNorm(mode="batch")`` computed by jaxbn.
 
 Needs equinox (``pip install "jaxbn[equinox]"``); ``import jaxbn`` never
-imports it. Also importable as :mod:`jaxbn.equinox`.
+imports it.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxbn import _checks, _core
-from jaxbn._frameworks import as_number, promote, require
+from jaxbn._frameworks import as_number, as_tuple, promote, require
 from jaxbn.layer import BatchNorm as _Layer
+from jaxbn.layer import debiased
 
 eqx = require("equinox", adapter="jaxbn.equinox", extra="equinox")
 
@@ -44,8 +45,9 @@ class BatchNorm(eqx.nn.BatchNorm):
     the same model with Equinox's layer. Equinox's abstract/final pattern
     advises against subclassing a concrete module, but enforces it only for
     classes declared ``strict=True``, which ``eqx.nn.BatchNorm`` is not
-    (equinox 0.13): this class inherits the type and the field declarations
-    and replaces ``__init__`` and ``__call__`` whole, inheriting no behaviour.
+    (equinox 0.13): this class builds its fields with Equinox's ``__init__``
+    in batch mode, starts the hidden variance at zero (below), and replaces
+    ``__call__`` whole.
     Code that reads the hidden statistics of a layer selected by type reads
     jaxbn's hidden variance, Equinox's minus ``momentum**t`` (below).
 
@@ -105,44 +107,20 @@ class BatchNorm(eqx.nn.BatchNorm):
                 f"got {mode!r}"
             )
         input_size, eps, momentum = as_number(input_size), as_number(eps), as_number(momentum)
-        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
-            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
-        if not 0.0 <= momentum < 1.0:
+        real = isinstance(momentum, (int, float)) and not isinstance(momentum, bool)
+        if not (real and 0.0 <= momentum < 1.0):
             raise ValueError(
-                f"momentum must be in [0, 1) (the debiasing divides by 1 - momentum**t), "
-                f"got {momentum!r}"
+                f"momentum must be in [0, 1), got {momentum!r} (the debiasing divides by "
+                f"1 - momentum**t)"
             )
         dtype = jax.dtypes.canonicalize_dtype(jnp.float64) if dtype is None else dtype
         _Layer(input_size, axis=0, eps=eps, momentum=momentum, param_dtype=dtype)  # checks
-        if channelwise_affine:
-            self.weight = jnp.ones((input_size,), dtype)
-            self.bias = jnp.zeros((input_size,), dtype)
-        else:
-            self.weight = None
-            self.bias = None
-        self.batch_counter = eqx.nn.StateIndex(jnp.array(0))  # as Equinox's
+        super().__init__(
+            input_size, axis_name, eps, channelwise_affine, momentum, inference, dtype, mode
+        )
+        # Equinox starts the hidden variance at one; zero makes its debiased value exact.
         zeros = jnp.zeros((input_size,), dtype)
         self.batch_state_index = eqx.nn.StateIndex((zeros, zeros))
-        self.ema_first_time_index = self.ema_state_index = None  # Equinox's "ema" mode
-        self.axis_name = axis_name
-        self.inference = inference
-        self.input_size = input_size
-        self.eps = eps
-        self.channelwise_affine = channelwise_affine
-        self.momentum = momentum
-        self.mode = mode
-
-    def _layer(self, dtype: Any, **options: Any) -> _Layer:
-        """The jaxbn layer over axis 0 of one example, with output ``dtype``."""
-        return _Layer(
-            self.input_size,
-            axis=0,
-            eps=self.eps,
-            use_scale=self.channelwise_affine,
-            use_bias=self.channelwise_affine,
-            dtype=dtype,
-            **options,
-        )
 
     def __call__(
         self,
@@ -177,27 +155,26 @@ class BatchNorm(eqx.nn.BatchNorm):
                 f"x must have input_size={self.input_size} channels on axis 0, got shape {x.shape}"
             )
         params = {} if self.weight is None else {"scale": self.weight, "bias": self.bias}
-        names = self.axis_name
-        axis_name = tuple(names) if isinstance(names, (list, tuple)) else names
         counter = state.get(self.batch_counter)
         hidden_mean, hidden_var = state.get(self.batch_state_index)
-        if inference:
-            dtype = promote(x, hidden_mean, *params.values())
-            # The debiasing in float32 at least, whatever the state's dtype.
-            sdtype = promote(hidden_mean, jnp.float32)
-            hidden_mean, hidden_var = hidden_mean.astype(sdtype), hidden_var.astype(sdtype)
-            debias = 1.0 - self.momentum ** counter.astype(sdtype)
-            stats = {
-                "mean": jnp.where(counter > 0, hidden_mean / debias, 0.0),
-                "var": jnp.where(counter > 0, hidden_var / debias, 1.0),
-            }
-            y, _ = self._layer(dtype).apply(params, stats, x, training=False)
-            return y, state
-        layer = self._layer(
-            promote(x, *params.values()), momentum=self.momentum, axis_name=axis_name
+        layer = _Layer(
+            self.input_size,
+            axis=0,
+            eps=self.eps,
+            use_scale=self.channelwise_affine,
+            use_bias=self.channelwise_affine,
+            momentum=self.momentum,
+            axis_name=as_tuple(self.axis_name),
+            dtype=promote(x, *params.values(), hidden_mean if inference else None),
         )
-        hidden = {"mean": hidden_mean, "var": hidden_var}
-        y, hidden = layer.apply(params, hidden, x, training=True)
+        if inference:
+            stats = {
+                "mean": debiased(hidden_mean, self.momentum, counter, 0.0),
+                "var": debiased(hidden_var, self.momentum, counter, 1.0),
+            }
+            y, _ = layer.apply(params, stats, x, training=False)
+            return y, state
+        y, hidden = layer.apply(params, {"mean": hidden_mean, "var": hidden_var}, x, training=True)
         state = state.set(self.batch_counter, _core.next_count(counter))
         state = state.set(self.batch_state_index, (hidden["mean"], hidden["var"]))
         return y, state

@@ -149,80 +149,70 @@ class BatchNorm:
     negative_slope: float = 0.01
 
     def __post_init__(self):
-        shape = self.feature_shape
-        if not shape or any(not _checks.is_int(d) or d < 1 for d in shape):
-            raise ValueError(
-                f"num_features must be a positive int or a tuple of them, got {self.num_features!r}"
-            )
         if isinstance(self.axis, list) or isinstance(self.num_features, list):
             raise TypeError("axis and num_features must be ints or tuples, not lists")
+        for size in self.feature_shape:
+            _checks.check_positive_int("num_features", size)
         naxes = 1 if isinstance(self.axis, (int, np.integer)) else len(self.axis)
-        if naxes != len(shape):
+        if naxes != len(self.feature_shape):
             raise ValueError(
                 f"num_features {self.num_features!r} must give one size per feature "
                 f"axis in axis={self.axis!r}"
             )
-        for name in ("momentum", "renorm_momentum"):
-            m = getattr(self, name)
-            if m is None and name == "momentum":
-                continue
-            real = isinstance(m, (int, float, np.integer, np.floating))
-            if isinstance(m, bool) or not real or not 0.0 <= m <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {m!r}")
+        if self.momentum is not None:
+            _check_fraction("momentum", self.momentum)
+        _check_fraction("renorm_momentum", self.renorm_momentum)
         # The compute dtype is known in apply (which checks eps against it too).
         _checks.check_eps(self.eps, jnp.float64)
         _checks.check_axis_name(self.axis_name)
-        if not jnp.issubdtype(self.param_dtype, jnp.floating):
-            raise TypeError(f"param_dtype must be floating, got {self.param_dtype!r}")
-        if self.dtype is not None and not jnp.issubdtype(self.dtype, jnp.floating):
-            raise TypeError(f"dtype must be floating or None, got {self.dtype!r}")
+        _check_floating("param_dtype", self.param_dtype)
+        if self.dtype is not None:
+            _check_floating("dtype", self.dtype, "floating or None")
         k = self.virtual_batch_size
         if k is not None and (not _checks.is_int(k) or k < 2):
             raise ValueError(f"virtual_batch_size must be an int >= 2 or None, got {k!r}")
-        if k is not None and (self.renorm or self.axis_name is not None):
-            raise ValueError(
-                "virtual_batch_size cannot be combined with renorm or axis_name "
-                f"(got renorm={self.renorm!r}, axis_name={self.axis_name!r})"
-            )
         _check_clipping(self.renorm_clipping)
-        self._check_debias_frozen()
-        self._check_activation()
-        _checks.check_hashable_fields(self)
-
-    def _check_debias_frozen(self):
-        for name in ("debias", "frozen"):
-            _checks.check_bool(name, getattr(self, name))
-        if self.debias and self.momentum is None:
-            raise ValueError(
-                "debias=True needs a momentum: momentum=None is a cumulative average, "
-                "which has no bias toward its initial value to correct"
-            )
-        if self.debias and self.momentum == 1.0:
-            raise ValueError(
-                "debias=True needs momentum < 1: with momentum=1 the running average "
-                "is never updated, and its debiased value 0 / (1 - 1) is undefined"
-            )
-        if self.frozen and (self.renorm or self.virtual_batch_size is not None):
-            raise ValueError(
-                "frozen=True normalizes with the running statistics and cannot be combined "
-                "with renorm or virtual_batch_size, which normalize with batch statistics "
-                f"(got renorm={self.renorm!r}, virtual_batch_size={self.virtual_batch_size!r})"
-            )
-
-    def _check_activation(self):
-        if self.activation is None:
-            return
-        if self.activation not in ACTIVATIONS:
+        _checks.check_bool("debias", self.debias)
+        _checks.check_bool("frozen", self.frozen)
+        if self.activation is not None and self.activation not in ACTIVATIONS:
             raise ValueError(
                 f"activation must be None or one of {sorted(ACTIVATIONS)}, got {self.activation!r}"
             )
         if self.fused:
             check_activation(self.activation, self.negative_slope)
-            if self.renorm:
-                raise ValueError(
-                    f"activation={self.activation!r} (fused with batch norm) cannot be "
-                    "combined with renorm=True"
-                )
+        self._check_combinations()
+        _checks.check_hashable_fields(self)
+
+    def _check_combinations(self):
+        """Refuses options that contradict each other; each message says why."""
+        ghost = self.virtual_batch_size is not None
+        for bad, message in (
+            (
+                ghost and (self.renorm or self.axis_name is not None),
+                "virtual_batch_size cannot be combined with renorm or axis_name "
+                f"(got renorm={self.renorm!r}, axis_name={self.axis_name!r})",
+            ),
+            (
+                self.debias and (self.momentum is None or self.momentum == 1.0),
+                f"debias=True needs a momentum < 1, got momentum={self.momentum!r}: "
+                "momentum=None is a cumulative average, which has no bias toward its "
+                "initial value to correct, and with momentum=1 the running average is "
+                "never updated (its debiased value 0 / (1 - 1) is undefined)",
+            ),
+            (
+                self.frozen and (self.renorm or ghost),
+                "frozen=True normalizes with the running statistics and cannot be combined "
+                "with renorm or virtual_batch_size, which normalize with batch statistics "
+                f"(got renorm={self.renorm!r}, virtual_batch_size={self.virtual_batch_size!r})",
+            ),
+            (
+                self.fused and self.renorm,
+                f"activation={self.activation!r} (fused with batch norm) cannot be "
+                "combined with renorm=True",
+            ),
+        ):
+            if bad:
+                raise ValueError(message)
 
     @property
     def fused(self) -> bool:
@@ -274,8 +264,7 @@ class BatchNorm:
                 data stays near its initial 1).
         """
         dtype = self.param_dtype if dtype is None else dtype
-        if not jnp.issubdtype(dtype, jnp.floating):
-            raise TypeError(f"dtype must be floating (the params' dtype), got {dtype!r}")
+        _check_floating("dtype", dtype, "floating (the params' dtype)")
         state_dtype = _checks.compute_dtype(dtype)
         shape = self.feature_shape
         params = {}
@@ -326,22 +315,21 @@ class BatchNorm:
             ``(y, new_state)``: ``y`` like ``x`` (in ``dtype`` if set);
             ``new_state`` like ``state``. No gradient flows into ``new_state``.
         """
-        x, feat = self._check_apply(params, state, x, training, mask, renorm_clipping)
+        x, feat, mask = self._check_apply(params, state, x, training, mask, renorm_clipping)
         out_dtype = x.dtype if self.dtype is None else jnp.dtype(self.dtype)
         # A wider output dtype than the input: convert first (exact), normalize there.
         x = x.astype(np.promote_types(x.dtype, out_dtype))
         scale, bias = params.get("scale"), params.get("bias")
+        # The state is an input of the update, never differentiated.
+        old = jax.lax.stop_gradient(state)
         if not training or self.frozen:
-            # The state is returned unchanged, as a constant: no gradient into it.
-            state = jax.lax.stop_gradient(state)
             if self.fused:
                 scale = effective_scale(scale, eps=self.eps)
             y = batch_norm_inference(
-                x, scale, bias, state["mean"], state["var"], axis=self.axis, eps=self.eps
+                x, scale, bias, old["mean"], old["var"], axis=self.axis, eps=self.eps
             )
-            return self._activate(y).astype(out_dtype), state
+            return self._activate(y).astype(out_dtype), old
 
-        old = jax.lax.stop_gradient(state)
         new_state = dict(old)
         if self.virtual_batch_size is not None:
             y, count, mean, var = self._ghost(x, scale, bias, feat, mask)
@@ -351,8 +339,8 @@ class BatchNorm:
                     x, scale, bias, old, mask, renorm_clipping
                 )
                 new_state.update(renorm_state)
-            y, mean, var = self._normalize(x, scale, bias, mask=mask, axis_name=self.axis_name)
-            count = self._count(x, feat, mask)
+            y, mean, var = self._normalize(x, scale, bias, mask, self.axis_name)
+            count = self._count(x.shape, feat, mask)
         if not self.fused:
             y = self._activate(y)
         new_state.update(self._running_update(old, count, mean, var))
@@ -366,7 +354,13 @@ class BatchNorm:
         return y.astype(out_dtype), new_state
 
     def _check_apply(self, params, state, x, training, mask, renorm_clipping):
-        """Checks :meth:`apply`'s arguments while tracing; returns ``(x, feature_axes)``."""
+        """Checks :meth:`apply`'s arguments while tracing.
+
+        Returns:
+            ``(x, feature_axes, mask)``: ``x`` as an array, its sorted feature
+            axes, and the mask at ``x``'s rank (:func:`jaxbn._checks.check_mask`),
+            the form the code below and the op take.
+        """
         _checks.check_training(training)
         _checks.check_x(x)
         x = jnp.asarray(x)
@@ -387,46 +381,26 @@ class BatchNorm:
                 "mask is only used in training (batch statistics); got a mask with training=False"
             )
         self._check_variables(params, state)
-        if training and mask is not None:
-            checked = _checks.check_mask(mask, x.shape, feat)  # also when frozen: no statistic
-            if (self.debias or self.momentum is None) and any(checked.shape[a] > 1 for a in feat):
-                raise ValueError(
-                    f"mask of shape {jnp.shape(mask)} varies along the feature axes {feat}, "
-                    f"which gives each feature its own count of updates; with "
-                    f"{'debias=True' if self.debias else 'momentum=None'} the state counts "
-                    f"updates per layer: use a mask over the batch axes only"
-                )
-        return x, feat
-
-    def _normalize(self, x, scale, bias, *, mask, axis_name):
-        """The training op: :func:`batch_norm_act` when fused, else :func:`batch_norm`."""
-        kwargs = {"axis": self.axis, "eps": self.eps, "axis_name": axis_name, "mask": mask}
-        if self.fused:
-            return batch_norm_act(
-                x,
-                scale,
-                bias,
-                activation=self.activation,
-                negative_slope=self.negative_slope,
-                **kwargs,
+        if training and self.virtual_batch_size is not None:
+            self._check_ghost(x.shape, feat)
+        # Checked also when frozen, which takes no statistics.
+        mask = _checks.check_mask(mask, x.shape, feat)
+        counted = self.debias or self.momentum is None
+        if counted and mask is not None and any(mask.shape[a] > 1 for a in feat):
+            raise ValueError(
+                f"mask varies along the feature axes {feat} (shape {mask.shape} at x's "
+                f"rank), which gives each feature its own count of updates; with "
+                f"{'debias=True' if self.debias else 'momentum=None'} the state counts "
+                f"updates per layer: use a mask over the batch axes only"
             )
-        return batch_norm(x, scale, bias, **kwargs)
-
-    def _activate(self, y):
-        """The activation (unfused), or ``y`` as it is without one."""
-        if self.activation is None:
-            return y
-        return activate(y, self.activation, negative_slope=self.negative_slope)
+        return x, feat, mask
 
     def _check_variables(self, params, state):
-        """Checks the keys and shapes of ``params`` and ``state`` against the config."""
-        names = ("scale",) * self.use_scale + ("bias",) * self.use_bias
-        _checks.check_keys("params", params, names, names)
-        stats = ("mean", "var")
-        stats += ("count",) * (self.momentum is None or self.debias)
-        stats += ("renorm_mean", "renorm_var") * self.renorm
-        _checks.check_keys("state", state, stats, stats)
-        for tree, tree_name in ((params, "params"), (state, "state")):
+        """Checks the keys and shapes of ``params`` and ``state``: those :meth:`init` makes."""
+        # Under jit the arrays init makes are unused constants, dropped by XLA.
+        trees = (("params", params), ("state", state))
+        for (tree_name, tree), initial in zip(trees, self.init(), strict=True):
+            _checks.check_keys(tree_name, tree, tuple(initial), tuple(initial))
             for key, v in tree.items():
                 if key != "count":
                     _checks.check_feature_vector(f'{tree_name}["{key}"]', v, self.feature_shape)
@@ -438,12 +412,40 @@ class BatchNorm:
                     f"{jnp.shape(count)} and dtype {jnp.result_type(count)}"
                 )
 
-    def _count(self, x, feat, mask):
-        """Values per feature in the batch statistics (over the named axes too)."""
-        m = _checks.check_mask(mask, x.shape, feat)
-        # A count per feature where the mask varies along the feature axes.
-        n = _checks.feature_counts(m, x.shape, feat, dtype=jnp.float32)
-        if m is not None:
+    def _check_ghost(self, x_shape, feat):
+        """Checks that ``x``'s axis 0 splits into groups of ``virtual_batch_size``."""
+        k = self.virtual_batch_size
+        if 0 in feat:
+            raise ValueError(
+                f"virtual_batch_size needs axis 0 as the batch axis, got axis={self.axis!r}"
+            )
+        if x_shape[0] % k:
+            raise ValueError(
+                f"batch size {x_shape[0]} (axis 0 of x) is not divisible by virtual_batch_size={k}"
+            )
+
+    def _normalize(self, x, scale, bias, mask, axis_name):
+        """The training op: :func:`batch_norm_act` when fused, else :func:`batch_norm`."""
+        kwargs = {"axis": self.axis, "eps": self.eps, "axis_name": axis_name, "mask": mask}
+        if self.fused:
+            kwargs.update(activation=self.activation, negative_slope=self.negative_slope)
+            return batch_norm_act(x, scale, bias, **kwargs)
+        return batch_norm(x, scale, bias, **kwargs)
+
+    def _activate(self, y):
+        """The activation (unfused), or ``y`` as it is without one."""
+        if self.activation is None:
+            return y
+        return activate(y, self.activation, negative_slope=self.negative_slope)
+
+    def _count(self, x_shape, feat, mask):
+        """Values per feature in the batch statistics, over the named axes too.
+
+        A scalar, or one count per feature where the mask varies along the
+        feature axes.
+        """
+        n = _checks.feature_counts(mask, x_shape, feat, dtype=jnp.float32)
+        if mask is not None:
             n = jnp.reshape(n, ()) if n.size == 1 else jnp.broadcast_to(n, self.feature_shape)
         return n if self.axis_name is None else jax.lax.psum(n, self.axis_name)
 
@@ -452,26 +454,12 @@ class BatchNorm:
         mean, var = jax.lax.stop_gradient((mean, var))
         if self.unbiased_running_var:
             var = var * count / jnp.maximum(count - 1.0, 1.0)
+        new, t = {}, None
         if self.momentum is None or self.debias:
-            t = _core.next_count(old["count"])
-            out = {"count": t}
-        if self.momentum is None:
-            # Cumulative average: the t-th batch has weight 1 / t.
-            keep, take = 1.0 - 1.0 / t.astype(jnp.float32), 1.0 / t.astype(jnp.float32)
-        elif self.debias:
-            # With hidden h_t = m h_{t-1} + (1 - m) b_t from h_0 = 0, the debiased
-            # average a_t = h_t / (1 - m^t) obeys a_t = keep a_{t-1} + take b_t with
-            # keep = m (1 - m^(t-1)) / (1 - m^t): 0 exactly at t = 1, so a_1 = b_1.
-            m = jnp.float32(self.momentum)
-            tf = t.astype(jnp.float32)
-            keep = m * (1.0 - m ** (tf - 1.0)) / (1.0 - m**tf)
-            take = 1.0 - keep
-        else:
-            out = {}
-            keep, take = self.momentum, 1.0 - self.momentum
+            t = new["count"] = _core.next_count(old["count"])
         for name, batch in (("mean", mean), ("var", var)):
-            out[name] = _moving_average(old[name], batch, keep, take)
-        return out
+            new[name] = moving_average(old[name], batch, self.momentum, t)
+        return new
 
     def _ghost(self, x, scale, bias, feat, mask):
         """Ghost batch norm: groups of ``virtual_batch_size`` examples along axis 0.
@@ -480,37 +468,26 @@ class BatchNorm:
         the running statistics get the groups' statistics averaged, weighted by
         their counts, and the count of an average group.
         """
-        k = self.virtual_batch_size
-        if 0 in feat:
-            raise ValueError(
-                f"virtual_batch_size needs axis 0 as the batch axis, got axis={self.axis!r}"
-            )
-        n = x.shape[0]
-        if n % k:
-            raise ValueError(
-                f"batch size {n} (axis 0 of x) is not divisible by virtual_batch_size={k}"
-            )
-        g = n // k
-        xg = x.reshape(g, k, *x.shape[1:])
+        g = x.shape[0] // self.virtual_batch_size
+
+        def groups(a):
+            return a.reshape(g, -1, *a.shape[1:])
 
         def normalize(xi, mi):
-            return self._normalize(xi, scale, bias, mask=mi, axis_name=None)
+            return self._normalize(xi, scale, bias, mi, None)
 
         if mask is None:
-            y, mean, var = jax.vmap(normalize, (0, None))(xg, None)
+            y, mean, var = jax.vmap(normalize, (0, None))(groups(x), None)
             weights = jnp.ones((g,), jnp.float32)
         else:
-            # The mask with x's rank (size 1 or the feature's size on the feature
-            # axes), split into groups like x: per-group (and per-feature) counts.
-            m = _checks.mask_over_batch(_checks.check_mask(mask, x.shape, feat), x.shape, feat)
-            mg = m.reshape(g, k, *m.shape[1:])
-            y, mean, var = jax.vmap(normalize)(xg, mg)
+            # Split into groups like x: per-group (and per-feature) counts.
+            mg = groups(_checks.mask_over_batch(mask, x.shape, feat))
+            y, mean, var = jax.vmap(normalize)(groups(x), mg)
             red_g = (1, *(a + 1 for a in range(1, x.ndim) if a not in feat))
             weights = jnp.sum(mg, axis=red_g, dtype=jnp.float32)  # [g, *mask's features]
-        total = jnp.sum(weights, axis=0)
-        w = weights / jnp.maximum(total, 1.0)
+        w = weights / jnp.maximum(jnp.sum(weights, axis=0), 1.0)
         w = jnp.reshape(w, w.shape + (1,) * (mean.ndim - w.ndim))
-        count = self._count(x, feat, mask) / g
+        count = self._count(x.shape, feat, mask) / g
         return y.reshape(x.shape), count, jnp.sum(w * mean, 0), jnp.sum(w * var, 0)
 
     def _renorm_affine(self, x, scale, bias, old, mask, clipping):
@@ -528,24 +505,67 @@ class BatchNorm:
         r = jnp.clip(jnp.sqrt(var_b + self.eps) / run_std, 1.0 / rmax, rmax)
         d = jnp.clip((mean_b - old["renorm_mean"]) / run_std, -dmax, dmax)
         s = 1.0 if scale is None else scale
-        new_scale = s * r
         new_bias = s * d if bias is None else bias + s * d
-        m = self.renorm_momentum
         renorm_state = {}
         for name, batch in (("renorm_mean", mean_b), ("renorm_var", var_b)):
             # The batch statistic is rounded to the state's dtype before averaging.
-            renorm_state[name] = _moving_average(old[name], batch.astype(old[name].dtype), m, 1 - m)
-        return new_scale, new_bias, renorm_state
+            batch = batch.astype(old[name].dtype)
+            renorm_state[name] = moving_average(old[name], batch, self.renorm_momentum)
+        return s * r, new_bias, renorm_state
 
 
-def _moving_average(old, batch, keep, take):
-    """One step of a running average, ``keep * old + take * batch``, in ``old``'s dtype.
+def moving_average(old, batch, momentum, count=None):
+    r"""One update of a running average, ``keep * old + (1 - keep) * batch``, in ``old``'s dtype.
+
+    Without ``count``, ``keep = momentum``. With ``count``, the number of
+    updates so far (this one included):
+
+    - ``momentum=None``: the cumulative average, ``batch`` weighing ``1 / count``;
+    - otherwise the zero-debiased average: ``old`` and the result are
+      :func:`debiased` values ``a_t = h_t / (1 - m^t)`` of a hidden average
+      ``h_t = m h_{t-1} + (1 - m) b_t`` started at ``h_0 = 0``, updated directly
+      in that form: ``keep = m (1 - m^{t-1}) / (1 - m^t)``, exactly 0 at
+      ``t = 1`` (the first average is the batch's own).
 
     Computed in the wider of the two dtypes (a bfloat16 state, float32 batch
     statistics), promoted explicitly so that it holds under strict promotion.
     """
+    if count is None:
+        keep, take = momentum, 1.0 - momentum
+    elif momentum is None:
+        take = 1.0 / count.astype(jnp.float32)
+        keep = 1.0 - take
+    else:
+        m, t = jnp.float32(momentum), count.astype(jnp.float32)
+        keep = m * (1.0 - m ** (t - 1.0)) / (1.0 - m**t)
+        take = 1.0 - keep
     dtype = np.promote_types(old.dtype, batch.dtype)
     return (keep * old.astype(dtype) + take * batch.astype(dtype)).astype(old.dtype)
+
+
+def debiased(hidden, momentum, count, initial):
+    """The zero-debiased value ``hidden / (1 - momentum**count)`` of a hidden average.
+
+    ``hidden`` is a moving average started at zero and updated ``count``
+    times; ``initial`` is returned before any update (``count == 0``). The
+    division is computed in ``hidden``'s dtype promoted to at least float32.
+    """
+    dtype = _checks.compute_dtype(hidden.dtype)
+    correction = 1.0 - momentum ** count.astype(dtype)
+    return jnp.where(count > 0, hidden.astype(dtype) / correction, initial)
+
+
+def _check_fraction(name, value):
+    """Raises ``ValueError`` unless ``value`` is a real number in ``[0, 1]`` (not a bool)."""
+    real = isinstance(value, (int, float, np.integer, np.floating))
+    if isinstance(value, bool) or not real or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+
+
+def _check_floating(name, dtype, expected="floating"):
+    """Raises ``TypeError`` unless ``dtype`` is a floating-point dtype."""
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"{name} must be {expected}, got {dtype!r}")
 
 
 def _check_clipping(clipping):

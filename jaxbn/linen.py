@@ -1,8 +1,7 @@
 """``flax.linen`` adapter: a drop-in ``BatchNorm`` and converters of variables and configs.
 
 Needs flax (``pip install "jaxbn[flax]"``); ``import jaxbn`` never imports it.
-Also importable as :mod:`jaxbn.linen`; the four converters are re-exported by
-:mod:`jaxbn.interop`.
+The four converters are also importable from :mod:`jaxbn.interop`.
 
 Facts about ``flax.linen.BatchNorm`` (flax 0.12) that this module relies on:
 
@@ -28,7 +27,6 @@ Facts about ``flax.linen.BatchNorm`` (flax 0.12) that this module relies on:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -37,15 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbn import _checks
-from jaxbn._frameworks import (
-    as_axis,
-    check_axis_index_groups,
-    flax_layer,
-    flax_mask,
-    promote,
-    require,
-)
+from jaxbn import _checks, _frameworks
+from jaxbn._frameworks import check_axis_index_groups, flax_apply, flax_layer, promote, require
 from jaxbn.layer import BatchNorm as _Layer
 
 nn = require("flax.linen", adapter="jaxbn.linen", extra="flax")
@@ -56,9 +47,12 @@ Params = dict[str, jax.Array]
 State = dict[str, jax.Array]
 
 
-def _check_arrays(trees: dict[str, Mapping[str, Any]]) -> None:
-    """Checks that the arrays of ``trees`` (``{name: {key: array}}``) are floating, of one shape."""
-    named = {f'{name}["{k}"]': v for name, tree in trees.items() for k, v in tree.items()}
+def _check_variables(params_name: str, params: Any, stats_name: str, stats: Any) -> None:
+    """Checks a batch norm's params and statistics: dicts of its keys, floating, one shape."""
+    _checks.check_keys(params_name, params, ("scale", "bias"), ())
+    _checks.check_keys(stats_name, stats, ("mean", "var"), ("mean", "var"))
+    trees = ((params_name, params), (stats_name, stats))
+    named = {f'{name}["{k}"]': v for name, tree in trees for k, v in tree.items()}
     for name, v in named.items():
         dtype = jnp.result_type(v)
         if not jnp.issubdtype(dtype, jnp.floating):
@@ -101,9 +95,7 @@ def to_flax(params: Mapping[str, Any], state: Mapping[str, Any]) -> dict[str, di
         >>> sorted(variables), sorted(variables["batch_stats"])
         (['batch_stats', 'params'], ['mean', 'var'])
     """
-    _checks.check_keys("params", params, ("scale", "bias"), ())
-    _checks.check_keys("state", state, ("mean", "var"), ("mean", "var"))
-    _check_arrays({"params": params, "state": state})
+    _check_variables("params", params, "state", state)
     out = {"batch_stats": {"mean": state["mean"], "var": state["var"]}}
     if params:
         out["params"] = {k: params[k] for k in ("scale", "bias") if k in params}
@@ -141,9 +133,7 @@ def from_flax(variables: Mapping[str, Any]) -> tuple[Params, State]:
     _checks.check_keys("variables", variables, ("params", "batch_stats"), ("batch_stats",))
     params = variables.get("params", {})
     stats = variables["batch_stats"]
-    _checks.check_keys('variables["params"]', params, ("scale", "bias"), ())
-    _checks.check_keys('variables["batch_stats"]', stats, ("mean", "var"), ("mean", "var"))
-    _check_arrays({'variables["params"]': params, 'variables["batch_stats"]': stats})
+    _check_variables('variables["params"]', params, 'variables["batch_stats"]', stats)
     return (
         {k: jnp.asarray(params[k]) for k in ("scale", "bias") if k in params},
         {"mean": jnp.asarray(stats["mean"]), "var": jnp.asarray(stats["var"])},
@@ -199,7 +189,7 @@ def batch_norm_from_flax(module: nn.BatchNorm, num_features: int | tuple[int, ..
     if not isinstance(module, nn.BatchNorm):
         raise TypeError(f"module must be a flax.linen.BatchNorm, got {type(module).__name__}")
     _check_flax_only_options(module)
-    bn = flax_layer(module, num_features, dtype=module.dtype)
+    bn = flax_layer(module, num_features)
     for name, value in (("scale_init", 1.0), ("bias_init", 0.0)):
         if not _is_constant_init(getattr(module, name), value, bn.feature_shape, bn.param_dtype):
             raise ValueError(
@@ -266,17 +256,8 @@ def to_flax_module(bn: _Layer) -> nn.BatchNorm:
                 f"flax.linen.BatchNorm cannot express {name}={getattr(bn, name)!r}: "
                 f"expected {expected}"
             )
-    return nn.BatchNorm(
-        axis=bn.axis,
-        momentum=bn.momentum,
-        epsilon=bn.eps,
-        dtype=bn.dtype,
-        param_dtype=bn.param_dtype,
-        use_scale=bn.use_scale,
-        use_bias=bn.use_bias,
-        axis_name=bn.axis_name,
-        use_fast_variance=False,
-    )
+    shared = {name: getattr(bn, name) for name in _frameworks.FLAX_FIELDS}
+    return nn.BatchNorm(**shared, epsilon=bn.eps, use_fast_variance=False)
 
 
 class BatchNorm(nn.BatchNorm):
@@ -362,8 +343,7 @@ class BatchNorm(nn.BatchNorm):
         _check_flax_only_options(self)
         _checks.check_x(x)
         x = jnp.asarray(x)
-        axis = as_axis(self.axis)
-        feat = _checks.feature_axes(x.ndim, axis)
+        feat = _checks.feature_axes(x.ndim, self.axis)
         fshape = tuple(x.shape[a] for a in feat)
         params = {}
         if self.use_scale:
@@ -373,33 +353,23 @@ class BatchNorm(nn.BatchNorm):
         ra_mean = self.variable("batch_stats", "mean", jnp.zeros, fshape, jnp.float32)
         ra_var = self.variable("batch_stats", "var", jnp.ones, fshape, jnp.float32)
         state = {"mean": ra_mean.value, "var": ra_var.value}
-        if mask is not None:
-            mask = flax_mask(mask, x.shape, feat)
         # Flax's output dtype: the one given, or the promotion of x's and the params'.
-        dtype = self.dtype
-        if dtype is None:
-            dtype = promote(x, *params.values())
-        bn = flax_layer(
-            self, fshape[0] if isinstance(axis, (int, np.integer)) else fshape, dtype=dtype
-        )
-
-        if use_running_average:
-            y, _ = bn.apply(params, state, x, training=False)
-        elif self.is_initializing():
-            # As in Flax: the running statistics keep their initial values and
-            # axis_name is not used. Initializing on a single example (a common
-            # dummy input) must work: with one value per feature, x - mean is 0
-            # and the output is ``bias``, which evaluation mode with x itself as
-            # the mean gives exactly.
-            if math.prod(x.shape) // math.prod(fshape) <= 1:
-                reduced = tuple(a for a in range(x.ndim) if a not in feat)
-                own = {**state, "mean": jnp.squeeze(x, reduced).astype(state["mean"].dtype)}
-                y, _ = bn.apply(params, own, x, training=False)
-            else:
-                bn = dataclasses.replace(bn, axis_name=None)
-                y, _ = bn.apply(params, state, x, training=True, mask=mask)
-        else:
-            y, new_state = bn.apply(params, state, x, training=True, mask=mask)
+        dtype = promote(x, *params.values()) if self.dtype is None else self.dtype
+        training = not use_running_average
+        # As in Flax, initialization in training mode leaves the running statistics
+        # at their initial values and uses no axis_name. On a single example (a
+        # common dummy input) it must work too: with one value per feature, x - mean
+        # is 0 and the output is ``bias``, which evaluation mode with x itself as
+        # the mean gives exactly.
+        initializing = training and self.is_initializing()
+        if initializing and math.prod(x.shape) <= math.prod(fshape):
+            reduced = tuple(a for a in range(x.ndim) if a not in feat)
+            state["mean"] = jnp.squeeze(x, reduced).astype(jnp.float32)
+            training = False
+        axis_name = None if initializing else self.axis_name
+        options = {"mask": mask, "dtype": dtype, "axis_name": axis_name}
+        y, new_state = flax_apply(self, fshape, params, state, x, training=training, **options)
+        if training and not initializing:
             ra_mean.value = new_state["mean"]
             ra_var.value = new_state["var"]
         return y

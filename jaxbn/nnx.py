@@ -1,7 +1,6 @@
 """``flax.nnx`` adapter: a drop-in ``BatchNorm`` computed by jaxbn.
 
 Needs flax (``pip install "jaxbn[flax]"``); ``import jaxbn`` never imports it.
-Also importable as :mod:`jaxbn.nnx`.
 """
 
 from __future__ import annotations
@@ -15,14 +14,13 @@ import jax.numpy as jnp
 
 from jaxbn import _checks
 from jaxbn._frameworks import (
-    as_axis,
+    as_tuple,
     check_axis_index_groups,
+    flax_apply,
     flax_layer,
-    flax_mask,
     promote,
     require,
 )
-from jaxbn.layer import BatchNorm as _Layer
 
 nnx = require("flax.nnx", adapter="jaxbn.nnx", extra="flax")
 _promote_dtype = require("flax.nnx.nn.dtypes", adapter="jaxbn.nnx", extra="flax").promote_dtype
@@ -148,11 +146,9 @@ class BatchNorm(nnx.BatchNorm):
         check_axis_index_groups(axis_index_groups)
         if not callable(promote_dtype):
             raise TypeError(f"promote_dtype must be callable, got {promote_dtype!r}")
-        if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
-            raise TypeError(f"dtype must be floating or None, got {dtype!r}")
         self.num_features = num_features
         self.use_running_average = use_running_average
-        self.axis = as_axis(axis)
+        self.axis = as_tuple(axis)
         self.momentum = momentum
         self.epsilon = epsilon
         self.dtype = dtype
@@ -164,14 +160,12 @@ class BatchNorm(nnx.BatchNorm):
         self.use_fast_variance = use_fast_variance
         self.promote_dtype = promote_dtype
         self.options = tuple(sorted(options.items()))  # static and hashable
-        layer = self._layer(None)  # every argument check of jaxbn.BatchNorm, now
+        layer = flax_layer(self, num_features, **options)  # every check of jaxbn.BatchNorm, now
         shape = layer.feature_shape
-        _, state = layer.init()
-        self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
-        self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
-        for name in ("count", "renorm_mean", "renorm_var"):
-            if name in state:
-                setattr(self, name, nnx.BatchStat(state[name]))
+        _, state = layer.init()  # with jaxbn's options' statistics ("count", "renorm_mean", ...)
+        state.update(mean=jnp.zeros(shape, jnp.float32), var=jnp.ones(shape, jnp.float32))
+        for name, value in state.items():
+            setattr(self, name, nnx.BatchStat(value))
         # Flax draws one params key for each, in this order: models that swap this
         # module in keep the random streams of the layers after it.
         if use_scale:
@@ -183,14 +177,6 @@ class BatchNorm(nnx.BatchNorm):
             self.bias = nnx.Param(bias_init(rngs.params(), shape, param_dtype), **bias_metadata)
         else:
             self.bias = nnx.data(None)
-
-    def _layer(self, dtype: Any) -> _Layer:
-        """The jaxbn layer this module computes with, with output ``dtype``."""
-        return flax_layer(self, self.num_features, dtype=dtype, **dict(self.options))
-
-    def _state_names(self) -> tuple[str, ...]:
-        names = ("mean", "var", "count", "renorm_mean", "renorm_var")
-        return tuple(n for n in names if isinstance(getattr(self, n, None), nnx.BatchStat))
 
     def __call__(
         self, x: jax.Array, use_running_average: bool | None = None, *, mask: Any = None
@@ -219,9 +205,10 @@ class BatchNorm(nnx.BatchNorm):
             )
         _checks.check_x(x)
         x = jnp.asarray(x)
-        scale = None if self.scale is None else self.scale[...]
-        bias = None if self.bias is None else self.bias[...]
-        state = {name: getattr(self, name)[...] for name in self._state_names()}
+        scale, bias = (None if v is None else v[...] for v in (self.scale, self.bias))
+        # Flax's mean and var, and those of jaxbn's options ("count", ...).
+        stats = {n: v for n, v in vars(self).items() if isinstance(v, nnx.BatchStat)}
+        state = {n: v[...] for n, v in stats.items()}
         mean, var = state["mean"], state["var"]
         if self.promote_dtype is _promote_dtype:
             # Flax casts x and the four variables to their promotion (or to dtype)
@@ -233,19 +220,19 @@ class BatchNorm(nnx.BatchNorm):
             x, mean, var, scale, bias = self.promote_dtype(
                 (x, mean, var, scale, bias), dtype=self.dtype
             )
-            _checks.check_x(x)
             promoted = (x, scale, bias)  # as Flax's output dtype, the statistics left out
-        dtype = self.dtype
-        if dtype is None:
-            dtype = promote(*(v for v in promoted if v is not None))
         params = {k: v for k, v in (("scale", scale), ("bias", bias)) if v is not None}
-        layer = self._layer(dtype)
-        if mask is not None:  # checked also when unused, as Flax broadcasts it
-            mask = flax_mask(mask, x.shape, _checks.feature_axes(x.ndim, self.axis))
         if use_running_average:
-            y, _ = layer.apply(params, {**state, "mean": mean, "var": var}, x, training=False)
-            return y
-        y, new_state = layer.apply(params, state, x, training=True, mask=mask)
-        for name, value in new_state.items():
-            getattr(self, name)[...] = value
+            # Normalized with the (promoted) variables; in training the running
+            # statistics are updated from the variables themselves, as Flax does.
+            state.update(mean=mean, var=var)
+        dtype = promote(*promoted) if self.dtype is None else self.dtype
+        training = not use_running_average
+        options = {"mask": mask, "dtype": dtype, **dict(self.options)}
+        y, new_state = flax_apply(
+            self, self.num_features, params, state, x, training=training, **options
+        )
+        if training:
+            for name, value in new_state.items():
+                stats[name][...] = value
         return y

@@ -1,4 +1,4 @@
-"""jaxbn.equinox.BatchNorm against eqx.nn.BatchNorm(mode="batch").
+"""The Equinox module: jaxbn.equinox.BatchNorm against eqx.nn.BatchNorm(mode="batch").
 
 Both are called per example inside ``jax.vmap(..., axis_name="batch")``. Training
 outputs, the gradients of the input and of ``weight``/``bias`` under a random
@@ -54,6 +54,12 @@ def step(model, state, x, ct, *, inference):
     grad = jax.grad(loss, argnums=(0, 1), has_aux=True)
     ((gw, gb), gx), (y, new_state) = grad((model.weight, model.bias), x)
     return y, {"x": gx, "weight": gw, "bias": gb}, new_state
+
+
+@eqx.filter_jit
+def run_batch(model, x, state):
+    """``model`` on each example of ``x`` under ``vmap(axis_name="batch")``: ``(y, state)``."""
+    return jax.vmap(model, in_axes=(0, None), out_axes=(0, None), axis_name="batch")(x, state)
 
 
 def with_params(model, key):
@@ -190,11 +196,8 @@ def test_equinox_api_sequential_inference_mode_and_dtypes(assert_trees_close):
         models.append(eqx.nn.make_with_state(lambda seq=seq: seq)())
     outs = []
     for model, state in models:
-        f = jax.vmap(model, in_axes=(0, None), out_axes=(0, None), axis_name="batch")
-        y, state = f(x, state)
-        y_eval, _ = jax.vmap(
-            eqx.nn.inference_mode(model), in_axes=(0, None), out_axes=(0, None), axis_name="batch"
-        )(x, state)
+        y, state = run_batch(model, x, state)
+        y_eval, _ = run_batch(eqx.nn.inference_mode(model), x, state)
         outs.append((y, y_eval, state))
     assert_trees_close(outs[0][0], outs[1][0], tol=F32_TOL)
     # The state has Equinox's structure and dtypes (counter int32, statistics float32).
@@ -215,13 +218,10 @@ def test_without_affine_trains_and_evaluates_as_equinox(assert_trees_close):
         model, state = eqx.nn.make_with_state(cls)(
             3, "batch", channelwise_affine=False, momentum=0.5, **kwargs
         )
-        run = jax.vmap(model, in_axes=(0, None), out_axes=(0, None), axis_name="batch")
-        y, state = run(x, state)
+        y, state = run_batch(model, x, state)
         for _ in range(40):  # enough steps that Equinox's initial variance has faded
-            _, state = run(x, state)
-        y_eval, _ = jax.vmap(
-            eqx.nn.inference_mode(model), in_axes=(0, None), out_axes=(0, None), axis_name="batch"
-        )(x, state)
+            _, state = run_batch(model, x, state)
+        y_eval, _ = run_batch(eqx.nn.inference_mode(model), x, state)
         outs.append((y, y_eval))
     assert_trees_close(outs[1], outs[0], tol=1e-5)
 
