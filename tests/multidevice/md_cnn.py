@@ -1,4 +1,4 @@
-"""Data-parallel CNN training on forced CPU devices (run by tests/test_multidevice.py).
+"""Data-parallel CNN training on forced CPU devices.
 
 The reference is single-device training on the same global batch: batch norm's
 statistics are synchronized over the devices, so a data-parallel step, loop or
@@ -18,7 +18,7 @@ from jaxbn.cnn import CNN
 from jaxbn.data import load_digits
 from jaxbn.train import data_mesh, fit, init_train_state, make_train_loop, make_train_step
 
-if jax.device_count() < 4:  # pragma: no cover - guarded by the runner
+if jax.device_count() < 4:  # pragma: no cover - conftest.py sets eight
     pytest.skip("needs 4 devices (XLA_FLAGS)", allow_module_level=True)
 
 RTOL, ATOL = 1e-5, 1e-6

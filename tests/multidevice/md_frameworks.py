@@ -1,4 +1,4 @@
-"""The framework adapters under axis_name on 4 forced CPU devices (run by test_multidevice).
+"""The framework adapters under axis_name on 4 forced CPU devices.
 
 Flax (NNX and Linen) runs under ``jax.shard_map`` with the batch split over a
 ``"data"`` mesh axis; Equinox under ``jit`` of a ``vmap`` with ``axis_name``, the
@@ -21,7 +21,7 @@ from jaxbn import equinox as bn_eqx  # noqa: E402
 from jaxbn import linen as bn_linen  # noqa: E402
 from jaxbn import nnx as bn_nnx  # noqa: E402
 
-if jax.device_count() < 4:  # pragma: no cover - guarded by the runner
+if jax.device_count() < 4:  # pragma: no cover - conftest.py sets eight
     pytest.skip("needs 4 devices (XLA_FLAGS)", allow_module_level=True)
 
 TOL = 32 * float(jnp.finfo(jnp.float32).eps)

@@ -1,4 +1,4 @@
-"""Data-parallel training on 8 forced CPU devices (run by tests/test_multidevice.py).
+"""Data-parallel training on 8 forced CPU devices.
 
 The reference everywhere is single-device training on the same global batch: a
 data-parallel step, loop or run must reproduce it to float32 rounding.
@@ -26,7 +26,7 @@ from jaxbn.train import (
     make_train_step,
 )
 
-if jax.device_count() < 8:  # pragma: no cover - guarded by the runner
+if jax.device_count() < 8:  # pragma: no cover - conftest.py sets eight
     pytest.skip("needs 8 devices (XLA_FLAGS)", allow_module_level=True)
 
 RTOL, ATOL = 1e-5, 1e-6
