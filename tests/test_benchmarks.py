@@ -181,3 +181,26 @@ def test_interleaved_timing(import_benchmark, monkeypatch):
     log.clear()
     common.interleave({"a": runs["a"]}, reps=2, warmup=0, quiet=False)
     assert log == ["a1", "a1"]
+
+
+def test_frameworks_benchmark_times_each_module_against_its_framework(import_benchmark, tmp_path):
+    """Structure only (no timing asserted): every framework ran, both contenders agree."""
+    bench = import_benchmark("bench_frameworks")
+    results = bench.main(["--quick", "--json", str(tmp_path / "frameworks.json")])
+    names = [case["name"] for case in results["cases"]]
+    assert [n.split("_")[2] for n in names] == ["nnx", "linen", "equinox"], names
+    for case in results["cases"]:
+        assert set(case["contenders"]) == {"jaxbn", case["peer"]}
+        assert all(c["median_s"] > 0 for c in case["contenders"].values())
+        assert case["jaxbn_over_peer"] > 0
+        assert case["max_param_difference_after_one_step"] < 1e-5
+
+
+def test_multiprocess_benchmark_runs_both_configurations(import_benchmark):
+    bench = import_benchmark("bench_multiprocess")
+    results = bench.main(["--steps-per-chunk", "2", "--repeats", "1"])
+    for name in ("1x4", "2x2"):
+        assert results[name]["median_s"] > 0
+        # One all-reduce set per batch-norm layer and one for the loss: the same
+        # program whether or not the devices belong to one process.
+        assert results[name]["all_reduces"] == results["1x4"]["all_reduces"] > 0

@@ -303,14 +303,3 @@ def test_the_example_refuses_bad_process_flags_in_one_line(
     assert re.search(match, err), err
     assert "error: " in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists()
-
-
-def test_the_multiprocess_benchmark_runs_both_configurations(import_benchmark):
-    bench = import_benchmark("bench_multiprocess")
-    results = bench.main(["--steps-per-chunk", "2", "--repeats", "1"])
-    for name in ("1x4", "2x2"):
-        assert results[name]["ms_per_step_median"] > 0
-        # One all-reduce set per batch-norm layer and one for the loss: the same
-        # program whether or not the devices belong to one process.
-        assert results[name]["all_reduces_per_step"] == results["1x4"]["all_reduces_per_step"]
-    assert results["1x4"]["all_reduces_per_step"] > 0
