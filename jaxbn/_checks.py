@@ -199,23 +199,18 @@ def check_mask(mask: ArrayLike | None, x_shape: tuple[int, ...], feat: tuple[int
         return None
     if jnp.result_type(mask) != jnp.bool_:
         raise TypeError(f"mask must be a boolean array, got {jnp.result_type(mask)}")
-    given = mshape = tuple(jnp.shape(mask))
+    given = tuple(jnp.shape(mask))
     red_shape = reduce_shape(x_shape, feat)
     # A concrete mask stays concrete (NumPy), so its counts can be checked.
     xp = jnp if isinstance(mask, jax.core.Tracer) else np
     mask = xp.asarray(mask)
-    if len(mshape) == len(red_shape) != len(x_shape):
-        mshape = tuple(
-            1 if a in feat else mshape[a - sum(f < a for f in feat)] for a in range(len(x_shape))
-        )
-        mask = xp.reshape(mask, mshape)
-    elif not mshape:
-        mshape = (1,) * len(x_shape)
-        mask = xp.reshape(mask, mshape)
-    ok = len(mshape) == len(x_shape) and all(
-        m in (1, d) for m, d in zip(mshape, x_shape, strict=True)
-    )
-    if not ok:
+    if len(given) == len(red_shape) != len(x_shape):
+        mask = xp.expand_dims(mask, feat)
+    elif not given:
+        mask = xp.reshape(mask, (1,) * len(x_shape))
+    if mask.ndim != len(x_shape) or any(
+        m not in (1, d) for m, d in zip(mask.shape, x_shape, strict=True)
+    ):
         raise ValueError(
             f"mask must broadcast to x's shape {x_shape} with x's rank (Flax's "
             f"convention), or have one axis per reduction axis, broadcasting to "
