@@ -141,13 +141,8 @@ def _sharded_along(x: jax.Array, axes: tuple[int, ...]) -> bool:
     mesh, spec = getattr(sharding, "mesh", None), getattr(sharding, "spec", None)
     if mesh is None or spec is None:
         return False
-    explicit = {
-        n
-        for n, t in zip(mesh.axis_names, mesh.axis_types, strict=True)
-        if t == jax.sharding.AxisType.Explicit
-    }
     names = [spec[a] for a in axes if a < len(spec) and spec[a] is not None]
-    return any(set((n,) if isinstance(n, str) else n) & explicit for n in names)
+    return any(set((n,) if isinstance(n, str) else n) & set(mesh.explicit_axes) for n in names)
 
 
 def statistics(x, feat, mask, axes):
