@@ -1,12 +1,8 @@
-"""Synchronized batch norm on 8 forced CPU devices (run by tests/test_multidevice.py).
+"""Synchronized batch norm on 8 forced CPU devices.
 
 The op, the reference and the fused op (``batch_norm_act`` with leaky ReLU, whose
 truth is ``leaky_relu(reference.batch_norm(x, |scale| + eps, bias))``) under
 ``shard_map`` with ``axis_name``, against the whole batch on one device.
-
-These tests need ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` set before
-JAX is imported, so they live in a file the main test run does not collect
-(``md_*.py``) and run in a subprocess of their own.
 """
 
 import functools
@@ -21,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 import jaxbn
 from jaxbn import reference
 
-if jax.device_count() < 8:  # pragma: no cover - guarded by the runner
+if jax.device_count() < 8:  # pragma: no cover - conftest.py sets eight
     pytest.skip("needs 8 devices (XLA_FLAGS)", allow_module_level=True)
 
 SLOPE = 0.1
