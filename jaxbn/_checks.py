@@ -1,11 +1,16 @@
-"""Argument checks shared by every public entry point.
+"""Argument checks shared by every public entry point: one vocabulary, used everywhere.
 
 These functions only look at shapes, dtypes and Python values, so every error is
-raised while a function is traced, before anything runs. They hold no formula of
-batch normalization: the custom op and the reference both call them without
-sharing any of the arithmetic that the tests compare. The one count kept here,
-:func:`feature_counts` (the values a mask keeps per feature), serves the checks
-and the op and layer built on them; the reference counts on its own.
+raised while a function is traced, before anything runs. A public entry validates
+once, here, and the code below it trusts what it gets: :func:`op_args` checks the
+op's arguments and returns their canonical form (:class:`OpArgs`: feature axes,
+the mask at ``x``'s rank, ``axis_name`` as a tuple), which :mod:`jaxbn.ops`,
+:mod:`jaxbn.act` and :mod:`jaxbn.reference` take as they are. Nothing here holds a
+formula of batch normalization: the custom op and the reference both call these
+checks without sharing any of the arithmetic that the tests compare. The one
+count kept here, :func:`feature_counts` (the values a mask keeps per feature),
+serves the checks and the op and layer built on them; the reference counts on
+its own.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,10 +34,16 @@ def is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def check_positive_int(name: str, value: Any) -> None:
-    """Raises ``ValueError`` unless ``value`` is an int ``>= 1`` (see :func:`is_int`)."""
-    if not is_int(value) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+def check_positive_int(name: str, value: Any, *, minimum: int = 1, or_none: bool = False) -> None:
+    """Raises ``ValueError`` unless ``value`` is an int ``>= minimum`` (see :func:`is_int`).
+
+    With ``or_none``, ``None`` is accepted too (and the message says so).
+    """
+    if or_none and value is None:
+        return
+    if not is_int(value) or value < minimum:
+        what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"{name} must be {what}{' or None' if or_none else ''}, got {value!r}")
 
 
 def check_positive_or_none(name: str, value: Any) -> None:
@@ -51,6 +62,12 @@ def check_training(training: Any) -> None:
     """Raises ``TypeError`` unless ``training`` is a bool (a static mode, never traced)."""
     if not isinstance(training, (bool, np.bool_)):
         raise TypeError(f"training must be a Python bool (True or False), got {training!r}")
+
+
+def check_python_float(name: str, value: Any) -> None:
+    """Raises ``TypeError`` unless ``value`` is a real Python or NumPy number (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a Python float, got {type(value).__name__}")
 
 
 def compute_dtype(dtype: Any) -> np.dtype:
@@ -106,8 +123,7 @@ def check_eps(eps: float, dtype: Any = jnp.float32) -> None:
     smallest normal number is flushed to zero by XLA on the CPU, so a constant
     feature would give NaN, as with ``eps = 0``.
     """
-    if not isinstance(eps, (int, float, np.floating)) or isinstance(eps, bool):
-        raise TypeError(f"eps must be a Python float, got {type(eps).__name__}")
+    check_python_float("eps", eps)
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
     if not math.isfinite(eps):
@@ -183,23 +199,18 @@ def check_mask(mask: ArrayLike | None, x_shape: tuple[int, ...], feat: tuple[int
         return None
     if jnp.result_type(mask) != jnp.bool_:
         raise TypeError(f"mask must be a boolean array, got {jnp.result_type(mask)}")
-    given = mshape = tuple(jnp.shape(mask))
+    given = tuple(jnp.shape(mask))
     red_shape = reduce_shape(x_shape, feat)
     # A concrete mask stays concrete (NumPy), so its counts can be checked.
     xp = jnp if isinstance(mask, jax.core.Tracer) else np
     mask = xp.asarray(mask)
-    if len(mshape) == len(red_shape) != len(x_shape):
-        mshape = tuple(
-            1 if a in feat else mshape[a - sum(f < a for f in feat)] for a in range(len(x_shape))
-        )
-        mask = xp.reshape(mask, mshape)
-    elif not mshape:
-        mshape = (1,) * len(x_shape)
-        mask = xp.reshape(mask, mshape)
-    ok = len(mshape) == len(x_shape) and all(
-        m in (1, d) for m, d in zip(mshape, x_shape, strict=True)
-    )
-    if not ok:
+    if len(given) == len(red_shape) != len(x_shape):
+        mask = xp.expand_dims(mask, feat)
+    elif not given:
+        mask = xp.reshape(mask, (1,) * len(x_shape))
+    if mask.ndim != len(x_shape) or any(
+        m not in (1, d) for m, d in zip(mask.shape, x_shape, strict=True)
+    ):
         raise ValueError(
             f"mask must broadcast to x's shape {x_shape} with x's rank (Flax's "
             f"convention), or have one axis per reduction axis, broadcasting to "
@@ -244,21 +255,8 @@ def feature_counts(
     return xp.sum(kept, axis=red, keepdims=keepdims, dtype=dtype)
 
 
-def mask_counts(mask: Any, x_shape: tuple[int, ...], feat: tuple[int, ...]) -> np.ndarray | None:
-    """The number of kept values per feature of a concrete mask, or ``None`` if traced.
-
-    ``mask`` is as :func:`check_mask` returns it.
-    """
-    if isinstance(mask, jax.core.Tracer):
-        return None
-    return feature_counts(np.asarray(mask), x_shape, feat, xp=np)
-
-
 def check_batch(
-    x_shape: tuple[int, ...],
-    reduce_axes: tuple[int, ...],
-    axis_name: AxisName,
-    mask: ArrayLike | None,
+    x_shape: tuple[int, ...], feat: tuple[int, ...], axis_name: AxisName, mask: Any
 ) -> None:
     """Refuses training statistics over a single value per feature.
 
@@ -266,23 +264,20 @@ def check_batch(
     input: always a bug. A named axis can make the count differ from the local
     shape, and a traced mask is unknown while tracing, so the check is made only
     where the count is known here: without a named axis, and with no mask or a
-    concrete one (which must not keep exactly one value of any feature; keeping
-    none gives statistics of zero).
+    concrete one (as :func:`check_mask` returns it), which must not keep exactly
+    one value of any feature (keeping none gives statistics of zero).
     """
-    if axis_name is not None:
+    if axis_name or isinstance(mask, jax.core.Tracer):
         return
-    count = math.prod(x_shape[a] for a in reduce_axes)
-    if mask is None and count <= 1:
-        raise ValueError(
-            f"expected more than 1 value per feature in training, got x of shape "
-            f"{x_shape} with reduction axes {reduce_axes}"
-        )
-    feat = tuple(a for a in range(len(x_shape)) if a not in reduce_axes)
-    counts = None if mask is None else mask_counts(mask, x_shape, feat)
-    if counts is not None and np.any(counts == 1):
+    red = tuple(a for a in range(len(x_shape)) if a not in feat)
+    where = f"x of shape {x_shape} with reduction axes {red}"
+    counts = feature_counts(None if mask is None else np.asarray(mask), x_shape, feat, xp=np)
+    if mask is None and counts <= 1:
+        raise ValueError(f"expected more than 1 value per feature in training, got {where}")
+    if mask is not None and np.any(counts == 1):
         raise ValueError(
             f"expected more than 1 value per feature in training, got a mask keeping 1 "
-            f"value of some feature (x of shape {x_shape}, reduction axes {reduce_axes})"
+            f"value of some feature ({where})"
         )
 
 
@@ -291,26 +286,57 @@ def reduce_shape(x_shape: tuple[int, ...], feat: tuple[int, ...]) -> tuple[int, 
     return tuple(d for i, d in enumerate(x_shape) if i not in feat)
 
 
-def check_op_args(x, scale, bias, axis, eps, mask, training=True, axis_name=None):
-    """Runs every check of the op's arguments.
+def axis_tuple(axis_name: AxisName) -> tuple[str, ...]:
+    """``axis_name`` as a tuple of names (``()`` for ``None``)."""
+    if axis_name is None:
+        return ()
+    return tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
 
-    Returns:
-        ``(feature_axes, mask)``: the sorted feature axes, and the mask as an
-        array of ``x``'s rank (see :func:`check_mask`), or ``None``.
+
+class OpArgs(NamedTuple):
+    """The op's arguments in canonical form: what every function below a public entry takes.
+
+    Attributes:
+        x: the input, an array.
+        scale: ``[features]`` array or ``None``.
+        bias: ``[features]`` array or ``None``.
+        mask: the mask at ``x``'s rank (as :func:`check_mask` returns it) or ``None``.
+        feat: the feature axes, sorted and non-negative.
+        eps: a Python float (``None`` where the caller takes none).
+        axis_name: the named axes, a tuple (``()`` for none).
+    """
+
+    x: jax.Array
+    scale: jax.Array | None
+    bias: jax.Array | None
+    mask: Any
+    feat: tuple[int, ...]
+    eps: float | None
+    axis_name: tuple[str, ...]
+
+
+def op_args(x, scale, bias, *, axis, eps, axis_name=None, mask=None, training=True) -> OpArgs:
+    """Checks the op's arguments, while tracing, and returns them in canonical form.
+
+    ``eps=None`` skips its check (for a caller without one); ``training=False``
+    skips the refusal of a batch of one value per feature (:func:`check_batch`).
     """
     check_x(x)
-    check_eps(eps, jnp.result_type(x))
+    if eps is not None:
+        check_eps(eps, jnp.result_type(x))
     check_axis_name(axis_name)
-    shape = jnp.shape(x)
-    feat = feature_axes(len(shape), axis)
-    fshape = tuple(shape[a] for a in feat)
+    axis_name = axis_tuple(axis_name)
+    x = jnp.asarray(x)
+    feat = feature_axes(x.ndim, axis)
+    fshape = tuple(x.shape[a] for a in feat)
     check_feature_vector("scale", scale, fshape)
     check_feature_vector("bias", bias, fshape)
-    red = tuple(a for a in range(len(shape)) if a not in feat)
-    mask = check_mask(mask, shape, feat)
+    mask = check_mask(mask, x.shape, feat)
     if training:
-        check_batch(shape, red, axis_name, mask)
-    return feat, mask
+        check_batch(x.shape, feat, axis_name, mask)
+    scale, bias = (None if v is None else jnp.asarray(v) for v in (scale, bias))
+    eps = None if eps is None else float(eps)
+    return OpArgs(x, scale, bias, mask, feat, eps, axis_name)
 
 
 def check_keys(name: str, tree: Any, allowed: tuple[str, ...], required: tuple[str, ...]):
@@ -325,40 +351,56 @@ def check_keys(name: str, tree: Any, allowed: tuple[str, ...], required: tuple[s
         raise ValueError(f"{name} must hold the keys {list(required)}, missing {missing}")
 
 
-def check_cotangents(
-    cotangents: Any,
-    x_shape: tuple[int, ...],
-    feat: tuple[int, ...],
-    names: tuple[str, str, str],
-    *,
-    shape_name: str,
-) -> tuple:
-    """Checks the triple of cotangents a public backward takes; returns it as a tuple.
+def check_backward(res, kind, fwd, cotangents, *, out, names, axis, **given) -> tuple:
+    """Checks what a public backward is given against the forward's residuals.
 
     Args:
+        res: the residuals; must be a ``kind``.
+        kind: the residuals' dataclass, with the feature axes in ``axes`` and each
+            name of ``given`` as a field.
+        fwd: the name of the forward that returns them (for the message).
         cotangents: ``(d_out, dmean, dvar)`` as given.
-        x_shape: the shape of the op's array output (and input).
-        feat: the forward's feature axes.
-        names: the three cotangents' names, for the messages (e.g. ``("dy", "dmean",
-            "dvar")``).
-        shape_name: what the first cotangent's shape is called (e.g. ``"x's shape"``).
+        out: the field of ``res`` whose shape ``d_out`` must have (``"x"``, ``"z"``).
+        names: the three cotangents' names, for the messages.
+        axis: ``None`` or the forward's feature axis or axes.
+        **given: the other keywords, each ``None`` or the forward's (``axis_name``
+            compared as a tuple).
 
     Returns:
         ``tuple(cotangents)``.
 
     Raises:
-        TypeError: if ``cotangents`` is not a triple or a cotangent is not floating.
-        ValueError: if a cotangent has the wrong shape (the message names it).
+        TypeError: if ``res`` is not a ``kind``, ``cotangents`` not a triple or a
+            cotangent not floating.
+        ValueError: if a keyword differs from the forward's or a cotangent has the
+            wrong shape (the message names it).
     """
+    if not isinstance(res, kind):
+        raise TypeError(
+            f"res must be the {kind.__name__} returned by {fwd}, got {type(res).__name__}"
+        )
+    shape, feat = getattr(res, out).shape, res.axes
+    if axis is not None and feature_axes(len(shape), axis) != feat:
+        raise ValueError(
+            f"axis={axis!r} differs from the forward's feature axes {feat} ({out} of shape "
+            f"{shape}): pass the forward's axis, or None"
+        )
+    for name, value in given.items():
+        same = (axis_tuple(value) if name == "axis_name" else value) == getattr(res, name)
+        if value is not None and not same:
+            raise ValueError(
+                f"{name}={value!r} differs from the forward's {name}="
+                f"{getattr(res, name)!r}: pass the forward's, or None"
+            )
     if not isinstance(cotangents, (tuple, list)) or len(cotangents) != 3:
         raise TypeError(
             f"cotangents must be a triple ({', '.join(names)}), got {type(cotangents).__name__}"
             + (f" of length {len(cotangents)}" if isinstance(cotangents, (tuple, list)) else "")
         )
-    fshape = tuple(x_shape[a] for a in feat)
-    for name, ct, want in zip(names, cotangents, (x_shape, fshape, fshape), strict=True):
+    fshape = tuple(shape[a] for a in feat)
+    for name, ct, want in zip(names, cotangents, (shape, fshape, fshape), strict=True):
         if jnp.shape(ct) != want:
-            what = shape_name if want is x_shape else f"the feature shape (axes {feat})"
+            what = f"{out}'s shape" if want is shape else f"the feature shape (axes {feat})"
             raise ValueError(f"{name} must have {what} {want}, got {jnp.shape(ct)}")
         if not jnp.issubdtype(jnp.result_type(ct), jnp.floating):
             raise TypeError(f"{name} must have a floating-point dtype, got {jnp.result_type(ct)}")

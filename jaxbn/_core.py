@@ -20,13 +20,6 @@ from jax import lax
 from jaxbn import _checks
 
 
-def axis_tuple(axis_name) -> tuple[str, ...]:
-    """``axis_name`` as a tuple of names (``()`` for ``None``)."""
-    if axis_name is None:
-        return ()
-    return tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
-
-
 def expand(v: jax.Array, ndim: int, feat: tuple[int, ...]) -> jax.Array:
     """Reshapes a ``[features]`` vector so that it broadcasts against ``x``."""
     return jnp.expand_dims(v, tuple(a for a in range(ndim) if a not in feat))
@@ -98,14 +91,19 @@ def _barrier_handles(v, n: int) -> tuple:
     # shard_map): a barrier gives all its outputs the union of its operands'
     # types, and each handle must keep the type of its value.
     leaves, tree = jax.tree.flatten((v,) * n)
-    groups: dict[frozenset, list[int]] = {}
-    for i, leaf in enumerate(leaves):
-        groups.setdefault(varying(leaf), []).append(i)
-    out = list(leaves)
+    return jax.tree.unflatten(tree, _by_group(leaves, varying, lax.optimization_barrier))
+
+
+def _by_group(values, key, fn) -> list:
+    """``fn`` applied to each group of ``values`` with the same ``key``, in ``values``' order."""
+    groups: dict[Any, list[int]] = {}
+    for i, v in enumerate(values):
+        groups.setdefault(key(v), []).append(i)
+    out = list(values)
     for idx in groups.values():
-        for i, h in zip(idx, lax.optimization_barrier([leaves[i] for i in idx]), strict=True):
-            out[i] = h
-    return jax.tree.unflatten(tree, out)
+        for i, result in zip(idx, fn([values[i] for i in idx]), strict=True):
+            out[i] = result
+    return out
 
 
 def computed_once(vectors: tuple) -> tuple:
@@ -127,16 +125,14 @@ def computed_once(vectors: tuple) -> tuple:
 def _reduced_vectors(*vectors) -> tuple:
     # One reduction per group of vectors of the same shape, dtype and (inside
     # shard_map) varying axes, so that each comes back with its own type.
-    groups: dict[Any, list[int]] = {}
-    for i, v in enumerate(vectors):
-        groups.setdefault((v.shape, v.dtype, varying(v)), []).append(i)
-    out = list(vectors)
-    for idx in groups.values():
-        stacked = jnp.stack([vectors[i] for i in idx])
-        summed = jnp.sum(jnp.stack([stacked, jnp.zeros_like(stacked)]), axis=0)
-        for k, i in enumerate(idx):
-            out[i] = summed[k]
-    return tuple(out)
+    return tuple(_by_group(vectors, lambda v: (v.shape, v.dtype, varying(v)), _plus_zero))
+
+
+def _plus_zero(vectors: list) -> list:
+    """The vectors (of one shape and dtype) stacked and summed with zeros, in one reduction."""
+    stacked = jnp.stack(vectors)
+    summed = jnp.sum(jnp.stack([stacked, jnp.zeros_like(stacked)]), axis=0)
+    return [summed[k] for k in range(len(vectors))]
 
 
 def _sharded_along(x: jax.Array, axes: tuple[int, ...]) -> bool:
@@ -145,22 +141,17 @@ def _sharded_along(x: jax.Array, axes: tuple[int, ...]) -> bool:
     mesh, spec = getattr(sharding, "mesh", None), getattr(sharding, "spec", None)
     if mesh is None or spec is None:
         return False
-    explicit = {
-        n
-        for n, t in zip(mesh.axis_names, mesh.axis_types, strict=True)
-        if t == jax.sharding.AxisType.Explicit
-    }
     names = [spec[a] for a in axes if a < len(spec) and spec[a] is not None]
-    return any(set((n,) if isinstance(n, str) else n) & explicit for n in names)
+    return any(set((n,) if isinstance(n, str) else n) & set(mesh.explicit_axes) for n in names)
 
 
-def statistics(x, red, mask, axes, cdt):
-    """Returns ``(count, mean, var, residue)`` over ``red`` and the named ``axes``.
+def statistics(x, feat, mask, axes):
+    """Returns ``(count, mean, var, residue)`` over all but ``feat`` and the named ``axes``.
 
     ``mean``, ``var`` and ``residue`` have the feature shape, in the compute
-    dtype ``cdt``; ``count`` is a scalar, or has the feature shape where the
-    mask varies along the features. Two passes over ``x``, each a
-    single fused reduction, all-reduced once over ``axes``:
+    dtype (:func:`jaxbn._checks.compute_dtype`); ``count`` is a scalar, or has
+    the feature shape where the mask varies along the features. Two passes over
+    ``x``, each a single fused reduction, all-reduced once over ``axes``:
 
     1. the mean, shifted by ``s`` (:func:`_shift`, a kept sample of the batch,
        the same on every device): ``mean = s + sum(x - s) / n``. Summing
@@ -176,8 +167,9 @@ def statistics(x, red, mask, axes, cdt):
 
     A batch whose mask keeps nothing has statistics of zero, not ``0 / 0``.
     """
+    red = tuple(a for a in range(x.ndim) if a not in feat)
+    cdt = _checks.compute_dtype(x.dtype)
     xa, xb = (v.astype(cdt) for v in handles(x, 2))
-    feat = tuple(a for a in range(x.ndim) if a not in red)
     count = _checks.feature_counts(mask, x.shape, feat, dtype=cdt, keepdims=True)
     if mask is not None and all(mask.shape[a] == 1 for a in feat):
         count = jnp.reshape(count, ())
@@ -284,15 +276,16 @@ def _sample(x, red, index):
     return x.at[tuple(where)].get(out_sharding=replicated)
 
 
-def normalize(x, mean, residue, inv_std, scale, bias, feat, cdt):
-    """``y = (x - mean - residue) * (scale * inv_std) + bias`` in ``cdt``: one pass over ``x``.
+def normalize(x, mean, residue, inv_std, scale, bias, feat):
+    """``y = (x - mean - residue) * (scale * inv_std) + bias``: one pass over ``x``.
 
-    ``mean``, ``residue``, ``inv_std`` are ``[features]``; ``scale``/``bias``
+    ``mean``, ``residue``, ``inv_std`` are ``[features]`` in the compute dtype
+    (that of ``y``); ``scale``/``bias``
     ``[features]`` or ``None``. Subtracting the mean first (rather than
     ``y = x * a + b``) keeps ``y`` accurate when ``|mean| >> std``; the residue
     (what the mean lost to rounding) folds into the per-feature offset.
     """
-    ndim = x.ndim
+    ndim, cdt = x.ndim, mean.dtype
     a = inv_std if scale is None else inv_std * scale.astype(cdt)
     offset = -residue * a
     if bias is not None:
@@ -303,34 +296,42 @@ def normalize(x, mean, residue, inv_std, scale, bias, feat, cdt):
     )
 
 
-def reduce_sums(sums, cotangents, s, inv_std, scale, bias, axes, data_axes):
+def reduce_sums(res, sums, cotangents, s, scale, bias, data):
     """The backward's per-feature sums over devices, each all-reduced once.
 
     Args:
+        res: the forward's residuals: their ``count`` of values per feature (over
+            every device), ``inv_std`` (the same on every device) and named axes
+            ``axis_name``.
         sums: this device's ``(sum dy, sum dy * x_hat)``.
         cotangents: ``(g_mean, g_var)``, this device's cotangents of the statistics.
         s: the multiplier of ``x_hat`` in ``y`` (``[features]``, or ``None`` for 1).
-        inv_std: ``[features]``, the same on every device.
-        scale: the scale parameter (or ``None``): its type decides the rule.
-        bias: the bias parameter (or ``None``): its type decides the rule.
-        axes: the op's named axes.
-        data_axes: the named axes over which the data (``x``, ``dy``) varies.
+        scale: the scale parameter (or ``None``): its type decides the rule,
+            its dtype that of ``dscale``.
+        bias: the bias parameter (or ``None``): its type decides the rule,
+            its dtype that of ``dbias``.
+        data: the backward's x-sized inputs (e.g. ``(x, dy)``): the named axes
+            over which they vary are the data's.
 
     Returns:
-        ``(mean_term, var_term, dscale, dbias)``: ``g_mean - inv_std * T_dy`` and
-        ``2 g_var - inv_std^2 * T_dy_xhat``, the numerators of ``dx``'s
+        ``(mean_term, var_term, dscale, dbias)``: ``(g_mean - inv_std * T_dy) / n``
+        and ``(2 g_var - inv_std^2 * T_dy_xhat) / n``, the factors of ``dx``'s
         corrections, where ``T`` are the sums over the global batch of
         ``s * sum dy`` and ``s * sum dy * x_hat``, each device weighted by its
         own ``s``, and the cotangents are summed over the devices that each
         hold a copy of the statistics (``pmap``, ``vmap``, unchecked
         ``shard_map``; checked ``shard_map`` delivers them summed already).
-        Then the sums that give the parameter gradients: reduced over the axes
-        where the parameter is replicated, a device's own where it is
-        per-device (:func:`replicated_axes`), and over axes outside ``axes``
-        where devices normalize with their own statistics (the data varies)
-        and share the parameter.
+        A feature with nothing kept (``count`` 0) has its corrections masked
+        out; dividing by ``max(count, 1)`` keeps them finite there, and so the
+        derivatives of the backward (grad of grad). Then the sums that give the
+        parameter gradients: reduced over the axes where the parameter is
+        replicated, a device's own where it is per-device
+        (:func:`replicated_axes`), and over axes outside ``axes`` where devices
+        normalize with their own statistics (the data varies) and share the
+        parameter.
     """
-    sum_dy = sums[0]
+    axes, inv_std, sum_dy = res.axis_name, res.inv_std, sums[0]
+    data_axes = frozenset().union(*(varying(v) for v in data))
     s_rep = replicated_axes(scale, axes, data_axes)
     b_rep = replicated_axes(bias, axes, data_axes)
     r_dy, r_dy_xhat = psum_over(sums, s_rep)
@@ -350,4 +351,9 @@ def reduce_sums(sums, cotangents, s, inv_std, scale, bias, axes, data_axes):
     dscale = psum_over(r_dy_xhat, replicated_axes(scale, local_axes, local))
     dbias = r_dy if b_rep == s_rep else psum_over(sum_dy, b_rep)
     dbias = psum_over(dbias, replicated_axes(bias, local_axes, local))
-    return mean_term, var_term, dscale, dbias
+    if scale is not None:
+        dscale = dscale.astype(scale.dtype)
+    if bias is not None:
+        dbias = dbias.astype(bias.dtype)
+    n = jnp.maximum(res.count, 1.0)
+    return mean_term / n, var_term / n, dscale, dbias

@@ -65,7 +65,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
@@ -131,12 +130,7 @@ def check_activation(activation, negative_slope, *, name: str = "activation") ->
             f"{name} must be one of {list(INVERTIBLE_ACTIVATIONS)} to be fused with batch "
             f"norm, got {activation!r}{why}"
         )
-    if isinstance(negative_slope, bool) or not isinstance(
-        negative_slope, (int, float, np.integer, np.floating)
-    ):
-        raise TypeError(
-            f"negative_slope must be a Python float, got {type(negative_slope).__name__}"
-        )
+    _checks.check_python_float("negative_slope", negative_slope)
     if not (math.isfinite(negative_slope) and negative_slope > 0):
         raise ValueError(
             f"negative_slope must be a finite number > 0 (leaky ReLU must be invertible), "
@@ -246,11 +240,7 @@ def _abs_jvp(primals, tangents):
     return jnp.abs(v), jnp.where(v >= 0, t, -t)
 
 
-@functools.partial(
-    jax.tree_util.register_dataclass,
-    data_fields=["z", "inv_std", "scale", "gamma", "bias", "mask", "count"],
-    meta_fields=["axes", "axis_name", "activation", "negative_slope"],
-)
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class BatchNormActResiduals:
     """What the forward keeps for the backward: ``z`` and per-feature vectors.
@@ -282,10 +272,10 @@ class BatchNormActResiduals:
     bias: jax.Array | None
     mask: jax.Array | None
     count: jax.Array
-    axes: tuple[int, ...] = ()
-    axis_name: Any = None
-    activation: str = "leaky_relu"
-    negative_slope: float = 0.01
+    axes: tuple[int, ...] = dataclasses.field(default=(), metadata={"static": True})
+    axis_name: Any = dataclasses.field(default=None, metadata={"static": True})
+    activation: str = dataclasses.field(default="leaky_relu", metadata={"static": True})
+    negative_slope: float = dataclasses.field(default=0.01, metadata={"static": True})
 
 
 def _check_slope_recoverable(negative_slope, dtype):
@@ -307,41 +297,27 @@ def _check_slope_recoverable(negative_slope, dtype):
 def _op_args(x, scale, bias, activation, negative_slope, axis, eps, axis_name, mask):
     """Checks the public arguments; returns those of ``_fwd`` / ``_batch_norm_act``."""
     check_activation(activation, negative_slope)
-    feat, mask = _checks.check_op_args(x, scale, bias, axis, eps, mask, axis_name=axis_name)
+    args = _checks.op_args(x, scale, bias, axis=axis, eps=eps, axis_name=axis_name, mask=mask)
     if activation == "leaky_relu":
-        _check_slope_recoverable(negative_slope, jnp.result_type(x))
-    scale, bias = (None if v is None else jnp.asarray(v) for v in (scale, bias))
-    statics = (feat, float(eps), _core.axis_tuple(axis_name), activation, float(negative_slope))
-    return (jnp.asarray(x), scale, bias, mask), statics
+        _check_slope_recoverable(negative_slope, args.x.dtype)
+    return (*args, activation, float(negative_slope))
 
 
-def _fwd(x, scale, bias, mask, feat, eps, axes, activation, negative_slope):
-    red = tuple(a for a in range(x.ndim) if a not in feat)
-    cdt = _checks.compute_dtype(x.dtype)
-    count, mean, var, resid = _core.statistics(x, red, mask, axes, cdt)
+def _fwd(x, scale, bias, mask, feat, eps, axis_name, activation, negative_slope):
+    count, mean, var, resid = _core.statistics(x, feat, mask, axis_name)
     inv_std = lax.rsqrt(var + eps)
-    s = None if scale is None else effective_scale(scale.astype(cdt), eps=eps)
+    s = None if scale is None else effective_scale(scale.astype(mean.dtype), eps=eps)
     # z = f(y), y computed as by batch_norm with the scale s: one pass over x,
     # y never written.
-    y = _core.normalize(x, mean, resid, inv_std, s, bias, feat, cdt)
+    y = _core.normalize(x, mean, resid, inv_std, s, bias, feat)
     z = activate(y, activation, negative_slope=negative_slope).astype(x.dtype)
     res = BatchNormActResiduals(
-        z,
-        inv_std,
-        s,
-        scale,
-        bias,
-        mask,
-        count,
-        axes=feat,
-        axis_name=axes,
-        activation=activation,
-        negative_slope=negative_slope,
+        z, inv_std, s, scale, bias, mask, count, feat, axis_name, activation, negative_slope
     )
     return (z, mean, var), res
 
 
-def _bwd(feat, axis_name, activation, negative_slope, res, cotangents):
+def _bwd(res, cotangents):
     # Chain rule, per feature, with x_hat = (x - mean) * inv_std, s = |gamma| + eps,
     # y = s * x_hat + bias, z = f(y) and the cotangents (dz, g_mean, g_var).
     #
@@ -365,7 +341,7 @@ def _bwd(feat, axis_name, activation, negative_slope, res, cotangents):
     # pass for dx, each recomputing what it needs from z in registers. In dx,
     # x_hat is kept as (y - bias) / s rather than expanded into y / s - bias / s.
     z, inv_std, s, gamma, bias = res.z, res.inv_std, res.scale, res.gamma, res.bias
-    mask, count = res.mask, res.count
+    mask, feat, activation = res.mask, res.axes, res.activation
     dz, g_mean, g_var = cotangents
     ndim = z.ndim
     red = tuple(a for a in range(ndim) if a not in feat)
@@ -382,16 +358,10 @@ def _bwd(feat, axis_name, activation, negative_slope, res, cotangents):
     # constants: XLA on CPU fuses a broadcast or an elementwise producer into a
     # reduction only when the reduction is its single user; a shared one is
     # written out as an x-sized temporary.
-    passes = _core.handles(
-        (
-            z,
-            jnp.asarray(dz),
-            None if s is None else _core.expand(1.0 / s, ndim, feat),
-            None if bias is None else _core.expand(bias.astype(cdt), ndim, feat),
-            _constants(activation, negative_slope, cdt),
-        ),
-        3,
-    )
+    inv_s = None if s is None else _core.expand(1.0 / s, ndim, feat)
+    b = None if bias is None else _core.expand(bias.astype(cdt), ndim, feat)
+    consts = _constants(activation, res.negative_slope, cdt)
+    passes = _core.handles((z, jnp.asarray(dz), inv_s, b, consts), 3)
 
     def recover(k):
         """``(dy, x_hat)`` in the compute dtype, from the ``k``-th pass's handles."""
@@ -417,28 +387,18 @@ def _bwd(feat, axis_name, activation, negative_slope, res, cotangents):
             sum_dy_xh = sum_dy_xh / s
     # Over several devices, as in ops._bwd (_core.reduce_sums).
     mean_term, var_term, dscale, dbias = _core.reduce_sums(
-        (sum_dy, sum_dy_xh),
-        (g_mean, g_var),
-        s,
-        inv_std,
-        gamma,
-        bias,
-        axis_name,
-        _core.varying(z) | _core.varying(dz),
+        res, (sum_dy, sum_dy_xh), (g_mean, g_var), s, gamma, bias, (z, dz)
     )
-    n = jnp.maximum(count, 1.0)  # an all-masked batch: every correction is masked out
-    p = var_term / (n * inv_std)
-    q = mean_term / n
     dy2, x_hat2 = recover(2)
-    corr = _core.expand(p, ndim, feat) * x_hat2 + _core.expand(q, ndim, feat)
+    corr = _core.expand(var_term / inv_std, ndim, feat) * x_hat2 + _core.expand(
+        mean_term, ndim, feat
+    )
     if mask is not None:
         corr = jnp.where(mask, corr, 0)
-    sv = 1.0 if s is None else s
-    dx = _core.expand(sv * inv_std, ndim, feat) * dy2 + corr
+    a = inv_std if s is None else s * inv_std
+    dx = _core.expand(a, ndim, feat) * dy2 + corr
     if gamma is not None:
-        dscale = jnp.where(gamma >= 0, dscale, -dscale).astype(gamma.dtype)
-    if bias is not None:
-        dbias = dbias.astype(bias.dtype)
+        dscale = jnp.where(gamma >= 0, dscale, -dscale)
     return dx.astype(z.dtype), dscale, dbias
 
 
@@ -447,16 +407,11 @@ def _batch_norm_act(x, scale, bias, mask, feat, eps, axis_name, activation, nega
     return _fwd(x, scale, bias, mask, feat, eps, axis_name, activation, negative_slope)[0]
 
 
-def _fwd_rule(x, scale, bias, mask, feat, eps, axis_name, activation, negative_slope):
-    return _fwd(x, scale, bias, mask, feat, eps, axis_name, activation, negative_slope)
-
-
 def _bwd_rule(feat, eps, axis_name, activation, negative_slope, res, cotangents):
-    dx, dscale, dbias = _bwd(feat, axis_name, activation, negative_slope, res, cotangents)
-    return dx, dscale, dbias, None
+    return (*_bwd(res, cotangents), None)  # the mask has no cotangent
 
 
-_batch_norm_act.defvjp(_fwd_rule, _bwd_rule)
+_batch_norm_act.defvjp(_fwd, _bwd_rule)
 
 
 def batch_norm_act(
@@ -515,8 +470,9 @@ def batch_norm_act(
         >>> z.ravel().round(4)  # x_hat = [-1, 1] (to eps), leaky ReLU with slope 0.5
         Array([-0.5,  1. ], dtype=float32)
     """
-    args, statics = _op_args(x, scale, bias, activation, negative_slope, axis, eps, axis_name, mask)
-    return _batch_norm_act(*args, *statics)
+    return _batch_norm_act(
+        *_op_args(x, scale, bias, activation, negative_slope, axis, eps, axis_name, mask)
+    )
 
 
 def batch_norm_act_fwd(
@@ -548,8 +504,7 @@ def batch_norm_act_fwd(
         ``((z, mean, var), residuals)``; pass ``residuals`` to
         :func:`batch_norm_act_bwd`.
     """
-    args, statics = _op_args(x, scale, bias, activation, negative_slope, axis, eps, axis_name, mask)
-    return _fwd(*args, *statics)
+    return _fwd(*_op_args(x, scale, bias, activation, negative_slope, axis, eps, axis_name, mask))
 
 
 def batch_norm_act_bwd(
@@ -586,28 +541,16 @@ def batch_norm_act_bwd(
         ValueError: if an argument differs from the forward's, or a cotangent has
             the wrong shape (each message names the argument).
     """
-    if not isinstance(res, BatchNormActResiduals):
-        raise TypeError(
-            f"res must be the BatchNormActResiduals returned by batch_norm_act_fwd, got "
-            f"{type(res).__name__}"
-        )
-    feat, shape = res.axes, res.z.shape
-    if axis is not None and _checks.feature_axes(len(shape), axis) != feat:
-        raise ValueError(
-            f"axis={axis!r} differs from the forward's feature axes {feat} (z of shape "
-            f"{shape}): pass the forward's axis, or None"
-        )
-    for name, given, same in (
-        ("activation", activation, activation == res.activation),
-        ("negative_slope", negative_slope, negative_slope == res.negative_slope),
-        ("axis_name", axis_name, _core.axis_tuple(axis_name) == res.axis_name),
-    ):
-        if given is not None and not same:
-            raise ValueError(
-                f"{name}={given!r} differs from the forward's {name}="
-                f"{getattr(res, name)!r}: pass the forward's, or None"
-            )
-    cotangents = _checks.check_cotangents(
-        cotangents, shape, feat, ("dz", "dmean", "dvar"), shape_name="z's shape"
+    cotangents = _checks.check_backward(
+        res,
+        BatchNormActResiduals,
+        "batch_norm_act_fwd",
+        cotangents,
+        out="z",
+        names=("dz", "dmean", "dvar"),
+        axis=axis,
+        activation=activation,
+        negative_slope=negative_slope,
+        axis_name=axis_name,
     )
-    return _bwd(feat, res.axis_name, res.activation, res.negative_slope, res, cotangents)
+    return _bwd(res, cotangents)

@@ -168,9 +168,9 @@ class BatchNorm:
         _check_floating("param_dtype", self.param_dtype)
         if self.dtype is not None:
             _check_floating("dtype", self.dtype, "floating or None")
-        k = self.virtual_batch_size
-        if k is not None and (not _checks.is_int(k) or k < 2):
-            raise ValueError(f"virtual_batch_size must be an int >= 2 or None, got {k!r}")
+        _checks.check_positive_int(
+            "virtual_batch_size", self.virtual_batch_size, minimum=2, or_none=True
+        )
         _check_clipping(self.renorm_clipping)
         _checks.check_bool("debias", self.debias)
         _checks.check_bool("frozen", self.frozen)

@@ -50,11 +50,7 @@ __all__ = [
 ]
 
 
-@functools.partial(
-    jax.tree_util.register_dataclass,
-    data_fields=["x", "mean", "mean_residue", "inv_std", "scale", "bias", "mask", "count"],
-    meta_fields=["axes", "axis_name"],
-)
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class BatchNormResiduals:
     """What the forward keeps for the backward: ``x`` and per-feature vectors.
@@ -89,15 +85,8 @@ class BatchNormResiduals:
     bias: jax.Array | None
     mask: jax.Array | None
     count: jax.Array
-    axes: tuple[int, ...] = ()
-    axis_name: Any = None
-
-
-def _op_args(x, scale, bias, axis, eps, axis_name, mask):
-    """Checks the public arguments; returns those of ``_fwd`` / ``_batch_norm``."""
-    feat, mask = _checks.check_op_args(x, scale, bias, axis, eps, mask, axis_name=axis_name)
-    scale, bias = (None if v is None else jnp.asarray(v) for v in (scale, bias))
-    return jnp.asarray(x), scale, bias, mask, feat, float(eps), _core.axis_tuple(axis_name)
+    axes: tuple[int, ...] = dataclasses.field(default=(), metadata={"static": True})
+    axis_name: Any = dataclasses.field(default=None, metadata={"static": True})
 
 
 def batch_norm_fwd(
@@ -129,20 +118,18 @@ def batch_norm_fwd(
         ``((y, mean, var), residuals)`` where ``residuals`` is a
         :class:`BatchNormResiduals` to pass to :func:`batch_norm_bwd`.
     """
-    return _fwd(*_op_args(x, scale, bias, axis, eps, axis_name, mask))
+    return _fwd(
+        *_checks.op_args(x, scale, bias, axis=axis, eps=eps, axis_name=axis_name, mask=mask)
+    )
 
 
-def _fwd(x, scale, bias, mask, feat, eps, axes):
-    red = tuple(a for a in range(x.ndim) if a not in feat)
-    cdt = _checks.compute_dtype(x.dtype)
-    count, mean, var, resid = _core.statistics(x, red, mask, axes, cdt)
+def _fwd(x, scale, bias, mask, feat, eps, axis_name):
+    count, mean, var, resid = _core.statistics(x, feat, mask, axis_name)
     inv_std = lax.rsqrt(var + eps)
-    y = _core.normalize(x, mean, resid, inv_std, scale, bias, feat, cdt)
+    y = _core.normalize(x, mean, resid, inv_std, scale, bias, feat)
     # A zero-size slice of bias: its dtype and (under shard_map) its type.
     bias_tag = None if bias is None else jnp.ravel(bias)[:0]
-    res = BatchNormResiduals(
-        x, mean, resid, inv_std, scale, bias_tag, mask, count, axes=feat, axis_name=axes
-    )
+    res = BatchNormResiduals(x, mean, resid, inv_std, scale, bias_tag, mask, count, feat, axis_name)
     return (y.astype(x.dtype), mean, var), res
 
 
@@ -176,28 +163,20 @@ def batch_norm_bwd(
         ValueError: if ``axis`` or ``axis_name`` differ from the forward's, or a
             cotangent has the wrong shape (each message names the argument).
     """
-    if not isinstance(res, BatchNormResiduals):
-        raise TypeError(
-            f"res must be the BatchNormResiduals returned by batch_norm_fwd, got "
-            f"{type(res).__name__}"
-        )
-    x_shape, feat = res.x.shape, res.axes
-    if axis is not None and _checks.feature_axes(len(x_shape), axis) != feat:
-        raise ValueError(
-            f"axis={axis!r} differs from the forward's feature axes {feat} (x of shape "
-            f"{x_shape}): pass the forward's axis, or None"
-        )
-    if axis_name is not None and _core.axis_tuple(axis_name) != res.axis_name:
-        raise ValueError(
-            f"axis_name={axis_name!r} differs from the forward's axis_name={res.axis_name!r}"
-        )
-    cotangents = _checks.check_cotangents(
-        cotangents, x_shape, feat, ("dy", "dmean", "dvar"), shape_name="x's shape"
+    cotangents = _checks.check_backward(
+        res,
+        BatchNormResiduals,
+        "batch_norm_fwd",
+        cotangents,
+        out="x",
+        names=("dy", "dmean", "dvar"),
+        axis=axis,
+        axis_name=axis_name,
     )
-    return _bwd(feat, res.axis_name, res, cotangents)
+    return _bwd(res, cotangents)
 
 
-def _bwd(feat, axis_name, res, cotangents):
+def _bwd(res, cotangents):
     # Chain rule, per feature, with mu the exact mean, x_hat = (x - mu) * inv_std,
     # y = scale * x_hat + bias, and the cotangents (dy, g_mean, g_var):
     #
@@ -217,12 +196,11 @@ def _bwd(feat, axis_name, res, cotangents):
     #      = (2 g_var - inv_std^2 * sum_i scale * dy_i x_hat_i) / n
     #   C  = (g_mean - A * dbias) / n = (g_mean - inv_std * sum_i scale * dy_i) / n
     #
-    # Over several devices the sums run over the global batch, each device's
-    # term weighted by its own scale (_core.reduce_sums).
-    #
     # so the backward is one fused pass for the sums of dy and dy * (x - mean)
     # and one pass for dx. Keeping (x - mean) instead of expanding B * x - B * mean
-    # avoids cancellation when |mean| >> std.
+    # avoids cancellation when |mean| >> std. Over several devices the sums run
+    # over the global batch, each device's term weighted by its own scale
+    # (_core.reduce_sums, which also returns B and C's numerators divided by n).
     #
     # In floating point the stored mean is mu rounded: mu = mean + r, with the
     # residue r kept by the forward. At |mean| >> std, r is a sizeable fraction
@@ -235,7 +213,7 @@ def _bwd(feat, axis_name, res, cotangents):
     #
     # per-feature corrections after the sums: no extra pass.
     x, mean, resid, inv_std = res.x, res.mean, res.mean_residue, res.inv_std
-    scale, bias_tag, mask, count = res.scale, res.bias, res.mask, res.count
+    scale, mask, feat = res.scale, res.mask, res.axes
     dy, g_mean, g_var = cotangents
     ndim = x.ndim
     red = tuple(a for a in range(ndim) if a not in feat)
@@ -254,33 +232,17 @@ def _bwd(feat, axis_name, res, cotangents):
     # sum_i dy_i x_hat_i, with the residue's correction (the residue is the same
     # on every device, so the correction commutes with the sums over devices).
     sum_dy_xhat = inv_std * (sum_dy_xc - resid * sum_dy)
+    s = None if scale is None else scale.astype(cdt)
     mean_term, var_term, dscale, dbias = _core.reduce_sums(
-        (sum_dy, sum_dy_xhat),
-        (g_mean, g_var),
-        None if scale is None else scale.astype(cdt),
-        inv_std,
-        scale,
-        bias_tag,
-        axis_name,
-        _core.varying(x) | _core.varying(dy),
+        res, (sum_dy, sum_dy_xhat), (g_mean, g_var), s, scale, res.bias, (x, dy)
     )
-    # A feature with nothing kept (count 0) has its correction masked out below;
-    # dividing by max(count, 1) keeps the division finite there, so that the
-    # derivatives of this backward (grad of grad) stay finite too.
-    n = jnp.maximum(count, 1.0)
-    b = var_term / n
-    c = mean_term / n - b * resid
-    s = 1.0 if scale is None else scale.astype(cdt)
+    c = mean_term - var_term * resid
     # dx = a * dy + m * (b * (x - mean) + c), its vectors computed once.
-    a, b, c = _core.computed_once((s * inv_std, b, c))
+    a, b, c = _core.computed_once((inv_std if s is None else s * inv_std, var_term, c))
     corr = _core.expand(b, ndim, feat) * centred + _core.expand(c, ndim, feat)
     if mask is not None:
         corr = jnp.where(mask, corr, 0)
     dx = _core.expand(a, ndim, feat) * dyc + corr
-    if scale is not None:
-        dscale = dscale.astype(scale.dtype)
-    if bias_tag is not None:
-        dbias = dbias.astype(bias_tag.dtype)
     return dx.astype(x.dtype), dscale, dbias
 
 
@@ -289,16 +251,11 @@ def _batch_norm(x, scale, bias, mask, feat, eps, axis_name):
     return _fwd(x, scale, bias, mask, feat, eps, axis_name)[0]
 
 
-def _batch_norm_fwd_rule(x, scale, bias, mask, feat, eps, axis_name):
-    return _fwd(x, scale, bias, mask, feat, eps, axis_name)
+def _bwd_rule(feat, eps, axis_name, res, cotangents):
+    return (*_bwd(res, cotangents), None)  # the mask has no cotangent
 
 
-def _batch_norm_bwd_rule(feat, eps, axis_name, res, cotangents):
-    dx, dscale, dbias = _bwd(feat, axis_name, res, cotangents)
-    return dx, dscale, dbias, None
-
-
-_batch_norm.defvjp(_batch_norm_fwd_rule, _batch_norm_bwd_rule)
+_batch_norm.defvjp(_fwd, _bwd_rule)
 
 
 def batch_norm(
@@ -362,7 +319,9 @@ def batch_norm(
         >>> mean, var
         (Array([ 2., 20.], dtype=float32), Array([  1., 100.], dtype=float32))
     """
-    return _batch_norm(*_op_args(x, scale, bias, axis, eps, axis_name, mask))
+    return _batch_norm(
+        *_checks.op_args(x, scale, bias, axis=axis, eps=eps, axis_name=axis_name, mask=mask)
+    )
 
 
 def batch_stats(
@@ -391,13 +350,10 @@ def batch_stats(
         along the feature axes), and the biased statistics shaped like the
         features.
     """
-    feat, mask = _checks.check_op_args(
-        x, None, None, axis, 1.0, mask, training=False, axis_name=axis_name
+    args = _checks.op_args(
+        x, None, None, axis=axis, eps=None, axis_name=axis_name, mask=mask, training=False
     )
-    x = jnp.asarray(x)
-    red = tuple(a for a in range(x.ndim) if a not in feat)
-    cdt = _checks.compute_dtype(x.dtype)
-    count, mean, var, _ = _core.statistics(x, red, mask, _core.axis_tuple(axis_name), cdt)
+    count, mean, var, _ = _core.statistics(args.x, args.feat, args.mask, args.axis_name)
     return count, mean, var
 
 
@@ -432,20 +388,16 @@ def batch_norm_inference(
     Returns:
         ``y`` with the shape and dtype of ``x``.
     """
-    feat, _ = _checks.check_op_args(x, scale, bias, axis, eps, None, training=False)
-    x = jnp.asarray(x)
-    fshape = tuple(x.shape[a] for a in feat)
+    args = _checks.op_args(x, scale, bias, axis=axis, eps=eps, training=False)
+    fshape = tuple(args.x.shape[a] for a in args.feat)
     for name, v in (("mean", mean), ("var", var)):
         if v is None:
             raise TypeError(f"{name} must be a {list(fshape)} array of statistics, got None")
         _checks.check_feature_vector(name, v, fshape)
-    cdt = _checks.compute_dtype(x.dtype)
-    a = lax.rsqrt(jnp.asarray(var).astype(cdt) + eps)
-    if scale is not None:
-        a = a * jnp.asarray(scale).astype(cdt)
-    y = (x.astype(cdt) - _core.expand(jnp.asarray(mean).astype(cdt), x.ndim, feat)) * _core.expand(
-        a, x.ndim, feat
+    cdt = _checks.compute_dtype(args.x.dtype)
+    mean, var = (jnp.asarray(v).astype(cdt) for v in (mean, var))
+    inv_std = lax.rsqrt(var + eps)
+    y = _core.normalize(
+        args.x, mean, jnp.zeros_like(mean), inv_std, args.scale, args.bias, args.feat
     )
-    if bias is not None:
-        y = y + _core.expand(jnp.asarray(bias).astype(cdt), x.ndim, feat)
-    return y.astype(x.dtype)
+    return y.astype(args.x.dtype)

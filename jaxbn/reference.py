@@ -52,15 +52,16 @@ def batch_norm(
         >>> reference.batch_norm(x, None, None)[0].ravel().round(4)
         Array([-1.,  1.], dtype=float32)
     """
-    feat, mask = _checks.check_op_args(x, scale, bias, axis, eps, mask, axis_name=axis_name)
-    x = jnp.asarray(x)
+    x, scale, bias, mask, feat, eps, axis_name = _checks.op_args(
+        x, scale, bias, axis=axis, eps=eps, axis_name=axis_name, mask=mask
+    )
     red = tuple(a for a in range(x.ndim) if a not in feat)
     keep = [1 if a in red else x.shape[a] for a in range(x.ndim)]
     xf = x.astype(_checks.compute_dtype(x.dtype))
 
     def total(v):
         s = jnp.sum(v, axis=red, keepdims=True)
-        return s if axis_name is None else lax.psum(s, axis_name)
+        return lax.psum(s, axis_name) if axis_name else s
 
     # The checked mask has x's rank: broadcast, it gives a count per feature.
     w = jnp.ones_like(xf) if mask is None else jnp.broadcast_to(mask, x.shape).astype(xf.dtype)
@@ -69,8 +70,8 @@ def batch_norm(
     var = total(w * (xf - mean) ** 2) / n
     y = (xf - mean) / jnp.sqrt(var + eps)
     if scale is not None:
-        y = y * jnp.reshape(jnp.asarray(scale), keep)
+        y = y * jnp.reshape(scale, keep)
     if bias is not None:
-        y = y + jnp.reshape(jnp.asarray(bias), keep)
+        y = y + jnp.reshape(bias, keep)
     fshape = [x.shape[a] for a in feat]
     return y.astype(x.dtype), mean.reshape(fshape), var.reshape(fshape)

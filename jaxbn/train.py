@@ -467,12 +467,6 @@ def evaluate(model: Model, params: Any, state: Any, x: ArrayLike, labels: ArrayL
 # --- the loop ------------------------------------------------------------------------
 
 
-def _check_non_negative_int(name: str, value: Any) -> None:
-    """Raises ``ValueError`` unless ``value`` is an int ``>= 0`` (a number of steps or batches)."""
-    if not _checks.is_int(value) or value < 0:
-        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-
-
 class _Loop(NamedTuple):
     """What a compiled loop depends on: the training, and how its batches arrive.
 
@@ -637,7 +631,7 @@ def make_train_loop(
 
     def run(ts: TrainState, x: ArrayLike, labels: ArrayLike, num_steps: int):
         """Takes ``num_steps`` steps from ``ts`` on ``(x, labels)``."""
-        _check_non_negative_int("num_steps", num_steps)
+        _checks.check_positive_int("num_steps", num_steps, minimum=0)
         num_examples = np.shape(x)[0]
         check_labels(labels, num_examples)  # shape and dtype: every path below
         check_batch_size(batch_size, num_examples)
@@ -841,7 +835,7 @@ def fit(
 def _check_fit_args(counts: dict, chunk_size, checkpoint_path, resume, overwrite, config):
     """Checks ``fit``'s counts (``counts``: name to value, each an int >= 0) and flags."""
     for name, count in counts.items():
-        _check_non_negative_int(name, count)
+        _checks.check_positive_int(name, count, minimum=0)
     _checks.check_positive_int("chunk_size", chunk_size)
     for flag, given in (("resume", resume), ("overwrite", overwrite)):
         if given and checkpoint_path is None:

@@ -10,7 +10,7 @@ import math
 import jax
 import pytest
 
-if jax.device_count() < 2:  # pragma: no cover - guarded by the runner
+if jax.device_count() < 2:  # pragma: no cover - conftest.py sets eight
     pytest.skip("needs several devices (XLA_FLAGS)", allow_module_level=True)
 
 

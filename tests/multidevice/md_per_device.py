@@ -7,8 +7,6 @@ contribution (the classic data-parallel idiom then averages them with
 ``lax.pmean``). The op, the fused op, the layer and the framework modules must
 give the same; the statistics (and so ``dx``) still run over the global batch,
 each device's terms weighted by its own scale.
-
-Run by tests/test_multidevice.py with 8 forced CPU devices.
 """
 
 import functools
@@ -24,7 +22,7 @@ from jax.test_util import check_grads
 import jaxbn
 from jaxbn import reference
 
-if jax.device_count() < 4:  # pragma: no cover - guarded by the runner
+if jax.device_count() < 4:  # pragma: no cover - conftest.py sets eight
     pytest.skip("needs 4 devices (XLA_FLAGS)", allow_module_level=True)
 
 D, N, C = 4, 6, 3

@@ -1,8 +1,8 @@
-"""Synchronized batch norm on 8 forced CPU devices (run by tests/test_multidevice.py).
+"""Synchronized batch norm on 8 forced CPU devices.
 
-These tests need ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` set before
-JAX is imported, so they live in a file the main test run does not collect
-(``md_*.py``) and run in a subprocess of their own.
+The op, the reference and the fused op (``batch_norm_act`` with leaky ReLU, whose
+truth is ``leaky_relu(reference.batch_norm(x, |scale| + eps, bias))``) under
+``shard_map`` with ``axis_name``, against the whole batch on one device.
 """
 
 import functools
@@ -17,11 +17,32 @@ from jax.sharding import PartitionSpec as P
 import jaxbn
 from jaxbn import reference
 
-if jax.device_count() < 8:  # pragma: no cover - guarded by the runner
+if jax.device_count() < 8:  # pragma: no cover - conftest.py sets eight
     pytest.skip("needs 8 devices (XLA_FLAGS)", allow_module_level=True)
 
-RTOL, ATOL = 2e-5, 2e-5
-OPS = {"op": jaxbn.batch_norm, "reference": reference.batch_norm}
+SLOPE = 0.1
+
+
+def fused(x, scale, bias, *, axis_name=None, mask=None):
+    return jaxbn.batch_norm_act(
+        x, scale, bias, negative_slope=SLOPE, axis_name=axis_name, mask=mask
+    )
+
+
+def fused_oracle(x, scale, bias, *, axis_name=None, mask=None):
+    s = jnp.abs(scale) + 1e-5
+    y, mean, var = reference.batch_norm(x, s, bias, axis_name=axis_name, mask=mask)
+    return jax.nn.leaky_relu(y, SLOPE), mean, var
+
+
+# name: (function under shard_map, its truth on one device, tolerance). What the
+# fused op recovers from z is a little less exact.
+OPS = {
+    "op": (jaxbn.batch_norm, reference.batch_norm, 2e-5),
+    "reference": (reference.batch_norm, reference.batch_norm, 2e-5),
+    "fused": (fused, fused_oracle, 3e-5),
+}
+RTOL = ATOL = OPS["op"][2]
 
 
 def mesh_of(n, names=("data",), shape=None):
@@ -32,8 +53,9 @@ def inputs(shape, seed=0):
     ks = jax.random.split(jax.random.key(seed), 6)
     c = shape[-1]
     x = 2.0 * jax.random.normal(ks[0], shape) + 1.5
-    scale = 1.0 + 0.5 * jax.random.normal(ks[1], (c,))
-    bias = jax.random.normal(ks[2], (c,))
+    sign = jnp.where(jnp.arange(c) % 2 == 0, 1.0, -1.0)
+    scale = sign * (1.0 + 0.5 * jax.random.uniform(ks[1], (c,)))
+    bias = 0.5 * jax.random.normal(ks[2], (c,))
     dy = jax.random.normal(ks[3], shape)
     g_mean = jax.random.normal(ks[4], (c,))
     g_var = jax.random.normal(ks[5], (c,))
@@ -44,13 +66,13 @@ def put(mesh, spec, *arrays):
     return [jax.device_put(a, NamedSharding(mesh, spec)) for a in arrays]
 
 
-def close(a, b):
-    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=RTOL, atol=ATOL), a, b)
+def close(a, b, tol=RTOL):
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=tol, atol=tol), a, b)
 
 
-def single_device(x, scale, bias, dy, g_mean, g_var, mask=None):
-    """Values and the VJP of the whole batch on one device (the reference)."""
-    f = functools.partial(reference.batch_norm, mask=mask)
+def single_device(x, scale, bias, dy, g_mean, g_var, mask=None, oracle=reference.batch_norm):
+    """Values and the VJP of the whole batch on one device (the reference, or ``oracle``)."""
+    f = functools.partial(oracle, mask=mask)
     out, pull = jax.vjp(f, x, scale, bias)
     return out, pull((dy, g_mean, g_var))
 
@@ -75,13 +97,13 @@ def sharded(fn, mesh, x, scale, bias, dy, g_mean, g_var, mask=None):
     return jax.jit(mapped)(*args)
 
 
-@pytest.mark.parametrize("n", [1, 2, 4, 8])
+@pytest.mark.parametrize("n", [1, 2, 8])
 @pytest.mark.parametrize("name", list(OPS))
 def test_shard_map_equals_single_device(n, name):
+    fn, oracle, tol = OPS[name]
     args = inputs((32, 5), seed=n)
-    got = sharded(OPS[name], mesh_of(n), *args)
-    want = single_device(*args)
-    close(got, want)
+    got = sharded(fn, mesh_of(n), *args)
+    close(got, single_device(*args, oracle=oracle), tol)
     assert got[0][1].shape == (5,)
 
 
@@ -94,14 +116,18 @@ def test_nhwc_shard_map(n):
     )
 
 
-def test_two_named_axes():
+@pytest.mark.parametrize("name", ["op", "fused"])
+def test_two_named_axes_nhwc(name):
+    fn, oracle, tol = OPS[name]
     mesh = mesh_of(8, ("a", "b"), (2, 4))
-    args = inputs((16, 3), seed=2)
-    close(sharded(jaxbn.batch_norm, mesh, *args), single_device(*args))
+    args = inputs((16, 3, 3, 4), seed=2)
+    close(sharded(fn, mesh, *args), single_device(*args, oracle=oracle), tol)
 
 
-def test_unequal_per_device_counts_weigh_each_example_equally():
+@pytest.mark.parametrize("name", ["op", "fused"])
+def test_unequal_per_device_counts_weigh_each_example_equally(name):
     """Masks keep 8, 1, 5 and 0 rows of the four shards: counts are reduced, not means."""
+    fn, oracle, tol = OPS[name]
     x, scale, bias, dy, g_mean, g_var = inputs((32, 3), seed=3)
     keep = np.zeros(32, bool)
     keep[0:8] = True
@@ -109,18 +135,18 @@ def test_unequal_per_device_counts_weigh_each_example_equally():
     keep[16:21] = True
     mask = jnp.asarray(keep)[:, None]
     dy = jnp.where(mask, dy, 0.0)  # padding contributes no loss
-    got = sharded(jaxbn.batch_norm, mesh_of(4), x, scale, bias, dy, g_mean, g_var, mask)
-    got = jax.device_get(got)
+    got = jax.device_get(sharded(fn, mesh_of(4), x, scale, bias, dy, g_mean, g_var, mask))
     # The truth: the kept rows alone, as one batch, with no mask at all.
-    (y, m, v), (dx, ds, db) = single_device(x[keep], scale, bias, dy[keep], g_mean, g_var)
+    kept = (x[keep], scale, bias, dy[keep], g_mean, g_var)
+    (y, m, v), (dx, ds, db) = single_device(*kept, oracle=oracle)
     (gy, gm, gv), (gdx, gds, gdb) = got
-    close((gy[keep], gm, gv, gdx[keep], gds, gdb), (y, m, v, dx, ds, db))
+    close((gy[keep], gm, gv, gdx[keep], gds, gdb), (y, m, v, dx, ds, db), tol)
     # A mean of per-device means would weigh the single row of shard 2 as 8 rows.
     per_device_means = np.mean([x[0:8].mean(0), x[8:9].mean(0), x[16:21].mean(0)], axis=0)
     assert not np.allclose(per_device_means, m, rtol=1e-3)
 
 
-@pytest.mark.parametrize("name", list(OPS))
+@pytest.mark.parametrize("name", ["op", "reference"])
 def test_mask_varying_along_features_counts_each_feature_globally(name):
     """A Flax-style mask of x's shape: per-feature counts, reduced over the devices."""
     x, scale, bias, dy, g_mean, g_var = inputs((32, 3), seed=4)
@@ -129,7 +155,7 @@ def test_mask_varying_along_features_counts_each_feature_globally(name):
     keep[8:, 2] = False  # feature 2 is kept on shard 0 only
     keep[:2, 2] = True
     mask = jnp.asarray(keep)
-    got = jax.device_get(sharded(OPS[name], mesh_of(4), x, scale, bias, dy, g_mean, g_var, mask))
+    got = jax.device_get(sharded(OPS[name][0], mesh_of(4), x, scale, bias, dy, g_mean, g_var, mask))
     close(got, single_device(x, scale, bias, dy, g_mean, g_var, mask))
     # And the statistics are each feature's own kept values (numpy, float64).
     x64 = np.asarray(x, np.float64)
@@ -139,8 +165,10 @@ def test_mask_varying_along_features_counts_each_feature_globally(name):
         np.testing.assert_allclose(got[0][2][c], kept.var(), rtol=RTOL, atol=ATOL)
 
 
-def test_per_device_parameters_get_their_own_gradient():
+@pytest.mark.parametrize("name", ["op", "fused"])
+def test_per_device_parameters_get_their_own_gradient(name):
     """Parameters that vary per device: the op's VJP equals autodiff of the reference."""
+    fn, oracle, tol = OPS[name]
     n, c = 4, 3
     x, _, _, dy, g_mean, g_var = inputs((16, c), seed=4)
     scales = 1.0 + 0.3 * jax.random.normal(jax.random.key(7), (n * c,))
@@ -163,8 +191,8 @@ def test_per_device_parameters_get_their_own_gradient():
         args = put(mesh, d, x, scales, biases, dy) + put(mesh, P(), g_mean, g_var)
         return jax.jit(mapped)(*args)
 
-    got, want = run(jaxbn.batch_norm), run(reference.batch_norm)
-    close(got, want)
+    got, want = run(fn), run(oracle)
+    close(got, want, tol)
     # Each device's dscale is its own contribution: they differ between devices.
     dscale = np.asarray(got[1][1])
     assert not np.allclose(dscale[:c], dscale[c : 2 * c])
