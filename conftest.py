@@ -35,6 +35,18 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     # A config option rather than XLA_FLAGS: the scripts the tests start as processes
     # see the machine as it is.
     jax.config.update("jax_num_cpu_devices", 8)
+
+# Compiled programs are kept on disk, shared by the test workers and by the scripts the
+# tests start (through the environment): many tests compile the same program. JAX keys
+# each entry by the program, the backend and its own version.
+_CACHE = {
+    "jax_compilation_cache_dir": os.path.join(ROOT, ".jax_cache"),
+    "jax_persistent_cache_min_compile_time_secs": 0,
+    "jax_persistent_cache_min_entry_size_bytes": 0,
+}
+for _name, _value in _CACHE.items():
+    jax.config.update(_name, _value)
+    os.environ.setdefault(_name.upper(), str(_value))
 # Scripts run as separate processes by tests/test_multiprocess.py, not imported here;
 # the docs' build scripts and hooks are not modules with doctests either.
 collect_ignore += ["tests/multiprocess", *glob.glob("docs/*.py", root_dir=ROOT)]
