@@ -36,6 +36,17 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     # see the machine as it is.
     jax.config.update("jax_num_cpu_devices", 8)
 
+# LLVM's optimization of the compiled CPU code takes about half of the suite's time.
+# At level 0 the programs compute the same results to rounding (every comparison here
+# has a tolerance, or compares two runs of one program), the same HLO and the same
+# compiled memory; set in the environment, before JAX creates its backend, so the
+# scripts the tests start compile the same way. A level given in XLA_FLAGS is kept:
+# `XLA_FLAGS=--xla_backend_optimization_level=2 pytest` runs the suite at the default.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+    ).strip()
+
 # Compiled programs are kept on disk, shared by the test workers and by the scripts the
 # tests start (through the environment): many tests compile the same program. JAX keys
 # each entry by the program, the backend and its own version.

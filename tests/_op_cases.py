@@ -98,3 +98,8 @@ def assert_trees_close(a, b, dtype, factor=1.0):
         a,
         b,
     )
+
+
+def traced(fn, *args, **kwargs):
+    """Runs ``fn`` under ``jax.eval_shape``: errors must come at trace time."""
+    return jax.eval_shape(functools.partial(fn, **kwargs), *args)

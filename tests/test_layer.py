@@ -13,6 +13,7 @@ from jax.test_util import check_grads
 
 import jaxbn
 from jaxbn import reference
+from tests._op_cases import traced
 
 RTOL, ATOL = 2e-5, 2e-5
 
@@ -523,3 +524,123 @@ def test_matches_torch_functional_batch_norm(momentum, shape):
         close(gx, xt.grad.numpy(), rtol=1e-4, atol=1e-5)
         close((gp["scale"], gp["bias"]), (w.grad.numpy(), b.grad.numpy()), rtol=1e-4, atol=1e-4)
         w.grad, b.grad = None, None
+
+
+# Bad input: a clear error naming the argument, raised while tracing.
+
+x43 = jnp.ones((4, 3))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"num_features": 0}, ValueError, "num_features must be a positive int"),
+        ({"num_features": 3, "momentum": 1.5}, ValueError, r"momentum must be in \[0, 1\]"),
+        ({"num_features": 3, "momentum": -0.1}, ValueError, r"momentum must be in \[0, 1\]"),
+        ({"num_features": 3, "eps": 0.0}, ValueError, "eps must be > 0"),
+        ({"num_features": (3, 4)}, ValueError, "one size per feature axis"),
+        ({"num_features": 3, "axis": [1]}, TypeError, "not lists"),
+        ({"num_features": 3, "param_dtype": jnp.int32}, TypeError, "param_dtype"),
+        ({"num_features": 3, "eps": float("inf")}, ValueError, "eps must be finite"),
+        ({"num_features": 3, "axis_name": 5}, TypeError, "axis_name must be None, a str"),
+        ({"num_features": 3, "renorm_clipping": ("a", 1.0)}, TypeError, "two real numbers"),
+        ({"num_features": 3, "renorm_clipping": (float("nan"), 1.0)}, ValueError, "rmax >= 1"),
+        ({"num_features": 1.5}, ValueError, "num_features must be a positive int"),
+        ({"num_features": None}, ValueError, "num_features must be a positive int"),
+        # A frozen config is hashed by jax.jit: a list would fail far from its cause.
+        (
+            {"num_features": 3, "axis_name": ["data"]},
+            TypeError,
+            r"BatchNorm.axis_name must be hashable",
+        ),
+        (
+            {"num_features": 3, "renorm": True, "renorm_clipping": [3.0, 5.0]},
+            TypeError,
+            r"BatchNorm.renorm_clipping must be hashable \(a tuple, not a list",
+        ),
+    ],
+)
+def test_layer_config_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        jaxbn.BatchNorm(**kwargs)
+
+
+def test_layer_apply_errors():
+    bn = jaxbn.BatchNorm(3)
+    params, state = bn.init()
+    with pytest.raises(ValueError, match=r"x has \(5,\) features.*num_features=3"):
+        traced(lambda x: bn.apply(params, state, x, training=True), jnp.ones((4, 5)))
+    with pytest.raises(TypeError, match="training must be a Python bool"):
+        bn.apply(params, state, x43, training=jnp.array(True))
+    with pytest.raises(TypeError, match="training must be a Python bool"):
+        bn.apply(params, state, x43, training="yes")
+    with pytest.raises(ValueError, match=r"more than 1 value per feature.*\(1, 3\)"):
+        bn.apply(params, state, jnp.ones((1, 3)), training=True)
+    with pytest.raises(ValueError, match="x must have rank"):
+        bn.apply(params, state, jnp.float32(1), training=False)
+
+
+def test_layer_checks_params_state_mask_and_clipping():
+    bn = jaxbn.BatchNorm(3)
+    params, state = bn.init()
+    with pytest.raises(ValueError, match=r"params must hold the keys \['scale', 'bias'\]"):
+        bn.apply({"bias": params["bias"]}, state, x43, training=True)
+    with pytest.raises(ValueError, match="params may only hold the keys"):
+        jaxbn.BatchNorm(3, use_scale=False).apply(params, state, x43, training=True)
+    with pytest.raises(ValueError, match=r'state\["var"\] must have shape \(3,\)'):
+        bn.apply(params, {"mean": state["mean"], "var": jnp.ones(1)}, x43, training=True)
+    with pytest.raises(ValueError, match=r"state must hold the keys.*count"):
+        jaxbn.BatchNorm(3, momentum=None).apply(params, state, x43, training=True)
+    with pytest.raises(ValueError, match="mask is only used in training"):
+        bn.apply(params, state, x43, training=False, mask=jnp.ones(4, bool))
+    rn = jaxbn.BatchNorm(3, renorm=True)
+    p2, s2 = rn.init()
+    with pytest.raises(ValueError, match="rmax >= 1 and dmax >= 0"):
+        rn.apply(p2, s2, x43, training=True, renorm_clipping=(0.5, -1.0))
+    with pytest.raises(ValueError, match=r"momentum \(PyTorch's\) must be in \[0, 1\]"):
+        jaxbn.BatchNorm.like_torch(3, momentum=1.5)
+    # numpy scalars are fine where Python numbers are.
+    jaxbn.BatchNorm(3, momentum=np.float32(0.9), virtual_batch_size=np.int64(2))
+
+
+def test_layer_refuses_masked_batch_of_one_like_a_batch_of_one():
+    bn = jaxbn.BatchNorm(3)
+    params, state = bn.init()
+    with pytest.raises(ValueError, match="more than 1 value per feature"):
+        bn.apply(params, state, x43, training=True, mask=np.array([False, True, False, False]))
+
+
+def test_layer_init_and_state_errors():
+    bn = jaxbn.BatchNorm(3, momentum=None)
+    with pytest.raises(TypeError, match=r"dtype must be floating.*int32"):
+        bn.init(dtype=jnp.int32)
+    params, state = bn.init()
+    bad = {**state, "count": jnp.zeros(3, jnp.int32)}
+    with pytest.raises(ValueError, match=r'state\["count"\] must be an integer scalar.*\(3,\)'):
+        traced(lambda x: bn.apply(params, bad, x, training=True), x43)
+    bad = {**state, "count": jnp.zeros((), jnp.float32)}
+    with pytest.raises(ValueError, match=r'state\["count"\] must be an integer scalar'):
+        traced(lambda x: bn.apply(params, bad, x, training=True), x43)
+    rn = jaxbn.BatchNorm(3, renorm=True)
+    p2, s2 = rn.init()
+    for clip, error, match in [
+        ((jnp.array([2.0, 3.0]), 1.0), ValueError, "two scalars"),
+        (("3", 1.0), TypeError, "two real numbers"),
+        ((jnp.float32(float("nan")), 1.0), ValueError, "rmax >= 1"),
+        ((2.0, jnp.array(-1.0)), ValueError, "dmax >= 0"),
+    ]:
+        with pytest.raises(error, match=match):
+            traced(
+                lambda x, clip=clip: rn.apply(p2, s2, x, training=True, renorm_clipping=clip), x43
+            )
+
+
+def test_a_tuple_of_features_is_read_in_the_order_of_the_sorted_axes():
+    x4 = jnp.ones((4, 3, 5, 6))
+    bn = jaxbn.BatchNorm((3, 6), axis=(3, 1))  # sizes of axes 1 and 3
+    params, state = bn.init()
+    assert bn.apply(params, state, x4, training=True)[0].shape == x4.shape
+    wrong = jaxbn.BatchNorm((6, 3), axis=(3, 1))  # sizes in the order of `axis`
+    params, state = wrong.init()
+    with pytest.raises(ValueError, match=r"the sizes of axes \(1, 3\), in that order"):
+        traced(lambda p, s, x: wrong.apply(p, s, x, training=True), params, state, x4)

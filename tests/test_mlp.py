@@ -307,3 +307,16 @@ def test_remat_gives_the_same_training_step():
         step = jax.jit(train.make_train_step(model, opt))
         outs.append(step(params, state, opt.init(params), (x, labels)))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), *outs)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: MLP((4, 8, 2), axis_name=["data"]),
+        lambda: CNN(1, (4,), 2, axis_name=["data"]),
+    ],
+    ids=["MLP", "CNN"],
+)
+def test_model_configs_refuse_unhashable_fields(make):
+    with pytest.raises(TypeError, match=r"\.axis_name must be hashable \(a tuple, not a list"):
+        make()

@@ -21,6 +21,7 @@ from tests._op_cases import (
     jit_vjp_of,
     make_inputs,
     numpy_batch_norm,
+    traced,
 )
 
 
@@ -496,3 +497,174 @@ def test_cpu_step_passes_over_x(dtype):
             if any(name in line for name in arith)
         ]
         assert not per_feature, (loop, per_feature)
+
+
+# Bad input: a clear error naming the argument, raised while tracing.
+
+OPS = [jaxbn.batch_norm, reference.batch_norm, jaxbn.batch_norm_fwd]
+OP_IDS = ["op", "reference", "fwd"]
+x43 = jnp.ones((4, 3))
+v3 = jnp.ones(3)
+
+
+@pytest.mark.parametrize("op", OPS, ids=OP_IDS)
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error", "match"),
+    [
+        ((jnp.float32(1.0), None, None), {}, ValueError, "x must have rank >= 1"),
+        ((jnp.ones((4, 3), jnp.int32), None, None), {}, TypeError, "x must have a floating"),
+        ((x43, None, None), {"axis": 2}, ValueError, "axis 2 is out of range"),
+        ((x43, None, None), {"axis": -3}, ValueError, "axis -3 is out of range"),
+        ((x43, None, None), {"axis": (1, -1)}, ValueError, "axis has repeated"),
+        ((x43, None, None), {"axis": 1.0}, TypeError, "axis must be an int"),
+        ((x43, jnp.ones(4), None), {}, ValueError, r"scale must have shape \(3,\)"),
+        ((x43, None, jnp.ones((1, 3))), {}, ValueError, r"bias must have shape \(3,\)"),
+        ((x43, v3, v3), {"eps": 0.0}, ValueError, "eps must be > 0"),
+        ((x43, v3, v3), {"eps": -1e-5}, ValueError, "eps must be > 0"),
+        ((jnp.ones((1, 3)), v3, v3), {}, ValueError, r"more than 1 value.*\(1, 3\)"),
+        ((jnp.ones((5, 1, 1, 3)), None, None), {"axis": (0, 3)}, ValueError, "more than 1"),
+        ((x43, None, None), {"mask": jnp.ones(4)}, TypeError, "mask must be a boolean"),
+        ((x43, None, None), {"mask": jnp.ones(5, bool)}, ValueError, r"got \(5,\) for x"),
+        ((x43, None, None), {"mask": jnp.ones((4, 2), bool)}, ValueError, "mask must broadcast"),
+        (
+            (jnp.ones((4, 3, 4, 4)), None, None),
+            {"axis": 1, "mask": jnp.ones(4, bool)},  # [N] on NCHW: ambiguous, refused
+            ValueError,
+            r"one axis per reduction axis.*got \(4,\)",
+        ),
+        ((x43, v3, v3), {"eps": 1e-45}, ValueError, "eps must be a normal number.*float32"),
+        ((x43, v3, v3), {"eps": 1e-39}, ValueError, "eps must be a normal number"),
+        ((x43, v3, v3), {"eps": float("inf")}, ValueError, "eps must be finite"),
+        ((x43, v3, v3), {"eps": float("nan")}, ValueError, "eps must be > 0"),
+        ((x43, None, None), {"axis_name": 5}, TypeError, "axis_name must be None, a str"),
+        ((x43, None, None), {"axis_name": ("i", 5)}, TypeError, "axis_name must be None, a str"),
+        # A concrete mask keeping one value (of every feature, or of one feature).
+        (
+            (x43, None, None),
+            {"mask": np.array([True, False, False, False])},
+            ValueError,
+            r"more than 1 value per feature.*mask keeping 1",
+        ),
+        (
+            (x43, None, None),
+            {"mask": np.array([[1, 1, 1], [1, 0, 1], [1, 0, 1], [1, 0, 1]], bool)},
+            ValueError,
+            r"more than 1 value per feature.*mask keeping 1",
+        ),
+    ],
+)
+def test_op_errors(op, args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        traced(op, *args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("args", "error", "match"),
+    [
+        ((x43, v3, v3, jnp.zeros(2), v3), ValueError, r"mean must have shape \(3,\)"),
+        ((x43, v3, v3, v3, jnp.ones((3, 1))), ValueError, r"var must have shape \(3,\)"),
+        ((x43, v3, v3, v3, jnp.ones(3, jnp.int32)), TypeError, "var must have a floating"),
+        ((x43.astype(jnp.int8), v3, v3, v3, v3), TypeError, "x must have a floating"),
+        ((x43, v3, v3, None, v3), TypeError, r"mean must be a \[3\] array of statistics, got None"),
+        ((x43, v3, v3, v3, None), TypeError, r"var must be a \[3\] array of statistics, got None"),
+    ],
+)
+def test_inference_errors(args, error, match):
+    with pytest.raises(error, match=match):
+        traced(jaxbn.batch_norm_inference, *args)
+
+
+def test_inference_accepts_a_single_example():
+    """Evaluation normalizes with given statistics: one example is fine."""
+    y = jaxbn.batch_norm_inference(jnp.ones((1, 3)), v3, v3, v3, v3)
+    assert y.shape == (1, 3)
+
+
+def test_bwd_refuses_residuals_of_another_axis():
+    _, res = jaxbn.batch_norm_fwd(jnp.ones((4, 3, 5)), None, None, axis=1)
+    cts = (jnp.ones((4, 3, 5)), jnp.zeros(3), jnp.zeros(3))
+    with pytest.raises(ValueError, match="differs from the forward's feature axes"):
+        jaxbn.batch_norm_bwd(res, cts, axis=-1)
+
+
+def test_eps_is_checked_against_the_compute_dtype():
+    """float64 input computes in float64: an eps normal there is accepted."""
+    with jax.enable_x64(True):
+        x64 = jnp.ones((4, 3), jnp.float64)
+        assert traced(jaxbn.batch_norm, x64, None, None, eps=1e-300)[0].shape == (4, 3)
+    with pytest.raises(ValueError, match="eps must be a normal number"):
+        traced(jaxbn.batch_norm, x43.astype(jnp.bfloat16), None, None, eps=1e-40)
+    with pytest.raises(ValueError, match="eps must be a normal number"):
+        traced(
+            lambda x: jaxbn.BatchNorm(3, eps=1e-40).apply(
+                *jaxbn.BatchNorm(3).init(), x, training=True
+            ),
+            x43,
+        )
+
+
+def test_traced_mask_keeping_one_value_is_not_checked():
+    """The count of a traced mask is unknown while tracing: no error (nor NaN)."""
+    one = np.array([True, False, False, False])
+    y = jax.jit(lambda x, m: jaxbn.batch_norm(x, None, None, mask=m))(
+        x43 + jnp.arange(4.0)[:, None], one
+    )
+    assert np.isfinite(np.asarray(y[0])).all()
+
+
+# The public backward checks what it is given against the residuals.
+
+
+def fwd_res(shape=(4, 8, 3), axis=-1):
+    return jaxbn.batch_norm_fwd(
+        jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(shape) % 7,
+        jnp.ones(shape[axis]),
+        jnp.zeros(shape[axis]),
+        axis=axis,
+    )[1]
+
+
+@pytest.mark.parametrize(
+    ("cts", "kwargs", "error", "match"),
+    [
+        (
+            ((4, 8, 3), (3,), (8, 3)),
+            {},
+            ValueError,
+            r"dvar must have the feature shape.*\(3,\), got \(8, 3\)",
+        ),
+        (
+            ((4, 8, 3), (1, 3), (3,)),
+            {},
+            ValueError,
+            r"dmean must have the feature shape.*got \(1, 3\)",
+        ),
+        (((8, 3), (3,), (3,)), {}, ValueError, r"dy must have x's shape \(4, 8, 3\), got \(8, 3\)"),
+        (
+            ((4, 8, 3), (3,), (3,)),
+            {"axis": 1},
+            ValueError,
+            r"axis=1 differs from the forward's feature axes \(2,\)",
+        ),
+        (((4, 8, 3), (3,), (3,)), {"axis_name": "i"}, ValueError, r"axis_name='i' differs"),
+    ],
+    ids=["dvar", "dmean", "dy", "axis", "axis_name"],
+)
+def test_bwd_checks_each_cotangent_and_the_forward_axes(cts, kwargs, error, match):
+    res = fwd_res()
+    arrays = tuple(jnp.ones(s) for s in cts)
+    with pytest.raises(error, match=match):
+        traced(lambda r, c: jaxbn.batch_norm_bwd(r, c, **kwargs), res, arrays)
+
+
+def test_bwd_checks_types_and_accepts_the_forward_axis():
+    res = fwd_res((4, 3, 5), axis=1)
+    cts = (jnp.ones((4, 3, 5)), jnp.zeros(3), jnp.zeros(3))
+    with pytest.raises(TypeError, match="res must be the BatchNormResiduals"):
+        jaxbn.batch_norm_bwd(tuple(jax.tree.leaves(res)), cts)
+    with pytest.raises(TypeError, match=r"cotangents must be a triple.*length 2"):
+        jaxbn.batch_norm_bwd(res, cts[:2])
+    with pytest.raises(TypeError, match="dmean must have a floating"):
+        jaxbn.batch_norm_bwd(res, (cts[0], jnp.zeros(3, jnp.int32), cts[2]))
+    for axis in (None, 1, -2, (1,)):
+        assert jaxbn.batch_norm_bwd(res, cts, axis=axis)[0].shape == (4, 3, 5)
