@@ -8,6 +8,7 @@ checkpoint beside another run's metrics, however it is interrupted.
 
 import json
 
+import numpy as np
 import pytest
 
 from jaxbn.checkpoint import read_metadata
@@ -23,8 +24,8 @@ def figure1(load_example):
     return load_example("paper_figure1")
 
 
-STUDY = ["--steps", "4", "--chunk", "2", "--seeds", "1", "--hidden", "8", "--batch-size", "64"]
-CNN_STUDY = [*STUDY, "--model", "cnn", "--channels", "4"]
+STUDY = ["--steps", "12", "--chunk", "5", "--seeds", "2", "--hidden", "16", "--batch-size", "64"]
+CNN_STUDY = ["--model", "cnn", "--channels", "4,8", "--steps", "10", "--chunk", "5", "--seeds", "1"]
 FIGURE1 = ["--steps", "4", "--eval-every", "2", "--hidden", "1", "8", "--unit", "0"]
 
 
@@ -52,16 +53,29 @@ def test_a_previous_figure1_is_kept_unless_overwrite(figure1, tmp_path, capsys):
     _kept_unless_overwrite(capsys, figure1.main, argv, tmp_path)
 
 
-def test_each_study_model_has_its_own_default_folder_kept_unless_overwrite(
+def test_each_study_model_runs_into_its_own_default_folder_kept_unless_overwrite(
     study, tmp_path, monkeypatch, capsys
 ):
+    """Tiny runs of both models, each into its default folder; a rerun is refused."""
     monkeypatch.chdir(tmp_path)
-    study.main([*STUDY, "--no-progress"])
-    study.main([*CNN_STUDY, "--no-progress"])  # not refused: another folder
-    mlp = json.loads((tmp_path / "runs/study_eval_stats/results.json").read_text())
-    cnn = json.loads((tmp_path / "runs/study_eval_stats_cnn/results.json").read_text())
+    for argv, steps, shape in ((STUDY, [5, 10, 12], (2, 3)), (CNN_STUDY, [5, 10], (1, 2))):
+        results = study.main([*argv, "--no-progress"])  # the CNN's is not refused: another folder
+        assert results["steps"] == steps
+        for name in study.METHODS:
+            acc = np.asarray(results["accuracy"][name])
+            assert acc.shape == shape and np.all((acc >= 0) & (acc <= 1))
+        # After a few steps of momentum 0.999 the running averages are nearly the
+        # initial 0 and 1; the precise statistics are those of the network.
+        assert np.mean(results["accuracy"]["precise"]) > np.mean(results["accuracy"]["running"])
+    folder, cnn_folder = tmp_path / "runs/study_eval_stats", tmp_path / "runs/study_eval_stats_cnn"
+    mlp, cnn = (json.loads((f / "results.json").read_text()) for f in (folder, cnn_folder))
     assert (mlp["config"]["model"], cnn["config"]["model"]) == ("mlp", "cnn")
-    folder = tmp_path / "runs/study_eval_stats"
+    assert cnn["accuracy"] == results["accuracy"]  # the last run's, as saved
+    assert (folder / "eval_stats.png").stat().st_size > 0
+    assert "precise" in (folder / "eval_stats.md").read_text()
+    assert "CNN 4-8" in (cnn_folder / "eval_stats.md").read_text()
+    with pytest.raises(ValueError, match="--seeds"):
+        study.main(["--seeds", "0", "--out", str(tmp_path / "other"), "--no-progress"])
     _kept_unless_overwrite(capsys, study.main, [*STUDY, "--no-progress"], folder)
 
 

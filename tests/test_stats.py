@@ -1,9 +1,6 @@
 """Statistics for evaluation: precise_stats, debiased running averages, frozen batch norm."""
 
 import dataclasses
-import importlib.util
-import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -572,36 +569,6 @@ def test_frozen_mlp_training_step_leaves_state_and_accepts_masks():
         bn.apply(params, state, data((8, 3)), training=True, mask=jnp.ones(5, bool))
 
 
-# --- the study ------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def study():
-    """examples/study_eval_stats.py, loaded as a module."""
-    path = pathlib.Path(__file__).parents[1] / "examples" / "study_eval_stats.py"
-    spec = importlib.util.spec_from_file_location("study_eval_stats", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_study_eval_stats_runs_with_tiny_settings(study, tmp_path):
-    argv = ["--steps", "12", "--chunk", "5", "--seeds", "2", "--hidden", "16"]
-    results = study.main([*argv, "--batch-size", "64", "--out", str(tmp_path), "--no-progress"])
-    assert results["steps"] == [5, 10, 12]
-    for name in study.METHODS:
-        acc = np.asarray(results["accuracy"][name])
-        assert acc.shape == (2, 3) and np.all((acc >= 0) & (acc <= 1))
-    # Precise statistics after a few steps of momentum 0.999 beat the running averages.
-    assert np.mean(results["accuracy"]["precise"]) > np.mean(results["accuracy"]["running"])
-    assert (tmp_path / "eval_stats.png").stat().st_size > 0
-    saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["accuracy"] == results["accuracy"]
-    assert "precise" in (tmp_path / "eval_stats.md").read_text()
-    with pytest.raises(ValueError, match="--seeds"):
-        study.main(["--seeds", "0", "--out", str(tmp_path), "--no-progress"])
-
-
 def test_fit_recomputes_precise_statistics_at_the_end():
     import optax
 
@@ -707,16 +674,3 @@ def test_cnn_blocks_get_the_population_statistics_of_their_inputs(data_format, f
     # The running averages after one step of momentum 0.999 are far from these.
     _, stepped = model.apply(params, state, batches[0], training=True)
     assert np.max(np.abs(stepped["blocks"][0]["batch_norm"]["var"] - var0)) > 0.5
-
-
-def test_study_eval_stats_runs_the_cnn_with_tiny_settings(study, tmp_path):
-    argv = ["--model", "cnn", "--channels", "4,8", "--steps", "10", "--chunk", "5", "--seeds", "1"]
-    results = study.main([*argv, "--out", str(tmp_path), "--no-progress"])
-    assert results["steps"] == [5, 10]
-    for name in study.METHODS:
-        acc = np.asarray(results["accuracy"][name])
-        assert acc.shape == (1, 2) and np.all((acc >= 0) & (acc <= 1))
-    # After 10 steps of momentum 0.999 the running averages are nearly the initial
-    # 0 and 1; the precise statistics are those of the network.
-    assert np.mean(results["accuracy"]["precise"]) > np.mean(results["accuracy"]["running"])
-    assert "CNN 4-8" in (tmp_path / "eval_stats.md").read_text()
