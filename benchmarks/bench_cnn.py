@@ -142,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(bench_train.tables([res]))
     diag = None
     if args.conv_diagnostic:
-        diag = conv_diagnostic(steps=2) if args.quick else conv_diagnostic()
+        diag = conv_diagnostic(steps=2, **sizes) if args.quick else conv_diagnostic()
         print("\n" + _diagnostic_table(diag))
     return _common.finish(args, {"machine": info, "results": res, "conv_diagnostic": diag})
 

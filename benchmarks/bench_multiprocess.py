@@ -72,7 +72,9 @@ def configuration(processes: int, devices: int, args) -> list[dict]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         coordinator = f"127.0.0.1:{s.getsockname()[1]}"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    # Each worker sets its own device count; XLA's other flags are passed on.
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    env = dict(os.environ, XLA_FLAGS=" ".join(flags))
     spec = dict(vars(args), coordinator=coordinator, processes=processes, devices=devices)
     procs = []
     for pid in range(processes):
