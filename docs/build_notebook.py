@@ -434,7 +434,7 @@ def gradient_check(name, f):
     with jax.enable_x64(True):
         args = [jnp.asarray(np.asarray(a), jnp.float64) for a in (x, gamma, beta)]
         try:
-            check_grads(f, args, order=1, modes=["rev"])
+            check_grads(jax.jit(f), args, order=1, modes=["rev"])
         except AssertionError as err:
             lines = [line for line in str(err).splitlines() if line.strip()]
             print(f"{name:<34} check_grads FAILED: {lines[0]} ({lines[1]})")
@@ -507,8 +507,9 @@ differentiates our backward itself (it is written in differentiable `jnp`, so `g
         "code",
         """with jax.enable_x64(True):
     args = [jnp.asarray(np.asarray(a), jnp.float64) for a in (x, gamma, beta)]
-    check_grads(batch_norm, args, order=2, modes=["rev"])
-    check_grads(jaxbn.batch_norm, args, order=2, modes=["rev"])
+    # Jitted: the check evaluates each function and its derivatives many times.
+    check_grads(jax.jit(batch_norm), args, order=2, modes=["rev"])
+    check_grads(jax.jit(jaxbn.batch_norm), args, order=2, modes=["rev"])
 print("check_grads, order 2, float64: passed for our batch_norm and for jaxbn.batch_norm")""",
     ),
     (
