@@ -1,4 +1,4 @@
-"""Cases, inputs and comparisons shared by the tests of the op and the fused op.
+"""Cases, inputs and comparisons shared by the tests (of the op and the fused op above all).
 
 ``tests/test_ops.py`` and ``tests/test_act.py`` check :func:`jaxbn.batch_norm` and
 :func:`jaxbn.batch_norm_act` against autodiff of the reference on the same shapes,
@@ -42,27 +42,35 @@ def feature_shape(shape, axis):
     return tuple(shape[a] for a in sorted(a % len(shape) for a in axes))
 
 
+def normal(seed, shape, dtype=np.float32):
+    """Standard normal values of ``shape``, drawn with NumPy, as a NumPy array of ``dtype``.
+
+    Test inputs come from NumPy, not ``jax.random``: a JAX draw compiles a program per
+    shape and dtype (and so does eager arithmetic on JAX arrays), which was a third of
+    the op tests' time. NumPy arrays go into any JAX function as they are.
+    """
+    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
 def make_inputs(shape, axis, dtype=jnp.float32, seed=0, offset=0.0):
     """``(x, scale, bias, (dy, dmean, dvar))``, each random.
 
     ``x ~ N(offset + 0.5, 2^2)``; ``|scale|`` in ``[1, 1.5]``, negative on
     every third feature; ``bias ~ N(0, 0.5^2)``; the cotangents standard
     normal. ``x`` and ``dy`` have ``dtype``; the rest float32, or float64 where
-    ``dtype`` is float64.
+    ``dtype`` is float64. Drawn with NumPy: a JAX draw would compile a program
+    per shape and dtype, a sizeable share of these tests' time.
     """
-    ks = jax.random.split(jax.random.key(seed), 6)
+    rng = np.random.default_rng(seed)
     fs = feature_shape(shape, axis)
-    vdt = jnp.float64 if dtype == jnp.float64 else jnp.float32
-    x = 2.0 * jax.random.normal(ks[0], shape, vdt) + offset + 0.5
-    sign = jnp.where(jnp.arange(np.prod(fs)).reshape(fs) % 3 == 2, -1.0, 1.0)
-    scale = (sign * (1.0 + 0.5 * jax.random.uniform(ks[1], fs, vdt))).astype(vdt)
-    bias = 0.5 * jax.random.normal(ks[2], fs, vdt)
-    cts = (
-        jax.random.normal(ks[3], shape, vdt).astype(dtype),
-        jax.random.normal(ks[4], fs, vdt),
-        jax.random.normal(ks[5], fs, vdt),
-    )
-    return x.astype(dtype), scale, bias, cts
+    vdt = np.float64 if dtype == jnp.float64 else np.float32
+    x = 2.0 * rng.standard_normal(shape) + offset + 0.5
+    sign = np.where(np.arange(np.prod(fs)).reshape(fs) % 3 == 2, -1.0, 1.0)
+    scale = sign * (1.0 + 0.5 * rng.uniform(size=fs))
+    bias = 0.5 * rng.standard_normal(fs)
+    dy, dmean, dvar = (rng.standard_normal(s) for s in (shape, fs, fs))
+    cts = (jnp.asarray(dy.astype(vdt), dtype), jnp.asarray(dmean, vdt), jnp.asarray(dvar, vdt))
+    return jnp.asarray(x.astype(vdt), dtype), jnp.asarray(scale, vdt), jnp.asarray(bias, vdt), cts
 
 
 def numpy_batch_norm(x, scale, bias, axis, eps=1e-5):
