@@ -26,6 +26,7 @@ from tests._op_cases import (
     feature_shape,
     jit_vjp_of,
     make_inputs,
+    normal,
     numpy_batch_norm,
 )
 
@@ -196,7 +197,7 @@ def test_public_halves_equal_the_registered_vjp():
     ids=["activation", "slope", "axis_name", "dz", "dmean", "dvar", "pair"],
 )
 def test_bwd_refuses_what_differs_from_the_forward(kwargs, cts, error, match):
-    x = jax.random.normal(jax.random.key(3), (8, 3))
+    x = normal(3, (8, 3))
     _, res = jaxbn.batch_norm_act_fwd(x, jnp.ones(3), jnp.zeros(3), negative_slope=0.1)
     good = (x, jnp.zeros(3), jnp.zeros(3))
     bad = {
@@ -212,12 +213,11 @@ def test_bwd_refuses_what_differs_from_the_forward(kwargs, cts, error, match):
 
 def test_mask_varying_along_features_matches_the_reference():
     """Per-feature counts: values and every gradient against autodiff of the reference."""
-    x = 3.0 * jax.random.normal(jax.random.key(4), (6, 3)) + 1.0
-    mask = jax.random.bernoulli(jax.random.key(5), 0.7, (6, 3)).at[:2].set(True)
-    scale, bias = jnp.array([0.5, -2.0, 1.5]), jnp.array([0.1, 0.0, -0.3])
-    cts = tuple(
-        jax.random.normal(jax.random.key(6 + i), s) for i, s in enumerate([(6, 3), (3,), (3,)])
-    )
+    x = 3.0 * normal(4, (6, 3)) + 1.0
+    mask = np.random.default_rng(5).random((6, 3)) < 0.7
+    mask[:2] = True
+    scale, bias = np.array([0.5, -2.0, 1.5], np.float32), np.array([0.1, 0.0, -0.3], np.float32)
+    cts = tuple(normal(6 + i, s) for i, s in enumerate([(6, 3), (3,), (3,)]))
 
     def fused(x, s, b):
         return jaxbn.batch_norm_act(x, s, b, activation="elu", mask=mask)
@@ -270,10 +270,9 @@ def test_backward_keeps_nothing_derived_from_z_alive():
     the layer (the bound fails if y, f'(y) or x_hat is computed after the forward).
     """
     n, c = 256, 512
-    ks = jax.random.split(jax.random.key(7), 3)
-    x = jax.random.normal(ks[0], (n, c))
-    kernels = [jax.random.normal(k, (c, c)) / np.sqrt(c) for k in jax.random.split(ks[1], 4)]
-    labels = jax.random.normal(ks[2], (n, c))
+    x = normal(7, (n, c))
+    kernels = [normal(8 + i, (c, c)) / np.sqrt(c) for i in range(4)]
+    labels = normal(12, (n, c))
 
     def loss(op):
         def f(kernels, scale, bias):
@@ -605,7 +604,7 @@ def test_fused_mlp_equals_unfused_mlp_with_effective_scale(activation):
     model = dataclasses.replace(unfused, fuse_activation=True)
     params, state = model.init(jax.random.key(1))
     x = make_inputs((10, 6), -1, seed=17)[0]
-    ct = jax.random.normal(jax.random.key(2), (10, 3))
+    ct = normal(2, (10, 3))
 
     def run(m, p):
         (logits, new_state), pull = jax.vjp(lambda p: m.apply(p, state, x, training=True), p)
@@ -664,10 +663,9 @@ PRECISION_CASES = [(1.0, 0.0), (1.0, 3.0), (0.1, 1.0), (0.01, 1.0), (0.0, 0.0), 
 @pytest.mark.parametrize(("gamma", "beta"), PRECISION_CASES, ids=str)
 def test_recovery_within_the_documented_bound(dtype, gamma, beta):
     """Every gradient within 4 eps (|beta| + 3 s) / s of the exact one (module docstring)."""
-    ks = jax.random.split(jax.random.key(21), 4)
-    x = (2.0 * jax.random.normal(ks[0], (512, 4)) + 1.0).astype(dtype)
-    cts = (jax.random.normal(ks[1], (512, 4)).astype(dtype), *jax.random.normal(ks[2], (2, 4)))
-    scale, bias = jnp.full(4, gamma), jnp.full(4, beta)
+    x = (2.0 * normal(21, (512, 4)) + 1.0).astype(dtype)
+    cts = (normal(22, (512, 4)).astype(dtype), *normal(23, (2, 4)))
+    scale, bias = np.full(4, gamma, np.float32), np.full(4, beta, np.float32)
     got = jit_vjp_of(fused("leaky_relu", -1), x, scale, bias, cts)[1]
     with jax.enable_x64(True):
         args = [jnp.asarray(np.asarray(v, np.float32), jnp.float64) for v in (x, scale, bias)]
@@ -682,8 +680,8 @@ def test_recovery_within_the_documented_bound(dtype, gamma, beta):
 
 def test_recovery_is_lost_where_the_bound_says_so():
     """bfloat16, gamma = 0, beta = 0.5: y rounds to beta and dgamma is lost (documented)."""
-    x = jax.random.normal(jax.random.key(22), (64, 4)).astype(jnp.bfloat16)
-    dz = jax.random.normal(jax.random.key(23), (64, 4)).astype(jnp.bfloat16)
+    x = normal(22, (64, 4)).astype(jnp.bfloat16)
+    dz = normal(23, (64, 4)).astype(jnp.bfloat16)
     _, pull = jax.vjp(lambda s: jaxbn.batch_norm_act(x, s, jnp.full(4, 0.5))[0], jnp.zeros(4))
     _, pull_f32 = jax.vjp(
         lambda s: jaxbn.batch_norm_act(x.astype(jnp.float32), s, jnp.full(4, 0.5))[0], jnp.zeros(4)
