@@ -13,7 +13,7 @@ from jax.test_util import check_grads
 
 import jaxbn
 from jaxbn import reference
-from tests._op_cases import traced
+from tests._op_cases import normal, traced
 
 RTOL, ATOL = 2e-5, 2e-5
 
@@ -23,17 +23,14 @@ def close(a, b, rtol=RTOL, atol=ATOL):
 
 
 def data(shape=(32, 5), seed=0, offset=1.0):
-    return 2.0 * jax.random.normal(jax.random.key(seed), shape) + offset
+    """float32 NumPy values ``~ N(offset, 2^2)``: test inputs are drawn with NumPy."""
+    return 2.0 * normal(seed, shape) + offset
 
 
 def random_params(bn, seed=1):
     _, state = bn.init()
-    ks = jax.random.split(jax.random.key(seed), 2)
-    shape = bn.feature_shape
-    params = {
-        "scale": 1.0 + 0.3 * jax.random.normal(ks[0], shape),
-        "bias": jax.random.normal(ks[1], shape),
-    }
+    scale, bias = normal(seed, (2, *bn.feature_shape))  # one draw: independent values
+    params = {"scale": 1.0 + 0.3 * scale, "bias": bias}
     return params, state
 
 
@@ -118,8 +115,11 @@ def test_training_uses_batch_statistics_and_updates_running_averages():
 
 def test_evaluation_uses_running_statistics_and_keeps_state():
     bn = jaxbn.BatchNorm(5)
-    params = {"scale": jnp.arange(1.0, 6.0), "bias": jnp.full(5, 0.5)}
-    state = {"mean": jnp.linspace(-1, 1, 5), "var": jnp.linspace(0.5, 2, 5)}
+    params = {"scale": np.arange(1.0, 6.0, dtype=np.float32), "bias": np.full(5, 0.5, np.float32)}
+    state = {
+        "mean": np.linspace(-1, 1, 5, dtype=np.float32),
+        "var": np.linspace(0.5, 2, 5, dtype=np.float32),
+    }
     x = data()
     y, new_state = bn.apply(params, state, x, training=False)
     jax.tree.map(np.testing.assert_array_equal, new_state, state)
@@ -137,7 +137,7 @@ def test_no_gradient_flows_into_state(training):
     bn = jaxbn.BatchNorm(5)
     params, state = bn.init()
     x = data()
-    c = jax.random.normal(jax.random.key(1), x.shape)
+    c = normal(1, x.shape)
 
     def loss(params, state):
         y, new_state = bn.apply(params, state, x, training=training)
@@ -178,7 +178,7 @@ def test_nchw_and_tuple_axes():
     y, new_state = bn.apply(params, state, x, training=True)
     assert new_state["mean"].shape == (3,)
     y_nhwc, _ = jaxbn.BatchNorm(3).apply(
-        params, state, jnp.transpose(x, (0, 2, 3, 1)), training=True
+        params, state, np.transpose(x, (0, 2, 3, 1)), training=True
     )
     np.testing.assert_allclose(jnp.transpose(y, (0, 2, 3, 1)), y_nhwc, rtol=1e-5, atol=1e-5)
     bn2 = jaxbn.BatchNorm((3, 4), axis=(1, 2))
@@ -221,14 +221,14 @@ def test_update_count_saturates_instead_of_overflowing(options):
     bn = jaxbn.BatchNorm(3, **options)
     params, state = bn.init()
     state = {**state, "count": jnp.asarray(np.iinfo(np.int32).max, jnp.int32)}
-    x = jax.random.normal(jax.random.key(0), (8, 3)) + 2.0
+    x = normal(0, (8, 3)) + 2.0
     _, new = bn.apply(params, state, x, training=True)
     assert int(new["count"]) == np.iinfo(np.int32).max
     assert np.isfinite(np.asarray(new["mean"])).all() and np.isfinite(np.asarray(new["var"])).all()
     # There the debiased average is the plain moving average (m^t = 0), and the
     # cumulative one hardly moves (a weight of 2^-31).
     take = 0.0 if bn.momentum is None else 1.0 - bn.momentum
-    want = (1.0 - take) * state["mean"] + take * np.mean(np.asarray(x), axis=0)
+    want = (1.0 - take) * np.asarray(state["mean"]) + take * np.mean(x, axis=0)
     np.testing.assert_allclose(new["mean"], want, rtol=1e-6, atol=1e-6)
 
 
@@ -318,7 +318,7 @@ def test_params_follow_param_dtype_and_state_stays_float32():
     params, state = bn.init()
     assert all(v.dtype == jnp.bfloat16 for v in params.values())
     assert all(v.dtype == jnp.float32 for v in state.values())
-    xs = jax.vmap(lambda i: 1.2 * jax.random.normal(jax.random.key(i), (64, 4)))(jnp.arange(300))
+    xs = 1.2 * normal(0, (300, 64, 4))  # 300 batches
 
     def step(state, x):
         y, state = bn.apply(params, state, x, training=True)
@@ -381,7 +381,7 @@ def test_ghost_batch_norm_with_mask_equals_kept_rows_per_group():
     bn = jaxbn.BatchNorm(3, virtual_batch_size=4)
     params, state = random_params(bn)
     x = data((8, 3))
-    mask = jnp.array([1, 1, 1, 0, 1, 1, 1, 1], bool)
+    mask = np.array([1, 1, 1, 0, 1, 1, 1, 1], bool)
     y, _ = bn.apply(params, state, x, training=True, mask=mask)
     y0 = reference.batch_norm(x[:3], params["scale"], params["bias"])[0]
     y1 = reference.batch_norm(x[4:], params["scale"], params["bias"])[0]
@@ -393,7 +393,7 @@ def test_ghost_batch_norm_bad_batch_size_names_both_numbers():
     bn = jaxbn.BatchNorm(3, virtual_batch_size=4)
     params, state = bn.init()
     with pytest.raises(ValueError, match=r"batch size 10 .* virtual_batch_size=4"):
-        bn.apply(params, state, jnp.ones((10, 3)), training=True)
+        bn.apply(params, state, np.ones((10, 3), np.float32), training=True)
     with pytest.raises(ValueError, match="virtual_batch_size must be an int >= 2"):
         jaxbn.BatchNorm(3, virtual_batch_size=0)
     with pytest.raises(ValueError, match="cannot be combined"):
@@ -419,8 +419,8 @@ def renorm_reference(x, scale, bias, run_mean, run_var, rmax, dmax, eps=1e-5):
 def test_batch_renorm_values_and_grads(clipping):
     bn = jaxbn.BatchNorm(5, renorm=True, renorm_clipping=clipping, renorm_momentum=0.5)
     params, state = random_params(bn)
-    state["renorm_mean"] = jnp.linspace(-1.0, 2.0, 5)
-    state["renorm_var"] = jnp.linspace(0.5, 6.0, 5)
+    state["renorm_mean"] = np.linspace(-1.0, 2.0, 5, dtype=np.float32)
+    state["renorm_var"] = np.linspace(0.5, 6.0, 5, dtype=np.float32)
     x, ct = data((16, 5)), data((16, 5), seed=6)
     rmax, dmax = clipping
 
@@ -445,7 +445,7 @@ def test_batch_renorm_values_and_grads(clipping):
 def test_batch_renorm_clipping_scheduled_per_step_under_jit():
     bn = jaxbn.BatchNorm(5, renorm=True)
     params, state = random_params(bn)
-    state["renorm_var"] = jnp.full(5, 9.0)
+    state["renorm_var"] = np.full(5, 9.0, np.float32)
     x = data((16, 5))
 
     @jax.jit
@@ -466,8 +466,8 @@ def test_batch_renorm_finite_differences():
     derivative of the forward; the test against the reference above covers it.)"""
     bn = jaxbn.BatchNorm(3, renorm=True, renorm_clipping=(1.5, 0.5))
     params, state = random_params(bn)
-    state["renorm_mean"] = jnp.array([50.0, -50.0, 50.0])
-    state["renorm_var"] = jnp.array([100.0, 0.01, 100.0])
+    state["renorm_mean"] = np.array([50.0, -50.0, 50.0], np.float32)
+    state["renorm_var"] = np.array([100.0, 0.01, 100.0], np.float32)
     float64_grads_check(bn, params, state, data((8, 3)), data((8, 3), seed=7))
 
 
@@ -528,7 +528,7 @@ def test_matches_torch_functional_batch_norm(momentum, shape):
 
 # Bad input: a clear error naming the argument, raised while tracing.
 
-x43 = jnp.ones((4, 3))
+x43 = np.ones((4, 3), np.float32)
 
 
 @pytest.mark.parametrize(
@@ -569,13 +569,13 @@ def test_layer_apply_errors():
     bn = jaxbn.BatchNorm(3)
     params, state = bn.init()
     with pytest.raises(ValueError, match=r"x has \(5,\) features.*num_features=3"):
-        traced(lambda x: bn.apply(params, state, x, training=True), jnp.ones((4, 5)))
+        traced(lambda x: bn.apply(params, state, x, training=True), np.ones((4, 5), np.float32))
     with pytest.raises(TypeError, match="training must be a Python bool"):
         bn.apply(params, state, x43, training=jnp.array(True))
     with pytest.raises(TypeError, match="training must be a Python bool"):
         bn.apply(params, state, x43, training="yes")
     with pytest.raises(ValueError, match=r"more than 1 value per feature.*\(1, 3\)"):
-        bn.apply(params, state, jnp.ones((1, 3)), training=True)
+        bn.apply(params, state, np.ones((1, 3), np.float32), training=True)
     with pytest.raises(ValueError, match="x must have rank"):
         bn.apply(params, state, jnp.float32(1), training=False)
 
@@ -588,11 +588,11 @@ def test_layer_checks_params_state_mask_and_clipping():
     with pytest.raises(ValueError, match="params may only hold the keys"):
         jaxbn.BatchNorm(3, use_scale=False).apply(params, state, x43, training=True)
     with pytest.raises(ValueError, match=r'state\["var"\] must have shape \(3,\)'):
-        bn.apply(params, {"mean": state["mean"], "var": jnp.ones(1)}, x43, training=True)
+        bn.apply(params, {"mean": state["mean"], "var": np.ones(1, np.float32)}, x43, training=True)
     with pytest.raises(ValueError, match=r"state must hold the keys.*count"):
         jaxbn.BatchNorm(3, momentum=None).apply(params, state, x43, training=True)
     with pytest.raises(ValueError, match="mask is only used in training"):
-        bn.apply(params, state, x43, training=False, mask=jnp.ones(4, bool))
+        bn.apply(params, state, x43, training=False, mask=np.ones(4, bool))
     rn = jaxbn.BatchNorm(3, renorm=True)
     p2, s2 = rn.init()
     with pytest.raises(ValueError, match="rmax >= 1 and dmax >= 0"):
@@ -615,10 +615,10 @@ def test_layer_init_and_state_errors():
     with pytest.raises(TypeError, match=r"dtype must be floating.*int32"):
         bn.init(dtype=jnp.int32)
     params, state = bn.init()
-    bad = {**state, "count": jnp.zeros(3, jnp.int32)}
+    bad = {**state, "count": np.zeros(3, np.int32)}
     with pytest.raises(ValueError, match=r'state\["count"\] must be an integer scalar.*\(3,\)'):
         traced(lambda x: bn.apply(params, bad, x, training=True), x43)
-    bad = {**state, "count": jnp.zeros((), jnp.float32)}
+    bad = {**state, "count": np.zeros((), np.float32)}
     with pytest.raises(ValueError, match=r'state\["count"\] must be an integer scalar'):
         traced(lambda x: bn.apply(params, bad, x, training=True), x43)
     rn = jaxbn.BatchNorm(3, renorm=True)
@@ -636,7 +636,7 @@ def test_layer_init_and_state_errors():
 
 
 def test_a_tuple_of_features_is_read_in_the_order_of_the_sorted_axes():
-    x4 = jnp.ones((4, 3, 5, 6))
+    x4 = np.ones((4, 3, 5, 6), np.float32)
     bn = jaxbn.BatchNorm((3, 6), axis=(3, 1))  # sizes of axes 1 and 3
     params, state = bn.init()
     assert bn.apply(params, state, x4, training=True)[0].shape == x4.shape

@@ -11,12 +11,14 @@ import pytest
 from jaxbn import reference
 from jaxbn.cnn import CNN
 from jaxbn.mlp import ACTIVATIONS, MLP
+from tests._op_cases import normal
 
 SIZES = (5, 7, 6, 3)
 
 
 def _x(n=8, seed=1):
-    return jax.random.normal(jax.random.key(seed), (n, SIZES[0]))
+    """A float32 NumPy batch (test inputs are drawn with NumPy)."""
+    return normal(seed, (n, SIZES[0]))
 
 
 def test_layout_with_batch_norm():
@@ -48,8 +50,8 @@ def test_forward_without_batch_norm_matches_numpy(activation):
     model = MLP(SIZES, activation=activation, use_batch_norm=False)
     params, state = model.init(jax.random.key(0))
     # Non-zero biases, so that a forgotten bias would show.
-    params = jax.tree.map(lambda p: p + 0.1, params)
-    x = np.asarray(_x())
+    params = jax.tree.map(lambda p: np.asarray(p) + 0.1, params)
+    x = _x()
     np_act = {
         "relu": lambda v: np.maximum(v, 0),
         "tanh": np.tanh,
@@ -82,7 +84,8 @@ def test_training_updates_state_evaluation_uses_it():
     x = _x(16)
     _, trained_state = model.apply(params, state, x, training=True)
     bn0, bn0_new = state["layers"][0]["batch_norm"], trained_state["layers"][0]["batch_norm"]
-    batch_mean = np.asarray(x @ params["layers"][0]["dense"]["kernel"]).mean(axis=0)
+    kernel = np.asarray(params["layers"][0]["dense"]["kernel"], np.float64)
+    batch_mean = (x.astype(np.float64) @ kernel).mean(axis=0)
     np.testing.assert_allclose(bn0_new["mean"], 0.5 * bn0["mean"] + 0.5 * batch_mean, atol=1e-6)
 
     logits, eval_state = model.apply(params, trained_state, x, training=False)
@@ -114,9 +117,9 @@ def test_gradients_match_reference_batch_norm():
     model = MLP(SIZES, activation="sigmoid")
     params, state = model.init(jax.random.key(0))
     # Move scale and bias away from 1 and 0 so that their gradients are generic.
-    params = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(jax.random.key(2), p.shape), params)
+    params = jax.tree.map(lambda p: np.asarray(p) + 0.3 * normal(2, p.shape), params)
     x = _x(12)
-    labels = jax.random.randint(jax.random.key(3), (12,), 0, SIZES[-1])
+    labels = np.random.default_rng(3).integers(0, SIZES[-1], 12, dtype=np.int32)
 
     def loss_custom(params, x):
         logits, _ = model.apply(params, state, x, training=True)
@@ -189,13 +192,12 @@ def test_a_batch_norm_option_without_batch_norm_is_refused_by_both_models(
 def test_fold_gives_the_same_outputs_as_evaluation_mode():
     model = MLP((8, 16, 16, 3), activation="tanh")
     params, state = model.init(jax.random.key(0))
-    ks = jax.random.split(jax.random.key(1), 4)
     train = jax.jit(functools.partial(model.apply, training=True))
     # A few training batches so the running statistics and the params are not trivial.
-    for k in ks[:3]:
-        _, state = train(params, state, 3.0 * jax.random.normal(k, (32, 8)) + 1)
-    params = jax.tree.map(lambda v: v * 1.3 + 0.1, params)
-    x = jax.random.normal(ks[3], (20, 8))
+    for seed in (1, 2, 3):
+        _, state = train(params, state, 3.0 * normal(seed, (32, 8)) + 1)
+    params = jax.tree.map(lambda v: np.asarray(v) * 1.3 + 0.1, params)
+    x = normal(4, (20, 8))
     folded, fparams, fstate = model.fold(params, state)
     assert not folded.use_batch_norm
     assert all("batch_norm" not in layer for layer in fparams["layers"])
@@ -214,9 +216,9 @@ def test_bad_input_shape():
     model = MLP(SIZES)
     params, state = model.init(jax.random.key(0))
     with pytest.raises(ValueError, match=r"x must have shape \[batch, 5\].*got \(4, 6\)"):
-        model.apply(params, state, jnp.ones((4, 6)), training=True)
+        model.apply(params, state, np.ones((4, 6), np.float32), training=True)
     with pytest.raises(TypeError, match="training must be a Python bool"):
-        model.apply(params, state, jnp.ones((4, 5)), training=1)
+        model.apply(params, state, np.ones((4, 5), np.float32), training=1)
 
 
 def _params_of(model):
@@ -283,22 +285,22 @@ def test_apply_checks_state_against_the_config():
         ValueError,
         match=r"state does not match.*missing state\['layers'\]\[0\]\['batch_norm'\]\['mean'\]",
     ):
-        model.apply(params, no_bn_state, jnp.ones((4, 5)), training=False)
-    wide = jax.tree.map(lambda v: jnp.ones((*v.shape, 1)), state)
+        model.apply(params, no_bn_state, np.ones((4, 5), np.float32), training=False)
+    wide = jax.tree.map(lambda v: np.ones((*v.shape, 1), np.float32), state)
     with pytest.raises(
         ValueError, match=r"state\['layers'\]\[0\]\['batch_norm'\]\['mean'\] must have shape \(7,\)"
     ):
-        model.apply(params, wide, jnp.ones((4, 5)), training=True)
+        model.apply(params, wide, np.ones((4, 5), np.float32), training=True)
     with pytest.raises(TypeError, match=r'params must be a dict \{"layers"'):
-        model.apply([params], state, jnp.ones((4, 5)), training=True)
+        model.apply([params], state, np.ones((4, 5), np.float32), training=True)
 
 
 def test_remat_gives_the_same_training_step():
     """Recomputing each hidden layer in the backward changes memory, not results."""
     from jaxbn import train
 
-    x = jax.random.normal(jax.random.key(1), (30, 6))
-    labels = jnp.arange(30) % 4
+    x = normal(1, (30, 6))
+    labels = np.arange(30, dtype=np.int32) % 4
     outs = []
     for remat in (False, True):
         model = MLP((6, 16, 16, 4), activation="sigmoid", remat=remat)

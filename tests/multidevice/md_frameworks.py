@@ -20,6 +20,7 @@ eqx = pytest.importorskip("equinox")
 from jaxbn import equinox as bn_eqx  # noqa: E402
 from jaxbn import linen as bn_linen  # noqa: E402
 from jaxbn import nnx as bn_nnx  # noqa: E402
+from tests._op_cases import normal  # noqa: E402
 
 if jax.device_count() < 4:  # pragma: no cover - conftest.py sets eight
     pytest.skip("needs 4 devices (XLA_FLAGS)", allow_module_level=True)
@@ -36,18 +37,17 @@ def close(actual, expected, tol=TOL, what=""):
 
 
 def inputs(seed=0, kept=(8, 3, 6, 1)):
-    k = jax.random.split(jax.random.key(seed), 4)
-    x = 2.0 * jax.random.normal(k[0], (N, C)) + 1.5
-    ct = jax.random.normal(k[1], (N, C))
-    params = {
-        "scale": 1.0 + 0.5 * jax.random.normal(k[2], (C,)),
-        "bias": jax.random.normal(k[3], (C,)),
-    }
+    """``(x, ct, params, mask)``: float32 NumPy arrays drawn from the seeds ``4 * seed``
+    to ``4 * seed + 3`` (independent draws), and a boolean mask."""
+    s = 4 * seed
+    x = 2.0 * normal(s, (N, C)) + 1.5
+    ct = normal(s + 1, (N, C))
+    params = {"scale": 1.0 + 0.5 * normal(s + 2, (C,)), "bias": normal(s + 3, (C,))}
     # The mask keeps the first kept[i] rows of shard i.
     keep = np.zeros(N, bool)
     for start, k in zip(range(0, N, N // DEVICES), kept, strict=True):
         keep[start : start + k] = True
-    return x, ct, params, jnp.asarray(keep)[:, None]
+    return x, ct, params, keep[:, None]
 
 
 def mesh(axis_type=jax.sharding.AxisType.Explicit):

@@ -21,6 +21,7 @@ from jax.test_util import check_grads
 
 import jaxbn
 from jaxbn import reference
+from tests._op_cases import normal
 
 if jax.device_count() < 4:  # pragma: no cover - conftest.py sets eight
     pytest.skip("needs 4 devices (XLA_FLAGS)", allow_module_level=True)
@@ -48,14 +49,18 @@ OPS = {
 }
 
 
-def inputs(seed=0):
-    """Per-device x, parameters that differ between devices, and cotangents on every output."""
-    ks = jax.random.split(jax.random.key(seed), 6)
-    x = 1.5 * jax.random.normal(ks[0], (D, N, C)) + 0.5 * jnp.arange(D)[:, None, None]
-    scale = 1.0 + 0.3 * jax.random.normal(ks[1], (D, C))
-    bias = 0.5 * jax.random.normal(ks[2], (D, C))
-    dy = jax.random.normal(ks[3], (D, N, C))
-    g_mean, g_var = jax.random.normal(ks[4], (D, C)), jax.random.normal(ks[5], (D, C))
+def inputs(seed=0, dtype=np.float32):
+    """Per-device x, parameters that differ between devices, and cotangents on every output.
+
+    NumPy arrays of ``dtype``, drawn from the seeds ``6 * seed`` to ``6 * seed + 5``
+    (independent draws).
+    """
+    s = 6 * seed
+    x = 1.5 * normal(s, (D, N, C), dtype) + 0.5 * np.arange(D, dtype=dtype)[:, None, None]
+    scale = 1.0 + 0.3 * normal(s + 1, (D, C), dtype)
+    bias = 0.5 * normal(s + 2, (D, C), dtype)
+    dy = normal(s + 3, (D, N, C), dtype)
+    g_mean, g_var = normal(s + 4, (D, C), dtype), normal(s + 5, (D, C), dtype)
     return x, scale, bias, dy, g_mean, g_var
 
 
@@ -118,7 +123,7 @@ def test_the_layer_under_pmap_follows_the_reference():
         y, _ = bn.apply({"scale": scale, "bias": bias}, state, x, training=True)
         return y, jnp.zeros(C), jnp.zeros(C)
 
-    zeros = jnp.zeros((D, C))
+    zeros = np.zeros((D, C), np.float32)
     pmap = TRANSFORMS["pmap"]
     got = pmap(local_grads(layer))(x, scale, bias, dy, zeros, zeros)
     want = pmap(local_grads(reference.batch_norm))(x, scale, bias, dy, zeros, zeros)
@@ -135,7 +140,7 @@ def classic_pmap_idiom(apply, variables, x, labels):
 
         return jax.lax.pmean(jax.grad(loss)(variables["params"]), "i")
 
-    replicated = jax.tree.map(lambda v: jnp.broadcast_to(v, (D, *v.shape)), variables)
+    replicated = jax.tree.map(lambda v: np.broadcast_to(v, (D, *v.shape)), variables)
     return jax.pmap(step, axis_name="i", devices=jax.devices()[:D])(replicated, x, labels)
 
 
@@ -148,8 +153,8 @@ def test_linen_module_in_the_classic_pmap_idiom_equals_flax():
     for name, cls in {"flax": linen.BatchNorm, "jaxbn": jlinen.BatchNorm}.items():
         module = cls(use_running_average=False, axis_name="i")
         variables = jax.eval_shape(module.init, jax.random.key(0), x[0])
-        variables = jax.tree.map(lambda s: jnp.full(s.shape, 0.7, s.dtype), variables)
-        variables["params"]["bias"] = jnp.full((C,), 0.2)
+        variables = jax.tree.map(lambda s: np.full(s.shape, 0.7, s.dtype), variables)
+        variables["params"]["bias"] = np.full((C,), 0.2, np.float32)
 
         def apply(v, x, module=module):
             return module.apply(v, x, mutable=["batch_stats"])[0]
@@ -168,8 +173,8 @@ def test_nnx_module_under_vmap_equals_flax():
     from jaxbn import nnx as jnnx
 
     x, _, _, dy, _, _ = inputs(seed=3)
-    scale = 1.0 + 0.3 * jax.random.normal(jax.random.key(4), (D, C))
-    per_device = {"scale": scale, "bias": jnp.zeros((D, C))}
+    scale = 1.0 + 0.3 * normal(100, (D, C))
+    per_device = {"scale": scale, "bias": np.zeros((D, C), np.float32)}
     grads = {}
     for name, cls in {"flax": nnx.BatchNorm, "jaxbn": jnnx.BatchNorm}.items():
 
@@ -211,7 +216,7 @@ def test_finite_differences_of_a_jitted_vmap_with_per_device_parameters(name):
     """float64 finite differences of the whole mapped, jitted function (its output y)."""
     op = OPS[name][0]
     with jax.enable_x64(True):
-        x, scale, bias = (jnp.asarray(np.asarray(a), jnp.float64) for a in inputs(seed=6)[:3])
+        x, scale, bias = inputs(seed=6, dtype=np.float64)[:3]
 
         def mapped(x, scale, bias):
             return jax.vmap(lambda x, s, b: op(x, s, b, axis_name="i")[0], axis_name="i")(

@@ -16,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 import jaxbn
 from jaxbn import reference
+from tests._op_cases import normal
 
 if jax.device_count() < 8:  # pragma: no cover - conftest.py sets eight
     pytest.skip("needs 8 devices (XLA_FLAGS)", allow_module_level=True)
@@ -50,15 +51,19 @@ def mesh_of(n, names=("data",), shape=None):
 
 
 def inputs(shape, seed=0):
-    ks = jax.random.split(jax.random.key(seed), 6)
-    c = shape[-1]
-    x = 2.0 * jax.random.normal(ks[0], shape) + 1.5
-    sign = jnp.where(jnp.arange(c) % 2 == 0, 1.0, -1.0)
-    scale = sign * (1.0 + 0.5 * jax.random.uniform(ks[1], (c,)))
-    bias = 0.5 * jax.random.normal(ks[2], (c,))
-    dy = jax.random.normal(ks[3], shape)
-    g_mean = jax.random.normal(ks[4], (c,))
-    g_var = jax.random.normal(ks[5], (c,))
+    """``(x, scale, bias, dy, g_mean, g_var)`` as float32 NumPy arrays, drawn from the
+    seeds ``6 * seed`` to ``6 * seed + 5`` (independent draws): ``x ~ N(1.5, 2^2)``,
+    ``|scale|`` in ``[1, 1.5]`` with alternating signs, ``bias ~ N(0, 0.5^2)``, the
+    cotangents standard normal."""
+    s, c = 6 * seed, shape[-1]
+    x = 2.0 * normal(s, shape) + 1.5
+    sign = np.where(np.arange(c) % 2 == 0, 1.0, -1.0)
+    uniform = np.random.default_rng(s + 1).uniform(size=c)
+    scale = (sign * (1.0 + 0.5 * uniform)).astype(np.float32)
+    bias = 0.5 * normal(s + 2, (c,))
+    dy = normal(s + 3, shape)
+    g_mean = normal(s + 4, (c,))
+    g_var = normal(s + 5, (c,))
     return x, scale, bias, dy, g_mean, g_var
 
 
@@ -133,8 +138,8 @@ def test_unequal_per_device_counts_weigh_each_example_equally(name):
     keep[0:8] = True
     keep[8:9] = True
     keep[16:21] = True
-    mask = jnp.asarray(keep)[:, None]
-    dy = jnp.where(mask, dy, 0.0)  # padding contributes no loss
+    mask = keep[:, None]
+    dy = np.where(mask, dy, np.float32(0))  # padding contributes no loss
     got = jax.device_get(sharded(fn, mesh_of(4), x, scale, bias, dy, g_mean, g_var, mask))
     # The truth: the kept rows alone, as one batch, with no mask at all.
     kept = (x[keep], scale, bias, dy[keep], g_mean, g_var)
@@ -150,13 +155,12 @@ def test_unequal_per_device_counts_weigh_each_example_equally(name):
 def test_mask_varying_along_features_counts_each_feature_globally(name):
     """A Flax-style mask of x's shape: per-feature counts, reduced over the devices."""
     x, scale, bias, dy, g_mean, g_var = inputs((32, 3), seed=4)
-    keep = np.array(jax.random.bernoulli(jax.random.key(9), 0.6, (32, 3)))
+    keep = np.random.default_rng(100).random((32, 3)) < 0.6
     keep[:8, 0] = False  # feature 0 has nothing on shard 0
     keep[8:, 2] = False  # feature 2 is kept on shard 0 only
     keep[:2, 2] = True
-    mask = jnp.asarray(keep)
-    got = jax.device_get(sharded(OPS[name][0], mesh_of(4), x, scale, bias, dy, g_mean, g_var, mask))
-    close(got, single_device(x, scale, bias, dy, g_mean, g_var, mask))
+    got = jax.device_get(sharded(OPS[name][0], mesh_of(4), x, scale, bias, dy, g_mean, g_var, keep))
+    close(got, single_device(x, scale, bias, dy, g_mean, g_var, keep))
     # And the statistics are each feature's own kept values (numpy, float64).
     x64 = np.asarray(x, np.float64)
     for c in range(3):
@@ -171,8 +175,8 @@ def test_per_device_parameters_get_their_own_gradient(name):
     fn, oracle, tol = OPS[name]
     n, c = 4, 3
     x, _, _, dy, g_mean, g_var = inputs((16, c), seed=4)
-    scales = 1.0 + 0.3 * jax.random.normal(jax.random.key(7), (n * c,))
-    biases = jax.random.normal(jax.random.key(8), (n * c,))
+    scales = 1.0 + 0.3 * normal(101, (n * c,))
+    biases = normal(102, (n * c,))
     mesh = mesh_of(n)
 
     def run(fn):
@@ -201,7 +205,7 @@ def test_per_device_parameters_get_their_own_gradient(name):
 def test_mixed_replicated_scale_and_per_device_bias():
     n, c = 4, 3
     x, scale, _, dy, g_mean, g_var = inputs((16, c), seed=5)
-    biases = jax.random.normal(jax.random.key(9), (n * c,))
+    biases = normal(103, (n * c,))
     mesh = mesh_of(n)
 
     def run(fn):
@@ -277,7 +281,7 @@ def test_per_device_statistics_with_replicated_parameters(n):
     k = 32 // n
     dscale = sum(
         jax.vjp(reference.batch_norm, x[i : i + k], scale, bias)[1](
-            (dy[i : i + k], jnp.zeros(3), jnp.zeros(3))
+            (dy[i : i + k], np.zeros(3, np.float32), np.zeros(3, np.float32))
         )[1]
         for i in range(0, 32, k)
     )
@@ -305,9 +309,9 @@ def test_groups_of_devices_through_a_two_axis_mesh():
     )
     args = [*put(mesh, batch, x), *put(mesh, P(), scale, bias), *put(mesh, batch, dy)]
     (y, mean, var), (dx, dscale, dbias) = jax.device_get(jax.jit(mapped)(*args))
+    zeros = np.zeros(3, np.float32)
     halves = [
-        single_device(x[i : i + 16], scale, bias, dy[i : i + 16], jnp.zeros(3), jnp.zeros(3))
-        for i in (0, 16)
+        single_device(x[i : i + 16], scale, bias, dy[i : i + 16], zeros, zeros) for i in (0, 16)
     ]
     close(y, np.concatenate([h[0][0] for h in halves]))
     close(mean, np.concatenate([h[0][1] for h in halves]))
@@ -326,7 +330,7 @@ def test_explicitly_sharded_batch_at_a_large_offset(masked):
     mesh = jax.make_mesh(
         (4,), ("data",), axis_types=(AxisType.Explicit,), devices=jax.devices()[:4]
     )
-    x64 = np.asarray(jax.random.normal(jax.random.key(9), (1024, 3)), np.float64) + 1e6
+    x64 = normal(9, (1024, 3), np.float64) + 1e6
     x32 = x64.astype(np.float32)
     mask = (np.arange(1024) % 7 != 3)[:, None] if masked else None
     kept = np.ones(1024, bool) if mask is None else mask[:, 0]
