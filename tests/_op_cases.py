@@ -52,6 +52,11 @@ def normal(seed, shape, dtype=np.float32):
     return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
 
 
+def ones(shape, dtype=np.float32):
+    """``np.ones``, float32 by default as ``jnp.ones`` (which compiles a program per shape)."""
+    return np.ones(shape, dtype)
+
+
 def make_inputs(shape, axis, dtype=jnp.float32, seed=0, offset=0.0):
     """``(x, scale, bias, (dy, dmean, dvar))``, each random.
 

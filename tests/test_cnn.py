@@ -24,6 +24,7 @@ import jaxbn
 from jaxbn import reference
 from jaxbn.cnn import CNN, conv
 from jaxbn.train import cross_entropy, evaluate, fit, make_train_step
+from tests._op_cases import normal, ones
 
 # Relative tolerance (to the largest magnitude) per dtype, for sums of a few
 # hundred products.
@@ -65,11 +66,9 @@ CONV_IDS = [
 
 def conv_inputs(case, dtype, data_format="NHWC"):
     shape, kshape, strides, padding = case
-    kx, kk = jax.random.split(jax.random.key(0))
-    x = jax.random.normal(kx, shape, jnp.float32).astype(dtype)
-    kernel = jax.random.normal(kk, kshape, jnp.float32).astype(dtype)
+    x, kernel = normal(0, shape, dtype), normal(1, kshape, dtype)
     if data_format == "NCHW":
-        x = jnp.moveaxis(x, -1, 1)
+        x = np.moveaxis(x, -1, 1)
     return x, kernel, strides, padding
 
 
@@ -96,7 +95,7 @@ def test_conv_values_and_vjp_match_lax(case, dtype, data_format):
             lax_conv, strides=strides, padding=padding, data_format=data_format
         )
         y_shape = jax.eval_shape(ours, x, kernel).shape
-        dy = jax.random.normal(jax.random.key(2), y_shape, jnp.float32).astype(dtype)
+        dy = normal(2, y_shape, dtype)
 
         @functools.partial(jax.jit, static_argnums=0)  # one compile, not op by op
         def values_and_vjp(fn, x, kernel, dy):
@@ -118,7 +117,7 @@ def test_conv_vjp_against_float64_numpy(case):
     """The gradients against a direct float64 NumPy sum over the windows."""
     x, kernel, strides, padding = conv_inputs(case, jnp.float32)
     y, vjp = jax.vjp(functools.partial(conv, strides=strides, padding=padding), x, kernel)
-    dy = jax.random.normal(jax.random.key(3), y.shape)
+    dy = normal(3, y.shape)
     dx, dkernel = vjp(dy)
     xn, kn, dyn = (np.asarray(a, np.float64) for a in (x, kernel, dy))
     kh, kw = kn.shape[:2]
@@ -163,7 +162,7 @@ def test_conv_check_grads_order_2():
 def test_conv_under_vmap():
     x, kernel, strides, padding = conv_inputs(CONV_CASES[1], jnp.float32)
     fn = functools.partial(conv, strides=strides, padding=padding)
-    kernels = jnp.stack([kernel, 2 * kernel + 1])
+    kernels = np.stack([kernel, 2 * kernel + 1])
     got = jax.vmap(lambda k: fn(x, k))(kernels)
     close(got[1], lax_conv(x, kernels[1], strides, padding))
 
@@ -174,7 +173,7 @@ def _conv_forms(hlo: str) -> list[str]:
 
 def _scanned_grad_hlo(conv_fn):
     x, kernel, strides, padding = conv_inputs(CONV_CASES[0], jnp.float32)
-    dys = jax.random.normal(jax.random.key(4), (3, 2, 8, 8, 5))
+    dys = normal(4, (3, 2, 8, 8, 5))
 
     def body(k, dy):
         _, vjp = jax.vjp(lambda k: conv_fn(x, k, strides, padding), k)
@@ -201,42 +200,42 @@ def test_gradient_convolutions_are_canonical_inside_scan():
 
 
 CONV_BAD = [
-    (dict(x=jnp.ones((2, 8, 8, 3)), kernel=jnp.ones((3, 3, 4, 5))), ValueError, "4 input channels"),
-    (dict(x=jnp.ones((2, 8, 8)), kernel=jnp.ones((3, 3, 3, 5))), ValueError, "same rank"),
+    (dict(x=ones((2, 8, 8, 3)), kernel=ones((3, 3, 4, 5))), ValueError, "4 input channels"),
+    (dict(x=ones((2, 8, 8)), kernel=ones((3, 3, 3, 5))), ValueError, "same rank"),
     (
-        dict(x=jnp.ones((2, 8, 8, 3), jnp.int32), kernel=jnp.ones((3, 3, 3, 5))),
+        dict(x=ones((2, 8, 8, 3), np.int32), kernel=ones((3, 3, 3, 5))),
         TypeError,
         "x must have a floating-point dtype",
     ),
     (
-        dict(x=jnp.ones((2, 8, 8, 3)), kernel=jnp.ones((3, 3, 3, 5)), data_format="NWHC"),
+        dict(x=ones((2, 8, 8, 3)), kernel=ones((3, 3, 3, 5)), data_format="NWHC"),
         ValueError,
         "data_format",
     ),
     (
-        dict(x=jnp.ones((2, 8, 8, 3)), kernel=jnp.ones((3, 3, 3, 5)), strides=0),
+        dict(x=ones((2, 8, 8, 3)), kernel=ones((3, 3, 3, 5)), strides=0),
         ValueError,
         "strides",
     ),
     (
-        dict(x=jnp.ones((2, 8, 8, 3)), kernel=jnp.ones((3, 3, 3, 5)), padding=((1, 1),)),
+        dict(x=ones((2, 8, 8, 3)), kernel=ones((3, 3, 3, 5)), padding=((1, 1),)),
         ValueError,
         "padding",
     ),
     (
-        dict(x=jnp.ones((2, 3, 8, 8)), kernel=jnp.ones((3, 3, 3, 5))),
+        dict(x=ones((2, 3, 8, 8)), kernel=ones((3, 3, 3, 5))),
         ValueError,
         r"3 input channels.*has 8 \(NHWC\)",
     ),
     (  # no output position: an empty forward and a failing backward
-        dict(x=jnp.ones((2, 4, 8, 3)), kernel=jnp.ones((5, 3, 3, 2)), padding="VALID"),
+        dict(x=ones((2, 4, 8, 3)), kernel=ones((5, 3, 3, 2)), padding="VALID"),
         ValueError,
         r"kernel's spatial size \(5, 3\) exceeds the image's \(4, 8\)",
     ),
     (
         dict(
-            x=jnp.ones((2, 3, 4, 8)),
-            kernel=jnp.ones((3, 9, 3, 2)),
+            x=ones((2, 3, 4, 8)),
+            kernel=ones((3, 9, 3, 2)),
             padding=((0, 0), (0, 0)),
             data_format="NCHW",
         ),
@@ -319,9 +318,9 @@ def oracle_forward(model: CNN, params, state, x, *, training: bool):
     return logits, {"blocks": new_states}
 
 
-def images(key, model: CNN, batch=6, size=(8, 8)):
-    x = 2.0 * jax.random.normal(key, (batch, *size, model.in_channels)) + 0.5
-    return x if model.data_format == "NHWC" else jnp.moveaxis(x, -1, 1)
+def images(seed, model: CNN, batch=6, size=(8, 8)):
+    x = 2.0 * normal(seed, (batch, *size, model.in_channels)) + 0.5
+    return x if model.data_format == "NHWC" else np.moveaxis(x, -1, 1)
 
 
 DIGITS = jaxbn.data.load_digits()
@@ -340,11 +339,14 @@ MODELS = {
 }
 
 
-def trained_state(model, params, state, key):
-    """Running statistics moved away from their initial values by a few batches."""
+def trained_state(model, params, state, seed):
+    """Running statistics moved away from their initial values by a few batches.
+
+    The batches are drawn with the seeds ``10 * seed`` to ``10 * seed + 2``.
+    """
     step = jax.jit(functools.partial(model.apply, training=True))
-    for k in jax.random.split(key, 3):
-        _, state = step(params, state, images(k, model))
+    for i in range(3):
+        _, state = step(params, state, images(10 * seed + i, model))
     return state
 
 
@@ -387,7 +389,7 @@ def test_init_layout():
 )
 def test_output_shapes(model, size, out_hw):
     params, state = model.init(jax.random.key(0))
-    x = images(jax.random.key(1), model, batch=3, size=size)
+    x = images(1, model, batch=3, size=size)
     logits, new_state = jax.eval_shape(
         functools.partial(model.apply, training=True), params, state, x
     )
@@ -422,8 +424,8 @@ def test_matches_the_oracle(name, data_format):
     """
     model = dataclasses.replace(MODELS[name], data_format=data_format)
     params, state = model.init(jax.random.key(0))
-    state = trained_state(model, params, state, jax.random.key(1))
-    x = images(jax.random.key(2), model)
+    state = trained_state(model, params, state, 1)
+    x = images(2, model)
     oracle = functools.partial(oracle_forward, model)
     for training in (True, False):
         logits, new_state = jax.jit(functools.partial(model.apply, training=training))(
@@ -434,7 +436,7 @@ def test_matches_the_oracle(name, data_format):
         )
         close(logits, want_logits)
         tree_close(new_state, want_state)
-    ct = jax.random.normal(jax.random.key(3), (x.shape[0], model.num_classes))
+    ct = normal(3, (x.shape[0], model.num_classes))
 
     def loss(forward, params, x):
         logits, _ = forward(params, state, x, training=True)
@@ -449,10 +451,11 @@ def test_matches_the_oracle(name, data_format):
 def test_remat_gives_the_same_gradients():
     model = MODELS["strides_pool"]
     params, state = model.init(jax.random.key(0))
-    x = images(jax.random.key(1), model)
+    x = images(1, model)
+    labels = np.arange(6, dtype=np.int32) % 3
 
     def loss(model, params):
-        return cross_entropy(model.apply(params, state, x, training=True)[0], jnp.arange(6) % 3)
+        return cross_entropy(model.apply(params, state, x, training=True)[0], labels)
 
     got = jax.jit(jax.grad(functools.partial(loss, dataclasses.replace(model, remat=True))))(params)
     tree_close(got, jax.jit(jax.grad(functools.partial(loss, model)))(params))
@@ -479,12 +482,12 @@ def _fused_setup(name, data_format):
     fused = dataclasses.replace(FUSED[name], data_format=data_format)
     unfused = dataclasses.replace(fused, fuse_activation=False)
     params, state = fused.init(jax.random.key(0))
-    keys = iter(jax.random.split(jax.random.key(1), 2 * len(params["blocks"])))
+    rng = np.random.default_rng(1)
     for block in params["blocks"]:
         bn = block["batch_norm"]
-        bn["scale"] = jax.random.uniform(next(keys), bn["scale"].shape, minval=-2, maxval=2)
-        bn["bias"] = 0.3 * jax.random.normal(next(keys), bn["bias"].shape)
-    state = trained_state(unfused, params, state, jax.random.key(2))
+        bn["scale"] = rng.uniform(-2, 2, bn["scale"].shape).astype(np.float32)
+        bn["bias"] = (0.3 * rng.standard_normal(bn["bias"].shape)).astype(np.float32)
+    state = trained_state(unfused, params, state, 2)
     return fused, unfused, params, state
 
 
@@ -511,8 +514,8 @@ def test_fused_equals_unfused_with_the_effective_scale(name, data_format):
     assert jax.tree.structure(fused.init(jax.random.key(0))) == jax.tree.structure(
         unfused.init(jax.random.key(0))
     )
-    x = images(jax.random.key(3), fused)
-    ct = jax.random.normal(jax.random.key(4), (x.shape[0], fused.num_classes))
+    x = images(3, fused)
+    ct = normal(4, (x.shape[0], fused.num_classes))
     for training in (True, False):
         got = jax.jit(functools.partial(fused.apply, training=training))(params, state, x)
         want = jax.jit(functools.partial(unfused.apply, training=training))(
@@ -536,7 +539,7 @@ def test_fused_equals_unfused_with_the_effective_scale(name, data_format):
 def test_fused_blocks_run_the_fused_op():
     """The fused CNN's gradient keeps no pre-activation: its jaxpr calls batch_norm_act."""
     fused, unfused, params, state = _fused_setup("leaky_relu", "NHWC")
-    x = images(jax.random.key(3), fused)
+    x = images(3, fused)
 
     def jaxpr(model):
         return str(jax.make_jaxpr(lambda p: model.apply(p, state, x, training=True))(params))
@@ -563,7 +566,7 @@ def test_fused_step_keeps_one_activation_per_block():
         model = CNN(3, (width,) * n, 10, activation="leaky_relu", fuse_activation=fuse)
         params, state = model.init(jax.random.key(0))
         opt = optax.sgd(0.1)
-        batch_xy = (jnp.ones((batch, size, size, 3)), jnp.zeros((batch,), jnp.int32))
+        batch_xy = (np.ones((batch, size, size, 3), np.float32), np.zeros((batch,), np.int32))
         compiled = (
             jax.jit(make_train_step(model, opt))
             .lower(params, state, opt.init(params), batch_xy)
@@ -586,13 +589,13 @@ def test_fold_gives_the_same_outputs_as_evaluation_mode(fused):
     else:
         model = dataclasses.replace(MODELS["strides_pool"], data_format="NCHW")
         params, state = model.init(jax.random.key(0))
-        params = jax.tree.map(lambda v: v * 1.3 + 0.1, params)
-        state = trained_state(model, params, state, jax.random.key(1))
+        params = jax.tree.map(lambda v: np.asarray(v) * 1.3 + 0.1, params)
+        state = trained_state(model, params, state, 1)
     folded, fparams, fstate = model.fold(params, state)
     assert not folded.use_batch_norm and not folded.fuse_activation
     assert all(set(b) == {"conv"} for b in fparams["blocks"])
     assert all(set(b["conv"]) == {"kernel", "bias"} for b in fparams["blocks"])
-    x = images(jax.random.key(2), model)
+    x = images(2, model)
     want = jax.jit(functools.partial(model.apply, training=False))(params, state, x)[0]
     apply_folded = jax.jit(functools.partial(folded.apply, training=False))
     close(apply_folded(fparams, fstate, x)[0], want)
@@ -657,35 +660,35 @@ def _params(model=GOOD):
 
 def _swap_kernel(params, i, shape):
     params = jax.tree.map(lambda v: v, params)
-    params["blocks"][i]["conv"]["kernel"] = jnp.ones(shape)
+    params["blocks"][i]["conv"]["kernel"] = ones(shape)
     return params
 
 
 APPLY_BAD = [
-    ("rank", lambda p, s: (p, s, jnp.ones((2, 8, 8))), ValueError, r"\[batch, height, width, 2\]"),
+    ("rank", lambda p, s: (p, s, ones((2, 8, 8))), ValueError, r"\[batch, height, width, 2\]"),
     (
         "layout",
-        lambda p, s: (p, s, jnp.ones((2, 2, 8, 8))),
+        lambda p, s: (p, s, ones((2, 2, 8, 8))),
         ValueError,
         r"NHWC.*got \(2, 2, 8, 8\) \(that is the NCHW layout: pass data_format='NCHW'\)",
     ),
-    ("channels", lambda p, s: (p, s, jnp.ones((2, 8, 8, 3))), ValueError, "in_channels=2"),
+    ("channels", lambda p, s: (p, s, ones((2, 8, 8, 3))), ValueError, "in_channels=2"),
     (
         "kernel_channels",
-        lambda p, s: (_swap_kernel(p, 1, (3, 3, 5, 6)), s, jnp.ones((2, 8, 8, 2))),
+        lambda p, s: (_swap_kernel(p, 1, (3, 3, 5, 6)), s, ones((2, 8, 8, 2))),
         ValueError,
         r"params\['blocks'\]\[1\]\['conv'\]\['kernel'\] must have shape \(3, 3, 4, 6\).*"
         r"got \(3, 3, 5, 6\)",
     ),
     (
         "blocks",
-        lambda p, s: ({**p, "blocks": p["blocks"][:1]}, s, jnp.ones((2, 8, 8, 2))),
+        lambda p, s: ({**p, "blocks": p["blocks"][:1]}, s, ones((2, 8, 8, 2))),
         ValueError,
         "params has 1 blocks, expected 2",
     ),
     (
         "int_x",
-        lambda p, s: (p, s, jnp.ones((2, 8, 8, 2), jnp.int32)),
+        lambda p, s: (p, s, ones((2, 8, 8, 2), np.int32)),
         TypeError,
         "floating-point",
     ),
@@ -707,7 +710,7 @@ def test_apply_nchw_layout_error():
     params, state = _params(model)
     with pytest.raises(ValueError, match=r"\[batch, 2, height, width\].*pass data_format='NHWC'"):
         jax.eval_shape(
-            functools.partial(model.apply, training=False), params, state, jnp.ones((2, 8, 8, 2))
+            functools.partial(model.apply, training=False), params, state, ones((2, 8, 8, 2))
         )
 
 
@@ -773,6 +776,6 @@ def test_images_shrunk_to_nothing_are_refused_while_tracing(model, small, large)
             )
     # Images just large enough keep one position, and give finite logits.
     logits, _ = jax.jit(functools.partial(model.apply, training=False))(
-        params, state, jnp.ones(shape(large))
+        params, state, ones(shape(large))
     )
     assert bool(jnp.all(jnp.isfinite(logits)))

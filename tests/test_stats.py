@@ -11,10 +11,11 @@ from jax.test_util import check_grads
 import jaxbn
 from jaxbn.data import batch_indices
 from jaxbn.stats import precise_stats_from_data
+from tests._op_cases import normal, ones
 
 
 def data(shape, seed=0, offset=3.0, scale=2.0):
-    return scale * jax.random.normal(jax.random.key(seed), shape) + offset
+    return scale * normal(seed, shape) + offset
 
 
 def population(x, feat_axes):
@@ -141,9 +142,10 @@ def test_scan_path_equals_loop_path():
 
 def test_masks_count_only_the_kept_examples():
     x = data((4, 10, 3))
-    keep = jax.random.bernoulli(jax.random.key(5), 0.6, (4, 10)).at[:, :2].set(True)
-    keep = keep.at[3].set(False)  # an all-masked batch weighs nothing
-    kept = np.asarray(x)[np.asarray(keep)]
+    keep = np.random.default_rng(5).random((4, 10)) < 0.6
+    keep[:, :2] = True
+    keep[3] = False  # an all-masked batch weighs nothing
+    kept = x[keep]
     mean, var = population(kept, (1,))
     # A model whose apply takes a mask (BatchNorm): the mask is passed, one lax.scan.
     bn = jaxbn.BatchNorm(3)
@@ -225,7 +227,7 @@ def test_other_state_entries_are_kept(kwargs, kept):
 def test_frozen_layers_keep_their_statistics():
     model = jaxbn.MLP((4, 6, 3), frozen=True)
     params, state = model.init(jax.random.key(0))
-    state = jax.tree.map(lambda v: v + 0.5, state)
+    state = jax.tree.map(lambda v: np.asarray(v) + 0.5, state)
     got = jaxbn.precise_stats(model, params, state, data((3, 8, 4)))
     np.testing.assert_allclose(bn_layers(got)[0]["mean"], bn_layers(state)[0]["mean"], rtol=1e-6)
     np.testing.assert_allclose(bn_layers(got)[0]["var"], bn_layers(state)[0]["var"], rtol=1e-6)
@@ -277,32 +279,39 @@ class _UnbiasedModel:
         return bn.apply(params, state, x, training=training)
 
 
+def with_set(a, index, value):
+    """A copy of NumPy array ``a`` with ``a[index] = value``: ``a.at[index].set(value)``."""
+    a = a.copy()
+    a[index] = value
+    return a
+
+
 MLP = jaxbn.MLP((4, 6, 3))
-GOOD = jnp.ones((8, 4)).at[0].set(2.0)
+GOOD = with_set(ones((8, 4)), 0, 2.0)
 BAD_INPUTS = [
     ("empty", MLP, [], ValueError, "batches is empty"),
-    ("all masked", MLP, [(GOOD, jnp.zeros(8, bool))], ValueError, "batches is empty"),
-    ("features", MLP, [jnp.ones((8, 5))], ValueError, r"batches\[0\].*\[batch, 4\]"),
-    ("features stacked", MLP, jnp.ones((2, 8, 5)), ValueError, r"batches\[0\].*\[batch, 4\]"),
-    ("rank", MLP, jnp.ones(4), ValueError, "stacked array"),
-    ("labels", MLP, [(GOOD, jnp.zeros(8, jnp.int32))], TypeError, "boolean mask"),
-    ("mask size", MLP, [(GOOD, jnp.ones(7, bool))], ValueError, "mask of batches"),
-    ("mask rank", MLP, [(GOOD, jnp.ones((8, 2), bool))], ValueError, "per example"),
+    ("all masked", MLP, [(GOOD, np.zeros(8, bool))], ValueError, "batches is empty"),
+    ("features", MLP, [ones((8, 5))], ValueError, r"batches\[0\].*\[batch, 4\]"),
+    ("features stacked", MLP, ones((2, 8, 5)), ValueError, r"batches\[0\].*\[batch, 4\]"),
+    ("rank", MLP, ones(4), ValueError, "stacked array"),
+    ("labels", MLP, [(GOOD, np.zeros(8, np.int32))], TypeError, "boolean mask"),
+    ("mask size", MLP, [(GOOD, np.ones(7, bool))], ValueError, "mask of batches"),
+    ("mask rank", MLP, [(GOOD, np.ones((8, 2), bool))], ValueError, "per example"),
     (
         "mask along features",
         jaxbn.BatchNorm(4),
-        [(GOOD, jnp.ones((8, 4), bool).at[0, 1].set(False))],
+        [(GOOD, with_set(np.ones((8, 4), bool), (0, 1), False))],
         ValueError,
         "per example",
     ),
     ("triple", MLP, [(GOOD, GOOD, GOOD)], ValueError, r"batches\[0\] must be x or a pair"),
     ("not iterable", MLP, 3, TypeError, "iterable"),
-    ("nan", MLP, [GOOD, GOOD.at[2, 1].set(jnp.nan)], ValueError, r"finite: batches\[1\]"),
-    ("inf stacked", MLP, jnp.stack([GOOD, GOOD.at[0, 0].set(jnp.inf)]), ValueError, "finite"),
+    ("nan", MLP, [GOOD, with_set(GOOD, (2, 1), np.nan)], ValueError, r"finite: batches\[1\]"),
+    ("inf stacked", MLP, np.stack([GOOD, with_set(GOOD, (0, 0), np.inf)]), ValueError, "finite"),
     (
         "nan kept by a mask",
         MLP,
-        [(GOOD.at[3, 0].set(jnp.nan), jnp.arange(8) != 2)],
+        [(with_set(GOOD, (3, 0), np.nan), np.arange(8) != 2)],
         ValueError,
         r"finite: batches\[0\]",
     ),
@@ -324,8 +333,8 @@ def test_bad_input(model, batches, error, match):
 
 def test_a_masked_example_need_not_be_finite():
     params, state = MLP.init(jax.random.key(0))
-    keep = jnp.arange(8) != 3
-    got = jaxbn.precise_stats(MLP, params, state, [(GOOD.at[3].set(jnp.nan), keep)])
+    keep = np.arange(8) != 3
+    got = jaxbn.precise_stats(MLP, params, state, [(with_set(GOOD, 3, np.nan), keep)])
     want = jaxbn.precise_stats(MLP, params, state, [GOOD[keep]])
     jax.tree.map(np.testing.assert_array_equal, got, want)
 
@@ -334,7 +343,7 @@ def test_bad_input_raises_while_tracing():
     params, state = MLP.init(jax.random.key(0))
 
     def f(params, state):
-        return jaxbn.precise_stats(MLP, params, state, [jnp.ones((8, 5))])
+        return jaxbn.precise_stats(MLP, params, state, [ones((8, 5))])
 
     with pytest.raises(ValueError, match=r"batches\[0\]"):
         jax.eval_shape(f, params, state)
@@ -346,7 +355,7 @@ def test_bad_input_raises_while_tracing():
     with pytest.raises(ValueError, match="no batch-norm statistics"):
         jaxbn.precise_stats(MLP, params, {"layers": [{}, {}]}, [GOOD])
     with pytest.raises(ValueError, match="examples of shape"):
-        jaxbn.precise_stats(MLP, params, state, [GOOD, jnp.ones((8, 4, 1))])
+        jaxbn.precise_stats(MLP, params, state, [GOOD, ones((8, 4, 1))])
 
 
 # --- debias ---------------------------------------------------------------------------
@@ -375,10 +384,10 @@ def test_debiased_statistics_after_one_step_are_the_batch_statistics(kwargs, how
     params, state = bn.init()
     assert int(state["count"]) == 0
     x = data((16, 3), offset=5.0)
-    keep = jnp.arange(16) % 3 != 0
+    keep = np.arange(16) % 3 != 0
     if how == "mask":
         new = bn.apply(params, state, x, training=True, mask=keep)[1]
-        mean, var = population(np.asarray(x)[np.asarray(keep)], (1,))
+        mean, var = population(x[keep], (1,))
     elif how == "vmap":
         new = _vmap_axis(bn, params, state, x)
         mean, var = population(x, (1,))
@@ -447,7 +456,7 @@ def test_debias_before_any_step_evaluates_with_the_initial_statistics():
 def test_debias_all_masked_batch_changes_nothing_and_mlp_passes_debias():
     bn = jaxbn.BatchNorm(3, debias=True)
     params, state = bn.init()
-    _, new = bn.apply(params, state, data((4, 3)), training=True, mask=jnp.zeros(4, bool))
+    _, new = bn.apply(params, state, data((4, 3)), training=True, mask=np.zeros(4, bool))
     assert int(new["count"]) == 0
     np.testing.assert_array_equal(new["var"], state["var"])
     model = jaxbn.MLP((4, 6, 3), momentum=0.999, debias=True)
@@ -513,16 +522,12 @@ def test_frozen_training_leaves_state_and_differentiates_the_fixed_affine_map(sh
         dtype = dtype or jnp.float64
         c = shape[axis]
         bn = jaxbn.BatchNorm(c, axis=axis, momentum=None, frozen=True, param_dtype=dtype)
-        keys = jax.random.split(jax.random.key(7), 6)
-        x = jax.random.normal(keys[0], shape, dtype) + 2.0
-        params = {
-            "scale": jax.random.normal(keys[1], (c,), dtype),
-            "bias": jax.random.normal(keys[2], (c,), dtype),
-        }
+        x = normal(7, shape, dtype) + 2.0
+        params = {"scale": normal(8, (c,), dtype), "bias": normal(9, (c,), dtype)}
         state = {
-            "mean": jax.random.normal(keys[3], (c,), dtype),
-            "var": jnp.exp(jax.random.normal(keys[4], (c,), dtype)),
-            "count": jnp.array(5, jnp.int32),
+            "mean": normal(10, (c,), dtype),
+            "var": np.exp(normal(11, (c,), dtype)),
+            "count": np.array(5, np.int32),
         }
         y, new = bn.apply(params, state, x, training=True)
         for k in state:
@@ -531,7 +536,7 @@ def test_frozen_training_leaves_state_and_differentiates_the_fixed_affine_map(sh
         tol = 1e-5 if dtype == jnp.float32 else 1e-12
         np.testing.assert_allclose(y, ref(x, params["scale"], params["bias"]), rtol=tol, atol=tol)
         # A random cotangent on y; the gradient equals the evaluation-mode reference's.
-        dy = jax.random.normal(keys[5], shape, dtype)
+        dy = normal(12, shape, dtype)
 
         def frozen(x, s, b):
             return bn.apply({"scale": s, "bias": b}, state, x, training=True)[0]
@@ -563,10 +568,10 @@ def test_frozen_mlp_training_step_leaves_state_and_accepts_masks():
     np.testing.assert_array_equal(logits, evaluated)
     bn = jaxbn.BatchNorm(3, frozen=True)
     params, state = bn.init()
-    _, new = bn.apply(params, state, data((8, 3)), training=True, mask=jnp.ones(8, bool))
+    _, new = bn.apply(params, state, data((8, 3)), training=True, mask=np.ones(8, bool))
     jax.tree.map(np.testing.assert_array_equal, new, state)
     with pytest.raises(ValueError, match="mask"):
-        bn.apply(params, state, data((8, 3)), training=True, mask=jnp.ones(5, bool))
+        bn.apply(params, state, data((8, 3)), training=True, mask=np.ones(5, bool))
 
 
 def test_fit_recomputes_precise_statistics_at_the_end():
@@ -608,12 +613,12 @@ def test_a_mask_varying_along_features_is_refused_where_the_state_counts_updates
         2, momentum=config.get("momentum", 0.9), debias=config.get("debias", False)
     )
     params, state = bn.init()
-    x = jnp.array([[1.0, 10.0], [3.0, 10.0]])
-    per_feature = jnp.array([[True, False], [True, False]])
+    x = np.array([[1.0, 10.0], [3.0, 10.0]], np.float32)
+    per_feature = np.array([[True, False], [True, False]])
     with pytest.raises(ValueError, match="varies along the feature axes"):
         jax.eval_shape(lambda x: bn.apply(params, state, x, training=True, mask=per_feature), x)
     # A mask over the examples is fine.
-    bn.apply(params, state, x, training=True, mask=jnp.array([True, True]))
+    bn.apply(params, state, x, training=True, mask=np.array([True, True]))
 
 
 # --- the CNN ---------------------------------------------------------------------------
@@ -650,10 +655,10 @@ def test_cnn_blocks_get_the_population_statistics_of_their_inputs(data_format, f
         data_format=data_format,
     )
     params, state = model.init(jax.random.key(0))
-    scale = jnp.array([1.5, -0.5, 0.7, 2.0])  # of both signs: |scale| + eps when fused
+    scale = np.array([1.5, -0.5, 0.7, 2.0], np.float32)  # of both signs: |scale| + eps when fused
     params["blocks"][0]["batch_norm"]["scale"] = scale
     xs = data((3, 5, 6, 6, 2))  # 3 batches of 5 NHWC images
-    batches = xs if data_format == "NHWC" else jnp.moveaxis(xs, -1, 2)
+    batches = xs if data_format == "NHWC" else np.moveaxis(xs, -1, 2)
     got = jaxbn.precise_stats(model, params, state, batches)
     kernels = [np.asarray(b["conv"]["kernel"], np.float64) for b in params["blocks"]]
     x64 = np.asarray(xs, np.float64)
