@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests._op_cases import normal
+
 eqx = pytest.importorskip("equinox")
 from jaxbn import equinox as bn_eqx  # noqa: E402
 
@@ -27,12 +29,9 @@ SHAPES = {"NC": (16, 5), "NCHW": (4, 3, 5, 6)}
 
 
 def make_batches(shape, steps, x_dtype, seed=0):
-    keys = jax.random.split(jax.random.key(seed), 2 * steps)
-    xs = [
-        (2.0 * jax.random.normal(keys[i], shape) + 0.5 + 0.3 * i).astype(x_dtype)
-        for i in range(steps)
-    ]
-    cts = [jax.random.normal(keys[steps + i], shape) for i in range(steps)]
+    """NumPy batches and cotangents, drawn with the seeds ``seed`` to ``seed + 2 * steps - 1``."""
+    xs = [(2.0 * normal(seed + i, shape) + 0.5 + 0.3 * i).astype(x_dtype) for i in range(steps)]
+    cts = [normal(seed + steps + i, shape) for i in range(steps)]
     return xs, cts
 
 
@@ -62,11 +61,12 @@ def run_batch(model, x, state):
     return jax.vmap(model, in_axes=(0, None), out_axes=(0, None), axis_name="batch")(x, state)
 
 
-def with_params(model, key):
-    k1, k2 = jax.random.split(key)
+def with_params(model, seed):
+    """``model`` with random ``weight`` and ``bias`` (JAX arrays, as Equinox's own)."""
     c = model.input_size
-    model = eqx.tree_at(lambda m: m.weight, model, 1.0 + 0.5 * jax.random.normal(k1, (c,)))
-    return eqx.tree_at(lambda m: m.bias, model, jax.random.normal(k2, (c,)))
+    weight = jnp.asarray(1.0 + 0.5 * normal(seed, (c,)))
+    model = eqx.tree_at(lambda m: m.weight, model, weight)
+    return eqx.tree_at(lambda m: m.bias, model, jnp.asarray(normal(seed + 1, (c,))))
 
 
 def hidden(model, state):
@@ -95,7 +95,8 @@ def test_equals_equinox(case, precision, assert_trees_close):
     theirs, s_theirs = eqx.nn.make_with_state(eqx.nn.BatchNorm)(
         c, "batch", momentum=momentum, mode="batch"
     )
-    ours, theirs = with_params(ours, jax.random.key(1)), with_params(theirs, jax.random.key(1))
+    # Seeds apart from make_batches' (0 to 7).
+    ours, theirs = with_params(ours, 10), with_params(theirs, 10)
     for i in range(steps):
         y_o, g_o, s_ours = step(ours, s_ours, xs[i], cts[i], inference=False)
         y_t, g_t, s_theirs = step(theirs, s_theirs, xs[i], cts[i], inference=False)
@@ -123,10 +124,9 @@ def test_inference_statistics_after_a_few_steps_against_the_truth():
     theirs, s_theirs = eqx.nn.make_with_state(eqx.nn.BatchNorm)(
         4, "batch", momentum=momentum, mode="batch"
     )
-    keys = jax.random.split(jax.random.key(0), steps)
-    xs = [true_mean + true_std * jax.random.normal(k, (1024, 4)) for k in keys]
+    xs = [true_mean + true_std * normal(i, (1024, 4)) for i in range(steps)]
     for x in xs:
-        ct = jnp.zeros_like(x)
+        ct = np.zeros_like(x)
         _, _, s_ours = step(ours, s_ours, x, ct, inference=False)
         _, _, s_theirs = step(theirs, s_theirs, x, ct, inference=False)
 
@@ -156,26 +156,26 @@ def test_inference_statistics_after_a_few_steps_against_the_truth():
     assert np.all(var_t > 5 * true_std**2)
     # And the outputs in evaluation: jaxbn's are standardized, Equinox's shrunk.
     x = xs[0]
-    y_o = step(ours, s_ours, x, jnp.zeros_like(x), inference=True)[0]
-    y_t = step(theirs, s_theirs, x, jnp.zeros_like(x), inference=True)[0]
+    y_o = step(ours, s_ours, x, np.zeros_like(x), inference=True)[0]
+    y_t = step(theirs, s_theirs, x, np.zeros_like(x), inference=True)[0]
     assert 0.9 < float(jnp.std(y_o)) < 1.1
     assert float(jnp.std(y_t)) < 0.5
 
 
 def test_before_any_training_step_inference_is_the_identity_map():
     """Counter zero: mean 0, variance 1, as Equinox's (and Flax's) initial statistics."""
-    x = jax.random.normal(jax.random.key(0), (8, 3))
+    x = normal(0, (8, 3))
     results = []
     for cls, kw in ((bn_eqx.BatchNorm, {}), (eqx.nn.BatchNorm, {"mode": "batch"})):
         model, state = eqx.nn.make_with_state(cls)(3, "batch", inference=True, **kw)
-        results.append(step(model, state, x, jnp.zeros_like(x), inference=True)[0])
+        results.append(step(model, state, x, np.zeros_like(x), inference=True)[0])
     np.testing.assert_allclose(results[0], results[1], rtol=1e-6)
     np.testing.assert_allclose(results[0], x / np.sqrt(1 + 1e-5), rtol=1e-6)
 
 
 def test_training_runs_the_custom_vjp_op():
     """The traced call holds jaxbn's custom_vjp: gradients take its backward."""
-    x = jnp.ones((4, 3)) * jnp.arange(4.0)[:, None]
+    x = np.ones((4, 3), np.float32) * np.arange(4.0, dtype=np.float32)[:, None]
 
     def jaxpr(cls, **kw):
         model, state = eqx.nn.make_with_state(cls)(3, "batch", **kw)
@@ -189,7 +189,7 @@ def test_training_runs_the_custom_vjp_op():
 def test_equinox_api_sequential_inference_mode_and_dtypes(assert_trees_close):
     """Sequential passes the state; inference_mode toggles; fields and state as Equinox's."""
     key = jax.random.key(0)
-    x = jax.random.normal(key, (16, 6)) + 1.0
+    x = normal(0, (16, 6)) + 1.0
     models = []
     for bn in (bn_eqx.BatchNorm(8, "batch"), eqx.nn.BatchNorm(8, "batch", mode="batch")):
         seq = eqx.nn.Sequential([eqx.nn.Linear(6, 8, key=key), bn, eqx.nn.Lambda(jax.nn.relu)])
@@ -211,7 +211,7 @@ def test_equinox_api_sequential_inference_mode_and_dtypes(assert_trees_close):
 
 
 def test_without_affine_trains_and_evaluates_as_equinox(assert_trees_close):
-    x = 2.0 * jax.random.normal(jax.random.key(3), (8, 3)) + 1.0
+    x = 2.0 * normal(3, (8, 3)) + 1.0
     outs = []
     for cls in (eqx.nn.BatchNorm, bn_eqx.BatchNorm):
         kwargs = {"mode": "batch"} if cls is eqx.nn.BatchNorm else {}
@@ -228,7 +228,7 @@ def test_without_affine_trains_and_evaluates_as_equinox(assert_trees_close):
 
 def test_numpy_scalars_are_numbers(assert_trees_close):
     """NumPy reals are taken where Python numbers are, and give the same layer."""
-    x = 2.0 * jax.random.normal(jax.random.key(2), (8, 3)) + 1.0
+    x = 2.0 * normal(2, (8, 3)) + 1.0
     results = []
     for input_size, eps, momentum in (
         (3, 1e-3, 0.5),
@@ -238,8 +238,8 @@ def test_numpy_scalars_are_numbers(assert_trees_close):
             input_size, "batch", eps=eps, momentum=momentum
         )
         assert type(model.momentum) is float and type(model.input_size) is int
-        y, _, state = step(model, state, x, jnp.zeros_like(x), inference=False)
-        y_eval = step(model, state, x, jnp.zeros_like(x), inference=True)[0]
+        y, _, state = step(model, state, x, np.zeros_like(x), inference=False)
+        y_eval = step(model, state, x, np.zeros_like(x), inference=True)[0]
         results.append((y, y_eval, hidden(model, state)))
     assert_trees_close(results[1], results[0], tol=F32_TOL)
 
@@ -296,19 +296,19 @@ def test_bad_input_raises_while_tracing():
     model, state = eqx.nn.make_with_state(bn_eqx.BatchNorm)(3, "batch")
     f = jax.vmap(model, in_axes=(0, None), out_axes=(0, None), axis_name="batch")
     with pytest.raises(ValueError, match=r"input_size=3 channels on axis 0, got shape \(4,\)"):
-        jax.eval_shape(f, jnp.ones((8, 4)), state)
+        jax.eval_shape(f, np.ones((8, 4), np.float32), state)
     with pytest.raises(TypeError, match="x must have a floating-point dtype"):
-        jax.eval_shape(f, jnp.ones((8, 3), jnp.int32), state)
+        jax.eval_shape(f, np.ones((8, 3), np.int32), state)
     with pytest.raises(NameError):  # outside a vmap with its axis name, as Equinox
-        jax.eval_shape(lambda x: model(x, state), jnp.ones((3,)))
+        jax.eval_shape(lambda x: model(x, state), np.ones((3,), np.float32))
 
 
 def test_update_counter_saturates_instead_of_overflowing():
     """At 2**31 - 1 updates the counter stays there; the statistics stay finite."""
-    x = jax.random.normal(jax.random.key(3), (8, 3)) + 2.0
+    x = normal(3, (8, 3)) + 2.0
     model, state = eqx.nn.make_with_state(bn_eqx.BatchNorm)(3, "batch", momentum=0.9)
     state = state.set(model.batch_counter, jnp.asarray(int(np.iinfo(np.int32).max)))
-    state = step(model, state, x, jnp.zeros_like(x), inference=False)[2]
+    state = step(model, state, x, np.zeros_like(x), inference=False)[2]
     assert int(state.get(model.batch_counter)) == np.iinfo(np.int32).max
-    y = step(model, state, x, jnp.zeros_like(x), inference=True)[0]
+    y = step(model, state, x, np.zeros_like(x), inference=True)[0]
     assert np.isfinite(np.asarray(y)).all()

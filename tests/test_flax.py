@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import jaxbn
+from tests._op_cases import normal
 
 nn = pytest.importorskip("flax.linen")
 nnx = pytest.importorskip("flax.nnx")
@@ -65,17 +66,19 @@ PRECISIONS = {
 
 
 def make_inputs(shape, axis, mask_shape, steps, precision, seed=0):
-    keys = jax.random.split(jax.random.key(seed), 3 * steps + 2)
+    """NumPy inputs, drawn with the seeds ``seed`` to ``seed + 3 * steps + 1``."""
     fshape = (shape[axis],)
     xs = [
-        (2.0 * jax.random.normal(keys[i], shape) + 0.5 + 0.3 * i).astype(precision.x_dtype)
+        (2.0 * normal(seed + i, shape) + 0.5 + 0.3 * i).astype(precision.x_dtype)
         for i in range(steps)
     ]
-    cts = [jax.random.normal(keys[steps + i], shape) for i in range(steps)]
-    masks = [jax.random.bernoulli(keys[2 * steps + i], 0.7, mask_shape) for i in range(steps)]
+    cts = [normal(seed + steps + i, shape) for i in range(steps)]
+    masks = [
+        np.random.default_rng(seed + 2 * steps + i).random(mask_shape) < 0.7 for i in range(steps)
+    ]
     params = {
-        "scale": 1.0 + 0.5 * jax.random.normal(keys[-2], fshape),
-        "bias": jax.random.normal(keys[-1], fshape),
+        "scale": 1.0 + 0.5 * normal(seed + 3 * steps, fshape),
+        "bias": normal(seed + 3 * steps + 1, fshape),
     }
     return xs, cts, masks, params
 
@@ -128,8 +131,9 @@ class NNXDriver:
 
     def init(self, x, params):
         model = self.make()
-        model.scale[...] = params["scale"]
-        model.bias[...] = params["bias"]
+        # JAX arrays: the variables' values are replaced, not updated with an eager .at.
+        model.scale[...] = jnp.asarray(params["scale"])
+        model.bias[...] = jnp.asarray(params["bias"])
         return model
 
     def step(self, model, x, ct, mask, training):
@@ -282,7 +286,7 @@ def nnx_call(graphdef, **kwargs):
 )
 def test_training_runs_the_custom_vjp_op(make, ours, theirs):
     """The traced training step holds jaxbn's custom_vjp: gradients take its backward."""
-    x = jnp.ones((4, 3)) * jnp.arange(4.0)[:, None]
+    x = np.ones((4, 3), np.float32) * np.arange(4.0, dtype=np.float32)[:, None]
     assert "custom_vjp_call" in str(jax.make_jaxpr(make(ours, x))(x))
     # The negative control: Flax's module is differentiated by autodiff.
     assert "custom_vjp_call" not in str(jax.make_jaxpr(make(theirs, x))(x))
@@ -296,7 +300,7 @@ def test_training_runs_the_custom_vjp_op(make, ours, theirs):
 @pytest.mark.parametrize("x_dtype", [jnp.bfloat16, jnp.float32], ids=["x_bf16", "x_f32"])
 @pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.bfloat16], ids=["p_f32", "p_bf16"])
 def test_output_and_variable_dtypes_follow_flax(x_dtype, dtype, param_dtype, affine):
-    x = (jnp.arange(12.0).reshape(4, 3) % 5).astype(x_dtype)
+    x = (np.arange(12.0, dtype=np.float32).reshape(4, 3) % 5).astype(x_dtype)
     kw = dict(dtype=dtype, param_dtype=param_dtype, use_scale=affine, use_bias=affine)
     for training in (True, False):
         ours = bn_linen.BatchNorm(**kw).init_with_output(
@@ -323,7 +327,7 @@ def test_output_and_variable_dtypes_follow_flax(x_dtype, dtype, param_dtype, aff
 @pytest.mark.parametrize("framework", ["nnx", "linen"])
 def test_variance_at_large_offset_is_accurate_where_flax_default_is_not(framework):
     """Offset 1e4, std 1, float32: Flax's default E[x^2] - E[x]^2 loses the variance."""
-    x = 1e4 + jax.random.normal(jax.random.key(0), (256, 4))
+    x = 1e4 + normal(0, (256, 4))
     truth = np.var(np.asarray(x, np.float64), axis=0)
     mom = 0.0  # the running variance is then the batch variance
 
@@ -371,7 +375,7 @@ def test_full_shape_mask_equals_flax(framework, precision, assert_trees_close, m
 
 @pytest.mark.parametrize("framework", list(FRAMEWORKS))
 def test_masks_are_checked_as_the_op_does(framework):
-    x = jnp.ones((8, 3)) * jnp.arange(8.0)[:, None]
+    x = np.ones((8, 3), np.float32) * np.arange(8.0, dtype=np.float32)[:, None]
     if framework == "linen":
         m = bn_linen.BatchNorm(use_running_average=False)
         v = m.init(jax.random.key(0), x)
@@ -380,18 +384,18 @@ def test_masks_are_checked_as_the_op_does(framework):
         graphdef, state = nnx.split(bn_nnx.BatchNorm(3, rngs=nnx.Rngs(0)))
         call = functools.partial(nnx_call(graphdef), state)
     for bad, err, match in [
-        (jnp.ones((8, 1), jnp.int32), TypeError, "mask must be a boolean array, got int32"),
-        (jnp.ones((8, 1), jnp.float32), TypeError, "mask must be a boolean array, got float32"),
-        (jnp.ones((7, 1), bool), ValueError, r"mask must broadcast to x's shape \(8, 3\)"),
-        (jnp.ones((2, 8, 1), bool), ValueError, r"got shape \(2, 8, 1\)"),
+        (np.ones((8, 1), np.int32), TypeError, "mask must be a boolean array, got int32"),
+        (np.ones((8, 1), np.float32), TypeError, "mask must be a boolean array, got float32"),
+        (np.ones((7, 1), bool), ValueError, r"mask must broadcast to x's shape \(8, 3\)"),
+        (np.ones((2, 8, 1), bool), ValueError, r"got shape \(2, 8, 1\)"),
     ]:
         with pytest.raises(err, match=match):
             jax.eval_shape(call, x, bad)  # raised while tracing
 
 
 def test_mask_is_ignored_in_evaluation_as_in_flax():
-    x = jax.random.normal(jax.random.key(0), (8, 3)) + 2.0
-    mask = (jnp.arange(8) < 5)[:, None]
+    x = normal(0, (8, 3)) + 2.0
+    mask = (np.arange(8) < 5)[:, None]
     for ours, theirs in (
         (bn_nnx.BatchNorm(3, rngs=nnx.Rngs(0)), nnx.BatchNorm(3, rngs=nnx.Rngs(0))),
     ):
@@ -408,8 +412,8 @@ def test_mask_is_ignored_in_evaluation_as_in_flax():
 
 def test_all_masked_batch_keeps_the_running_statistics():
     """A deliberate difference: Flax writes NaN into its statistics here."""
-    x = jax.random.normal(jax.random.key(0), (8, 3)) + 2.0
-    none = jnp.zeros((8, 1), bool)
+    x = normal(0, (8, 3)) + 2.0
+    none = np.zeros((8, 1), bool)
     ours, theirs = bn_nnx.BatchNorm(3, rngs=nnx.Rngs(0)), nnx.BatchNorm(3, rngs=nnx.Rngs(0))
     ours(x)
     before = nnx.clone(nnx.state(ours, nnx.BatchStat))
@@ -439,8 +443,8 @@ def test_nnx_swap_in_a_model_with_optimizer_jit_train_eval(assert_trees_close):
     """The same model with either BatchNorm: same init, losses, parameters, statistics."""
     import optax
 
-    x = jax.random.normal(jax.random.key(0), (32, 10)) * 1.5 + 0.5
-    labels = jax.random.randint(jax.random.key(1), (32,), 0, 3)
+    x = normal(0, (32, 10)) * 1.5 + 0.5
+    labels = np.random.default_rng(1).integers(0, 3, 32, dtype=np.int32)
     models = [NNXMLP(norm, rngs=nnx.Rngs(2)) for norm in (bn_nnx.BatchNorm, nnx.BatchNorm)]
     # Identical initialization, down to the layers after the batch norm (same key use).
     assert_trees_close(nnx.state(models[0]), nnx.state(models[1]), tol=0.0)
@@ -477,7 +481,7 @@ def test_nnx_swap_in_a_model_with_optimizer_jit_train_eval(assert_trees_close):
 
 
 def test_nnx_use_running_average_precedence_and_missing():
-    x = jnp.ones((4, 2)) * jnp.arange(4.0)[:, None]
+    x = np.ones((4, 2), np.float32) * np.arange(4.0, dtype=np.float32)[:, None]
     m = bn_nnx.BatchNorm(2, use_running_average=True, rngs=nnx.Rngs(0))
     m(x, use_running_average=False)  # the call argument wins, as in Flax
     assert float(m.mean[0]) > 0
@@ -488,7 +492,7 @@ def test_nnx_use_running_average_precedence_and_missing():
 
 def test_nnx_jaxbn_options_equal_the_layer(assert_trees_close):
     """jaxbn's extra options through NNX: extra batch statistics, the layer's numbers."""
-    x = jax.random.normal(jax.random.key(0), (8, 3)) * 2.0 + 1.0
+    x = normal(0, (8, 3)) * 2.0 + 1.0
     for options in (
         dict(momentum=None, unbiased_running_var=True),
         dict(renorm=True, renorm_clipping=(2.0, 1.0)),
@@ -539,14 +543,14 @@ def test_nnx_bad_input_raises_while_tracing():
     graphdef, state = nnx.split(bn_nnx.BatchNorm(4, rngs=nnx.Rngs(0)))
     call = functools.partial(nnx_call(graphdef), state)
     with pytest.raises(ValueError, match=r"x has \(5,\) features.*num_features=4"):
-        jax.eval_shape(call, jnp.ones((8, 5)))
+        jax.eval_shape(call, np.ones((8, 5), np.float32))
     with pytest.raises(TypeError, match="x must have a floating-point dtype, got int32"):
-        jax.eval_shape(call, jnp.ones((8, 4), jnp.int32))
+        jax.eval_shape(call, np.ones((8, 4), np.int32))
     with pytest.raises(ValueError, match="expected more than 1 value per feature"):
-        jax.eval_shape(call, jnp.ones((1, 4)))
+        jax.eval_shape(call, np.ones((1, 4), np.float32))
     graphdef, state = nnx.split(bn_nnx.BatchNorm(4, axis=2, rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="axis 2 is out of range for x of rank 2"):
-        jax.eval_shape(functools.partial(nnx_call(graphdef), state), jnp.ones((8, 4)))
+        jax.eval_shape(functools.partial(nnx_call(graphdef), state), np.ones((8, 4), np.float32))
 
 
 # Custom promote_dtype functions, with Flax's signature ``(args, *, dtype) -> args``.
@@ -565,9 +569,8 @@ def test_nnx_custom_promote_dtype_is_applied_as_flax(promotion, assert_trees_clo
     tol = 4 * float(jnp.finfo(jnp.float16).eps) if promotion == "float16" else F32_TOL
     # identity: float16 params with float32 x, as in Flax's test; float16: all cast.
     param_dtype = jnp.float16 if promotion == "identity" else jnp.float32
-    keys = jax.random.split(jax.random.key(0), 2)
-    x = 2.0 * jax.random.normal(keys[0], (16, 5)) + 0.5
-    ct = jax.random.normal(keys[1], (16, 5))
+    x = 2.0 * normal(0, (16, 5)) + 0.5
+    ct = normal(1, (16, 5))
 
     def loss(model, x):
         y = model(x, use_running_average=False)
@@ -582,7 +585,7 @@ def test_nnx_custom_promote_dtype_is_applied_as_flax(promotion, assert_trees_clo
             promote_dtype=PROMOTIONS[promotion],
             rngs=nnx.Rngs(0),
         )
-        model.scale[...] = (1.0 + 0.5 * jax.random.normal(keys[1], (5,))).astype(param_dtype)
+        model.scale[...] = jnp.asarray((1.0 + 0.5 * normal(2, (5,))).astype(param_dtype))
         (_, dx), y = nnx.grad(loss, argnums=(0, 1), has_aux=True)(model, x)
         y_eval = model(x + 1.0, use_running_average=True)
         results.append((y, dx, model.mean[...], model.var[...], y_eval))
@@ -608,8 +611,8 @@ class LinenMLP(nn.Module):
 
 
 def test_linen_swap_in_a_model_keeps_loss_and_gradients(assert_trees_close):
-    x = jax.random.normal(jax.random.key(0), (32, 10)) * 1.5 + 0.5
-    labels = jax.random.randint(jax.random.key(1), (32,), 0, 3)
+    x = normal(0, (32, 10)) * 1.5 + 0.5
+    labels = np.random.default_rng(1).integers(0, 3, 32, dtype=np.int32)
     models = (LinenMLP(nn.BatchNorm), LinenMLP(bn_linen.BatchNorm))
     pair = [m.init(jax.random.key(2), x, train=False) for m in models]
     assert_trees_close(pair[1], pair[0], tol=0.0)
@@ -645,7 +648,7 @@ def test_linen_swap_in_a_model_keeps_loss_and_gradients(assert_trees_close):
 
 def test_linen_init_on_a_single_example_as_flax(assert_trees_close):
     """A common Flax idiom: initialize in training mode on one dummy example."""
-    x = jnp.arange(3.0)[None, :]
+    x = np.arange(3.0, dtype=np.float32)[None, :]
     y_f, v_f = nn.BatchNorm(use_running_average=False).init_with_output(jax.random.key(0), x)
     y_w, v_w = bn_linen.BatchNorm(use_running_average=False).init_with_output(jax.random.key(0), x)
     assert_trees_close(v_w, v_f, tol=0.0)
@@ -653,15 +656,15 @@ def test_linen_init_on_a_single_example_as_flax(assert_trees_close):
     np.testing.assert_array_equal(y_w, jnp.zeros((1, 3)))  # (x - mean) = 0, bias = 0
     # ... with a mask too (Flax gives the same zeros).
     module = bn_linen.BatchNorm(use_running_average=False)
-    y_m, _ = module.init_with_output(jax.random.key(0), x, mask=jnp.ones((1, 1), bool))
+    y_m, _ = module.init_with_output(jax.random.key(0), x, mask=np.ones((1, 1), bool))
     np.testing.assert_array_equal(y_m, jnp.zeros((1, 3)))
 
 
 @pytest.mark.parametrize("framework", list(FRAMEWORKS))
 def test_axis_name_matches_flax_under_vmap(framework, assert_trees_close):
     """Statistics averaged over a named (vmapped) axis, as over devices."""
-    xs = 2.0 * jax.random.normal(jax.random.key(7), (4, 8, 3)) + 1.0  # 4 "devices" x 8
-    ct = jax.random.normal(jax.random.key(8), xs.shape)
+    xs = 2.0 * normal(7, (4, 8, 3)) + 1.0  # 4 "devices" x 8
+    ct = normal(8, xs.shape)
     _, flax_cls, ours_cls = FRAMEWORKS[framework]
 
     def run(cls):
@@ -700,7 +703,7 @@ def test_axis_name_matches_flax_under_vmap(framework, assert_trees_close):
 
 
 def test_linen_use_running_average_set_once():
-    x = jnp.ones((8, 3)) * jnp.arange(8.0)[:, None]
+    x = np.ones((8, 3), np.float32) * np.arange(8.0, dtype=np.float32)[:, None]
     m = bn_linen.BatchNorm(use_running_average=True)
     v = m.init(jax.random.key(0), x)
     with pytest.raises(ValueError, match="use_running_average"):
@@ -724,7 +727,7 @@ def test_linen_use_running_average_set_once():
 def test_linen_bad_attributes_raise_while_tracing(kwargs, match):
     m = bn_linen.BatchNorm(use_running_average=False, **kwargs)
     with pytest.raises(ValueError, match=match):
-        jax.eval_shape(lambda x: m.init(jax.random.key(0), x), jnp.ones((8, 3)))
+        jax.eval_shape(lambda x: m.init(jax.random.key(0), x), np.ones((8, 3), np.float32))
 
 
 # --- the converters (jaxbn.linen, re-exported by jaxbn.interop) ---------------------
@@ -760,18 +763,17 @@ def feature_shape(shape, axis):
     return tuple(shape[a] for a in sorted(a % len(shape) for a in axes))
 
 
-def random_params(key, fshape):
-    k1, k2 = jax.random.split(key)
-    return {
-        "scale": 1.0 + 0.5 * jax.random.normal(k1, fshape),
-        "bias": jax.random.normal(k2, fshape),
-    }
+def random_params(seed, fshape):
+    """NumPy ``{"scale", "bias"}``, drawn with the seeds ``seed`` and ``seed + 1``."""
+    return {"scale": 1.0 + 0.5 * normal(seed, fshape), "bias": normal(seed + 1, fshape)}
 
 
 def batches(shape, n, seed=0):
-    """Batches with a per-step offset, so the running statistics keep moving."""
-    keys = jax.random.split(jax.random.key(seed), n)
-    return [2.0 * jax.random.normal(k, shape) + 0.5 + i for i, k in enumerate(keys)]
+    """Batches with a per-step offset, so the running statistics keep moving.
+
+    NumPy arrays, drawn with the seeds ``seed`` to ``seed + n - 1``.
+    """
+    return [2.0 * normal(seed + i, shape) + 0.5 + i for i in range(n)]
 
 
 @pytest.mark.parametrize(("shape", "axis"), CONVERTER_CASES, ids=IDS)
@@ -784,7 +786,7 @@ def test_converted_layer_and_module_match_flax(shape, axis):
     xs = batches(shape, 4)
 
     flax_vars = flax_bn.init(jax.random.key(0), xs[0], use_running_average=True)
-    flax_vars = {**flax_vars, "params": random_params(jax.random.key(1), fshape)}
+    flax_vars = {**flax_vars, "params": random_params(10, fshape)}  # apart from xs' seeds
     wrap_vars = dict(flax_vars)
     params, state = interop.from_flax(flax_vars)
 
@@ -820,7 +822,7 @@ def test_converted_layer_and_module_match_flax(shape, axis):
     ids=["scale-bias", "scale", "bias", "none"],
 )
 def test_variables_layout_and_round_trip(use_scale, use_bias):
-    x = jnp.ones((4, 2, 3))
+    x = np.ones((4, 2, 3), np.float32)
     flax_bn = nn.BatchNorm(use_running_average=True, use_scale=use_scale, use_bias=use_bias)
     flax_vars = flax_bn.init(jax.random.key(0), x)
     wrap_vars = bn_linen.BatchNorm(
@@ -834,7 +836,7 @@ def test_variables_layout_and_round_trip(use_scale, use_bias):
             assert g.shape == w.shape and g.dtype == w.dtype
             np.testing.assert_array_equal(g, w)
 
-    trained = jax.tree.map(lambda v: v + jax.random.normal(jax.random.key(1), v.shape), flax_vars)
+    trained = jax.tree.map(lambda v: np.asarray(v) + normal(1, v.shape), flax_vars)
     params, state = interop.from_flax(trained)
     assert set(params) == {k for k, on in (("scale", use_scale), ("bias", use_bias)) if on}
     assert jax.tree.structure(interop.to_flax(params, state)) == jax.tree.structure(trained)
@@ -928,7 +930,7 @@ def test_dtype_maps_both_ways():
     back = interop.to_flax_module(bn)
     assert back.dtype == jnp.bfloat16
     # And the output dtypes agree where both have the dtype set.
-    x = jnp.ones((4, 4), jnp.float32) * jnp.arange(4.0)[:, None]
+    x = np.ones((4, 4), np.float32) * np.arange(4.0, dtype=np.float32)[:, None]
     params, state = bn.init()
     y_bn, _ = bn.apply(params, state, x, training=True)
     y_flax, _ = back.apply(interop.to_flax(params, state), x, False, mutable=["batch_stats"])

@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests._op_cases import normal
+
 ROOT = pathlib.Path(__file__).parents[1]
 EXAMPLES = ROOT / "examples"
 
@@ -89,13 +91,13 @@ def _nnx_run(x, dtype):
     from jaxbn import nnx as bn_nnx
 
     model = bn_nnx.BatchNorm(x.shape[-1], momentum=0.9, dtype=dtype, rngs=nnx.Rngs(0))
-    ct = jax.random.normal(jax.random.key(1), x.shape)
+    ct = normal(1, x.shape)
 
     def loss(model, x, mask):
         y = model(x, use_running_average=False, mask=mask)
         return jnp.sum(y.astype(jnp.float32) * ct), y
 
-    mask = jnp.arange(x.shape[0])[:, None] > 0
+    mask = np.arange(x.shape[0])[:, None] > 0
     dx, y = nnx.grad(loss, argnums=1, has_aux=True)(model, x, mask)
     return y, dx, model(x, use_running_average=True), nnx.state(model, nnx.BatchStat)
 
@@ -105,7 +107,7 @@ def _linen_run(x, dtype):
 
     module = bn_linen.BatchNorm(momentum=0.9, dtype=dtype)
     variables = module.init(jax.random.key(0), x, use_running_average=False)
-    ct = jax.random.normal(jax.random.key(1), x.shape)
+    ct = normal(1, x.shape)
 
     def loss(x, mask):
         y, updates = module.apply(
@@ -113,7 +115,7 @@ def _linen_run(x, dtype):
         )
         return jnp.sum(y.astype(jnp.float32) * ct), (y, updates)
 
-    mask = jnp.arange(x.shape[0])[:, None] > 0
+    mask = np.arange(x.shape[0])[:, None] > 0
     dx, (y, updates) = jax.grad(loss, has_aux=True)(x, mask)
     y_eval = module.apply({**variables, **updates}, x, use_running_average=True)
     return y, dx, y_eval, updates
@@ -127,7 +129,7 @@ def _equinox_run(x, dtype):
     model, state = eqx.nn.make_with_state(bn_eqx.BatchNorm)(
         x.shape[-1], "batch", momentum=0.9, dtype=dtype
     )
-    ct = jax.random.normal(jax.random.key(1), x.shape)
+    ct = normal(1, x.shape)
 
     def run(model, x, state):
         return jax.vmap(model, (0, None), (0, None), axis_name="batch")(x, state)
@@ -162,7 +164,7 @@ def test_adapters_work_under_strict_promotion(framework, x_dtype, dtype, assert_
     """
     package, run = STRICT_RUNS[framework]
     pytest.importorskip(package)
-    x = (2.0 * jax.random.normal(jax.random.key(0), (8, 3)) + 1.0).astype(x_dtype)
+    x = (2.0 * normal(0, (8, 3)) + 1.0).astype(x_dtype)
     expected = run(x, dtype)
     with jax.numpy_dtype_promotion("strict"), jax.numpy_rank_promotion("raise"):
         got = run(x, dtype)

@@ -10,20 +10,22 @@ from jax.test_util import check_grads
 
 import jaxbn
 from jaxbn import reference
+from tests._op_cases import normal
 
 RTOL, ATOL = 2e-5, 2e-5
 
 
 def padded(n_keep=11, n=16, c=4, seed=0):
-    ks = jax.random.split(jax.random.key(seed), 5)
-    x = 2.0 * jax.random.normal(ks[0], (n, c)) + 1.0
+    """NumPy inputs of a padded batch, drawn with the seeds ``10 * seed`` to ``10 * seed + 4``."""
+    s = 10 * seed
+    x = 2.0 * normal(s, (n, c)) + 1.0
     # Padding holds garbage: it must not leak into anything.
-    x = x.at[n_keep:].set(1e6)
-    keep = jnp.arange(n) < n_keep
-    scale = 1.0 + 0.5 * jax.random.normal(ks[1], (c,))
-    bias = jax.random.normal(ks[2], (c,))
-    dy = jnp.where(keep[:, None], jax.random.normal(ks[3], (n, c)), 0.0)
-    g_stats = jax.random.normal(ks[4], (2, c))
+    x[n_keep:] = 1e6
+    keep = np.arange(n) < n_keep
+    scale = 1.0 + 0.5 * normal(s + 1, (c,))
+    bias = normal(s + 2, (c,))
+    dy = np.where(keep[:, None], normal(s + 3, (n, c)), 0.0)
+    g_stats = normal(s + 4, (2, c))
     return x, keep, scale, bias, (dy, g_stats[0], g_stats[1])
 
 
@@ -57,8 +59,8 @@ def test_masked_batch_equals_the_kept_rows(fn, mask_rank):
 def test_masked_vjp_matches_reference_with_cotangents_on_padding():
     """Cotangents on padded positions too: the op still equals autodiff of the reference."""
     x, keep, scale, bias, cts = padded(seed=1)
-    x = x.at[11:].set(3.0)
-    cts = (jax.random.normal(jax.random.key(5), x.shape), cts[1], cts[2])
+    x[11:] = 3.0
+    cts = (normal(5, x.shape), cts[1], cts[2])
     close(
         vjp(jaxbn.batch_norm, x, scale, bias, cts, mask=keep),
         vjp(reference.batch_norm, x, scale, bias, cts, mask=keep),
@@ -66,9 +68,9 @@ def test_masked_vjp_matches_reference_with_cotangents_on_padding():
 
 
 def test_masked_nhwc():
-    x = jax.random.normal(jax.random.key(2), (4, 3, 3, 2))
-    mask = jnp.array([True, True, False, True])[:, None, None]
-    cts = (jax.random.normal(jax.random.key(3), x.shape), jnp.ones(2), jnp.ones(2))
+    x = normal(2, (4, 3, 3, 2))
+    mask = np.array([True, True, False, True])[:, None, None]
+    cts = (normal(3, x.shape), np.ones(2, np.float32), np.ones(2, np.float32))
     close(
         vjp(jaxbn.batch_norm, x, None, None, cts, mask=mask),
         vjp(reference.batch_norm, x, None, None, cts, mask=mask),
@@ -78,21 +80,22 @@ def test_masked_nhwc():
 def test_masked_float64_finite_differences():
     x, keep, scale, bias, _ = padded(seed=3)
     with jax.enable_x64(True):
-        x = jnp.asarray(np.asarray(x), jnp.float64).at[11:].set(0.5)
-        s, b = (jnp.asarray(np.asarray(v), jnp.float64) for v in (scale, bias))
+        x = x.astype(np.float64)
+        x[11:] = 0.5
+        s, b = (v.astype(np.float64) for v in (scale, bias))
         f = functools.partial(jaxbn.batch_norm, mask=keep)
         check_grads(jax.jit(f), (x, s, b), order=2, modes=["rev"], atol=1e-5, rtol=1e-5)
 
 
 def test_mask_keeping_nothing_gives_no_nan_and_keeps_running_stats():
     x, _, scale, bias, cts = padded()
-    none = jnp.zeros(16, bool)
+    none = np.zeros(16, bool)
     out, grads = vjp(jaxbn.batch_norm, x * 0 + 2.0, scale, bias, cts, mask=none)
     for leaf in jax.tree.leaves((out, grads)):
         assert np.isfinite(np.asarray(leaf)).all()
     bn = jaxbn.BatchNorm(4, momentum=0.5)
     params, state = bn.init()
-    state = {"mean": jnp.full(4, 3.0), "var": jnp.full(4, 2.0)}
+    state = {"mean": np.full(4, 3.0, np.float32), "var": np.full(4, 2.0, np.float32)}
     _, new_state = bn.apply(params, state, x, training=True, mask=none)
     close(new_state, state)
 
@@ -111,7 +114,7 @@ def test_layer_running_stats_use_kept_rows_only():
 
 
 def feature_mask(shape, seed=0, p=0.6):
-    keep = np.array(jax.random.bernoulli(jax.random.key(seed), p, shape))
+    keep = np.random.default_rng(seed).random(shape) < p
     # At least 2 kept values per feature, along the first axis longer than 2.
     keep[(slice(None),) * next(a for a, d in enumerate(shape) if d > 2) + (slice(2),)] = True
     return keep
@@ -138,12 +141,11 @@ def numpy_stats(x, keep, red):
     ids=["NC-full", "NHWC-full", "NCHW-per-example-channel", "NHWC-per-position-channel"],
 )
 def test_mask_varying_along_features_gives_per_feature_counts(shape, axis, mask_shape):
-    ks = jax.random.split(jax.random.key(1), 5)
-    x = 2.0 * jax.random.normal(ks[0], shape) + 1.0
+    x = 2.0 * normal(11, shape) + 1.0
     keep = feature_mask(mask_shape)
     fshape = (shape[axis],)
-    scale, bias = 1.0 + 0.3 * jax.random.normal(ks[1], fshape), jax.random.normal(ks[2], fshape)
-    cts = (jax.random.normal(ks[3], shape), *jax.random.normal(ks[4], (2, *fshape)))
+    scale, bias = 1.0 + 0.3 * normal(12, fshape), normal(13, fshape)
+    cts = (normal(14, shape), *normal(15, (2, *fshape)))
     got = vjp(jaxbn.batch_norm, x, scale, bias, cts, axis=axis, mask=keep)
     want = vjp(reference.batch_norm, x, scale, bias, cts, axis=axis, mask=keep)
     close(got, want)
@@ -157,15 +159,15 @@ def test_mask_varying_along_features_gives_per_feature_counts(shape, axis, mask_
 
 def test_mask_varying_along_features_float64_finite_differences():
     with jax.enable_x64(True):
-        x = jax.random.normal(jax.random.key(2), (8, 3), jnp.float64)
+        x = normal(2, (8, 3), np.float64)
         keep = feature_mask((8, 3), seed=3)
-        s, b = jnp.ones(3, jnp.float64) * 1.5, jnp.zeros(3, jnp.float64) + 0.2
+        s, b = np.full(3, 1.5), np.full(3, 0.2)
         f = functools.partial(jaxbn.batch_norm, mask=keep)
         check_grads(jax.jit(f), (x, s, b), order=2, modes=["rev"], atol=1e-5, rtol=1e-5)
 
 
 def test_layer_running_stats_and_unbiased_correction_use_per_feature_counts():
-    x = jax.random.normal(jax.random.key(4), (10, 3)) * 2.0 + 1.0
+    x = normal(4, (10, 3)) * 2.0 + 1.0
     keep = feature_mask((10, 3), seed=5, p=0.5)
     bn = jaxbn.BatchNorm(3, momentum=0.5, unbiased_running_var=True)
     params, state = bn.init()
@@ -175,12 +177,12 @@ def test_layer_running_stats_and_unbiased_correction_use_per_feature_counts():
 
 
 def test_feature_with_nothing_kept_keeps_its_running_stats():
-    x = jax.random.normal(jax.random.key(6), (8, 3))
+    x = normal(6, (8, 3))
     keep = np.ones((8, 3), bool)
     keep[:, 1] = False
     bn = jaxbn.BatchNorm(3, momentum=0.5)
     params, _ = bn.init()
-    state = {"mean": jnp.full(3, 3.0), "var": jnp.full(3, 2.0)}
+    state = {"mean": np.full(3, 3.0, np.float32), "var": np.full(3, 2.0, np.float32)}
     y, new = bn.apply(params, state, x, training=True, mask=keep)
     assert np.isfinite(np.asarray(y)).all()
     np.testing.assert_allclose(new["mean"][1], 3.0)
@@ -201,7 +203,7 @@ def test_feature_with_nothing_kept_keeps_its_running_stats():
 )
 def test_masks_match_flax_batch_norm(shape, mask_shape):
     nn = pytest.importorskip("flax.linen")
-    x = jax.random.normal(jax.random.key(7), shape) * 1.5 + 0.5
+    x = normal(7, shape) * 1.5 + 0.5
     keep = jnp.asarray(feature_mask(mask_shape, seed=8))
     flax_bn = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5)
     variables = flax_bn.init(jax.random.key(0), x)
@@ -220,15 +222,15 @@ def test_masks_match_flax_batch_norm(shape, mask_shape):
 
 def test_lower_rank_masks_follow_the_documented_rule():
     """x's rank: NumPy broadcasting; reduction rank: one axis per reduction axis."""
-    x = jax.random.normal(jax.random.key(9), (4, 4))
+    x = normal(9, (4, 4))
     per_example = np.array([True, True, False, True])
     y1 = jaxbn.batch_norm(x, None, None, mask=per_example)  # [N]: over the examples
     y2 = jaxbn.batch_norm(x, None, None, mask=per_example[:, None])
     close(y1, y2)
     with pytest.raises(ValueError, match="mask must broadcast to x's shape"):
         jax.eval_shape(
-            functools.partial(jaxbn.batch_norm, axis=1, mask=jnp.ones(4, bool)),
-            jnp.ones((4, 3, 4, 4)),
+            functools.partial(jaxbn.batch_norm, axis=1, mask=np.ones(4, bool)),
+            np.ones((4, 3, 4, 4), np.float32),
             None,
             None,
         )
@@ -237,7 +239,7 @@ def test_lower_rank_masks_follow_the_documented_rule():
 def test_ghost_batch_norm_with_a_mask_varying_along_features():
     """Each group normalized with its own per-feature counts; the running statistics
     average the groups' with per-feature weights (the kept counts)."""
-    x = jax.random.normal(jax.random.key(10), (8, 3)) * 2.0 + 1.0
+    x = normal(10, (8, 3)) * 2.0 + 1.0
     keep = np.ones((8, 3), bool)
     keep[[1, 2], 0] = False  # feature 0 keeps 2 values of group 0 and 4 of group 1
     keep[[6, 7], 2] = False  # feature 2 keeps 4 values of group 0 and 2 of group 1
@@ -258,9 +260,9 @@ def test_ghost_batch_norm_with_a_mask_varying_along_features():
 def test_second_derivatives_stay_finite_with_a_feature_that_keeps_nothing():
     # Feature 1 keeps nothing: its statistics are 0 and its correction is masked out;
     # the backward must not divide by its zero count (grad of grad would be NaN).
-    x = jax.random.normal(jax.random.key(0), (4, 2))
-    mask = jnp.array([[True, False]] * 4)
-    scale, bias = jnp.array([1.5, 0.5]), jnp.array([0.1, -0.2])
+    x = normal(0, (4, 2))
+    mask = np.array([[True, False]] * 4)
+    scale, bias = np.array([1.5, 0.5], np.float32), np.array([0.1, -0.2], np.float32)
 
     def make_loss(op):
         def loss(x):
