@@ -20,6 +20,24 @@ from jax import lax
 from jaxbn import _checks
 
 
+def compiled(fn, static_argnums: tuple[int, ...]):
+    """``fn`` of the op's canonical arguments (``_checks.OpArgs`` first), compiled as one program.
+
+    Outside ``jit`` JAX runs a function primitive by primitive, compiling and
+    dispatching each on its own (the op is some fifty of them); compiled, a call is
+    one program per shape, and inside a ``jit`` it is inlined. A call with named
+    axes runs ``fn`` itself: under a ``vmap`` over a named axis, a nested ``jit``
+    that all-reduces over it loses the axis in second-order differentiation.
+    """
+    jitted = jax.jit(fn, static_argnums=static_argnums)
+    named = _checks.OpArgs._fields.index("axis_name")
+
+    def call(*args):
+        return (fn if args[named] else jitted)(*args)
+
+    return call
+
+
 def expand(v: jax.Array, ndim: int, feat: tuple[int, ...]) -> jax.Array:
     """Reshapes a ``[features]`` vector so that it broadcasts against ``x``."""
     return jnp.expand_dims(v, tuple(a for a in range(ndim) if a not in feat))

@@ -412,6 +412,7 @@ def _bwd_rule(feat, eps, axis_name, activation, negative_slope, res, cotangents)
 
 
 _batch_norm_act.defvjp(_fwd, _bwd_rule)
+_compiled_batch_norm_act = _core.compiled(_batch_norm_act, static_argnums=(4, 5, 6, 7, 8))
 
 
 def batch_norm_act(
@@ -470,7 +471,7 @@ def batch_norm_act(
         >>> z.ravel().round(4)  # x_hat = [-1, 1] (to eps), leaky ReLU with slope 0.5
         Array([-0.5,  1. ], dtype=float32)
     """
-    return _batch_norm_act(
+    return _compiled_batch_norm_act(
         *_op_args(x, scale, bias, activation, negative_slope, axis, eps, axis_name, mask)
     )
 

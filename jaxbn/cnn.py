@@ -154,6 +154,8 @@ def _like(cotangent, primal):
 
 
 _conv_channels_last.defvjp(_conv_fwd, _conv_bwd)
+# One compiled program per shape outside jit, not one per primitive (as the op's).
+_compiled_conv = jax.jit(_conv_channels_last, static_argnums=(2, 3))
 
 
 def _pairs(name: str, value, nd: int) -> tuple[int, ...]:
@@ -212,7 +214,7 @@ def conv(
     """
     x, kernel, strides, padding = _conv_args(x, kernel, strides, padding, data_format)
     dtype = jnp.promote_types(x.dtype, kernel.dtype)
-    y = _conv_channels_last(x.astype(dtype), kernel.astype(dtype), strides, padding)
+    y = _compiled_conv(x.astype(dtype), kernel.astype(dtype), strides, padding)
     return jnp.moveaxis(y, -1, 1) if data_format == "NCHW" else y
 
 

@@ -256,6 +256,7 @@ def _bwd_rule(feat, eps, axis_name, res, cotangents):
 
 
 _batch_norm.defvjp(_fwd, _bwd_rule)
+_compiled_batch_norm = _core.compiled(_batch_norm, static_argnums=(4, 5, 6))
 
 
 def batch_norm(
@@ -319,7 +320,7 @@ def batch_norm(
         >>> mean, var
         (Array([ 2., 20.], dtype=float32), Array([  1., 100.], dtype=float32))
     """
-    return _batch_norm(
+    return _compiled_batch_norm(
         *_checks.op_args(x, scale, bias, axis=axis, eps=eps, axis_name=axis_name, mask=mask)
     )
 

@@ -1,10 +1,11 @@
 """The oracle: batch normalization in plain ``jax.numpy``, differentiated by JAX.
 
 Same signature and results as :func:`jaxbn.batch_norm`, written independently of
-:mod:`jaxbn.ops` (it shares only the argument checks): two-pass statistics and a
-division by the standard deviation, no custom derivative. The tests compare the
-hand-written backward against ``jax.vjp`` of this function. It is also what to
-use where forward-mode AD (``jax.jvp``, ``jax.jacfwd``) is needed.
+:mod:`jaxbn.ops` (it shares only the argument checks, and the compilation of a call
+into one program): two-pass statistics and a division by the standard deviation, no
+custom derivative. The tests compare the hand-written backward against ``jax.vjp`` of
+this function. It is also what to use where forward-mode AD (``jax.jvp``,
+``jax.jacfwd``) is needed.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from jaxbn import _checks
+from jaxbn import _checks, _core
 from jaxbn._checks import AxisArg, AxisName
 
 __all__ = ["batch_norm"]
@@ -52,9 +53,12 @@ def batch_norm(
         >>> reference.batch_norm(x, None, None)[0].ravel().round(4)
         Array([-1.,  1.], dtype=float32)
     """
-    x, scale, bias, mask, feat, eps, axis_name = _checks.op_args(
-        x, scale, bias, axis=axis, eps=eps, axis_name=axis_name, mask=mask
+    return _compiled(
+        *_checks.op_args(x, scale, bias, axis=axis, eps=eps, axis_name=axis_name, mask=mask)
     )
+
+
+def _batch_norm(x, scale, bias, mask, feat, eps, axis_name):
     red = tuple(a for a in range(x.ndim) if a not in feat)
     keep = [1 if a in red else x.shape[a] for a in range(x.ndim)]
     xf = x.astype(_checks.compute_dtype(x.dtype))
@@ -75,3 +79,7 @@ def batch_norm(
         y = y + jnp.reshape(bias, keep)
     fshape = [x.shape[a] for a in feat]
     return y.astype(x.dtype), mean.reshape(fshape), var.reshape(fshape)
+
+
+# One compiled program per shape outside jit; JAX differentiates it all the same.
+_compiled = _core.compiled(_batch_norm, static_argnums=(4, 5, 6))
