@@ -21,19 +21,19 @@ from jaxbn import _checks
 
 
 def compiled(fn, static_argnums: tuple[int, ...]):
-    """``fn`` of the op's canonical arguments (``_checks.OpArgs`` first), compiled as one program.
+    """``fn``, where it is called on concrete arrays, run as one compiled program.
 
-    Outside ``jit`` JAX runs a function primitive by primitive, compiling and
-    dispatching each on its own (the op is some fifty of them); compiled, a call is
-    one program per shape, and inside a ``jit`` it is inlined. A call with named
-    axes runs ``fn`` itself: under a ``vmap`` over a named axis, a nested ``jit``
-    that all-reduces over it loses the axis in second-order differentiation.
+    Outside any transformation JAX runs a function primitive by primitive, compiling
+    and dispatching each on its own (the op is some fifty of them); compiled, a call
+    is one program per shape. Inside ``jit``, ``vmap`` or ``grad`` (an argument is a
+    tracer) ``fn`` is traced as it is, so the caller's compiled program is exactly
+    what it would be without this wrapper.
     """
     jitted = jax.jit(fn, static_argnums=static_argnums)
-    named = _checks.OpArgs._fields.index("axis_name")
 
     def call(*args):
-        return (fn if args[named] else jitted)(*args)
+        traced = any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(args))
+        return (fn if traced else jitted)(*args)
 
     return call
 

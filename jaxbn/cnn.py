@@ -154,8 +154,7 @@ def _like(cotangent, primal):
 
 
 _conv_channels_last.defvjp(_conv_fwd, _conv_bwd)
-# One compiled program per shape outside jit, not one per primitive (as the op's).
-_compiled_conv = jax.jit(_conv_channels_last, static_argnums=(2, 3))
+_compiled_conv = _core.compiled(_conv_channels_last, static_argnums=(2, 3))
 
 
 def _pairs(name: str, value, nd: int) -> tuple[int, ...]:
