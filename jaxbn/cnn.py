@@ -154,7 +154,6 @@ def _like(cotangent, primal):
 
 
 _conv_channels_last.defvjp(_conv_fwd, _conv_bwd)
-_compiled_conv = _core.compiled(_conv_channels_last, static_argnums=(2, 3))
 
 
 def _pairs(name: str, value, nd: int) -> tuple[int, ...]:
@@ -213,7 +212,7 @@ def conv(
     """
     x, kernel, strides, padding = _conv_args(x, kernel, strides, padding, data_format)
     dtype = jnp.promote_types(x.dtype, kernel.dtype)
-    y = _compiled_conv(x.astype(dtype), kernel.astype(dtype), strides, padding)
+    y = _conv_channels_last(x.astype(dtype), kernel.astype(dtype), strides, padding)
     return jnp.moveaxis(y, -1, 1) if data_format == "NCHW" else y
 
 

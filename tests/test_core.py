@@ -5,7 +5,7 @@ computed from the same (float32-rounded) values: the plain op, a mask whose
 padding holds garbage, several devices (``vmap`` with ``axis_name``) with unequal
 counts, one device's data away from the others' and one device that keeps
 nothing, the fused op, and ghost batches. A negative control shows that the same
-bounds catch a sum without a shift.
+bounds catch a sum without a shift. And how a call is compiled (``_core.compiled``).
 """
 
 import functools
@@ -174,3 +174,41 @@ def test_an_unshifted_sum_fails_these_bounds():
     assert np.abs(np.asarray(var, np.float64) / truth - 1).max() > 10 * VAR_RTOL
     _, _, var_op = jaxbn.batch_norm(x32, None, None, mask=mask)
     np.testing.assert_allclose(np.asarray(var_op, np.float64), truth, rtol=VAR_RTOL)
+
+
+OPS = {
+    "batch_norm": jaxbn.batch_norm,
+    "batch_norm_act": jaxbn.batch_norm_act,
+    "reference": reference.batch_norm,
+}
+
+
+def _traces(fn, *args):
+    """How many programs JAX traces for compilation in the call ``fn(*args)``."""
+    events = []
+
+    def listen(name, secs, **kwargs):
+        events.append(name)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        jax.block_until_ready(fn(*args))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    return events.count("/jax/core/compile/jaxpr_trace_duration")
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_a_call_on_concrete_arrays_is_one_compiled_program(name):
+    """Not one program per primitive (some fifty for the op) outside any transformation."""
+    # A batch size of its own: nothing of this call is in JAX's caches yet.
+    x = normal(31, (41 + list(OPS).index(name), 5))
+    # The op's program, and one converting x to a device array (jnp.asarray).
+    assert _traces(OPS[name], x, None, None) <= 2
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_inside_jit_the_op_is_traced_into_the_callers_program(name):
+    """No nested jit: the caller's compiled program is what it is without the wrapper."""
+    jaxpr = jax.make_jaxpr(lambda x: OPS[name](x, None, None))(normal(32, (8, 5)))
+    assert not any(eqn.primitive.name in ("jit", "pjit") for eqn in jaxpr.jaxpr.eqns), jaxpr
