@@ -195,6 +195,37 @@ def test_nnx_module_under_vmap_equals_flax():
     )
 
 
+@pytest.mark.parametrize(
+    "transform",
+    [
+        "pmap",
+        pytest.param(
+            "vmap",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="documented in docs/data_parallel.md: under vmap the all-reduced "
+                "statistics are unbatched, and their cotangent reaches the backward already "
+                "summed over the copies, which it sums again (dx of the statistics D times)",
+            ),
+        ),
+    ],
+)
+@pytest.mark.parametrize("name", list(OPS))
+def test_grad_outside_the_map_with_cotangents_on_every_output(name, transform):
+    """``grad`` of the whole mapped function: every device's y, mean and var in the loss."""
+    op, ref = OPS[name]
+
+    def grads(op):
+        def loss(x, scale, bias, dy, g_mean, g_var):
+            f = TRANSFORMS[transform](lambda x, s, b: op(x, s, b, axis_name="i"))
+            y, mean, var = f(x, scale, bias)
+            return jnp.sum(y * dy) + jnp.sum(mean * g_mean) + jnp.sum(var * g_var)
+
+        return jax.grad(loss, argnums=(0, 1, 2))(*inputs(seed=7))
+
+    assert_close(grads(op), grads(ref))
+
+
 @pytest.mark.parametrize("name", list(OPS))
 def test_grad_outside_an_unjitted_vmap_with_a_shared_parameter(name):
     """``grad`` of ``vmap``: the parameter is unmapped, vmap's transpose sums its copies;
