@@ -52,6 +52,11 @@ def normal(seed, shape, dtype=np.float32):
     return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
 
 
+def bernoulli(seed, p, shape):
+    """A boolean NumPy array of ``shape``, each entry ``True`` with probability ``p``."""
+    return np.random.default_rng(seed).random(shape) < p
+
+
 def ones(shape, dtype=np.float32):
     """``np.ones``, float32 by default as ``jnp.ones`` (which compiles a program per shape)."""
     return np.ones(shape, dtype)

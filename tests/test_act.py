@@ -22,6 +22,7 @@ from jaxbn.train import evaluate, init_train_state, make_train_loop
 from tests._op_cases import (
     CASES,
     assert_trees_close,
+    bernoulli,
     case_id,
     feature_shape,
     jit_vjp_of,
@@ -214,7 +215,7 @@ def test_bwd_refuses_what_differs_from_the_forward(kwargs, cts, error, match):
 def test_mask_varying_along_features_matches_the_reference():
     """Per-feature counts: values and every gradient against autodiff of the reference."""
     x = 3.0 * normal(4, (6, 3)) + 1.0
-    mask = np.random.default_rng(5).random((6, 3)) < 0.7
+    mask = bernoulli(5, 0.7, (6, 3))
     mask[:2] = True
     scale, bias = np.array([0.5, -2.0, 1.5], np.float32), np.array([0.1, 0.0, -0.3], np.float32)
     cts = tuple(normal(6 + i, s) for i, s in enumerate([(6, 3), (3,), (3,)]))

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import jaxbn
-from tests._op_cases import normal
+from tests._op_cases import bernoulli, normal
 
 nn = pytest.importorskip("flax.linen")
 nnx = pytest.importorskip("flax.nnx")
@@ -73,9 +73,7 @@ def make_inputs(shape, axis, mask_shape, steps, precision, seed=0):
         for i in range(steps)
     ]
     cts = [normal(seed + steps + i, shape) for i in range(steps)]
-    masks = [
-        np.random.default_rng(seed + 2 * steps + i).random(mask_shape) < 0.7 for i in range(steps)
-    ]
+    masks = [bernoulli(seed + 2 * steps + i, 0.7, mask_shape) for i in range(steps)]
     params = {
         "scale": 1.0 + 0.5 * normal(seed + 3 * steps, fshape),
         "bias": normal(seed + 3 * steps + 1, fshape),

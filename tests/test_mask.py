@@ -10,7 +10,7 @@ from jax.test_util import check_grads
 
 import jaxbn
 from jaxbn import reference
-from tests._op_cases import normal
+from tests._op_cases import bernoulli, normal
 
 RTOL, ATOL = 2e-5, 2e-5
 
@@ -114,7 +114,7 @@ def test_layer_running_stats_use_kept_rows_only():
 
 
 def feature_mask(shape, seed=0, p=0.6):
-    keep = np.random.default_rng(seed).random(shape) < p
+    keep = bernoulli(seed, p, shape)
     # At least 2 kept values per feature, along the first axis longer than 2.
     keep[(slice(None),) * next(a for a, d in enumerate(shape) if d > 2) + (slice(2),)] = True
     return keep

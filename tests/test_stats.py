@@ -11,7 +11,7 @@ from jax.test_util import check_grads
 import jaxbn
 from jaxbn.data import batch_indices
 from jaxbn.stats import precise_stats_from_data
-from tests._op_cases import normal, ones
+from tests._op_cases import bernoulli, normal, ones
 
 
 def data(shape, seed=0, offset=3.0, scale=2.0):
@@ -142,7 +142,7 @@ def test_scan_path_equals_loop_path():
 
 def test_masks_count_only_the_kept_examples():
     x = data((4, 10, 3))
-    keep = np.random.default_rng(5).random((4, 10)) < 0.6
+    keep = bernoulli(5, 0.6, (4, 10))
     keep[:, :2] = True
     keep[3] = False  # an all-masked batch weighs nothing
     kept = x[keep]

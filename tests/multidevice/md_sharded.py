@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 import jaxbn
 from jaxbn import reference
-from tests._op_cases import normal
+from tests._op_cases import bernoulli, normal
 
 if jax.device_count() < 8:  # pragma: no cover - conftest.py sets eight
     pytest.skip("needs 8 devices (XLA_FLAGS)", allow_module_level=True)
@@ -155,7 +155,7 @@ def test_unequal_per_device_counts_weigh_each_example_equally(name):
 def test_mask_varying_along_features_counts_each_feature_globally(name):
     """A Flax-style mask of x's shape: per-feature counts, reduced over the devices."""
     x, scale, bias, dy, g_mean, g_var = inputs((32, 3), seed=4)
-    keep = np.random.default_rng(100).random((32, 3)) < 0.6
+    keep = bernoulli(100, 0.6, (32, 3))
     keep[:8, 0] = False  # feature 0 has nothing on shard 0
     keep[8:, 2] = False  # feature 2 is kept on shard 0 only
     keep[:2, 2] = True
